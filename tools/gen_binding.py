@@ -1,0 +1,320 @@
+"""Generate pyllama's cffi binding from the vendored llama.cpp headers.
+
+The declarations are the headers themselves: the real C preprocessor expands
+``llama.h`` (and the ggml headers it includes) against empty stand-ins for the
+libc headers, declarations marked deprecated are dropped, attributes are
+stripped, and each integer ``#define`` is re-added as ``#define X ...`` so the
+compiler supplies its value. Nothing here restates a llama.cpp declaration.
+
+Usage (CMake runs this at build time)::
+
+    python tools/gen_binding.py --include DIR [--include DIR ...] \
+        --version X.Y.Z --out _cffi.c [--cdef-out cdef.h]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+# Headers whose functions are bound. ggml.h, ggml-alloc.h, ggml-cpu.h and
+# ggml-opt.h contribute their types only: ggml-cpu lives in a dlopen()ed backend
+# module that nothing can link against, and the tensor API is not ours to expose.
+FUNCTION_HEADERS = ("llama.h", "ggml-backend.h", "gguf.h")
+TYPE_HEADERS = ("ggml.h", "ggml-alloc.h", "ggml-cpu.h", "ggml-opt.h")
+# Integer macros re-exported as constants.
+DEFINE_HEADERS = ("llama.h", "ggml.h", "gguf.h")
+DEFINE_PREFIXES = ("LLAMA_", "GGML_", "GGUF_")
+
+# Our own C, compiled into the module beside the binding. Kept tiny: an abort
+# callback that never re-enters Python on the hot path, and a silent logger that
+# replaces the Python one at interpreter exit.
+C_SOURCE = r"""
+#include <stdint.h>
+#include <time.h>
+#include "llama.h"
+#include "ggml-backend.h"
+#include "gguf.h"
+
+static const char PYLLAMA_BINDING_VERSION[] = @VERSION@;
+static const char PYLLAMA_BUILD_INFO[] = @BUILD_INFO@;
+
+const char * pyllama_binding_version(void) { return PYLLAMA_BINDING_VERSION; }
+const char * pyllama_build_info(void) { return PYLLAMA_BUILD_INFO; }
+
+typedef struct pyllama_abort_state {
+    volatile int32_t flag;        /* set by ctx.abort() from any thread */
+    volatile int32_t interrupted; /* set when a pending SIGINT asked to stop */
+    int32_t check_signals;        /* poll Python's signal handlers (main thread only) */
+    int64_t next_check_ns;
+} pyllama_abort_state;
+
+static int64_t pyllama_now_ns(void) {
+    struct timespec ts;
+    timespec_get(&ts, TIME_UTC);
+    return (int64_t) ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* ggml calls this between graph nodes. Reading a flag is free; polling Python's
+   signal handlers needs the GIL, so it happens at most every 20 ms and only for
+   a decode started on the main thread (the one that receives SIGINT). */
+bool pyllama_abort_callback(void * data) {
+    pyllama_abort_state * st = (pyllama_abort_state *) data;
+    if (st->flag) {
+        return true;
+    }
+    if (st->check_signals) {
+        int64_t now = pyllama_now_ns();
+        if (now >= st->next_check_ns) {
+            st->next_check_ns = now + 20000000;
+            PyGILState_STATE g = PyGILState_Ensure();
+            if (PyErr_CheckSignals() != 0) {
+                PyErr_Clear();
+                st->interrupted = 1;
+                st->flag = 1;
+            }
+            PyGILState_Release(g);
+        }
+    }
+    return st->flag != 0;
+}
+
+void pyllama_log_silent(enum ggml_log_level level, const char * text, void * user_data) {
+    (void) level; (void) text; (void) user_data;
+}
+"""
+
+C_CDEF = """
+const char * pyllama_binding_version(void);
+const char * pyllama_build_info(void);
+typedef struct pyllama_abort_state {
+    volatile int32_t flag;
+    volatile int32_t interrupted;
+    int32_t check_signals;
+    int64_t next_check_ns;
+} pyllama_abort_state;
+bool pyllama_abort_callback(void * data);
+void pyllama_log_silent(enum ggml_log_level level, const char * text, void * user_data);
+
+extern "Python" void _pyllama_log(enum ggml_log_level, const char *, void *);
+extern "Python" bool _pyllama_progress(float, void *);
+extern "Python" const char * _pyllama_sampler_name(const struct llama_sampler *);
+extern "Python" void _pyllama_sampler_accept(struct llama_sampler *, llama_token);
+extern "Python" void _pyllama_sampler_apply(struct llama_sampler *, llama_token_data_array *);
+extern "Python" void _pyllama_sampler_reset(struct llama_sampler *);
+extern "Python" struct llama_sampler * _pyllama_sampler_clone(const struct llama_sampler *);
+extern "Python" void _pyllama_sampler_free(struct llama_sampler *);
+"""
+
+_LIBC_STUBS = ("stddef.h", "stdint.h", "stdio.h", "stdbool.h", "stdlib.h", "string.h")
+_LINEMARKER = re.compile(r'^#\s*(\d+)\s+"([^"]*)"')
+_INT_VALUE = re.compile(r"^\(?\s*-?\s*(0[xX][0-9a-fA-F]+|\d+)[uUlL]*\s*\)?$")
+_DEFINE = re.compile(r"^\s*#\s*define\s+([A-Z][A-Z0-9_]*)\s+(.+?)\s*(//.*|/\*.*)?$")
+
+
+@dataclass
+class Decl:
+    header: str
+    text: str
+
+    @property
+    def is_function(self) -> bool:
+        head = self.text.split("{", 1)[0]
+        return not self.text.startswith("typedef") and "(" in head
+
+    @property
+    def function_name(self) -> str | None:
+        if not self.is_function:
+            return None
+        m = re.search(r"(\w+)\s*\(", self.text)
+        return m.group(1) if m else None
+
+
+def find_header(name: str, include_dirs: list[Path]) -> Path:
+    for d in include_dirs:
+        if (d / name).is_file():
+            return d / name
+    raise FileNotFoundError(f"{name} not found in {', '.join(map(str, include_dirs))}")
+
+
+def preprocess(include_dirs: list[Path], cc: str) -> str:
+    """Run the real preprocessor over llama.h; libc headers are empty stand-ins."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for stub in _LIBC_STUBS:
+            Path(tmp, stub).write_text("")
+        args = [cc, "-E", "-nostdinc", "-I", tmp]
+        for d in include_dirs:
+            args += ["-I", str(d)]
+        # __GNUC__ keeps the DEPRECATED() markers visible as attributes we can
+        # filter on; no LLAMA_SHARED/GGML_SHARED so the API macros expand to
+        # nothing (or plain `extern`).
+        args += ["-D__GNUC__=12", "-x", "c", str(find_header("llama.h", include_dirs))]
+        return subprocess.run(args, check=True, capture_output=True, text=True).stdout
+
+
+def split_declarations(expanded: str) -> list[Decl]:
+    """Split preprocessed text into top-level declarations, each tagged with its header."""
+    decls: list[Decl] = []
+    header = ""
+    start_header = ""
+    buf: list[str] = []
+    depth = 0
+    for line in expanded.splitlines():
+        m = _LINEMARKER.match(line)
+        if m:
+            header = os.path.basename(m.group(2))
+            continue
+        if line.startswith("#"):
+            continue
+        for ch in line + "\n":
+            if not buf and ch.isspace():
+                continue
+            if not buf:
+                start_header = header
+            buf.append(ch)
+            if ch == "{":
+                depth += 1
+            elif ch == "}":
+                depth -= 1
+            elif ch == ";" and depth == 0:
+                text = " ".join("".join(buf).split())
+                decls.append(Decl(start_header, text))
+                buf = []
+    return decls
+
+
+def _strip_balanced(text: str, keyword: str) -> str:
+    """Remove every `keyword(...)` with balanced parentheses."""
+    while True:
+        i = text.find(keyword)
+        if i < 0:
+            return text
+        j = text.index("(", i)
+        depth = 0
+        for k in range(j, len(text)):
+            if text[k] == "(":
+                depth += 1
+            elif text[k] == ")":
+                depth -= 1
+                if depth == 0:
+                    break
+        text = text[:i] + text[k + 1 :]
+
+
+def clean(text: str) -> str:
+    text = _strip_balanced(text, "__attribute__")
+    text = _strip_balanced(text, "__declspec")
+    text = re.sub(r"\b(_Noreturn|__restrict__|__restrict|restrict|__inline__|__inline)\b", "", text)
+    text = re.sub(r"^extern\s+", "", text.strip())
+    # pycparser folds only literal array sizes; let the compiler size the rest.
+    text = re.sub(r"\[([^\]]*[^\]\d\s][^\]]*)\]", "[...]", text)
+    return " ".join(text.split())
+
+
+def is_deprecated(decl: Decl) -> bool:
+    return "deprecated" in decl.text and "__attribute__" in decl.text
+
+
+def collect(include_dirs: list[Path], cc: str) -> tuple[list[str], list[str]]:
+    """Return (declarations, bound function names) for the cdef."""
+    out: list[str] = []
+    seen: set[str] = set()
+    functions: list[str] = []
+    for decl in split_declarations(preprocess(include_dirs, cc)):
+        if decl.header not in FUNCTION_HEADERS + TYPE_HEADERS or is_deprecated(decl):
+            continue
+        text = clean(decl.text)
+        name = Decl(decl.header, text).function_name
+        if name is not None:
+            if decl.header not in FUNCTION_HEADERS or text.startswith("static"):
+                continue
+            functions.append(name)
+        # C11 allows repeating a typedef (ggml does); cffi does not.
+        if text not in seen:
+            seen.add(text)
+            out.append(text)
+    return out, functions
+
+
+def collect_defines(include_dirs: list[Path]) -> list[str]:
+    """Integer macros of the public headers, as `#define NAME ...` lines."""
+    names: dict[str, str] = {}
+    for header in DEFINE_HEADERS:
+        for line in find_header(header, include_dirs).read_text().splitlines():
+            m = _DEFINE.match(line)
+            if not m or not m.group(1).startswith(DEFINE_PREFIXES):
+                continue
+            name, value = m.group(1), m.group(2).strip()
+            if _INT_VALUE.match(value) or value in names:
+                names[name] = value
+    return [f"#define {name} ..." for name in names]
+
+
+def build_cdef(include_dirs: list[Path], cc: str) -> str:
+    decls, _ = collect(include_dirs, cc)
+    return "\n".join(decls + collect_defines(include_dirs)) + "\n" + C_CDEF
+
+
+def bound_functions(include_dirs: list[Path], cc: str | None = None) -> list[str]:
+    """Names of the functions the generated binding declares (for tests)."""
+    return collect(include_dirs, cc or default_cc())[1]
+
+
+def default_cc() -> str:
+    for cand in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if cand and shutil.which(cand):
+            return cand
+    raise RuntimeError("no C compiler found for preprocessing the headers")
+
+
+def _c_string(text: str) -> str:
+    return json.dumps(text)  # a JSON string literal is a valid C string literal for ASCII
+
+
+def emit(
+    include_dirs: list[Path], version: str, build_info: str, out: Path, cc: str, cdef_out: Path | None
+) -> None:
+    import cffi
+
+    cdef = build_cdef(include_dirs, cc)
+    if cdef_out is not None:
+        cdef_out.write_text(cdef)
+    ffi = cffi.FFI()
+    ffi.cdef(cdef)
+    source = C_SOURCE.replace("@VERSION@", _c_string(version))
+    ffi.set_source("pyllama._cffi", source.replace("@BUILD_INFO@", _c_string(build_info)))
+    tmp = out.with_suffix(".tmp.c")
+    ffi.emit_c_code(str(tmp))
+    # Only touch the output when it changed, so a Python-only rebuild does not
+    # recompile the module.
+    if out.is_file() and out.read_bytes() == tmp.read_bytes():
+        tmp.unlink()
+    else:
+        os.replace(tmp, out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="generate the cffi binding C source")
+    parser.add_argument("--include", action="append", required=True, type=Path)
+    parser.add_argument("--version", required=True)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--build-info", type=Path, help="JSON file stamped into the module")
+    parser.add_argument("--cdef-out", type=Path)
+    parser.add_argument("--cc", default=None)
+    args = parser.parse_args(argv)
+    info = args.build_info.read_text() if args.build_info else "{}"
+    json.loads(info)  # fail the build on a malformed stamp, not the import
+    emit(args.include, args.version, info, args.out, args.cc or default_cc(), args.cdef_out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
