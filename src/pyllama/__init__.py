@@ -1,1 +1,81 @@
-"""pyllama."""
+"""pyllama: llama.cpp from Python at native speed.
+
+Quick start::
+
+    import pyllama
+
+    with pyllama.Model("model.gguf") as model, model.context() as ctx:
+        for event in pyllama.generate(ctx, "The capital of France is", max_tokens=16):
+            print(event.text, end="", flush=True)
+"""
+
+from ._version import __version__
+from ._ffi import build_info
+from .batch import Batch
+from .chat import ChatSession, apply_template
+from .context import Context, PerfContext
+from .detokenize import StreamDecoder
+from .devices import Device, backends, devices, supports_gpu_offload, system_info
+from .embed import embed
+from .errors import (
+    BusyError,
+    ClosedError,
+    ContextCreationError,
+    ContextOverflowError,
+    DecodeAbortedError,
+    DecodeError,
+    InvalidBatchError,
+    KVCacheFullError,
+    LlamaError,
+    ModelLoadError,
+    SamplerError,
+    StateError,
+    TemplateError,
+    TokenizationError,
+)
+from .generate import Generation, TokenEvent, agenerate, generate, generate_text
+from .kv import KVCache
+from .lora import LoraAdapter
+from .model import Model
+from .parallel import SequenceResult, generate_parallel, generate_parallel_tokens
+from .sampling import (
+    DRY,
+    XTC,
+    AdaptiveP,
+    Candidates,
+    CustomSampler,
+    Dist,
+    Greedy,
+    Grammar,
+    Infill,
+    LogitBias,
+    MinP,
+    Mirostat,
+    MirostatV2,
+    Penalties,
+    Sampler,
+    SamplerChain,
+    Temp,
+    TempExt,
+    TopK,
+    TopNSigma,
+    TopP,
+    Typical,
+    default_chain,
+)
+from .starter import starter_model_path
+from .vocab import Vocab
+
+__all__ = [
+    "__version__", "build_info", "devices", "backends", "system_info", "supports_gpu_offload", "Device",
+    "Model", "Vocab", "Context", "PerfContext", "Batch", "KVCache", "LoraAdapter", "StreamDecoder",
+    "generate", "generate_text", "agenerate", "Generation", "TokenEvent",
+    "generate_parallel", "generate_parallel_tokens", "SequenceResult",
+    "ChatSession", "apply_template", "embed", "starter_model_path",
+    "SamplerChain", "Sampler", "CustomSampler", "Candidates", "default_chain",
+    "Greedy", "Dist", "TopK", "TopP", "MinP", "Typical", "Temp", "TempExt", "XTC", "TopNSigma",
+    "Mirostat", "MirostatV2", "AdaptiveP", "Grammar", "Penalties", "DRY", "LogitBias", "Infill",
+    "LlamaError", "ClosedError", "ModelLoadError", "ContextCreationError", "TokenizationError",
+    "DecodeError", "KVCacheFullError", "DecodeAbortedError", "InvalidBatchError", "ContextOverflowError",
+    "StateError", "SamplerError", "TemplateError", "BusyError",
+]

@@ -1,0 +1,148 @@
+"""The ``pyllama`` command: run, inspect, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any, Sequence
+
+
+def _model_path(arg: str | None) -> str:
+    if arg:
+        return arg
+    from .starter import starter_model_path
+
+    return str(starter_model_path())
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .generate import Generation
+    from .model import Model
+    from .sampling import default_chain
+
+    sampler = default_chain(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                            seed=args.seed if args.seed is not None else 0xFFFFFFFF)
+    with Model(_model_path(args.model), n_gpu_layers=args.ngl, progress=args.progress) as model:
+        with model.context(n_ctx=args.ctx, n_threads=args.threads, n_batch=args.batch,
+                           flash_attn=args.flash_attn) as ctx:
+            out = sys.stdout
+            with Generation(ctx, args.prompt, sampler=sampler, max_tokens=args.n_predict, stop=args.stop,
+                            parse_special=False) as gen:
+                try:
+                    for ev in gen:
+                        out.write(ev.text)
+                        out.flush()
+                except KeyboardInterrupt:
+                    out.write("\n")
+                    return 130
+            out.write("\n")
+            if args.verbose:
+                perf = ctx.perf()
+                print(f"prompt: {perf.n_p_eval} tokens, {perf.prompt_tokens_per_second:.1f} t/s; "
+                      f"generation: {perf.n_eval} tokens, {perf.tokens_per_second:.1f} t/s; "
+                      f"finish: {gen.finish_reason}", file=sys.stderr)
+    return 0
+
+
+def _fmt_bytes(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from . import devices as dv
+
+    info: dict[str, Any] = {"build": dv.build_info(), "backends": dv.backends(),
+                            "devices": [d.as_dict() for d in dv.devices()],
+                            "system_info": dv.system_info(), "gpu_offload": dv.supports_gpu_offload()}
+    what = args.what
+    if what == "build":
+        data: Any = {k: info[k] for k in ("build", "backends", "system_info")}
+    elif what == "devices":
+        data = info["devices"]
+    else:  # gpu
+        data = {"build": info["build"], "backends": info["backends"], "gpu_offload": info["gpu_offload"],
+                "devices": info["devices"],
+                "accelerators": [d for d in info["devices"] if d["type"] != "cpu"]}
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    if what == "build":
+        b = info["build"]
+        print(f"pyllama {b['pyllama_version']}  llama.cpp {b['llama_commit'][:9]}  backend {b['backend']}")
+        print(f"backend libraries: {' '.join(b['backend_libraries'])}")
+        if b.get("cpu_features"):
+            print(f"CPU features: {' '.join(b['cpu_features'])}")
+        print(f"compiler: {b.get('c_compiler', '')}  {b.get('system', '')}  {b.get('build_type', '')}")
+        print(f"loaded backends: {', '.join(info['backends'])}")
+        print(info["system_info"])
+        return 0
+    devs = data if what == "devices" else data["devices"]
+    if what == "gpu" and not data["accelerators"]:
+        print(f"no accelerator found (build: {info['build']['backend']}); running on the CPU")
+    for d in devs:
+        mem = f"{_fmt_bytes(d['memory_free'])} free / {_fmt_bytes(d['memory_total'])}" if d["memory_total"] else ""
+        print(f"[{d['index']}] {d['name']:<10} {d['type']:<6} {d['backend']:<8} {d['description']}  {mem}")
+    return 0
+
+
+def cmd_bench(argv: Sequence[str]) -> int:
+    try:
+        from .benchmark import main as bench_main
+    except ImportError as exc:
+        print(f"pyllama bench is unavailable: {exc}", file=sys.stderr)
+        return 2
+    return int(bench_main(list(argv)) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pyllama", description="llama.cpp from Python")
+    p.add_argument("--log-level", default=None, help="show llama.cpp's log at this level (DEBUG, INFO, WARNING)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="stream the raw completion of a prompt")
+    r.add_argument("model", nargs="?", help="GGUF file (default: the starter model, Gemma 3 270M)")
+    r.add_argument("-p", "--prompt", required=True)
+    r.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate (-1: until the end)")
+    r.add_argument("--temp", type=float, default=0.8, help="temperature (0: greedy)")
+    r.add_argument("--top-k", type=int, default=40)
+    r.add_argument("--top-p", type=float, default=0.95)
+    r.add_argument("--min-p", type=float, default=0.05)
+    r.add_argument("--seed", type=int, default=None)
+    r.add_argument("-t", "--threads", type=int, default=None)
+    r.add_argument("-c", "--ctx", type=int, default=4096)
+    r.add_argument("-b", "--batch", type=int, default=2048)
+    r.add_argument("-ngl", "--n-gpu-layers", dest="ngl", default="auto")
+    r.add_argument("-fa", "--flash-attn", default="auto", choices=["auto", "on", "off"])
+    r.add_argument("--stop", action="append", default=[])
+    r.add_argument("--progress", action="store_true", help="show a load progress bar")
+    r.add_argument("-v", "--verbose", action="store_true", help="print timings to stderr")
+
+    i = sub.add_parser("inspect", help="the build, the devices or the GPUs")
+    i.add_argument("what", choices=["build", "devices", "gpu"])
+    i.add_argument("--json", action="store_true")
+
+    sub.add_parser("bench", help="llama-bench compatible benchmark (see pyllama bench --help)", add_help=False)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":
+        return cmd_bench(argv[1:])
+    args = build_parser().parse_args(argv)
+    if args.log_level:
+        logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                            format="%(name)s %(levelname)s: %(message)s")
+    if args.command == "run":
+        if args.n_predict < 0:
+            args.n_predict = None
+        if args.ngl not in ("auto", "all"):
+            args.ngl = int(args.ngl)
+        return cmd_run(args)
+    return cmd_inspect(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,500 @@
+"""Context: an inference context (KV cache, threads, logits) on a model."""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, Union
+
+import numpy as np
+import numpy.typing as npt
+
+from ._ffi import ffi, lib
+from ._handle import Handle
+from .batch import Batch
+from .errors import (
+    ContextCreationError,
+    ContextOverflowError,
+    DecodeAbortedError,
+    DecodeError,
+    InvalidBatchError,
+    check_decode,
+)
+from .kv import KVCache
+from .state import State
+from .vocab import as_tokens
+
+if TYPE_CHECKING:
+    from .lora import LoraAdapter
+    from .model import Model
+
+FlashAttn = Union[Literal["auto", "on", "off"], bool]
+
+_FLASH = {"auto": -1, "on": 1, "off": 0, True: 1, False: 0}
+_POOLING = {None: -1, "unspecified": -1, "none": 0, "mean": 1, "cls": 2, "last": 3, "rank": 4}
+_ROPE_SCALING = {None: -1, "none": 0, "linear": 1, "yarn": 2, "longrope": 3}
+_ATTENTION = {None: -1, "causal": 0, "non_causal": 1}
+
+
+def ggml_type(name: str | int) -> int:
+    """``"f16"``, ``"q8_0"``, ... → the ggml_type enum value."""
+    if isinstance(name, int):
+        return name
+    attr = "GGML_TYPE_" + name.upper()
+    if not hasattr(lib, attr):
+        raise ValueError(f"unknown ggml type {name!r} (try f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, iq4_nl)")
+    return int(getattr(lib, attr))
+
+
+def ggml_type_name(value: int) -> str:
+    return ffi.string(lib.ggml_type_name(value)).decode() if hasattr(lib, "ggml_type_name") else str(value)
+
+
+def default_threads() -> int:
+    """The CPUs this process may run on (llama.cpp's own default of 4 oversubscribes small machines)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class PerfContext:
+    """llama_perf_context timings: load, prompt evaluation and generation."""
+
+    t_start_ms: float
+    t_load_ms: float
+    t_p_eval_ms: float  # prompt processing (batches of more than one token)
+    t_eval_ms: float  # generation (one token per sequence per decode)
+    n_p_eval: int
+    n_eval: int
+    n_reused: int
+
+    @property
+    def prompt_tokens_per_second(self) -> float:
+        return 1e3 * self.n_p_eval / self.t_p_eval_ms if self.t_p_eval_ms > 0 else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return 1e3 * self.n_eval / self.t_eval_ms if self.t_eval_ms > 0 else 0.0
+
+
+class Context(Handle):
+    """An inference context: every ``llama_context_params`` knob is a keyword argument.
+
+    ``n_ctx="auto"`` takes the model's training context capped at 4096 tokens
+    (so a 128k-context model does not reserve its whole KV cache by default).
+
+    Logits and embeddings are returned as read-only numpy views on llama.cpp's
+    own buffers: no copy, and **valid only until the next decode, encode or
+    close** of this context (copy them with ``np.array(view)`` to keep them).
+
+    One context serialises its own use across threads; separate contexts on one
+    model decode in parallel (the GIL is released inside llama.cpp).
+    """
+
+    _kind = "context"
+
+    def __init__(
+        self,
+        model: Model,
+        *,
+        n_ctx: int | Literal["auto"] = "auto",
+        n_batch: int = 2048,
+        n_ubatch: int = 512,
+        n_seq_max: int = 1,
+        n_threads: int | None = None,
+        n_threads_batch: int | None = None,
+        flash_attn: FlashAttn = "auto",
+        type_k: str | int = "f16",
+        type_v: str | int = "f16",
+        offload_kqv: bool = True,
+        op_offload: bool = True,
+        embeddings: bool = False,
+        pooling: str | None = None,
+        attention: str | None = None,
+        rope_scaling: str | None = None,
+        rope_freq_base: float = 0.0,
+        rope_freq_scale: float = 0.0,
+        yarn_ext_factor: float = -1.0,
+        yarn_attn_factor: float = -1.0,
+        yarn_beta_fast: float = -1.0,
+        yarn_beta_slow: float = -1.0,
+        yarn_orig_ctx: int = 0,
+        swa_full: bool = True,
+        kv_unified: bool = False,
+        no_perf: bool = False,
+    ) -> None:
+        mp = model._p()
+        p = lib.llama_context_default_params()
+        if n_ctx == "auto":
+            n_ctx = min(int(lib.llama_model_n_ctx_train(mp)), 4096)
+        if not isinstance(n_ctx, int) or n_ctx < 0:
+            raise ValueError(f"n_ctx must be a non-negative int or 'auto', not {n_ctx!r}")
+        if n_batch < 1 or n_ubatch < 1 or n_seq_max < 1:
+            raise ValueError("n_batch, n_ubatch and n_seq_max must be >= 1")
+        if n_seq_max > lib.llama_max_parallel_sequences():
+            raise ValueError(f"n_seq_max={n_seq_max} exceeds llama.cpp's limit {lib.llama_max_parallel_sequences()}")
+        if flash_attn not in _FLASH:
+            raise ValueError(f"flash_attn must be 'auto', 'on' or 'off', not {flash_attn!r}")
+        for name, table, value in (("pooling", _POOLING, pooling), ("attention", _ATTENTION, attention),
+                                   ("rope_scaling", _ROPE_SCALING, rope_scaling)):
+            if value not in table:
+                raise ValueError(f"{name} must be one of {[k for k in table if k]}, not {value!r}")
+        threads = default_threads() if n_threads is None else n_threads
+        p.n_ctx = n_ctx
+        p.n_batch = n_batch
+        p.n_ubatch = min(n_ubatch, n_batch)
+        p.n_seq_max = n_seq_max
+        p.n_threads = threads
+        p.n_threads_batch = threads if n_threads_batch is None else n_threads_batch
+        p.flash_attn_type = _FLASH[flash_attn]
+        p.type_k = ggml_type(type_k)
+        p.type_v = ggml_type(type_v)
+        p.offload_kqv = offload_kqv
+        p.op_offload = op_offload
+        p.embeddings = embeddings
+        p.pooling_type = _POOLING[pooling]
+        p.attention_type = _ATTENTION[attention]
+        p.rope_scaling_type = _ROPE_SCALING[rope_scaling]
+        p.rope_freq_base = rope_freq_base
+        p.rope_freq_scale = rope_freq_scale
+        p.yarn_ext_factor = yarn_ext_factor
+        p.yarn_attn_factor = yarn_attn_factor
+        p.yarn_beta_fast = yarn_beta_fast
+        p.yarn_beta_slow = yarn_beta_slow
+        p.yarn_orig_ctx = yarn_orig_ctx
+        p.swa_full = swa_full
+        p.kv_unified = kv_unified
+        p.no_perf = no_perf
+        # The abort flag lives in C memory owned by this object; ggml polls it.
+        self._abort = ffi.new("pyllama_abort_state *")
+        p.abort_callback = lib.pyllama_abort_callback
+        p.abort_callback_data = self._abort
+        ptr = lib.llama_init_from_model(mp, p)
+        if ptr == ffi.NULL:
+            raise ContextCreationError(
+                f"llama.cpp could not create a context (n_ctx={n_ctx}, type_k={type_k}, type_v={type_v}, "
+                f"flash_attn={flash_attn}); see the 'pyllama.llama' log for the reason"
+            )
+        super().__init__(ptr, lib.llama_free, model, self._abort)
+        self.model = model
+        self._vocab = model.vocab
+        self._lock = threading.RLock()
+        self.n_ctx = int(lib.llama_n_ctx(ptr))
+        # Cells one sequence may use: n_ctx / n_seq_max unless the KV cache is unified.
+        self.n_ctx_seq = int(lib.llama_n_ctx_seq(ptr))
+        self.n_batch = int(lib.llama_n_batch(ptr))
+        self.n_ubatch = int(lib.llama_n_ubatch(ptr))
+        self.n_seq_max = int(lib.llama_n_seq_max(ptr))
+        self.n_vocab = model.vocab.n_tokens
+        self.n_embd = model.n_embd
+        self.type_k = type_k
+        self.type_v = type_v
+        self.flash_attn = flash_attn
+        self.embeddings_enabled = embeddings
+        self.kv = KVCache(self)
+        self.state = State(self)
+        self._loras: dict[Any, float] = {}
+        # Tokens each sequence holds in the KV cache, for prefix reuse (absent = unknown).
+        self._seq_tokens = _Tracker(self.n_ctx)
+        model._adopt(self)
+
+    # --- lifetime ------------------------------------------------------------------
+    def close(self) -> None:
+        """Free the context (its KV cache and compute buffers) now."""
+        if self._ptr is None:
+            return
+        self._abort.flag = 1  # a decode running in another thread stops at the next node
+        with self._lock:
+            super().close()
+
+    def __enter__(self) -> Context:
+        self._p()
+        return self
+
+    # --- threads -------------------------------------------------------------------
+    @property
+    def n_threads(self) -> int:
+        return int(lib.llama_n_threads(self._p()))
+
+    @property
+    def n_threads_batch(self) -> int:
+        return int(lib.llama_n_threads_batch(self._p()))
+
+    def set_threads(self, n_threads: int, n_threads_batch: int | None = None) -> None:
+        lib.llama_set_n_threads(self._p(), n_threads, n_threads if n_threads_batch is None else n_threads_batch)
+
+    # --- evaluation --------------------------------------------------------------------
+    def _validate(self, batch: Batch) -> None:
+        n = batch.n_tokens
+        if n == 0:
+            raise InvalidBatchError("empty batch", -1)
+        if n > self.n_batch:
+            raise InvalidBatchError(f"batch of {n} tokens exceeds n_batch={self.n_batch}", -1)
+        toks = batch.token[:n]
+        if int(toks.min()) < 0 or int(toks.max()) >= self.n_vocab:
+            bad = int(toks[(toks < 0) | (toks >= self.n_vocab)][0])
+            raise InvalidBatchError(f"token id {bad} is outside the vocabulary [0, {self.n_vocab})", -1)
+        seqs = batch.seq_id[:n]
+        if int(seqs.min()) < 0 or int(seqs.max()) >= self.n_seq_max:
+            raise InvalidBatchError(f"sequence ids must lie in [0, {self.n_seq_max}) (n_seq_max)", -1)
+        pos = batch.pos[:n]
+        if int(pos.min()) < 0:
+            raise InvalidBatchError("negative position in batch", -1)
+        if int(pos.max()) >= self.n_ctx_seq and not self.model.is_recurrent:
+            raise ContextOverflowError(
+                f"position {int(pos.max())} is past the context window of a sequence (n_ctx_seq={self.n_ctx_seq})")
+
+    def decode(self, batch: Batch) -> None:
+        """Evaluate a batch. Raises a :class:`DecodeError` subclass on failure.
+
+        An aborted decode (``ctx.abort()`` from another thread, or Ctrl-C on the
+        main thread) removes the batch's partial work from the KV cache, so the
+        context stays usable; Ctrl-C is re-raised as KeyboardInterrupt.
+        """
+        self._validate(batch)
+        self._invalidate_tracking(batch)
+        self._decode(batch)
+
+    def _decode(self, batch: Batch) -> None:
+        with self._lock:
+            ptr = self._p()
+            st = self._abort
+            st.flag = 0
+            st.interrupted = 0
+            st.check_signals = 1 if threading.current_thread() is threading.main_thread() else 0
+            rc = lib.llama_decode(ptr, batch._native())
+            if rc != 0:
+                self._decode_failed(batch, rc)
+
+    def _decode_failed(self, batch: Batch, rc: int) -> None:
+        n = batch.n_tokens
+        seqs = batch.seq_id[:n, 0]
+        if rc in (2, -2) or rc < -1:
+            # Processed ubatches stay in memory: drop them so the context is consistent.
+            mem = lib.llama_get_memory(self._ptr)
+            for s in np.unique(seqs):
+                p0 = int(batch.pos[:n][seqs == s].min())
+                lib.llama_memory_seq_rm(mem, int(s), p0, -1)
+                self._seq_tokens.forget(int(s))
+        if rc == 2 and self._abort.interrupted:
+            raise KeyboardInterrupt
+        if rc == 2:
+            raise DecodeAbortedError("llama_decode aborted; the batch's partial work was removed", rc)
+        check_decode(rc)
+
+    def encode(self, batch: Batch) -> None:
+        """Run the encoder (encoder-decoder and embedding models)."""
+        self._validate(batch)
+        with self._lock:
+            check_decode(lib.llama_encode(self._p(), batch._native()), "llama_encode")
+
+    def abort(self) -> None:
+        """Ask a decode running in another thread to stop at the next graph node."""
+        self._abort.flag = 1
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (for timing asynchronous backends)."""
+        lib.llama_synchronize(self._p())
+
+    # --- outputs (zero-copy views) -------------------------------------------------------
+    def logits(self, i: int = -1) -> npt.NDArray[np.float32]:
+        """Read-only view of the logits of output row ``i`` (``-1``: the last one).
+
+        ``i`` indexes the batch's tokens (as llama_get_logits_ith does). The view
+        is llama.cpp's buffer itself: valid until the next decode or close.
+        """
+        ptr = lib.llama_get_logits_ith(self._p(), i)
+        if ptr == ffi.NULL:
+            raise IndexError(f"no logits for batch row {i}: only rows marked for logits have them")
+        return _view(ptr, self.n_vocab)
+
+    def logits_all(self) -> npt.NDArray[np.float32]:
+        """Read-only (n_outputs, n_vocab) view of every output row of the last decode."""
+        ptr = lib.llama_get_logits(self._p())
+        if ptr == ffi.NULL:
+            raise IndexError("no logits: the last batch requested none")
+        n_out = self._n_outputs()
+        return _view(ptr, n_out * self.n_vocab).reshape(n_out, self.n_vocab)
+
+    def _n_outputs(self) -> int:
+        # llama.cpp does not export n_outputs; count the rows that have logits.
+        n = 0
+        while lib.llama_get_logits_ith(self._ptr, n) != ffi.NULL:
+            n += 1
+        return n
+
+    def embedding(self, i: int = -1) -> npt.NDArray[np.float32]:
+        """Read-only view of the embedding of batch row ``i`` (needs ``embeddings=True``)."""
+        ptr = lib.llama_get_embeddings_ith(self._p(), i)
+        if ptr == ffi.NULL:
+            raise IndexError(f"no embedding for batch row {i} (context created with embeddings=True?)")
+        return _view(ptr, self.n_embd)
+
+    def sequence_embedding(self, seq_id: int = 0) -> npt.NDArray[np.float32]:
+        """Read-only view of the pooled embedding of a sequence (pooling other than 'none')."""
+        ptr = lib.llama_get_embeddings_seq(self._p(), seq_id)
+        if ptr == ffi.NULL:
+            raise IndexError(f"no pooled embedding for sequence {seq_id} (pooling is 'none'?)")
+        n = 1 if lib.llama_pooling_type(self._ptr) == lib.LLAMA_POOLING_TYPE_RANK else self.n_embd
+        return _view(ptr, n)
+
+    @property
+    def pooling(self) -> int:
+        return int(lib.llama_pooling_type(self._p()))
+
+    # --- performance counters ------------------------------------------------------------
+    def perf(self) -> PerfContext:
+        d = lib.llama_perf_context(self._p())
+        return PerfContext(d.t_start_ms, d.t_load_ms, d.t_p_eval_ms, d.t_eval_ms, d.n_p_eval, d.n_eval, d.n_reused)
+
+    def reset_perf(self) -> None:
+        lib.llama_perf_context_reset(self._p())
+
+    # --- LoRA ------------------------------------------------------------------------------
+    def set_lora(self, adapter: LoraAdapter, scale: float = 1.0) -> None:
+        """Apply a LoRA adapter with a scale (replacing its previous scale)."""
+        if adapter.model is not self.model:
+            raise ValueError("the adapter was loaded for another model")
+        adapter._p()
+        self._loras[adapter] = float(scale)
+        self._apply_loras()
+
+    def remove_lora(self, adapter: LoraAdapter | None = None) -> None:
+        """Remove one adapter, or all of them."""
+        if adapter is None:
+            self._loras.clear()
+        else:
+            self._loras.pop(adapter, None)
+        self._apply_loras()
+
+    def _apply_loras(self) -> None:
+        items = [(a, s) for a, s in self._loras.items() if not a.closed]
+        n = len(items)
+        ptrs = ffi.new("struct llama_adapter_lora *[]", max(n, 1))
+        scales = ffi.new("float[]", max(n, 1))
+        for i, (a, s) in enumerate(items):
+            ptrs[i] = a._p()
+            scales[i] = s
+        with self._lock:
+            rc = lib.llama_set_adapters_lora(self._p(), ptrs, n, scales)
+        if rc != 0:
+            raise DecodeError(f"llama_set_adapters_lora failed ({rc})", rc)
+        self._seq_tokens.clear()  # cached prefixes were computed with other weights
+
+    # --- prefix reuse --------------------------------------------------------------------
+    def _invalidate_tracking(self, batch: Batch) -> None:
+        if self._seq_tokens:
+            for s in np.unique(batch.seq_id[: batch.n_tokens, 0]):
+                self._seq_tokens.forget(int(s))
+
+    def cached_tokens(self, seq_id: int = 0) -> npt.NDArray[np.int32] | None:
+        """The tokens pyllama knows sequence ``seq_id`` holds in the KV cache (None: unknown).
+
+        Known after :meth:`evaluate` and generation; a raw :meth:`decode` or a KV
+        edit that moves positions makes it unknown, and the next evaluate starts over.
+        """
+        known = self._seq_tokens.get(seq_id)
+        if known is not None:
+            return known
+        return np.empty(0, dtype=np.int32) if self.kv.pos_range(seq_id) is None else None
+
+    def evaluate(self, tokens: npt.ArrayLike, *, seq_id: int = 0, logits: str = "last",
+                 reuse_prefix: bool = True) -> int:
+        """Make sequence ``seq_id`` hold exactly ``tokens``, evaluating only what it lacks.
+
+        The longest common prefix with what the sequence already holds is kept
+        (its KV entries are reused); the rest is removed and the new suffix is
+        decoded in ``n_batch`` chunks. At least the last token is always
+        evaluated so that fresh logits exist. Returns the number of tokens decoded.
+        """
+        toks = as_tokens(tokens)
+        if toks.size == 0:
+            raise ValueError("nothing to evaluate: empty token sequence")
+        if toks.size > self.n_ctx_seq:
+            raise ContextOverflowError(
+                f"{toks.size} tokens do not fit in the context (n_ctx_seq={self.n_ctx_seq})")
+        self._vocab.check_tokens(toks)
+        with self._lock:
+            keep = 0
+            cached = self.cached_tokens(seq_id) if reuse_prefix else None
+            if cached is not None and cached.size:
+                m = min(cached.size, toks.size)
+                diff = np.flatnonzero(cached[:m] != toks[:m])
+                keep = int(diff[0]) if diff.size else m
+            keep = min(keep, toks.size - 1)
+            if not lib.llama_memory_seq_rm(lib.llama_get_memory(self._p()), seq_id, keep, -1):
+                # Recurrent memory cannot drop a suffix: start over.
+                self.kv.remove(seq_id)
+                keep = 0
+            self._seq_tokens.set(seq_id, toks[:keep])
+            batch = Batch(min(self.n_batch, toks.size - keep))
+            for start in range(keep, toks.size, self.n_batch):
+                chunk = toks[start:start + self.n_batch]
+                last = start + chunk.size == toks.size
+                batch.clear().add(chunk, start, seq_id, logits=logits if last else "none")
+                self._decode(batch)
+                self._seq_tokens.set(seq_id, toks[:start + chunk.size])
+            return int(toks.size - keep)
+
+    def __repr__(self) -> str:
+        return "<pyllama.Context closed>" if self.closed else f"<pyllama.Context n_ctx={self.n_ctx}>"
+
+
+class _Tracker:
+    """Per-sequence token lists in preallocated n_ctx buffers: appending a token is O(1)."""
+
+    def __init__(self, n_ctx: int) -> None:
+        self._n_ctx = n_ctx
+        self._bufs: dict[int, npt.NDArray[np.int32]] = {}
+        self._lens: dict[int, int] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._lens)
+
+    def get(self, seq_id: int) -> npt.NDArray[np.int32] | None:
+        n = self._lens.get(seq_id)
+        return None if n is None else self._bufs[seq_id][:n]
+
+    def set(self, seq_id: int, tokens: npt.NDArray[np.int32]) -> None:
+        buf = self._bufs.get(seq_id)
+        if buf is None:
+            buf = self._bufs[seq_id] = np.empty(self._n_ctx, dtype=np.int32)
+        buf[: tokens.size] = tokens
+        self._lens[seq_id] = int(tokens.size)
+
+    def append(self, seq_id: int, token: int) -> None:
+        n = self._lens.get(seq_id)
+        if n is not None and n < self._n_ctx:
+            self._bufs[seq_id][n] = token
+            self._lens[seq_id] = n + 1
+        else:
+            self._lens.pop(seq_id, None)
+
+    def truncate(self, seq_id: int, n: int) -> None:
+        if seq_id in self._lens:
+            self._lens[seq_id] = min(self._lens[seq_id], max(n, 0))
+
+    def copy(self, src: int, dst: int) -> None:
+        toks = self.get(src)
+        if toks is None:
+            self.forget(dst)
+        else:
+            self.set(dst, toks.copy())
+
+    def forget(self, seq_id: int) -> None:
+        self._lens.pop(seq_id, None)
+
+    def clear(self) -> None:
+        self._lens.clear()
+
+
+def _view(ptr: Any, n: int) -> npt.NDArray[np.float32]:
+    arr = np.frombuffer(ffi.buffer(ptr, n * 4), dtype=np.float32)
+    arr.flags.writeable = False
+    return arr
+
+
+__all__ = ["Context", "PerfContext", "ggml_type", "default_threads"]

@@ -1,0 +1,214 @@
+"""Tokens: tokenization into numpy arrays, detokenization, special tokens."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from ._ffi import ffi, lib
+from .errors import TokenizationError
+
+if TYPE_CHECKING:
+    from .model import Model
+
+TokenArray = npt.NDArray[np.int32]
+
+
+def as_tokens(tokens: Iterable[int] | npt.ArrayLike) -> TokenArray:
+    """A C-contiguous int32 array of token ids (no copy when it already is one)."""
+    arr = np.ascontiguousarray(tokens, dtype=np.int32)
+    if arr.ndim != 1:
+        raise TokenizationError(f"expected a 1-D sequence of token ids, got shape {arr.shape}")
+    return arr
+
+
+class Vocab:
+    """The vocabulary of a loaded model. Obtained as ``model.vocab``; valid while the model is open."""
+
+    def __init__(self, model: Model) -> None:
+        self._model = model
+        self._vp = lib.llama_model_get_vocab(model._p())
+        self.n_tokens: int = lib.llama_vocab_n_tokens(self._vp)
+        self._add_space_prefix: bool | None = None
+
+    def _v(self) -> Any:
+        self._model._p()  # raises ClosedError once the model is closed
+        return self._vp
+
+    # --- special tokens ------------------------------------------------------
+    def _special(self, fn: Any) -> int | None:
+        tok = int(fn(self._v()))
+        return None if tok == lib.LLAMA_TOKEN_NULL else tok
+
+    @property
+    def bos(self) -> int | None:
+        return self._special(lib.llama_vocab_bos)
+
+    @property
+    def eos(self) -> int | None:
+        return self._special(lib.llama_vocab_eos)
+
+    @property
+    def eot(self) -> int | None:
+        return self._special(lib.llama_vocab_eot)
+
+    @property
+    def sep(self) -> int | None:
+        return self._special(lib.llama_vocab_sep)
+
+    @property
+    def pad(self) -> int | None:
+        return self._special(lib.llama_vocab_pad)
+
+    @property
+    def nl(self) -> int | None:
+        return self._special(lib.llama_vocab_nl)
+
+    @property
+    def mask(self) -> int | None:
+        return self._special(lib.llama_vocab_mask)
+
+    @property
+    def fim_pre(self) -> int | None:
+        return self._special(lib.llama_vocab_fim_pre)
+
+    @property
+    def fim_suf(self) -> int | None:
+        return self._special(lib.llama_vocab_fim_suf)
+
+    @property
+    def fim_mid(self) -> int | None:
+        return self._special(lib.llama_vocab_fim_mid)
+
+    @property
+    def fim_pad(self) -> int | None:
+        return self._special(lib.llama_vocab_fim_pad)
+
+    @property
+    def fim_rep(self) -> int | None:
+        return self._special(lib.llama_vocab_fim_rep)
+
+    @property
+    def fim_sep(self) -> int | None:
+        return self._special(lib.llama_vocab_fim_sep)
+
+    @property
+    def add_bos(self) -> bool:
+        return bool(lib.llama_vocab_get_add_bos(self._v()))
+
+    @property
+    def add_eos(self) -> bool:
+        return bool(lib.llama_vocab_get_add_eos(self._v()))
+
+    @property
+    def type(self) -> str:
+        names = {1: "spm", 2: "bpe", 3: "wpm", 4: "ugm", 5: "rwkv", 6: "plamo2"}
+        return names.get(int(lib.llama_vocab_type(self._v())), "none")
+
+    def _check(self, token: int) -> int:
+        token = int(token)
+        if not 0 <= token < self.n_tokens:
+            raise TokenizationError(f"token id {token} is outside the vocabulary [0, {self.n_tokens})")
+        return token
+
+    def check_tokens(self, tokens: TokenArray) -> None:
+        """Raise TokenizationError unless every id is inside the vocabulary (vectorised)."""
+        if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= self.n_tokens):
+            bad = tokens[(tokens < 0) | (tokens >= self.n_tokens)][0]
+            raise TokenizationError(f"token id {int(bad)} is outside the vocabulary [0, {self.n_tokens})")
+
+    def is_eog(self, token: int) -> bool:
+        """True for end-of-generation tokens (eos, eot, and the model's other stop tokens)."""
+        return bool(lib.llama_vocab_is_eog(self._v(), self._check(token)))
+
+    def is_control(self, token: int) -> bool:
+        return bool(lib.llama_vocab_is_control(self._v(), self._check(token)))
+
+    def attr(self, token: int) -> int:
+        """The token's ``LLAMA_TOKEN_ATTR_*`` bit set."""
+        return int(lib.llama_vocab_get_attr(self._v(), self._check(token)))
+
+    def text(self, token: int) -> str:
+        """The token's raw text in the vocabulary (e.g. ``▁the``, ``<0x0A>``)."""
+        return ffi.string(lib.llama_vocab_get_text(self._v(), self._check(token))).decode("utf-8", "replace")
+
+    def score(self, token: int) -> float:
+        return float(lib.llama_vocab_get_score(self._v(), self._check(token)))
+
+    # --- text <-> tokens ---------------------------------------------------------
+    def tokenize(self, text: str | bytes, *, add_special: bool = True, parse_special: bool = False) -> TokenArray:
+        """Tokenize into an int32 array that llama_tokenize writes in place.
+
+        ``add_special`` adds BOS/EOS as the model asks; ``parse_special`` treats
+        special-token text such as ``<|im_start|>`` as the special token.
+        """
+        data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+        vp = self._v()
+        # A token covers at least one byte, plus BOS/EOS: one call suffices almost always.
+        out = np.empty(len(data) + 2, dtype=np.int32)
+        n = lib.llama_tokenize(vp, data, len(data), ffi.from_buffer("llama_token[]", out), out.size,
+                               add_special, parse_special)
+        if n < 0:
+            if n == np.iinfo(np.int32).min:
+                raise TokenizationError("text too long to tokenize (token count overflows int32)")
+            out = np.empty(-n, dtype=np.int32)
+            n = lib.llama_tokenize(vp, data, len(data), ffi.from_buffer("llama_token[]", out), out.size,
+                                   add_special, parse_special)
+            if n < 0:
+                raise TokenizationError(f"llama_tokenize failed ({n})")
+        return out[:n]
+
+    def tokenize_many(self, texts: Sequence[str | bytes], *, add_special: bool = True,
+                      parse_special: bool = False) -> list[TokenArray]:
+        """Tokenize several texts (one native call each; arrays, no Python lists of ids)."""
+        return [self.tokenize(t, add_special=add_special, parse_special=parse_special) for t in texts]
+
+    def token_to_piece(self, token: int, *, special: bool = False, lstrip: int = 0) -> bytes:
+        """The bytes of one token (may be part of a UTF-8 character)."""
+        return self._piece(self._check(token), special, lstrip, ffi.new("char[]", 256))
+
+    def _piece(self, token: int, special: bool, lstrip: int, buf: Any) -> bytes:
+        # Unchecked id (callers validated it). ``buf`` is a char[256] owned by the
+        # caller, so threads streaming on one model never share a scratch buffer.
+        n = lib.llama_token_to_piece(self._vp, token, buf, 256, lstrip, special)
+        if n < 0:
+            big = ffi.new("char[]", -n)
+            n = lib.llama_token_to_piece(self._vp, token, big, -n, lstrip, special)
+            return bytes(ffi.buffer(big, n))
+        return bytes(ffi.buffer(buf, n))
+
+    def detokenize(self, tokens: Iterable[int] | npt.ArrayLike, *, remove_special: bool = False,
+                   unparse_special: bool = False) -> str:
+        """Text of a token sequence, exactly as llama.cpp's llama_detokenize renders it."""
+        return self.detokenize_bytes(tokens, remove_special=remove_special,
+                                     unparse_special=unparse_special).decode("utf-8", "replace")
+
+    def detokenize_bytes(self, tokens: Iterable[int] | npt.ArrayLike, *, remove_special: bool = False,
+                         unparse_special: bool = False) -> bytes:
+        arr = as_tokens(tokens)
+        self.check_tokens(arr)
+        vp = self._v()
+        ptr = ffi.from_buffer("llama_token[]", arr)
+        cap = max(64, arr.size * 8)
+        buf = ffi.new("char[]", cap)
+        n = lib.llama_detokenize(vp, ptr, arr.size, buf, cap, remove_special, unparse_special)
+        if n < 0:
+            cap = -n
+            buf = ffi.new("char[]", cap)
+            n = lib.llama_detokenize(vp, ptr, arr.size, buf, cap, remove_special, unparse_special)
+            if n < 0:
+                raise TokenizationError(f"llama_detokenize failed ({n})")
+        return bytes(ffi.buffer(buf, n))
+
+    @property
+    def add_space_prefix(self) -> bool:
+        """Whether detokenization strips the space the tokenizer prefixed (SentencePiece style)."""
+        if self._add_space_prefix is None:
+            toks = self.tokenize("a", add_special=False)
+            self._add_space_prefix = bool(toks.size) and self._piece(int(toks[0]), False, 0, ffi.new("char[]", 256)).startswith(b" ")
+        return self._add_space_prefix
+
+
+__all__ = ["Vocab", "TokenArray", "as_tokens"]

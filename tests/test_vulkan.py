@@ -1,0 +1,290 @@
+"""The Vulkan variant, proven without a GPU on Mesa's lavapipe (a Vulkan device on the CPU).
+
+Runs only against a pyllama built with ``PYLLAMA_BACKEND=vulkan`` (see
+tools/ci_vulkan.sh, which builds that wheel, installs it in a fresh virtual
+environment and runs this file there); any other build skips with the reason.
+
+ggml-vulkan hides CPU-type Vulkan devices such as lavapipe unless
+``GGML_VK_VISIBLE_DEVICES`` names them: the variable is a comma- or
+space-separated list of indices into the loader's list of physical devices
+(an index past its end is a hard error), read once, when the backend
+registers, i.e. when pyllama is imported. So every check runs in a child
+interpreter whose environment selects the device before the import; that also
+keeps a crash in a driver from taking the test session down with it.
+
+Equality: greedy tokens must match exactly. Logits are also compared, to a
+tolerance of 1e-2 absolute: the synthetic model is f32, but ggml-vulkan's
+matrix multiplications accumulate in a different order (and, on devices
+without full f32 support, through f16 intermediates) than the CPU kernels, so
+bitwise equality is not expected; the synthetic head keeps the winning logit a
+clear margin above the next one, so such rounding never flips a greedy pick.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+PROMPT = "The quick brown fox"
+N_PREDICT = 16
+LOGIT_ATOL = 1e-2
+CHILD_TIMEOUT_S = 900  # lavapipe compiles every pipeline on first use: slow, not stuck
+
+
+def _build_info() -> dict[str, Any]:
+    import pyllama
+
+    info = getattr(pyllama, "build_info", None)
+    if callable(info):
+        return dict(info())
+    from pyllama._cffi import ffi, lib  # the binding's own stamp, before the API existed
+
+    raw: dict[str, Any] = json.loads(ffi.string(lib.pyllama_build_info()).decode())
+    raw["backend_libraries"] = str(raw.get("backend_libraries", "")).split()
+    return raw
+
+
+def _libraries(info: dict[str, Any]) -> list[str]:
+    libs = info.get("backend_libraries", [])
+    return libs.split() if isinstance(libs, str) else list(libs)
+
+
+@pytest.fixture(scope="module")
+def vulkan_build() -> dict[str, Any]:
+    info = _build_info()
+    if info.get("backend") != "vulkan" and "ggml-vulkan" not in _libraries(info):
+        pytest.skip(
+            f"this pyllama was built for backend {info.get('backend')!r} "
+            f"({' '.join(_libraries(info)) or 'no backend libraries'}), not vulkan: "
+            "build it with PYLLAMA_BACKEND=vulkan (tools/ci_vulkan.sh)"
+        )
+    return info
+
+
+def _child_env(visible: str | None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("GGML_VK_VISIBLE_DEVICES", None)
+    if visible is not None:
+        env["GGML_VK_VISIBLE_DEVICES"] = visible
+    return env
+
+
+def _run_child(mode: str, *args: str, visible: str | None) -> dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), mode, *args]
+    proc = subprocess.run(
+        cmd, env=_child_env(visible), capture_output=True, text=True, timeout=CHILD_TIMEOUT_S
+    )
+    if proc.returncode != 0:
+        pytest.fail(
+            f"child `{mode}` exited with {proc.returncode} (GGML_VK_VISIBLE_DEVICES={visible}):\n"
+            f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}"
+        )
+    # The last stdout line is the child's JSON; nothing else may be printed there.
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1, f"the child printed more than its JSON on stdout:\n{proc.stdout[-2000:]}"
+    result: dict[str, Any] = json.loads(lines[0])
+    return result
+
+
+@pytest.fixture(scope="module")
+def visible_devices(vulkan_build: dict[str, Any]) -> str:
+    """The GGML_VK_VISIBLE_DEVICES value under which a Vulkan device is listed."""
+    preset = os.environ.get("GGML_VK_VISIBLE_DEVICES")
+    if preset:
+        return preset
+    # A real GPU is listed without the variable; lavapipe only when selected.
+    if _run_child("devices", visible=None)["vulkan"]:
+        return ""
+    return "0"
+
+
+def test_vulkan_device_is_listed(visible_devices: str) -> None:
+    result = _run_child("devices", visible=visible_devices or None)
+    assert "Vulkan" in result["backends"], result
+    assert result["vulkan"], f"no Vulkan device listed: {result['devices']}"
+    dev = result["vulkan"][0]
+    assert dev["name"].startswith("Vulkan"), dev
+    assert dev["description"], dev
+    # The CPU backend is still there for the layers and ops that stay on the host.
+    assert any(d["type"] == "cpu" for d in result["devices"]), result["devices"]
+
+
+def test_greedy_generation_matches_cpu(visible_devices: str, synth_model_path: Path) -> None:
+    cpu = _run_child("generate", str(synth_model_path), "cpu", visible=visible_devices or None)
+    vk = _run_child("generate", str(synth_model_path), "vulkan", visible=visible_devices or None)
+
+    n_layer = vk["n_layer"]
+    if vk["offload_line"] is not None:  # the line llama.cpp logs, when pyllama routes its logs
+        assert f"offloaded {n_layer + 1}/{n_layer + 1} layers" in vk["offload_line"], vk["offload_line"]
+    assert vk["device"].startswith("Vulkan"), vk["device"]
+
+    assert len(cpu["tokens"]) == N_PREDICT
+    assert vk["tokens"] == cpu["tokens"], (
+        f"greedy tokens differ (cpu: {cpu['tokens']}, vulkan on {vk['description']}: {vk['tokens']})"
+    )
+    # Same tokens, so the logits compare position by position.
+    worst = max(abs(a - b) for la, lb in zip(cpu["logits"], vk["logits"]) for a, b in zip(la, lb))
+    assert worst <= LOGIT_ATOL, f"logits differ by up to {worst:.3g} (> {LOGIT_ATOL})"
+
+
+# ---------------------------------------------------------------------------
+# The child: imports pyllama under the environment the parent chose, prints one
+# JSON line on stdout.
+
+
+def _seam() -> tuple[Any, Any]:
+    """ffi and lib with every backend in the package loaded."""
+    try:
+        from pyllama._ffi import ffi, lib  # loads the package's backends on import
+
+        return ffi, lib
+    except ModuleNotFoundError as exc:
+        if exc.name != "pyllama._ffi":
+            raise
+    from pyllama import _cffi
+    from pyllama._cffi import ffi, lib
+
+    lib.llama_backend_init()
+    if lib.ggml_backend_dev_count() == 0:
+        lib.ggml_backend_load_all_from_path(str(Path(_cffi.__file__).parent / "lib").encode())
+    return ffi, lib
+
+
+def _devices(ffi: Any, lib: Any) -> list[dict[str, Any]]:
+    import pyllama
+
+    listing = getattr(pyllama, "devices", None)
+    if callable(listing):
+        return [
+            {"name": d.name, "description": d.description, "type": d.type, "backend": d.backend, "handle": None}
+            for d in listing()
+        ]
+    types = {lib.GGML_BACKEND_DEVICE_TYPE_CPU: "cpu", lib.GGML_BACKEND_DEVICE_TYPE_GPU: "gpu",
+             lib.GGML_BACKEND_DEVICE_TYPE_IGPU: "igpu", lib.GGML_BACKEND_DEVICE_TYPE_ACCEL: "accel"}
+    out = []
+    for i in range(lib.ggml_backend_dev_count()):
+        dev = lib.ggml_backend_dev_get(i)
+        reg = lib.ggml_backend_dev_backend_reg(dev)
+        out.append({
+            "name": ffi.string(lib.ggml_backend_dev_name(dev)).decode(),
+            "description": ffi.string(lib.ggml_backend_dev_description(dev)).decode(),
+            "type": types.get(lib.ggml_backend_dev_type(dev), "unknown"),
+            "backend": ffi.string(lib.ggml_backend_reg_name(reg)).decode(),
+            "handle": None,
+        })
+    return out
+
+
+def _child_devices() -> dict[str, Any]:
+    ffi, lib = _seam()
+    devs = _devices(ffi, lib)
+    backends = [ffi.string(lib.ggml_backend_reg_name(lib.ggml_backend_reg_get(i))).decode()
+                for i in range(lib.ggml_backend_reg_count())]
+    return {"backends": backends, "devices": devs, "vulkan": [d for d in devs if d["backend"] == "Vulkan"]}
+
+
+def _child_generate(model_path: str, where: str) -> dict[str, Any]:
+    import logging
+
+    import numpy as np
+
+    ffi, lib = _seam()
+    offload: list[str] = []
+
+    class _Grab(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            msg = record.getMessage()
+            if "layers to GPU" in msg:
+                offload.append(msg)
+
+    native = logging.getLogger("pyllama.llama")
+    native.addHandler(_Grab())
+    native.setLevel(logging.INFO)
+
+    device = description = ""
+    mparams = lib.llama_model_default_params()
+    if where == "cpu":
+        devs = ffi.new("ggml_backend_dev_t[1]")  # an empty list: no accelerator at all
+        mparams.n_gpu_layers = 0
+    else:
+        vk = None
+        for i in range(lib.ggml_backend_dev_count()):
+            dev = lib.ggml_backend_dev_get(i)
+            if ffi.string(lib.ggml_backend_reg_name(lib.ggml_backend_dev_backend_reg(dev))) == b"Vulkan":
+                vk = dev
+                break
+        if vk is None:
+            raise SystemExit("no Vulkan device is listed")
+        devs = ffi.new("ggml_backend_dev_t[2]")
+        devs[0] = vk
+        device = ffi.string(lib.ggml_backend_dev_name(vk)).decode()
+        description = ffi.string(lib.ggml_backend_dev_description(vk)).decode()
+        mparams.n_gpu_layers = -1  # every layer, and the output head
+    mparams.devices = devs
+    model = lib.llama_model_load_from_file(model_path.encode(), mparams)
+    if model == ffi.NULL:
+        raise SystemExit(f"llama_model_load_from_file failed for {model_path} on {where}")
+    cparams = lib.llama_context_default_params()
+    cparams.n_ctx = 128
+    cparams.n_batch = 64
+    cparams.n_ubatch = 64
+    cparams.n_seq_max = 1
+    cparams.n_threads = cparams.n_threads_batch = 2
+    cparams.no_perf = True
+    ctx = lib.llama_init_from_model(model, cparams)
+    if ctx == ffi.NULL:
+        raise SystemExit(f"llama_init_from_model failed on {where}")
+    vocab = lib.llama_model_get_vocab(model)
+    n_vocab = lib.llama_vocab_n_tokens(vocab)
+    text = PROMPT.encode()
+    buf = ffi.new("llama_token[]", 256)
+    n = lib.llama_tokenize(vocab, text, len(text), buf, 256, True, False)
+    if n <= 0:
+        raise SystemExit(f"llama_tokenize returned {n}")
+    pending = [buf[i] for i in range(n)]
+    tokens: list[int] = []
+    logits: list[list[float]] = []
+    for _ in range(N_PREDICT):
+        arr = ffi.new("llama_token[]", pending)
+        rc = lib.llama_decode(ctx, lib.llama_batch_get_one(arr, len(pending)))
+        if rc != 0:
+            raise SystemExit(f"llama_decode returned {rc} on {where}")
+        row = np.frombuffer(ffi.buffer(lib.llama_get_logits_ith(ctx, -1), 4 * n_vocab), dtype=np.float32)
+        tok = int(np.argmax(row))
+        tokens.append(tok)
+        logits.append([float(x) for x in row])
+        pending = [tok]
+    result = {
+        "where": where,
+        "device": device,
+        "description": description,
+        "n_layer": int(lib.llama_model_n_layer(model)),
+        "offload_line": offload[-1] if offload else None,
+        "tokens": tokens,
+        "logits": logits,
+    }
+    lib.llama_free(ctx)
+    lib.llama_model_free(model)
+    return result
+
+
+def _child_main(argv: list[str]) -> int:
+    mode = argv[0]
+    if mode == "devices":
+        result = _child_devices()
+    elif mode == "generate":
+        result = _child_generate(argv[1], argv[2])
+    else:
+        raise SystemExit(f"unknown child mode {mode!r}")
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1:]))
