@@ -69,12 +69,12 @@ def generate_parallel(ctx: Context, prompts: Sequence[Prompt], *, samplers: Sequ
     try:
         # Prompts: each evaluated into its own sequence (chunked by n_batch).
         rows = np.zeros(n, dtype=np.intp)
+        pending = np.zeros(n, dtype=np.int32)
         for i, t in enumerate(toks):
             ctx.kv.remove(i)
             ctx.evaluate(t, seq_id=i, reuse_prefix=False)
-        # First tokens come from each sequence's own last logits, so sample now,
-        # before the shared batch overwrites them.
-        pending = np.array([chains[i].sample(ctx, -1) for i in range(n)], dtype=np.int32)
+            # Sample now: the next prompt's evaluation overwrites these logits.
+            pending[i] = chains[i].sample(ctx, -1)
         pos = np.array([t.size for t in toks], dtype=np.int32)
         live = list(range(n))
         batch = Batch(n)

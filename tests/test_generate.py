@@ -1,0 +1,162 @@
+"""Generation: events, stop strings, limits, async, parallel sequences, threads."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import pyllama
+
+
+@pytest.fixture(scope="module")
+def model(synth_model_path: Path) -> pyllama.Model:
+    with pyllama.Model(synth_model_path) as m:
+        yield m
+
+
+def test_events_and_whole_text(model: pyllama.Model) -> None:
+    with model.context(n_ctx=256) as ctx:
+        with pyllama.generate(ctx, "Hello world", max_tokens=10, logprobs=True) as gen:
+            events = list(gen)
+        assert gen.finish_reason == "length" and gen.n_generated == 10
+        assert "".join(e.text for e in events) == gen.text == pyllama.generate_text(ctx, "Hello world", max_tokens=10)
+        # The pieces continue the prompt: no leading-space removal as in one-shot detokenize().
+        assert gen.text == b"".join(model.vocab.token_to_piece(int(t)) for t in gen.tokens).decode()
+        lp = [e.logprob for e in events if e.token >= 0]
+        assert all(p is not None and p <= 0 for p in lp)
+        with pytest.raises(pyllama.ClosedError):
+            iter(gen)
+
+
+def test_stop_string_split_across_tokens_is_not_emitted(model: pyllama.Model) -> None:
+    with model.context(n_ctx=256) as ctx:
+        with pyllama.generate(ctx, "Hello world", max_tokens=12) as gen:
+            full_tokens = [e.token for e in gen if e.token >= 0]
+        full = gen.text
+        # A stop string that starts inside one token's text and ends inside the next.
+        pieces = [model.vocab.token_to_piece(t).decode() for t in full_tokens]
+        k = next(i for i in range(1, len(pieces)) if len(pieces[i - 1]) >= 2 and len(pieces[i]) >= 2)
+        stop = pieces[k - 1][-2:] + pieces[k][:2]
+        with pyllama.generate(ctx, "Hello world", max_tokens=12, stop=[stop]) as gen2:
+            text = "".join(e.text for e in gen2)
+        assert gen2.finish_reason == "stop"
+        assert stop not in text
+        assert text == full[: full.index(stop)]
+
+
+def test_end_of_generation_stops(model: pyllama.Model) -> None:
+    eos = model.vocab.eos
+    with model.context(n_ctx=256) as ctx:
+        sampler = [pyllama.LogitBias({eos: 1e6}), pyllama.Greedy()]
+        with pyllama.generate(ctx, "Hello", sampler=sampler, max_tokens=10) as gen:
+            assert list(gen) == []
+        assert gen.finish_reason == "eog"
+
+
+def test_full_context_stops_or_shifts(model: pyllama.Model) -> None:
+    with model.context(n_ctx=256) as ctx:
+        with pyllama.generate(ctx, "Hello world", max_tokens=None) as gen:
+            n = sum(1 for e in gen if e.token >= 0)
+        assert gen.finish_reason == "context" and n == ctx.n_ctx - model.tokenize("Hello world").size + 1
+        with pyllama.generate(ctx, "Hello world", max_tokens=400, context_shift=True, n_keep=1) as gen:
+            n = sum(1 for e in gen if e.token >= 0)
+        assert gen.finish_reason == "length" and n == 400
+
+
+def test_async_generation_does_not_block_the_loop(model: pyllama.Model) -> None:
+    async def main() -> tuple[list[int], int]:
+        ticks = 0
+        stop = asyncio.Event()
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while not stop.is_set():
+                ticks += 1
+                await asyncio.sleep(0)
+
+        t = asyncio.create_task(ticker())
+        with model.context(n_ctx=256) as ctx:
+            toks = [e.token async for e in pyllama.agenerate(ctx, "Hello world", max_tokens=8) if e.token >= 0]
+        stop.set()
+        await t
+        return toks, ticks
+
+    toks, ticks = asyncio.run(main())
+    with model.context(n_ctx=256) as ctx:
+        sync = [e.token for e in pyllama.generate(ctx, "Hello world", max_tokens=8) if e.token >= 0]
+    assert toks == sync and ticks > len(toks)
+
+
+def test_parallel_sequences_match_sequential(model: pyllama.Model) -> None:
+    prompts = ["Hello world", "Le café est", "Die Größe", "the cat sat on"]
+    with model.context(n_ctx=1024, n_seq_max=len(prompts)) as ctx:
+        results = pyllama.generate_parallel_tokens(ctx, prompts, max_tokens=10)
+        assert ctx.perf().n_eval > 0
+    for prompt, res in zip(prompts, results):
+        with model.context(n_ctx=256) as ctx:
+            seq = [e.token for e in pyllama.generate(ctx, prompt, max_tokens=10) if e.token >= 0]
+        assert res.tokens == seq, prompt
+        assert res.finish_reason == "length"
+
+
+def test_two_threads_two_contexts_match_sequential(model: pyllama.Model) -> None:
+    prompts = ["Hello world the", "Le café est très"]
+
+    def run(p: str) -> list[int]:
+        with model.context(n_ctx=256, n_threads=1) as ctx:
+            return [e.token for e in pyllama.generate(ctx, p, max_tokens=40) if e.token >= 0]
+
+    sequential = [run(p) for p in prompts]
+    results: dict[int, list[int]] = {}
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, run(prompts[i]))) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [results[0], results[1]] == sequential
+
+
+def test_one_context_from_two_threads_is_serialized(model: pyllama.Model) -> None:
+    with model.context(n_ctx=512) as ctx:
+        toks = model.tokenize("Hello world the cat")
+        errors: list[BaseException] = []
+
+        def hammer(seq_offset: int) -> None:
+            try:
+                for _ in range(20):
+                    ctx.kv.clear()
+                    ctx.decode(pyllama.Batch.from_tokens(toks))
+                    assert np.isfinite(ctx.logits(-1)).all()
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+
+        ts = [threading.Thread(target=hammer, args=(i,)) for i in range(2)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        assert errors == []  # serialized by the context's lock: no crash, no error
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
+def test_context_create_close_cycles_do_not_leak(model: pyllama.Model) -> None:
+    for _ in range(50):  # warm up allocators
+        model.context(n_ctx=256).close()
+    before = _rss_kib()
+    for _ in range(1000):
+        ctx = model.context(n_ctx=256)
+        ctx.close()
+    after = _rss_kib()
+    assert after - before < 8 * 1024, f"RSS grew by {after - before} KiB over 1000 cycles"

@@ -1,0 +1,124 @@
+"""Sampler chains, custom Python samplers, and their errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import pyllama
+from pyllama import sampling as S
+
+
+@pytest.fixture(scope="module")
+def model(synth_model_path: Path) -> pyllama.Model:
+    with pyllama.Model(synth_model_path) as m:
+        yield m
+
+
+class PyGreedy(pyllama.CustomSampler):
+    selects = True
+    name = "py-greedy"
+
+    def __init__(self) -> None:
+        self.accepted: list[int] = []
+
+    def apply(self, candidates: pyllama.Candidates) -> None:
+        candidates.selected = int(np.argmax(candidates.logits))
+
+    def accept(self, token: int) -> None:
+        self.accepted.append(token)
+
+
+def _tokens(ctx: pyllama.Context, sampler: object, n: int = 12) -> list[int]:
+    return [e.token for e in pyllama.generate(ctx, "Hello world the", sampler=sampler, max_tokens=n)
+            if e.token >= 0]
+
+
+def test_custom_python_greedy_matches_builtin(model: pyllama.Model) -> None:
+    with model.context(n_ctx=256) as ctx:
+        builtin = _tokens(ctx, [pyllama.Greedy()])
+        custom = PyGreedy()
+        ours = _tokens(ctx, [custom])
+        assert ours == builtin
+        assert custom.accepted == ours  # the chain calls accept() with every sampled token
+
+
+def test_candidates_are_a_zero_copy_view(model: pyllama.Model) -> None:
+    seen: dict[str, object] = {}
+
+    class Probe(pyllama.CustomSampler):
+        def apply(self, c: pyllama.Candidates) -> None:
+            seen["n"] = c.data.size
+            seen["dtype"] = c.data.dtype
+            seen["base"] = c.data.base is not None
+            c.logits[:] = np.where(c.ids == 300, 1e9, c.logits)  # edit in place: force token 300
+
+    with model.context(n_ctx=256) as ctx:
+        toks = _tokens(ctx, [Probe(), pyllama.Greedy()], n=3)
+    assert toks == [300, 300, 300]
+    assert seen["n"] == model.vocab.n_tokens and seen["dtype"] == pyllama.sampling.TOKEN_DATA
+
+
+def test_custom_sampler_error_is_raised_not_crashing(model: pyllama.Model) -> None:
+    class Broken(pyllama.CustomSampler):
+        selects = True
+
+        def apply(self, c: pyllama.Candidates) -> None:
+            raise ZeroDivisionError("bad sampler")
+
+    with model.context(n_ctx=256) as ctx:
+        with pytest.raises(pyllama.SamplerError, match="ZeroDivisionError"):
+            _tokens(ctx, [Broken()])
+        assert _tokens(ctx, [pyllama.Greedy()], n=2)
+
+
+def test_chain_must_end_with_a_selector(model: pyllama.Model) -> None:
+    with pytest.raises(pyllama.SamplerError, match="does not select"):
+        pyllama.SamplerChain([pyllama.TopK(5), pyllama.Temp(0.5)], model)
+    with pytest.raises(pyllama.SamplerError, match="needs the model"):
+        pyllama.SamplerChain([pyllama.Grammar('root ::= "a"'), pyllama.Greedy()])
+
+
+ALL_SPECS = [
+    [S.TopK(20), S.TopP(0.9), S.MinP(0.05), S.Typical(0.95), S.Temp(0.7), S.Dist(3)],
+    [S.TempExt(0.8, 0.2, 1.0), S.XTC(0.5, 0.1, 1, 4), S.TopNSigma(1.5), S.Dist(4)],
+    [S.Mirostat(seed=5)],
+    [S.MirostatV2(seed=6)],
+    [S.Penalties(32, 1.3, 0.1, 0.1), S.DRY(), S.Dist(7)],
+    [S.LogitBias({300: 5.0}), S.Greedy()],
+    [S.AdaptiveP(0.5, 0.9, 8)],
+    [S.Grammar('root ::= (" the" | " cat")+'), S.Greedy()],
+]
+
+
+@pytest.mark.parametrize("specs", ALL_SPECS, ids=lambda s: "+".join(type(x).__name__ for x in s))
+def test_every_builtin_sampler_runs(model: pyllama.Model, specs: list[S.Sampler]) -> None:
+    with model.context(n_ctx=256) as ctx:
+        chain = pyllama.SamplerChain(specs, model)
+        assert len(chain) == len(specs)
+        toks = _tokens(ctx, chain, n=6)
+        chain.close()
+    assert len(toks) == 6 and all(0 <= t < model.vocab.n_tokens for t in toks)
+
+
+def test_grammar_constrains_output(model: pyllama.Model) -> None:
+    with model.context(n_ctx=256) as ctx:
+        text = pyllama.generate_text(ctx, "Hello", sampler=[S.Grammar('root ::= (" the" | " cat")+'), S.Greedy()],
+                                     max_tokens=6)
+    # Complete words, except perhaps the last one cut by max_tokens.
+    rest = text.replace(" the", "").replace(" cat", "")
+    assert text and (rest == "" or " the".startswith(rest) or " cat".startswith(rest))
+
+
+def test_seeded_dist_is_reproducible(model: pyllama.Model) -> None:
+    with model.context(n_ctx=256) as ctx:
+        a = _tokens(ctx, pyllama.default_chain(temperature=1.0, seed=42))
+        b = _tokens(ctx, pyllama.default_chain(temperature=1.0, seed=42))
+    assert a == b
+
+
+def test_invalid_grammar_raises(model: pyllama.Model) -> None:
+    with pytest.raises(pyllama.SamplerError):
+        pyllama.SamplerChain([S.Grammar("root ::= ((("), S.Greedy()], model)

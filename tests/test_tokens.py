@@ -1,0 +1,87 @@
+"""Tokenization into numpy, detokenization and streaming text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import pyllama
+
+TEXTS = [
+    "Hello world",
+    "Le café est très bon, déjà vu à Paris.",
+    "Größe und Übermaß",
+    "日本語のテキスト、中文文本",
+    "emoji: 🦙🔥👩‍👩‍👧 done",
+    "mixed 🇫🇷 français 😀 ok",
+]
+
+
+@pytest.fixture(scope="module")
+def model(synth_model_path: Path) -> pyllama.Model:
+    with pyllama.Model(synth_model_path) as m:
+        yield m
+
+
+def test_tokenize_returns_int32_array(model: pyllama.Model) -> None:
+    toks = model.tokenize("Hello world")
+    assert isinstance(toks, np.ndarray) and toks.dtype == np.int32
+    assert toks[0] == model.vocab.bos
+    assert model.tokenize("Hello world", add_special=False)[0] != model.vocab.bos
+
+
+def test_tokenize_long_byte_fallback_text(model: pyllama.Model) -> None:
+    text = "🦙" * 300  # 4 byte tokens per character, plus the SentencePiece space prefix
+    toks = model.tokenize(text, add_special=False)
+    assert toks.size == 1201
+    assert model.detokenize(toks) == text
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_roundtrip(model: pyllama.Model, text: str) -> None:
+    toks = model.tokenize(text, add_special=False)
+    assert model.detokenize(toks) == text
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_stream_equals_one_shot(model: pyllama.Model, text: str) -> None:
+    toks = model.tokenize(text, add_special=False)
+    dec = pyllama.StreamDecoder(model.vocab)
+    pieces = [dec.push(int(t)) for t in toks] + [dec.flush()]
+    assert "".join(pieces) == model.detokenize(toks)
+    # Never half a character: every piece is valid text without replacement characters.
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_stream_holds_back_split_character(model: pyllama.Model) -> None:
+    toks = model.tokenize("🦙", add_special=False)  # the space prefix, then 4 byte-fallback tokens
+    assert toks.size == 5
+    dec = pyllama.StreamDecoder(model.vocab)
+    assert [dec.push(int(t)) for t in toks][1:] == ["", "", "", "🦙"]
+
+
+def test_special_tokens(model: pyllama.Model) -> None:
+    v = model.vocab
+    assert v.bos == 1 and v.eos == 2 and v.eot == 260
+    assert v.is_eog(v.eos) and v.is_eog(v.eot) and not v.is_eog(300)
+    assert v.is_control(259)
+    assert v.attr(259) & 8  # LLAMA_TOKEN_ATTR_CONTROL
+    assert v.text(259) == "<|im_start|>"
+    assert model.tokenize("<|im_start|>user", add_special=False, parse_special=True)[0] == 259
+    assert 259 not in model.tokenize("<|im_start|>user", add_special=False, parse_special=False)
+
+
+def test_tokenize_many(model: pyllama.Model) -> None:
+    out = model.vocab.tokenize_many(TEXTS, add_special=False)
+    assert [model.detokenize(t) for t in out] == TEXTS
+
+
+def test_invalid_token_ids(model: pyllama.Model) -> None:
+    with pytest.raises(pyllama.TokenizationError):
+        model.detokenize([1, 99999])
+    with pytest.raises(pyllama.TokenizationError):
+        model.vocab.token_to_piece(-5)
+    with pytest.raises(pyllama.TokenizationError):
+        model.vocab.is_eog(590)
