@@ -13,6 +13,7 @@ runs beside another build on a shared machine.
     python bench/native.py            # build (or confirm the cache), print the tools
     python bench/native.py --flags    # print the CMake flags that would be used
     python bench/native.py --no-lock  # the caller already holds the build lock
+                                      # (or set PYLLAMA_BUILD_LOCK_HELD=1, e.g. around a --native run)
 
 From Python: ``native_tool("llama-bench") -> Path``.
 """
@@ -200,8 +201,12 @@ def is_current(flags: list[str] | None = None) -> bool:
 
 @contextlib.contextmanager
 def build_lock(enabled: bool = True) -> Iterator[None]:
-    """Hold the machine-wide build lock (the same file ``flock(1)`` uses)."""
-    if not enabled:
+    """Hold the machine-wide build lock (the same file ``flock(1)`` uses).
+
+    ``PYLLAMA_BUILD_LOCK_HELD=1`` in the environment says an ancestor already holds
+    it (``flock /tmp/pyllama-build.lock ...``): taking it again would deadlock.
+    """
+    if not enabled or os.environ.get("PYLLAMA_BUILD_LOCK_HELD") == "1":
         yield
         return
     LOCK_PATH.parent.mkdir(parents=True, exist_ok=True)

@@ -12,12 +12,14 @@ registers, i.e. when pyllama is imported. So every check runs in a child
 interpreter whose environment selects the device before the import; that also
 keeps a crash in a driver from taking the test session down with it.
 
-Equality: greedy tokens must match exactly. Logits are also compared, to a
-tolerance of 1e-2 absolute: the synthetic model is f32, but ggml-vulkan's
-matrix multiplications accumulate in a different order (and, on devices
-without full f32 support, through f16 intermediates) than the CPU kernels, so
-bitwise equality is not expected; the synthetic head keeps the winning logit a
-clear margin above the next one, so such rounding never flips a greedy pick.
+Equality: greedy tokens must match exactly, and logits to within 0.03
+absolute. Bitwise equality is not expected although the synthetic model is
+f32: ggml-vulkan's shaders take activations through f16 (matrix-vector
+products, the f16 KV cache, flash attention) and accumulate in another order
+than the CPU kernels. On lavapipe the largest difference seen over 16 steps x
+590 logits was 0.0076, against a smallest top-1/top-2 gap of 0.06 in the CPU
+run, so the tolerance has room and rounding of that size cannot flip a greedy
+pick; a failure prints both token lists and the largest difference.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import pytest
 
 PROMPT = "The quick brown fox"
 N_PREDICT = 16
-LOGIT_ATOL = 1e-2
+LOGIT_ATOL = 3e-2
 CHILD_TIMEOUT_S = 900  # lavapipe compiles every pipeline on first use: slow, not stuck
 
 
@@ -162,7 +164,7 @@ def _devices(ffi: Any, lib: Any) -> list[dict[str, Any]]:
     listing = getattr(pyllama, "devices", None)
     if callable(listing):
         return [
-            {"name": d.name, "description": d.description, "type": d.type, "backend": d.backend, "handle": None}
+            {"name": d.name, "description": d.description, "type": d.type, "backend": d.backend}
             for d in listing()
         ]
     types = {lib.GGML_BACKEND_DEVICE_TYPE_CPU: "cpu", lib.GGML_BACKEND_DEVICE_TYPE_GPU: "gpu",
@@ -176,7 +178,6 @@ def _devices(ffi: Any, lib: Any) -> list[dict[str, Any]]:
             "description": ffi.string(lib.ggml_backend_dev_description(dev)).decode(),
             "type": types.get(lib.ggml_backend_dev_type(dev), "unknown"),
             "backend": ffi.string(lib.ggml_backend_reg_name(reg)).decode(),
-            "handle": None,
         })
     return out
 

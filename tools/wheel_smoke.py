@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     if info.get("backend") == "cpu-all" and not any(n.startswith(("libggml-cpu-", "ggml-cpu-")) for n in shipped):
         raise SystemExit("smoke: a cpu-all wheel without ggml-cpu-* variant modules")
 
+    print(f"smoke: system info: {ffi.string(lib.llama_print_system_info()).decode().strip()}")
     devs = _devices(ffi, lib)
     for d in devs:
         print(f"smoke: device {d['name']:<10} {d['type']:<5} {d['backend']:<8} {d['description']}")

@@ -26,9 +26,30 @@ def apply_template(model: Model, messages: Sequence[Message], *, add_generation_
     """
     tmpl = template if template is not None else model.chat_template()
     if tmpl is None:
-        raise TemplateError("the model has no chat template; pass template=")
+        tmpl = _builtin_for_architecture(model.architecture)
+    if tmpl is None:
+        raise TemplateError("the model has no chat template; pass template= (a Jinja template or a "
+                            f"llama.cpp template name: {', '.join(builtin_templates())})")
     text = _apply_builtin(tmpl, messages, add_generation_prompt)
     return text if text is not None else _apply_jinja(model, tmpl, messages, add_generation_prompt)
+
+
+def builtin_templates() -> list[str]:
+    """Names of the chat templates llama.cpp renders itself (usable as ``template=``)."""
+    n = lib.llama_chat_builtin_templates(ffi.NULL, 0)
+    arr = ffi.new("const char *[]", n)
+    lib.llama_chat_builtin_templates(arr, n)
+    return [ffi.string(arr[i]).decode() for i in range(n)]
+
+
+def _builtin_for_architecture(arch: str) -> str | None:
+    # GGUF files converted without tokenizer_config.json carry no template; llama.cpp's
+    # named template for the model family is the next best thing (gemma3 -> gemma).
+    names = set(builtin_templates())
+    for cand in (arch, arch.rstrip("0123456789"), arch.split("-")[0]):
+        if cand in names:
+            return cand
+    return None
 
 
 def _apply_builtin(tmpl: str, messages: Sequence[Message], add_ass: bool) -> str | None:

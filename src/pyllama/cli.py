@@ -51,11 +51,11 @@ def _fmt_bytes(n: int) -> str:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from . import devices as dv
+    from .devices import backends, build_info, devices, supports_gpu_offload, system_info
 
-    info: dict[str, Any] = {"build": dv.build_info(), "backends": dv.backends(),
-                            "devices": [d.as_dict() for d in dv.devices()],
-                            "system_info": dv.system_info(), "gpu_offload": dv.supports_gpu_offload()}
+    info: dict[str, Any] = {"build": build_info(), "backends": backends(),
+                            "devices": [d.as_dict() for d in devices()],
+                            "system_info": system_info(), "gpu_offload": supports_gpu_offload()}
     what = args.what
     if what == "build":
         data: Any = {k: info[k] for k in ("build", "backends", "system_info")}
@@ -136,11 +136,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                             format="%(name)s %(levelname)s: %(message)s")
     if args.command == "run":
+        from .errors import LlamaError
+
         if args.n_predict < 0:
             args.n_predict = None
         if args.ngl not in ("auto", "all"):
             args.ngl = int(args.ngl)
-        return cmd_run(args)
+        try:
+            return cmd_run(args)
+        except LlamaError as exc:
+            print(f"pyllama: {exc}", file=sys.stderr)
+            return 1
     return cmd_inspect(args)
 
 
