@@ -109,7 +109,6 @@ cmake_args=(
   -DCUDA_cublasLt_LIBRARY="$tk/lib/libcublasLt.so"
   -DCUDA_cuda_driver_LIBRARY="$driver"
   -DCMAKE_CUDA_FLAGS="-isystem $cublas_inc"
-  -DCMAKE_CXX_FLAGS="-isystem $cublas_inc"
   -DCMAKE_SHARED_LINKER_FLAGS="-Wl,--no-undefined"
   -DPython_EXECUTABLE="$(command -v "$py")"
 )
