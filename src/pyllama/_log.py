@@ -42,7 +42,7 @@ def _pyllama_log(level: int, text: object, _user_data: object) -> None:
         if not native_logger.isEnabledFor(py_level):
             _pending.buf = ""
             return
-        chunk = ffi.string(text).decode("utf-8", "replace")  # type: ignore[arg-type]
+        chunk = ffi.string(text).decode("utf-8", "replace")
         buf = getattr(_pending, "buf", "") + chunk
         *lines, rest = buf.split("\n")
         _pending.buf = rest

@@ -68,7 +68,7 @@ def _apply_builtin(tmpl: str, messages: Sequence[Message], add_ass: bool) -> str
     if n > size:
         buf = ffi.new("char[]", n)
         n = lib.llama_chat_apply_template(t, arr, len(messages), add_ass, buf, n)
-    return ffi.string(buf, n).decode("utf-8", "replace")
+    return str(ffi.string(buf, n).decode("utf-8", "replace"))
 
 
 def _apply_jinja(model: Model, tmpl: str, messages: Sequence[Message], add_ass: bool) -> str:

@@ -176,8 +176,8 @@ class Generation:
         ctx = self.ctx
         prompt = self.prompt_tokens
         if prompt.size >= ctx.n_ctx_seq:  # context_shift: keep the start and the most recent tokens
-            tail = ctx.n_ctx_seq // 2
-            prompt = np.concatenate([prompt[: self.n_keep], prompt[-(tail - self.n_keep):]])
+            recent = ctx.n_ctx_seq // 2
+            prompt = np.concatenate([prompt[: self.n_keep], prompt[-(recent - self.n_keep):]])
         self.n_prompt_evaluated = ctx.evaluate(prompt, seq_id=self.seq_id, reuse_prefix=self._reuse)
         pos = int(prompt.size)
         tracker = ctx._seq_tokens

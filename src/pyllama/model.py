@@ -191,7 +191,7 @@ class Model(Handle):
     def description(self) -> str:
         buf = ffi.new("char[]", 512)
         n = lib.llama_model_desc(self._p(), buf, len(buf))
-        return ffi.string(buf, max(n, 0)).decode("utf-8", "replace")
+        return str(ffi.string(buf, max(n, 0)).decode("utf-8", "replace"))
 
     @property
     def n_params(self) -> int:

@@ -307,15 +307,15 @@ class Candidates:
 
     @property
     def ids(self) -> npt.NDArray[np.int32]:
-        return self.data["id"]  # type: ignore[no-any-return]
+        return self.data["id"]
 
     @property
     def logits(self) -> npt.NDArray[np.float32]:
-        return self.data["logit"]  # type: ignore[no-any-return]
+        return self.data["logit"]
 
     @property
     def probs(self) -> npt.NDArray[np.float32]:
-        return self.data["p"]  # type: ignore[no-any-return]
+        return self.data["p"]
 
     @property
     def selected(self) -> int:

@@ -132,7 +132,7 @@ class Vocab:
 
     def text(self, token: int) -> str:
         """The token's raw text in the vocabulary (e.g. ``▁the``, ``<0x0A>``)."""
-        return ffi.string(lib.llama_vocab_get_text(self._v(), self._check(token))).decode("utf-8", "replace")
+        return str(ffi.string(lib.llama_vocab_get_text(self._v(), self._check(token))).decode("utf-8", "replace"))
 
     def score(self, token: int) -> float:
         return float(lib.llama_vocab_get_score(self._v(), self._check(token)))
