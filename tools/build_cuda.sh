@@ -21,8 +21,10 @@
 #      -Wl,--no-undefined on every shared library, so "it links" means every
 #      symbol of libggml-cuda.so resolved against cudart, cuBLAS and the driver API;
 #   4. builds in build/cuda under `flock /tmp/pyllama-build.lock` (ccache on),
-#      and prints the time, the ninja progress reached and what libggml-cuda.so
-#      needs at run time.
+#      and prints the time (from when the lock is held), the ninja progress
+#      reached and what libggml-cuda.so needs at run time. gcc/g++ are named
+#      explicitly, as scikit-build-core does, so ccache shares objects with the
+#      wheel builds (the CPU variants).
 # With PYLLAMA_CUDA_TIME_LIMIT set, the build is stopped after that many
 # seconds and the script reports how far it got and the measured rate.
 set -euo pipefail
@@ -102,6 +104,8 @@ cmake_args=(
   -S "$root" -B "$bdir" -G Ninja
   -DCMAKE_BUILD_TYPE=Release
   -DPYLLAMA_BACKEND=cuda
+  -DCMAKE_C_COMPILER="$(command -v gcc)"
+  -DCMAKE_CXX_COMPILER="$(command -v g++)"
   -DCMAKE_CUDA_COMPILER="$nvcc"
   -DCMAKE_CUDA_ARCHITECTURES="$arch"
   -DCUDAToolkit_ROOT="$cuda_root"
@@ -122,16 +126,23 @@ grep -E "CUDA Toolkit found|Using CUDA architectures|pyllama:" "$cfg_log" >&2 ||
 # --- 4. build -------------------------------------------------------------------
 limit=${PYLLAMA_CUDA_TIME_LIMIT:-0}
 log "building (log: $bld_log)${limit:+, time limit ${limit}s}"
-start=$(date +%s)
+# The clock starts once the lock is held: waiting for another build is not build time.
+# (The inner script's $1 and $@ are its own, hence the single quotes.)
+start_file=$(mktemp)
+trap 'rm -f "$start_file"' EXIT
 set +e
 if [ "$limit" -gt 0 ]; then
-  flock /tmp/pyllama-build.lock timeout --signal=INT "$limit" cmake --build "$bdir" -j "$(nproc)" > "$bld_log" 2>&1
+  # shellcheck disable=SC2016
+  flock /tmp/pyllama-build.lock bash -c 'date +%s > "$1"; shift; exec "$@"' _ "$start_file" \
+    timeout --signal=INT "$limit" cmake --build "$bdir" -j "$(nproc)" > "$bld_log" 2>&1
 else
-  flock /tmp/pyllama-build.lock cmake --build "$bdir" -j "$(nproc)" > "$bld_log" 2>&1
+  # shellcheck disable=SC2016
+  flock /tmp/pyllama-build.lock bash -c 'date +%s > "$1"; shift; exec "$@"' _ "$start_file" \
+    cmake --build "$bdir" -j "$(nproc)" > "$bld_log" 2>&1
 fi
 rc=$?
 set -e
-secs=$(( $(date +%s) - start ))
+secs=$(( $(date +%s) - $(cat "$start_file") ))
 progress=$(grep -oE '^\[[0-9]+/[0-9]+\]' "$bld_log" | tail -n1 | tr -d '[]')
 done_steps=${progress%/*}
 total_steps=${progress#*/}

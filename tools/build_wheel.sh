@@ -27,6 +27,10 @@ bdir=build/wheel-${backend}
 raw=build/dist-${backend}-raw
 out=build/dist-${backend}
 log() { echo "build_wheel: $*" >&2; }
+# ccache keys on paths relative to the checkout, so a fresh clone (CI) hits
+# the objects an earlier build in another directory left in the cache.
+export CCACHE_BASEDIR=${CCACHE_BASEDIR:-$root}
+export CCACHE_NOHASHDIR=1
 
 [ -f vendor/llama.cpp/include/llama.h ] || "$py" tools/vendor.py
 

@@ -20,6 +20,10 @@ py=${PYTHON:-python3}
 tools_venv=${PYLLAMA_TOOLS_VENV:-/tmp/pyllama-wheel-tools}
 venv=/tmp/venv-vulkan
 log() { echo "ci_vulkan: $*" >&2; }
+# ccache keys on paths relative to the checkout, so a fresh clone (CI) hits
+# the objects an earlier build in another directory left in the cache.
+export CCACHE_BASEDIR=${CCACHE_BASEDIR:-$root}
+export CCACHE_NOHASHDIR=1
 
 [ -f vendor/llama.cpp/include/llama.h ] || "$py" tools/vendor.py
 

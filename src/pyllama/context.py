@@ -194,6 +194,7 @@ class Context(Handle):
         self.type_v = type_v
         self.flash_attn = flash_attn
         self.embeddings_enabled = embeddings
+        self._recurrent = model.is_recurrent
         self.kv = KVCache(self)
         self.state = State(self)
         self._loras: dict[Any, float] = {}
@@ -229,6 +230,18 @@ class Context(Handle):
     # --- evaluation --------------------------------------------------------------------
     def _validate(self, batch: Batch) -> None:
         n = batch.n_tokens
+        if n == 1:  # the per-token case: scalar checks, no numpy reductions
+            tok, seq, pos = int(batch.token[0]), int(batch.seq_id[0, 0]), int(batch.pos[0])
+            if not 0 <= tok < self.n_vocab:
+                raise InvalidBatchError(f"token id {tok} is outside the vocabulary [0, {self.n_vocab})", -1)
+            if not 0 <= seq < self.n_seq_max:
+                raise InvalidBatchError(f"sequence ids must lie in [0, {self.n_seq_max}) (n_seq_max)", -1)
+            if pos < 0:
+                raise InvalidBatchError("negative position in batch", -1)
+            if pos >= self.n_ctx_seq and not self._recurrent:
+                raise ContextOverflowError(
+                    f"position {pos} is past the context window of a sequence (n_ctx_seq={self.n_ctx_seq})")
+            return
         if n == 0:
             raise InvalidBatchError("empty batch", -1)
         if n > self.n_batch:
@@ -243,7 +256,7 @@ class Context(Handle):
         pos = batch.pos[:n]
         if int(pos.min()) < 0:
             raise InvalidBatchError("negative position in batch", -1)
-        if int(pos.max()) >= self.n_ctx_seq and not self.model.is_recurrent:
+        if int(pos.max()) >= self.n_ctx_seq and not self._recurrent:
             raise ContextOverflowError(
                 f"position {int(pos.max())} is past the context window of a sequence (n_ctx_seq={self.n_ctx_seq})")
 
@@ -260,12 +273,14 @@ class Context(Handle):
 
     def _decode(self, batch: Batch) -> None:
         with self._lock:
-            ptr = self._p()
+            ptr = self._ptr
+            if ptr is None:
+                self._p()  # raises ClosedError
             st = self._abort
             st.flag = 0
             st.interrupted = 0
-            st.check_signals = 1 if threading.current_thread() is threading.main_thread() else 0
-            rc = lib.llama_decode(ptr, batch._native())
+            st.check_signals = threading.get_ident() == _MAIN_THREAD_ID
+            rc = lib.llama_decode(ptr, batch._struct[0])
             if rc != 0:
                 self._decode_failed(batch, rc)
 
@@ -489,6 +504,9 @@ class _Tracker:
 
     def clear(self) -> None:
         self._lens.clear()
+
+
+_MAIN_THREAD_ID = threading.main_thread().ident
 
 
 def _view(ptr: Any, n: int) -> npt.NDArray[np.float32]:

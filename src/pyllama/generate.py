@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, Literal, Sequence, Union
+from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, Literal, NamedTuple, Sequence, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -24,9 +23,11 @@ SamplerArg = Union[SamplerChain, Sequence[Sampler], None]
 FinishReason = Literal["eog", "length", "stop", "context"]
 
 
-@dataclass(frozen=True)
-class TokenEvent:
-    """One generated token: its id, the text it completes, and (on request) its log-probability."""
+class TokenEvent(NamedTuple):
+    """One generated token: its id, the text it completes, and (on request) its log-probability.
+
+    ``token`` is -1 for the final event that flushes text held back at the end.
+    """
 
     token: int
     text: str
@@ -189,8 +190,15 @@ class Generation:
         chain = self.sampler
         vocab_p = self._vocab_p
         max_tokens = self.max_tokens
+        lock = ctx._lock
+        token = chain.sample(ctx, -1)  # checked once: later rows are the ones we decode
         while max_tokens is None or self.n_generated < max_tokens:
-            token = chain.sample(ctx, -1)
+            if self.n_generated:
+                with lock:  # a close() from another thread cannot free the context mid-sample
+                    ptr = ctx._ptr
+                    if ptr is None:
+                        raise ClosedError("the context was closed during generation")
+                    token = chain._sample(ptr, -1)
             if lib.llama_vocab_is_eog(vocab_p, token):
                 self.finish_reason = "eog"
                 break

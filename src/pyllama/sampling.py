@@ -508,8 +508,14 @@ class SamplerChain(Handle):
         cp = ctx._p()
         if lib.llama_get_logits_ith(cp, i) == ffi.NULL:  # llama.cpp would assert
             raise IndexError(f"no logits for batch row {i}")
-        chain = self._p()
-        tok = int(lib.llama_sampler_sample(chain, cp, i))
+        return self._sample(cp, i)
+
+    def _sample(self, ctx_ptr: Any, i: int) -> int:
+        # For callers that know row i has logits (the generation loop).
+        chain = self._ptr
+        if chain is None:
+            self._p()
+        tok = int(lib.llama_sampler_sample(chain, ctx_ptr, i))
         if self._has_custom:
             _raise_custom_errors(chain)
         return tok
