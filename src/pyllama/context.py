@@ -231,16 +231,16 @@ class Context(Handle):
     def _validate(self, batch: Batch) -> None:
         n = batch.n_tokens
         if n == 1:  # the per-token case: scalar checks, no numpy reductions
-            tok, seq, pos = int(batch.token[0]), int(batch.seq_id[0, 0]), int(batch.pos[0])
-            if not 0 <= tok < self.n_vocab:
-                raise InvalidBatchError(f"token id {tok} is outside the vocabulary [0, {self.n_vocab})", -1)
-            if not 0 <= seq < self.n_seq_max:
+            t0, s0, p0 = int(batch.token[0]), int(batch.seq_id[0, 0]), int(batch.pos[0])
+            if not 0 <= t0 < self.n_vocab:
+                raise InvalidBatchError(f"token id {t0} is outside the vocabulary [0, {self.n_vocab})", -1)
+            if not 0 <= s0 < self.n_seq_max:
                 raise InvalidBatchError(f"sequence ids must lie in [0, {self.n_seq_max}) (n_seq_max)", -1)
-            if pos < 0:
+            if p0 < 0:
                 raise InvalidBatchError("negative position in batch", -1)
-            if pos >= self.n_ctx_seq and not self._recurrent:
+            if p0 >= self.n_ctx_seq and not self._recurrent:
                 raise ContextOverflowError(
-                    f"position {pos} is past the context window of a sequence (n_ctx_seq={self.n_ctx_seq})")
+                    f"position {p0} is past the context window of a sequence (n_ctx_seq={self.n_ctx_seq})")
             return
         if n == 0:
             raise InvalidBatchError("empty batch", -1)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, Literal, NamedTuple, Sequence, Union
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, Literal, Sequence, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -23,7 +24,8 @@ SamplerArg = Union[SamplerChain, Sequence[Sampler], None]
 FinishReason = Literal["eog", "length", "stop", "context"]
 
 
-class TokenEvent(NamedTuple):
+@dataclass(slots=True)
+class TokenEvent:
     """One generated token: its id, the text it completes, and (on request) its log-probability.
 
     ``token`` is -1 for the final event that flushes text held back at the end.
