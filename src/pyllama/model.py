@@ -83,6 +83,9 @@ class Model(Handle):
         devices: Sequence[Device | str] | None = None,
         use_mmap: bool = True,
         use_mlock: bool = False,
+        load_mode: Literal["auto", "none", "mmap", "mlock", "mmap_mlock", "direct_io"] | None = None,
+        lazy_mode: Literal["off", "auto", "on"] = "auto",
+        no_host: bool = False,
         vocab_only: bool = False,
         check_tensors: bool = False,
         use_extra_bufts: bool = True,
@@ -115,6 +118,15 @@ class Model(Handle):
         params.load_mode = {(False, False): lib.LLAMA_LOAD_MODE_NONE, (True, False): lib.LLAMA_LOAD_MODE_MMAP,
                             (False, True): lib.LLAMA_LOAD_MODE_MLOCK,
                             (True, True): lib.LLAMA_LOAD_MODE_MMAP_MLOCK}[(bool(use_mmap), bool(use_mlock))]
+        if load_mode is not None:  # llama.cpp's own switch; overrides use_mmap/use_mlock
+            attr = "LLAMA_LOAD_MODE_" + load_mode.upper()
+            if not hasattr(lib, attr):
+                raise ValueError(f"load_mode must be auto, none, mmap, mlock, mmap_mlock or direct_io, not {load_mode!r}")
+            params.load_mode = getattr(lib, attr)
+        if lazy_mode not in ("off", "auto", "on"):
+            raise ValueError(f"lazy_mode must be 'off', 'auto' or 'on', not {lazy_mode!r}")
+        params.lazy_mode = getattr(lib, "LLAMA_LAZY_MODE_" + lazy_mode.upper())
+        params.no_host = no_host
         params.vocab_only = vocab_only
         params.check_tensors = check_tensors
         params.use_extra_bufts = use_extra_bufts
