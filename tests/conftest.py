@@ -11,7 +11,8 @@ import importlib
 import importlib.util
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,12 @@ def starter_model_path() -> Path:
     if resolve is None:
         return _assemble_starter(Path.home() / ".cache" / "pyllama" / "models")
     return Path(str(resolve()))
+
+
+@pytest.fixture(scope="module")
+def model(synth_model_path: Path) -> Iterator[Any]:
+    """The synthetic llama model, loaded once per test module (each test makes its own contexts)."""
+    import pyllama
+
+    with pyllama.Model(synth_model_path) as m:
+        yield m

@@ -10,11 +10,6 @@ import pytest
 import pyllama
 
 
-@pytest.fixture(scope="module")
-def model(synth_model_path: Path) -> pyllama.Model:
-    with pyllama.Model(synth_model_path) as m:
-        yield m
-
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
 

@@ -12,11 +12,6 @@ import pyllama
 from pyllama._ffi import ffi, lib
 
 
-@pytest.fixture(scope="module")
-def model(synth_model_path: Path) -> pyllama.Model:
-    with pyllama.Model(synth_model_path) as m:
-        yield m
-
 
 def test_logits_view_is_llama_cpp_buffer(model: pyllama.Model) -> None:
     with model.context(n_ctx=128) as ctx:

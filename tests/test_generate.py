@@ -12,11 +12,6 @@ import pytest
 import pyllama
 
 
-@pytest.fixture(scope="module")
-def model(synth_model_path: Path) -> pyllama.Model:
-    with pyllama.Model(synth_model_path) as m:
-        yield m
-
 
 def test_events_and_whole_text(model: pyllama.Model) -> None:
     with model.context(n_ctx=256) as ctx:

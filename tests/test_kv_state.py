@@ -10,11 +10,6 @@ import pytest
 import pyllama
 
 
-@pytest.fixture(scope="module")
-def model(synth_model_path: Path) -> pyllama.Model:
-    with pyllama.Model(synth_model_path) as m:
-        yield m
-
 
 def _fresh_logits(model: pyllama.Model, tokens: np.ndarray) -> np.ndarray:
     with model.context(n_ctx=256, n_seq_max=2) as ctx:

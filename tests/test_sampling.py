@@ -11,11 +11,6 @@ import pyllama
 from pyllama import sampling as S
 
 
-@pytest.fixture(scope="module")
-def model(synth_model_path: Path) -> pyllama.Model:
-    with pyllama.Model(synth_model_path) as m:
-        yield m
-
 
 class PyGreedy(pyllama.CustomSampler):
     selects = True

@@ -19,11 +19,6 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def model(synth_model_path: Path) -> pyllama.Model:
-    with pyllama.Model(synth_model_path) as m:
-        yield m
-
 
 def test_tokenize_returns_int32_array(model: pyllama.Model) -> None:
     toks = model.tokenize("Hello world")
