@@ -160,3 +160,18 @@ def test_context_create_close_cycles_do_not_leak(model: pyllama.Model) -> None:
         ctx.close()
     after = _rss_kib()
     assert after - before < 8 * 1024, f"RSS grew by {after - before} KiB over 1000 cycles"
+
+
+def test_c_baseline_loop_matches_generate(model: pyllama.Model) -> None:
+    """The C loop that bench/ times against pyllama.generate produces the same tokens."""
+    from pyllama._ffi import ffi, lib
+
+    prompt = model.tokenize("Hello world the")
+    with model.context(n_ctx=256) as ctx:
+        py = [e.token for e in pyllama.generate(ctx, prompt, max_tokens=20) if e.token >= 0]
+        ctx.kv.clear()
+        ctx.evaluate(prompt, reuse_prefix=False)
+        out = np.empty(20, dtype=np.int32)
+        with pyllama.SamplerChain([pyllama.Greedy()], model) as chain:
+            n = lib.pyllama_c_generate_loop(ctx._p(), chain._p(), prompt.size, 20, ffi.from_buffer("llama_token[]", out))
+    assert n == 20 and out.tolist() == py

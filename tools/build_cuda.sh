@@ -35,6 +35,8 @@ arch=${PYLLAMA_CUDA_ARCH:-90}
 bdir=$root/build/cuda
 tk=$root/build/cuda-toolkit
 log() { echo "build_cuda: $*" >&2; }
+export CCACHE_BASEDIR=${CCACHE_BASEDIR:-$root}  # as the wheel scripts: objects shared across clones
+export CCACHE_NOHASHDIR=1
 
 py=${PYTHON:-python3}
 "$py" -c "import cffi" 2>/dev/null || { log "$py lacks cffi (the binding generator needs it): pip install cffi"; exit 1; }
@@ -134,7 +136,7 @@ set +e
 if [ "$limit" -gt 0 ]; then
   # shellcheck disable=SC2016
   flock /tmp/pyllama-build.lock bash -c 'date +%s > "$1"; shift; exec "$@"' _ "$start_file" \
-    timeout --signal=INT "$limit" cmake --build "$bdir" -j "$(nproc)" > "$bld_log" 2>&1
+    timeout --kill-after=30 "$limit" cmake --build "$bdir" -j "$(nproc)" > "$bld_log" 2>&1
 else
   # shellcheck disable=SC2016
   flock /tmp/pyllama-build.lock bash -c 'date +%s > "$1"; shift; exec "$@"' _ "$start_file" \
@@ -156,7 +158,7 @@ if [ $rc -eq 0 ]; then
   log "CUDA symbols left to the driver: $(nm -D --undefined-only "$so" | grep -c ' cu[A-Z]')"
   exit 0
 fi
-if [ $rc -eq 124 ] || [ $rc -eq 130 ]; then
+if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
   rate=""
   [ -n "${done_steps:-}" ] && [ "$done_steps" -gt 0 ] && rate=$(awk -v d="$done_steps" -v t="$total_steps" -v s="$secs" \
     'BEGIN { printf "%.1f s/step, about %d min for all %d steps", s/d, s/d*t/60, t }')

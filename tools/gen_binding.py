@@ -90,6 +90,32 @@ bool pyllama_abort_callback(void * data) {
 void pyllama_log_silent(enum ggml_log_level level, const char * text, void * user_data) {
     (void) level; (void) text; (void) user_data;
 }
+
+/* The C baseline of pyllama.generate's loop, for measuring the binding's
+   per-token overhead in one process: sample from the last logits, decode the
+   token at the next position, n times (the last token is sampled, not decoded). */
+int32_t pyllama_c_generate_loop(struct llama_context * ctx, struct llama_sampler * smpl,
+                                int32_t pos0, int32_t n, llama_token * out) {
+    llama_token tok = 0;
+    llama_pos pos = pos0;
+    llama_seq_id seq = 0;
+    llama_seq_id * seqs = &seq;
+    int32_t n_seq = 1;
+    int8_t want = 1;
+    struct llama_batch b = { 1, &tok, NULL, &pos, &n_seq, &seqs, &want };
+    for (int32_t i = 0; i < n; ++i) {
+        tok = llama_sampler_sample(smpl, ctx, -1);
+        out[i] = tok;
+        if (i + 1 == n) {
+            break;
+        }
+        if (llama_decode(ctx, b) != 0) {
+            return -(i + 1);
+        }
+        pos++;
+    }
+    return n;
+}
 """
 
 C_CDEF = """
@@ -103,6 +129,8 @@ typedef struct pyllama_abort_state {
 } pyllama_abort_state;
 bool pyllama_abort_callback(void * data);
 void pyllama_log_silent(enum ggml_log_level level, const char * text, void * user_data);
+int32_t pyllama_c_generate_loop(struct llama_context * ctx, struct llama_sampler * smpl,
+                                int32_t pos0, int32_t n, llama_token * out);
 
 extern "Python" void _pyllama_log(enum ggml_log_level, const char *, void *);
 extern "Python" bool _pyllama_progress(float, void *);

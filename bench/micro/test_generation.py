@@ -89,3 +89,21 @@ def test_tg_generate_greedy(benchmark: Any, ctx: pyllama.Context) -> None:
     run()
     benchmark(run)
     _record("pyllama.generate (greedy)", benchmark, ctx)
+
+
+def test_tg_c_generate_loop(benchmark: Any, ctx: pyllama.Context) -> None:
+    """The same sample + decode loop as pyllama.generate, in C (pyllama_c_generate_loop in the binding)."""
+    from pyllama._ffi import ffi
+
+    out = np.empty(N - 1, dtype=np.int32)
+    chain = pyllama.SamplerChain([pyllama.Greedy()], ctx.model)
+
+    def run() -> None:
+        ctx.kv.clear()
+        ctx.decode(pyllama.Batch.from_tokens([1], 0, 0))
+        lib.pyllama_c_generate_loop(ctx._p(), chain._p(), 1, N - 1, ffi.from_buffer("llama_token[]", out))
+
+    run()
+    benchmark(run)
+    chain.close()
+    _record("C sample+decode loop", benchmark, ctx)
