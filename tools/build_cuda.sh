@@ -127,7 +127,7 @@ grep -E "CUDA Toolkit found|Using CUDA architectures|pyllama:" "$cfg_log" >&2 ||
 
 # --- 4. build -------------------------------------------------------------------
 limit=${PYLLAMA_CUDA_TIME_LIMIT:-0}
-log "building (log: $bld_log)${limit:+, time limit ${limit}s}"
+if [ "$limit" -gt 0 ]; then log "building (log: $bld_log), time limit ${limit}s"; else log "building (log: $bld_log)"; fi
 # The clock starts once the lock is held: waiting for another build is not build time.
 # (The inner script's $1 and $@ are its own, hence the single quotes.)
 start_file=$(mktemp)
@@ -145,13 +145,13 @@ fi
 rc=$?
 set -e
 secs=$(( $(date +%s) - $(cat "$start_file") ))
-progress=$(grep -oE '^\[[0-9]+/[0-9]+\]' "$bld_log" | tail -n1 | tr -d '[]')
+progress=$(grep -oE '^\[[0-9]+/[0-9]+\]' "$bld_log" | tail -n1 | tr -d '[]' || true)
 done_steps=${progress%/*}
 total_steps=${progress#*/}
 echo "--- build log tail" >&2
 tail -n 15 "$bld_log" >&2
 if [ $rc -eq 0 ]; then
-  so="$bdir/lib/libggml-cuda.so"
+  so=$(find "$bdir" -name libggml-cuda.so -print -quit)
   log "OK: built and linked in ${secs}s (sm_$arch, nvcc $cuda_ver, cuBLAS $cublas_ver)"
   log "$(stat -c %s "$so") bytes: $so"
   log "needs at run time: $(readelf -d "$so" | sed -n 's/.*Shared library: \[\(.*\)\]/\1/p' | tr '\n' ' ')"

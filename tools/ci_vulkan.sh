@@ -76,11 +76,23 @@ if "$venv/bin/pyllama" inspect gpu --help > /dev/null 2>&1; then
   cat "$smoke_dir/gpu.json"
   "$venv/bin/python" - "$smoke_dir/gpu.json" <<'EOF'
 import json, sys
-text = open(sys.argv[1]).read()
-json.loads(text)  # nothing but JSON on stdout
-if "vulkan" not in text.lower():
+doc = json.load(open(sys.argv[1]))  # nothing but JSON on stdout
+
+def devices(node):
+    if isinstance(node, dict):
+        if "name" in node and str(node.get("backend", "")).lower() == "vulkan":  # a device, not the build
+            yield node
+        for value in node.values():
+            yield from devices(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from devices(value)
+
+found = list(devices(doc))
+if not found:
     raise SystemExit("ci_vulkan: `pyllama inspect gpu --json` lists no Vulkan device")
-print("ci_vulkan: `pyllama inspect gpu --json` lists a Vulkan device", file=sys.stderr)
+print(f"ci_vulkan: `pyllama inspect gpu --json` lists {found[0].get('name')}: "
+      f"{found[0].get('description')}", file=sys.stderr)
 EOF
 else
   log "WARNING: this pyllama has no \`pyllama inspect gpu\` command yet; skipped"

@@ -7,13 +7,25 @@ its logs to :mod:`logging` and loads the ggml backends shipped in the package.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from . import _version
+
+if sys.platform == "win32":  # pragma: no cover - Windows has no rpath
+    _spec = importlib.util.find_spec("pyllama._cffi")
+    if _spec is not None and _spec.origin:
+        _libdir = Path(_spec.origin).parent / "lib"
+        if _libdir.is_dir():
+            os.add_dll_directory(str(_libdir))
+        # CUDA wheels take cudart/cuBLAS from NVIDIA's PyPI wheels (site-packages/nvidia/*/bin).
+        for _nv in (Path(_spec.origin).parent.parent / "nvidia").glob("*/bin"):
+            os.add_dll_directory(str(_nv))
 
 try:
     from . import _cffi
