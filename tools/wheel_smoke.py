@@ -57,23 +57,8 @@ def _build_info(ffi: Any, lib: Any) -> dict[str, Any]:
 def _devices(ffi: Any, lib: Any) -> list[dict[str, str]]:
     import pyllama
 
-    listing = getattr(pyllama, "devices", None)
-    if callable(listing):
-        return [{"name": d.name, "description": d.description, "type": d.type, "backend": d.backend}
-                for d in listing()]
-    types = {lib.GGML_BACKEND_DEVICE_TYPE_CPU: "cpu", lib.GGML_BACKEND_DEVICE_TYPE_GPU: "gpu",
-             lib.GGML_BACKEND_DEVICE_TYPE_IGPU: "igpu", lib.GGML_BACKEND_DEVICE_TYPE_ACCEL: "accel"}
-    out = []
-    for i in range(lib.ggml_backend_dev_count()):
-        dev = lib.ggml_backend_dev_get(i)
-        reg = lib.ggml_backend_dev_backend_reg(dev)
-        out.append({
-            "name": ffi.string(lib.ggml_backend_dev_name(dev)).decode(),
-            "description": ffi.string(lib.ggml_backend_dev_description(dev)).decode(),
-            "type": types.get(lib.ggml_backend_dev_type(dev), "unknown"),
-            "backend": ffi.string(lib.ggml_backend_reg_name(reg)).decode(),
-        })
-    return out
+    return [{"name": d.name, "description": d.description, "type": d.type, "backend": d.backend}
+            for d in pyllama.devices()]
 
 
 def _write_model(directory: Path) -> Path:
