@@ -159,7 +159,7 @@ class LlamaParams:
     n_ff: int = 128
     n_ctx_train: int = 512
     seed: int = 1234
-    dtype: str = "f32"  # "f32" or "f16" for the matrices; norms are always f32
+    dtype: str = "f32"  # "f32", "f16", "q8_0" or "q4_0" for the block matrices; norms are always f32
 
     @property
     def head_dim(self) -> int:
@@ -176,7 +176,11 @@ class LlamaParams:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, not {self.dtype!r}")
 
 
-_DTYPES = {"f32": (np.float32, gguf.LlamaFileType.ALL_F32), "f16": (np.float16, gguf.LlamaFileType.MOSTLY_F16)}
+_DTYPES = {"f32": (np.float32, gguf.LlamaFileType.ALL_F32), "f16": (np.float16, gguf.LlamaFileType.MOSTLY_F16),
+           "q8_0": (np.float32, gguf.LlamaFileType.MOSTLY_Q8_0), "q4_0": (np.float32, gguf.LlamaFileType.MOSTLY_Q4_0)}
+# Quantized variants quantize the transformer blocks' matrices (what CPU repack
+# and AMX kernels act on); embeddings and the output head stay f32.
+_QUANT = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -280,8 +284,12 @@ def _write_model(path: PathLike, params: LlamaParams, *, name: str, pooling: ggu
     w.add_add_space_prefix(True)
     w.add_chat_template(CHATML_TEMPLATE)
 
+    qtype = _QUANT.get(params.dtype)
     for tensor_name, data in _random_weights(params, vocab).items():
-        w.add_tensor(tensor_name, data)
+        if qtype is not None and tensor_name.startswith("blk.") and data.ndim == 2:
+            w.add_tensor(tensor_name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(tensor_name, data)
     return _atomic_write(path, w, tmp)
 
 

@@ -13,7 +13,8 @@
 #   pyllama/lib/*.so keep their $ORIGIN rpath (auditwheel adds its own entry),
 #   so the dlopen()ed variants find libggml-base.so and the grafted libgomp;
 # - a fresh venv in /tmp/venv-wheel-cpu, LD_LIBRARY_PATH unset, and
-#   tools/wheel_smoke.py (import, devices, greedy generation on the synthetic model).
+#   tools/wheel_smoke.py (import, devices, greedy generation on f32 and Q4_0
+#   synthetic models and, when .venv has it, the Q4_K starter model).
 # Prints the wheel's size and the build time.
 set -euo pipefail
 
@@ -99,9 +100,21 @@ rm -rf "$test_venv"
 "$test_venv/bin/pip" install --quiet "$repaired" gguf
 smoke_dir=$(mktemp -d)
 trap 'rm -rf "$smoke_dir"' EXIT
+# A real quantized model too when the checkout's environment has the starter
+# (Q4_K: the kernels a user runs first, AMX ones included on Sapphire Rapids).
+extra=()
+starter=${PYLLAMA_SMOKE_MODEL:-}
+if [ -z "$starter" ] && [ -x "$root/.venv/bin/python" ]; then
+  starter=$("$root/.venv/bin/python" -c 'import pyllama; print(pyllama.starter_model_path())' 2>/dev/null || true)
+fi
+if [ -n "$starter" ] && [ -f "$starter" ]; then
+  extra=(--model "$starter")
+else
+  log "no starter model available: smoke test on the synthetic models only"
+fi
 # Outside the checkout, so `import pyllama` cannot find src/ by accident.
 (cd "$smoke_dir" && env -u LD_LIBRARY_PATH -u PYTHONPATH "$test_venv/bin/python" "$root/tools/wheel_smoke.py" \
-   --expect-backend "$backend" --tokens 8)
+   --expect-backend "$backend" --tokens 8 "${extra[@]}")
 
 size=$(stat -c %s "$repaired")
 log "wheel: $repaired"

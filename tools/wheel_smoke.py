@@ -1,12 +1,13 @@
 """Smoke test for an installed pyllama wheel: import, devices, a short greedy generation.
 
-    python tools/wheel_smoke.py [--model M.gguf] [--expect-backend cpu-all|cuda|vulkan|metal]
+    python tools/wheel_smoke.py [--model M.gguf ...] [--expect-backend cpu-all|cuda|vulkan|metal]
                                 [--require-device Vulkan] [--tokens 8]
 
 Run from a fresh virtual environment with the wheel installed (tools/build_wheel.sh,
-tools/ci_vulkan.sh, cibuildwheel's test-command). Without --model it writes the
-synthetic model with tests/synth.py (needs the ``gguf`` package) into a
-temporary directory. It talks to the binding through pyllama's import seam
+tools/ci_vulkan.sh, cibuildwheel's test-command). It writes two synthetic models
+with tests/synth.py (needs the ``gguf`` package) into a temporary directory, one
+f32 and one Q4_0 (quantized matrices take other kernels: repacked, AVX-512 VNNI,
+AMX), and generates with each, then with every --model given. It talks to the binding through pyllama's import seam
 (``pyllama._ffi``: the package's backends are loaded on import), so it checks
 the installed libraries themselves, not a particular high-level API.
 
@@ -61,15 +62,15 @@ def _devices(ffi: Any, lib: Any) -> list[dict[str, str]]:
             for d in pyllama.devices()]
 
 
-def _write_model(directory: Path) -> Path:
+def _write_models(directory: Path) -> list[Path]:
     for cand in (HERE.parent / "tests", Path.cwd() / "tests"):
         if (cand / "synth.py").is_file():
             sys.path.insert(0, str(cand))
             import synth
 
-            path: Path = synth.write_llama_model(directory / "synth.gguf")
-            return path
-    raise SystemExit("smoke: no --model given and tests/synth.py not found")
+            return [synth.write_llama_model(directory / f"synth-{dtype}.gguf", dtype=dtype)
+                    for dtype in ("f32", "q4_0")]
+    raise SystemExit("smoke: tests/synth.py not found")
 
 
 def _generate(ffi: Any, lib: Any, model_path: Path, n_predict: int) -> list[int]:
@@ -112,7 +113,8 @@ def _generate(ffi: Any, lib: Any, model_path: Path, n_predict: int) -> list[int]
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path)
+    parser.add_argument("--model", type=Path, action="append", default=[],
+                        help="a further GGUF model to generate with (repeatable)")
     parser.add_argument("--expect-backend", default=os.environ.get("PYLLAMA_BACKEND") or None,
                         help="the PYLLAMA_BACKEND the wheel must have been built with (default: $PYLLAMA_BACKEND)")
     parser.add_argument("--require-device", action="append", default=[],
@@ -148,12 +150,13 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"smoke: no {backend} device listed")
 
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model or _write_model(Path(tmp))
-        t1 = time.perf_counter()
-        toks = _generate(ffi, lib, model, args.tokens)
-        print(f"smoke: greedy {len(toks)} tokens in {time.perf_counter() - t1:.2f}s: {toks}")
-    if len(toks) != args.tokens:
-        raise SystemExit("smoke: short generation")
+        for model in _write_models(Path(tmp)) + args.model:
+            t1 = time.perf_counter()
+            toks = _generate(ffi, lib, model, args.tokens)
+            print(f"smoke: {model.name}: greedy {len(toks)} tokens in {time.perf_counter() - t1:.2f}s: {toks}",
+                  flush=True)
+            if len(toks) != args.tokens:
+                raise SystemExit(f"smoke: short generation with {model}")
     print("smoke: OK")
     return 0
 
