@@ -41,3 +41,24 @@ def test_run_greedy_matches_api(synth_model_path: Path) -> None:
 def test_run_bad_model_is_a_clear_error(tmp_path: Path) -> None:
     out = _run("run", str(tmp_path / "missing.gguf"), "-p", "x")
     assert out.returncode != 0 and "not found" in out.stderr
+
+
+def test_inspect_fit(synth_model_path: Path, tmp_path: Path) -> None:
+    import pyllama
+
+    out = _run("inspect", "fit", str(synth_model_path), "--json", "-c", "256")
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == ""
+    data = json.loads(out.stdout)
+    expected = pyllama.fit_params(synth_model_path)
+    assert data["fit"]["status"] == expected.status
+    assert data["fit"]["n_gpu_layers"] == expected.n_gpu_layers
+    host = data["memory"][-1]
+    assert host["device"] == "host"
+    assert host == pyllama.memory_projection(synth_model_path, n_ctx=256,
+                                             n_gpu_layers=expected.n_gpu_layers)[-1].__dict__ | {"free": host["free"]}
+    text = _run("inspect", "fit", str(synth_model_path))
+    assert text.returncode == 0 and "projected memory" in text.stdout
+    missing = _run("inspect", "fit", str(tmp_path / "missing.gguf"))
+    assert missing.returncode == 1
+    assert "not found" in missing.stderr and "Traceback" not in missing.stderr

@@ -135,6 +135,28 @@ def test_greedy_generation_matches_cpu(visible_devices: str, synth_model_path: P
     assert worst <= LOGIT_ATOL, f"logits differ by up to {worst:.3g} (> {LOGIT_ATOL})"
 
 
+def test_auto_offload_uses_llama_cpp_fit(visible_devices: str, synth_model_path: Path) -> None:
+    """n_gpu_layers="auto" on a real Vulkan device: llama.cpp's fit decides, pyllama applies it."""
+    roomy = _run_child("fit", str(synth_model_path), "1024", visible=visible_devices or None)
+    assert roomy["status"] == "fitted", roomy
+    n_all = roomy["n_layer"] + 1
+    # Everything fits: the default (all layers) stands, and the load really offloads them.
+    assert roomy["n_gpu_layers"] in (-1, n_all), roomy
+    assert f"offloaded {n_all}/{n_all} layers" in (roomy["offload_line"] or ""), roomy
+    assert roomy["vulkan_rows"] and roomy["vulkan_rows"][0]["model"] > 0, roomy
+
+    # A margin that leaves 2 MiB of the device usable (less than weights + KV +
+    # compute buffers of the whole model): the fit must keep some layers on the
+    # CPU (on lavapipe it keeps 2 of 3), and the load must follow it.
+    free_mib = roomy["vulkan_free_mib"]
+    tight = _run_child("fit", str(synth_model_path), str(free_mib - 2), visible=visible_devices or None)
+    assert tight["status"] == "fitted", tight
+    assert 0 <= tight["n_gpu_layers"] < n_all, tight
+    assert f"offloaded {tight['n_gpu_layers']}/{n_all} layers" in (tight["offload_line"] or ""), tight
+    # Same greedy tokens with the model split between Vulkan and the CPU.
+    assert tight["tokens"] == roomy["tokens"], (tight["tokens"], roomy["tokens"])
+
+
 # ---------------------------------------------------------------------------
 # The child: imports pyllama under the environment the parent chose, prints one
 # JSON line on stdout.
@@ -258,12 +280,44 @@ def _child_generate(model_path: str, where: str) -> dict[str, Any]:
     return result
 
 
+def _child_fit(model_path: str, margin_mib: str) -> dict[str, Any]:
+    import logging
+
+    import pyllama
+
+    offload: list[str] = []
+
+    class _Grab(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "layers to GPU" in record.getMessage():
+                offload.append(record.getMessage())
+
+    native = logging.getLogger("pyllama.llama")
+    native.addHandler(_Grab())
+    native.setLevel(logging.INFO)
+    vk = [d for d in pyllama.devices() if d.backend == "Vulkan"]
+    rows = pyllama.memory_projection(model_path, n_ctx=128)
+    with pyllama.Model(model_path, fit_margin_mib=int(margin_mib)) as model:
+        with model.context(n_ctx=128, n_threads=2) as ctx:
+            tokens = [e.token for e in pyllama.generate(ctx, PROMPT, max_tokens=4)]
+        fit = model.fit
+        n_layer = model.n_layer
+    return {
+        "status": fit.status, "n_gpu_layers": fit.n_gpu_layers, "n_ctx": fit.n_ctx, "reason": fit.reason,
+        "n_layer": n_layer, "offload_line": offload[-1] if offload else None, "tokens": tokens,
+        "vulkan_free_mib": vk[0].memory_free >> 20 if vk else 0,
+        "vulkan_rows": [r.__dict__ for r in rows if r.device.startswith("Vulkan")],
+    }
+
+
 def _child_main(argv: list[str]) -> int:
     mode = argv[0]
     if mode == "devices":
         result = _child_devices()
     elif mode == "generate":
         result = _child_generate(argv[1], argv[2])
+    elif mode == "fit":
+        result = _child_fit(argv[1], argv[2])
     else:
         raise SystemExit(f"unknown child mode {mode!r}")
     print(json.dumps(result))

@@ -91,6 +91,15 @@ void pyllama_log_silent(enum ggml_log_level level, const char * text, void * use
     (void) level; (void) text; (void) user_data;
 }
 
+/* libpyllama-fit (src/native/fit.cpp): llama.cpp's common/fit.cpp behind a C ABI. */
+int32_t pyllama_fit_params(const char * path_model, struct llama_model_params * mparams,
+                           struct llama_context_params * cparams, float * tensor_split,
+                           struct llama_model_tensor_buft_override * tensor_buft_overrides,
+                           size_t * margins, uint32_t n_ctx_min, int32_t log_level);
+int32_t pyllama_fit_memory(const char * path_model, const struct llama_model_params * mparams,
+                           const struct llama_context_params * cparams, int64_t * out,
+                           ggml_backend_dev_t * devices, int32_t max_rows, int32_t log_level);
+
 /* The C baseline of pyllama.generate's loop, for measuring the binding's
    per-token overhead in one process: sample from the last logits, decode the
    token at the next position, n times (the last token is sampled, not decoded). */
@@ -129,6 +138,13 @@ typedef struct pyllama_abort_state {
 } pyllama_abort_state;
 bool pyllama_abort_callback(void * data);
 void pyllama_log_silent(enum ggml_log_level level, const char * text, void * user_data);
+int32_t pyllama_fit_params(const char * path_model, struct llama_model_params * mparams,
+                           struct llama_context_params * cparams, float * tensor_split,
+                           struct llama_model_tensor_buft_override * tensor_buft_overrides,
+                           size_t * margins, uint32_t n_ctx_min, int32_t log_level);
+int32_t pyllama_fit_memory(const char * path_model, const struct llama_model_params * mparams,
+                           const struct llama_context_params * cparams, int64_t * out,
+                           ggml_backend_dev_t * devices, int32_t max_rows, int32_t log_level);
 int32_t pyllama_c_generate_loop(struct llama_context * ctx, struct llama_sampler * smpl,
                                 int32_t pos0, int32_t n, llama_token * out);
 

@@ -50,8 +50,40 @@ def _fmt_bytes(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
+def cmd_fit(args: argparse.Namespace) -> int:
+    """What n_gpu_layers="auto" would choose for a model here, and the projected memory use."""
+    from dataclasses import asdict
+
+    from .fit import fit_params, memory_projection
+
+    if args.model and args.model in ("build", "devices", "gpu"):
+        raise SystemExit("usage: pyllama inspect fit [MODEL]")
+    path = _model_path(args.model)
+    fit = fit_params(path, margin_mib=args.margin_mib, min_ctx=args.min_ctx)
+    n_ctx = args.ctx or (min(fit.n_ctx, 4096) if fit.n_ctx else 4096)
+    rows = memory_projection(path, n_gpu_layers=fit.n_gpu_layers, n_ctx=n_ctx)
+    if args.json:
+        print(json.dumps({"model": path, "fit": asdict(fit), "n_ctx": n_ctx,
+                          "memory": [asdict(r) for r in rows]}, indent=2))
+        return 0
+    layers = "all" if fit.n_gpu_layers < 0 else str(fit.n_gpu_layers)
+    print(f"{path}")
+    print(f"fit: {fit.status}{' (' + fit.reason + ')' if fit.reason else ''}; n_gpu_layers={layers}"
+          f"{'; tensor_split=' + str(list(fit.tensor_split)) if fit.tensor_split else ''}"
+          f"{'; ' + str(len(fit.overrides)) + ' tensor overrides' if fit.overrides else ''}"
+          f"; margin {fit.margin_mib} MiB; {fit.seconds:.2f}s")
+    print(f"projected memory at n_ctx={n_ctx}:")
+    for r in rows:
+        print(f"  {r.device:<10} model {_fmt_bytes(r.model):>9}  context {_fmt_bytes(r.context):>9}  "
+              f"compute {_fmt_bytes(r.compute):>9}  free {_fmt_bytes(r.free)} / {_fmt_bytes(r.total)}")
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .devices import backends, build_info, devices, supports_gpu_offload, system_info
+
+    if args.what == "fit":
+        return cmd_fit(args)
 
     info: dict[str, Any] = {"build": build_info(), "backends": backends(),
                             "devices": [d.as_dict() for d in devices()],
@@ -119,9 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--progress", action="store_true", help="show a load progress bar")
     r.add_argument("-v", "--verbose", action="store_true", help="print timings to stderr")
 
-    i = sub.add_parser("inspect", help="the build, the devices or the GPUs")
-    i.add_argument("what", choices=["build", "devices", "gpu"])
+    i = sub.add_parser("inspect", help="the build, the devices, the GPUs, or how a model fits them")
+    i.add_argument("what", choices=["build", "devices", "gpu", "fit"])
+    i.add_argument("model", nargs="?", help="for `fit`: GGUF file (default: the starter model)")
     i.add_argument("--json", action="store_true")
+    i.add_argument("--margin-mib", type=int, default=1024, help="for `fit`: memory to leave free per device")
+    i.add_argument("--min-ctx", type=int, default=4096, help="for `fit`: smallest context the fit may choose")
+    i.add_argument("-c", "--ctx", type=int, default=0, help="for `fit`: context size to project (default: auto)")
 
     sub.add_parser("bench", help="llama-bench compatible benchmark (see pyllama bench --help)", add_help=False)
     return p
@@ -147,7 +183,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         except LlamaError as exc:
             print(f"pyllama: {exc}", file=sys.stderr)
             return 1
-    return cmd_inspect(args)
+    try:
+        return cmd_inspect(args)
+    except (OSError, ValueError) as exc:  # a missing or unreadable model for `inspect fit`
+        print(f"pyllama: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 FlashAttn = Union[Literal["auto", "on", "off"], bool]
 
+AUTO_CTX_CAP = 4096
 _FLASH = {"auto": -1, "on": 1, "off": 0, True: 1, False: 0}
 _POOLING = {None: -1, "unspecified": -1, "none": 0, "mean": 1, "cls": 2, "last": 3, "rank": 4}
 _ROPE_SCALING = {None: -1, "none": 0, "linear": 1, "yarn": 2, "longrope": 3}
@@ -84,7 +85,8 @@ class Context(Handle):
     """An inference context: every ``llama_context_params`` knob is a keyword argument.
 
     ``n_ctx="auto"`` takes the model's training context capped at 4096 tokens
-    (so a 128k-context model does not reserve its whole KV cache by default).
+    (so a 128k-context model does not reserve its whole KV cache by default),
+    or less where the model's parameter fit (``model.fit.n_ctx``) found less room.
 
     Logits and embeddings are returned as read-only numpy views on llama.cpp's
     own buffers: no copy, and **valid only until the next decode, encode or
@@ -129,7 +131,9 @@ class Context(Handle):
         mp = model._p()
         p = lib.llama_context_default_params()
         if n_ctx == "auto":
-            n_ctx = min(int(lib.llama_model_n_ctx_train(mp)), 4096)
+            n_ctx = min(int(lib.llama_model_n_ctx_train(mp)), AUTO_CTX_CAP)
+            if model.fit.n_ctx > 0:  # the fit lowered the context to make the layers fit
+                n_ctx = min(n_ctx, model.fit.n_ctx)
         if not isinstance(n_ctx, int) or n_ctx < 0:
             raise ValueError(f"n_ctx must be a non-negative int or 'auto', not {n_ctx!r}")
         if n_batch < 1 or n_ubatch < 1 or n_seq_max < 1:

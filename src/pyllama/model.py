@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import weakref
@@ -16,6 +17,7 @@ from ._ffi import ffi, lib
 from ._handle import Handle
 from .devices import Device
 from .errors import ModelLoadError
+from .fit import DEFAULT_MARGIN_MIB, DEFAULT_MIN_CTX, Fit, estimate_gpu_layers, fit_model_params, has_accelerator
 from .vocab import TokenArray, Vocab
 
 if TYPE_CHECKING:
@@ -24,6 +26,8 @@ if TYPE_CHECKING:
 
 GpuLayers = Union[int, Literal["all", "auto"]]
 ProgressArg = Union[bool, Callable[[float], Any], None]
+
+logger = logging.getLogger("pyllama")
 
 _SPLIT_MODES = {"none": 0, "layer": 1, "row": 2, "tensor": 3}
 _KV_TAGS = {int: 0, float: 1, bool: 2, str: 3}
@@ -66,11 +70,18 @@ class Model(Handle):
             with model.context(n_ctx=4096) as ctx:
                 ...
 
+    ``n_gpu_layers="auto"`` (the default) asks llama.cpp's own parameter
+    fitting how many layers to offload so each accelerator keeps
+    ``fit_margin_mib`` free with a context of at least ``fit_min_ctx`` (see
+    :mod:`pyllama.fit`); ``model.fit`` records what it chose. Without an
+    accelerator the model stays on the CPU.
+
     ``close()`` (or leaving the ``with`` block) frees the weights at once,
     closing the model's contexts and adapters first.
     """
 
     _kind = "model"
+    fit: Fit  #: what ``n_gpu_layers`` resolution chose (status "skipped" when given explicitly)
 
     def __init__(
         self,
@@ -90,6 +101,8 @@ class Model(Handle):
         check_tensors: bool = False,
         use_extra_bufts: bool = True,
         kv_overrides: Mapping[str, int | float | bool | str] | None = None,
+        fit_margin_mib: int = DEFAULT_MARGIN_MIB,
+        fit_min_ctx: int = DEFAULT_MIN_CTX,
         progress: ProgressArg = None,
     ) -> None:
         self.path = Path(path)
@@ -97,7 +110,6 @@ class Model(Handle):
             raise ModelLoadError(f"model file not found: {self.path}")
         params = lib.llama_model_default_params()
         keep: list[Any] = []  # C memory the params point to, alive during the load
-        params.n_gpu_layers = _resolve_gpu_layers(n_gpu_layers, self.path)
         if split_mode not in _SPLIT_MODES:
             raise ValueError(f"split_mode must be one of {sorted(_SPLIT_MODES)}, not {split_mode!r}")
         params.split_mode = _SPLIT_MODES[split_mode]
@@ -134,6 +146,8 @@ class Model(Handle):
             ov = _kv_overrides(kv_overrides)
             keep.append(ov)
             params.kv_overrides = ov
+        # Last, so the fit sees every other setting (devices, split mode, overrides).
+        self.fit = _resolve_gpu_layers(n_gpu_layers, self.path, params, keep, fit_margin_mib, fit_min_ctx)
         reporter = _progress.reporter(progress, f"loading {self.path.name}")
         if reporter is not None:
             handle = ffi.new_handle(reporter)
@@ -281,16 +295,31 @@ class Model(Handle):
         return f"<pyllama.Model {self.path.name} {state}>"
 
 
-def _resolve_gpu_layers(n: GpuLayers, path: Path) -> int:
-    if n == "all":
-        return -1
+def _resolve_gpu_layers(n: GpuLayers, path: Path, params: Any, keep: list[Any], margin_mib: int,
+                        min_ctx: int) -> Fit:
+    """Set ``params.n_gpu_layers`` (and, when fitted, tensor split and overrides)."""
     if n == "auto":
-        from ._fit import auto_gpu_layers
-
-        return auto_gpu_layers(path)
+        if not has_accelerator():
+            params.n_gpu_layers = 0
+            return Fit("skipped", 0, 0, (), (), margin_mib, 0.0, "no accelerator device")
+        result = fit_model_params(path, params, keep, margin_mib=margin_mib, min_ctx=min_ctx)
+        if result.status == "fitted":
+            logger.info("n_gpu_layers=auto: llama.cpp's fit offloads %s layers%s (context %s, margin %d MiB, %.2fs)",
+                        "all" if result.n_gpu_layers < 0 else result.n_gpu_layers,
+                        f", split {list(result.tensor_split)}" if result.tensor_split else "",
+                        result.n_ctx or "as trained", margin_mib, result.seconds)
+            return result
+        fallback = estimate_gpu_layers(path)
+        params.n_gpu_layers = fallback
+        logger.warning("n_gpu_layers=auto: %s; offloading %s layers by pyllama's size estimate instead",
+                       result.reason, "all" if fallback < 0 else fallback)
+        return Fit(result.status, fallback, 0, (), (), margin_mib, result.seconds, result.reason)
+    if n == "all":
+        n = -1
     if isinstance(n, bool) or not isinstance(n, int):
         raise ValueError(f"n_gpu_layers must be an int, 'all' or 'auto', not {n!r}")
-    return n
+    params.n_gpu_layers = n
+    return Fit("skipped", n, 0, (), (), margin_mib, 0.0, "n_gpu_layers given")
 
 
 def _device_handles(devices: Sequence[Device | str]) -> Any:

@@ -1,0 +1,210 @@
+"""Fitting a model to the machine's device memory: GPU layers, tensor split, context size.
+
+``Model(path)`` (``n_gpu_layers="auto"``) asks llama.cpp's own parameter
+fitting (``common/fit.cpp`` of the vendored tree, the code behind
+``llama-server --fit``) how much to offload: it loads the model without
+allocating, measures what weights, KV cache and compute buffers would take on
+each device, and lowers the context size (down to ``min_ctx``), then the
+number of offloaded layers and the split across devices, until every device
+keeps ``margin_mib`` free. For mixture-of-experts models it may keep expert
+weights in host memory instead (``Fit.overrides``).
+
+Without an accelerator nothing is fitted (the model runs on the CPU). Where
+llama.cpp's fit fails, pyllama falls back to a size estimate and says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from ._ffi import ffi, lib
+from .devices import devices
+
+logger = logging.getLogger("pyllama")
+
+DEFAULT_MARGIN_MIB = 1024  # llama.cpp's default --fit-target
+DEFAULT_MIN_CTX = 4096  # llama.cpp's default --fit-ctx
+_ACCEL_TYPES = ("gpu", "igpu", "accel")
+_STATUS = {0: "fitted", 1: "failed", 2: "error"}
+# common_fit_params swaps llama.cpp's global logger while it runs: one at a time.
+_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Fit:
+    """What parameter fitting chose for one model on this machine.
+
+    ``status``: "fitted" (parameters chosen, or nothing needed changing),
+    "failed" (llama.cpp could not meet the margin; a fallback was used),
+    "error" (llama.cpp could not measure, e.g. an unreadable file; fallback used)
+    or "skipped" (no accelerator, or the caller fixed ``n_gpu_layers``).
+    """
+
+    status: Literal["fitted", "failed", "error", "skipped"]
+    n_gpu_layers: int  # as passed to llama.cpp: -1 = all
+    n_ctx: int  # the context size the fit allows; 0 = the model's training context
+    tensor_split: tuple[float, ...]  # per device; empty = llama.cpp's default split
+    overrides: tuple[tuple[str, str], ...]  # (tensor-name regex, buffer type) kept off the GPU
+    margin_mib: int
+    seconds: float
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class DeviceMemory:
+    """Projected memory use of a model and context on one device (or the host)."""
+
+    device: str  # device name; "host" for system memory
+    total: int  # bytes
+    free: int
+    model: int
+    context: int  # KV cache and other per-context state
+    compute: int  # compute buffers
+
+
+def has_accelerator() -> bool:
+    """Whether any loaded backend offers a GPU-like device to offload to."""
+    return any(d.type in _ACCEL_TYPES for d in devices())
+
+
+def _margins(margin_mib: int) -> Any:
+    if margin_mib < 0:
+        raise ValueError(f"margin_mib must be >= 0, not {margin_mib}")
+    n = int(lib.llama_max_devices())
+    return ffi.new("size_t[]", [margin_mib << 20] * n)
+
+
+def _log_level() -> int:
+    # llama.cpp's logs below ERROR during the fit's throw-away model loads go to
+    # DEBUG (as llama-bench does), so a warning the real load repeats is not
+    # logged three times; the fit's own account stays at INFO.
+    return int(lib.GGML_LOG_LEVEL_ERROR)
+
+
+def fit_model_params(path: Path, params: Any, keep: list[Any], *, margin_mib: int = DEFAULT_MARGIN_MIB,
+                     min_ctx: int = DEFAULT_MIN_CTX, context_params: Any = None) -> Fit:
+    """Fit ``params`` (a ``llama_model_params`` cdata) in place; buffers it points to go into ``keep``.
+
+    Only fields still at llama.cpp's defaults are changed (n_gpu_layers,
+    tensor_split, tensor_buft_overrides), as llama.cpp's fit promises.
+    """
+    if min_ctx < 1:
+        raise ValueError(f"min_ctx must be >= 1, not {min_ctx}")
+    margins = _margins(margin_mib)
+    cparams = context_params if context_params is not None else lib.llama_context_default_params()
+    cparams_copy = ffi.new("struct llama_context_params *", cparams)
+    if context_params is None:
+        cparams_copy.n_ctx = 0  # let the fit lower the context before it lowers the layers
+    split = ffi.new("float[]", int(lib.llama_max_devices()))
+    overrides = ffi.new("struct llama_model_tensor_buft_override[]", int(lib.llama_max_tensor_buft_overrides()))
+    mparams = ffi.new("struct llama_model_params *", params)
+    t0 = time.perf_counter()
+    with _lock:
+        rc = lib.pyllama_fit_params(os.fsencode(path), mparams, cparams_copy, split, overrides, margins,
+                                    min_ctx, _log_level())
+    seconds = time.perf_counter() - t0
+    status = _STATUS.get(int(rc), "error")
+    if status != "fitted":
+        return Fit(status, int(params.n_gpu_layers), 0, (), (), margin_mib, seconds,  # type: ignore[arg-type]
+                   "llama.cpp's fit could not meet the margin" if status == "failed"
+                   else "llama.cpp's fit could not measure the model (see the 'pyllama.llama' log)")
+    params.n_gpu_layers = mparams.n_gpu_layers
+    params.tensor_split = mparams.tensor_split
+    params.tensor_buft_overrides = mparams.tensor_buft_overrides
+    keep.extend((split, overrides))
+    n_dev = int(lib.llama_max_devices())
+    split_t = tuple(float(split[i]) for i in range(n_dev)) if mparams.tensor_split == split else ()
+    while split_t and split_t[-1] == 0.0:
+        split_t = split_t[:-1]
+    ovr = []
+    if mparams.tensor_buft_overrides == overrides:
+        for i in range(int(lib.llama_max_tensor_buft_overrides())):
+            o = overrides[i]
+            if o.pattern == ffi.NULL:
+                break
+            name = lib.ggml_backend_buft_name(o.buft) if o.buft != ffi.NULL else ffi.NULL
+            ovr.append((ffi.string(o.pattern).decode(), ffi.string(name).decode() if name != ffi.NULL else ""))
+    return Fit("fitted", int(params.n_gpu_layers), int(cparams_copy.n_ctx), split_t, tuple(ovr), margin_mib, seconds)
+
+
+def fit_params(path: str | os.PathLike[str], *, margin_mib: int = DEFAULT_MARGIN_MIB, min_ctx: int = DEFAULT_MIN_CTX) -> Fit:
+    """What ``Model(path)`` would offload on this machine, without loading the weights."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"model file not found: {p}")
+    params = lib.llama_model_default_params()
+    if not has_accelerator():
+        return Fit("skipped", 0, 0, (), (), margin_mib, 0.0, "no accelerator device")
+    return fit_model_params(p, params, [], margin_mib=margin_mib, min_ctx=min_ctx)
+
+
+def memory_projection(path: str | os.PathLike[str], *, n_gpu_layers: int = -1, n_ctx: int = 4096,
+                      n_batch: int = 2048, n_ubatch: int = 512, n_seq_max: int = 1,
+                      flash_attn: str | bool = "auto", type_k: str | int = "f16", type_v: str | int = "f16",
+                      kv_unified: bool = False) -> list[DeviceMemory]:
+    """Projected memory use per device, then the host, for these settings (nothing is allocated)."""
+    from .context import _FLASH, ggml_type
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"model file not found: {p}")
+    if flash_attn not in _FLASH:
+        raise ValueError(f"flash_attn must be 'auto', 'on' or 'off', not {flash_attn!r}")
+    if n_ctx < 1 or n_batch < 1 or n_ubatch < 1 or n_seq_max < 1:
+        raise ValueError("n_ctx, n_batch, n_ubatch and n_seq_max must be >= 1")
+    mparams = ffi.new("struct llama_model_params *", lib.llama_model_default_params())
+    mparams.n_gpu_layers = n_gpu_layers
+    cparams = ffi.new("struct llama_context_params *", lib.llama_context_default_params())
+    cparams.n_ctx, cparams.n_batch, cparams.n_ubatch = n_ctx, n_batch, min(n_ubatch, n_batch)
+    cparams.n_seq_max, cparams.kv_unified = n_seq_max, kv_unified
+    cparams.flash_attn_type = _FLASH[flash_attn]
+    cparams.type_k, cparams.type_v = ggml_type(type_k), ggml_type(type_v)
+    n_rows = int(lib.llama_max_devices()) + 1
+    out = ffi.new("int64_t[]", 5 * n_rows)
+    devs = ffi.new("ggml_backend_dev_t[]", n_rows)
+    with _lock:
+        n = lib.pyllama_fit_memory(os.fsencode(p), mparams, cparams, out, devs, n_rows, _log_level())
+    if n < 0:
+        from .errors import ModelLoadError
+
+        raise ModelLoadError(f"llama.cpp could not measure {p} (see the 'pyllama.llama' log)")
+    rows = []
+    for i in range(n):
+        name = ffi.string(lib.ggml_backend_dev_name(devs[i])).decode() if devs[i] != ffi.NULL else "host"
+        total, free, model, context, compute = (int(out[5 * i + k]) for k in range(5))
+        rows.append(DeviceMemory(name, total, free, model, context, compute))
+    return rows
+
+
+def estimate_gpu_layers(path: Path) -> int:
+    """pyllama's fallback when llama.cpp's fit fails: file size against the largest accelerator's free memory."""
+    accel = [d for d in devices() if d.type in _ACCEL_TYPES]
+    if not accel:
+        return 0
+    best = max(accel, key=lambda d: d.memory_free)
+    budget = best.memory_free * 0.85 - (512 << 20)
+    size = path.stat().st_size
+    if size <= budget:
+        return -1
+    n_layer = _n_layers(path)
+    if n_layer <= 0 or budget <= 0:
+        return 0
+    return max(0, min(n_layer, int(budget // (size / (n_layer + 1)))))
+
+
+def _n_layers(path: Path) -> int:
+    params = lib.llama_model_default_params()
+    params.vocab_only = True
+    ptr = lib.llama_model_load_from_file(os.fsencode(path), params)
+    if ptr == ffi.NULL:
+        return 0
+    try:
+        return int(lib.llama_model_n_layer(ptr))
+    finally:
+        lib.llama_model_free(ptr)

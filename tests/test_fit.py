@@ -1,0 +1,85 @@
+"""Parameter fitting through llama.cpp's own common/fit.cpp (libpyllama-fit).
+
+On a CPU-only build the device side of the fit has nothing to offload, so
+these tests check what the CPU can show for real: the memory projection
+against what a real load allocates, the fit's host-memory check (it fails for
+an impossible margin, succeeds for a modest one), and that ``Model`` resolves
+``n_gpu_layers="auto"`` without an accelerator. The device side runs against
+a real Vulkan device in tests/test_vulkan.py.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+import pyllama
+from pyllama._ffi import lib
+from pyllama.fit import fit_model_params
+
+
+def test_projection_matches_a_real_context(synth_model_path: Path) -> None:
+    rows = pyllama.memory_projection(synth_model_path, n_ctx=256, n_gpu_layers=0)
+    assert rows[-1].device == "host"
+    host = rows[-1]
+    assert host.total > 0 and 0 < host.free <= host.total
+    # f32 synthetic weights: the projection's model bytes are the file's tensor bytes, give or take alignment.
+    size = synth_model_path.stat().st_size
+    assert 0.5 * size < host.model <= size
+    # The KV cache grows linearly with the context: f16 K and V, 2 layers, 32-wide KV heads.
+    bigger = pyllama.memory_projection(synth_model_path, n_ctx=512, n_gpu_layers=0)[-1]
+    kv_per_cell = 2 * 2 * 2 * 32  # layers * (K, V) * f16 bytes * n_embd_kv
+    assert bigger.context - host.context == pytest.approx(256 * kv_per_cell, rel=0.05)
+    # KV type matters too (q8_0 needs head sizes divisible by 32, which the synthetic model lacks).
+    f32_kv = pyllama.memory_projection(synth_model_path, n_ctx=512, n_gpu_layers=0, type_k="f32", type_v="f32")[-1]
+    assert f32_kv.context - bigger.context == pytest.approx(512 * kv_per_cell, rel=0.05)
+
+
+def test_projection_rejects_bad_input(synth_model_path: Path, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        pyllama.memory_projection(tmp_path / "missing.gguf")
+    with pytest.raises(ValueError):
+        pyllama.memory_projection(synth_model_path, n_ctx=0)
+    with pytest.raises(ValueError):
+        pyllama.memory_projection(synth_model_path, flash_attn="sometimes")
+    not_gguf = tmp_path / "not.gguf"
+    not_gguf.write_bytes(b"this is not a model")
+    with pytest.raises(pyllama.ModelLoadError):
+        pyllama.memory_projection(not_gguf)
+
+
+def test_fit_checks_host_memory(synth_model_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="pyllama.llama")
+    params = lib.llama_model_default_params()
+    keep: list[object] = []
+    ok = fit_model_params(synth_model_path, params, keep, margin_mib=64)
+    assert ok.status == "fitted", ok
+    assert any("host memory" in r.getMessage() for r in caplog.records), "the fit's account is not in the log"
+
+    impossible = fit_model_params(synth_model_path, lib.llama_model_default_params(), [], margin_mib=1 << 30)
+    assert impossible.status == "failed"
+    assert "margin" in impossible.reason
+    with pytest.raises(ValueError):
+        fit_model_params(synth_model_path, lib.llama_model_default_params(), [], margin_mib=-1)
+
+
+def test_fit_of_an_unreadable_file_is_an_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    result = fit_model_params(bad, lib.llama_model_default_params(), [], margin_mib=64)
+    assert result.status == "error"
+
+
+def test_auto_without_accelerator_stays_on_cpu(synth_model_path: Path) -> None:
+    if pyllama.fit.has_accelerator():
+        pytest.skip("this machine has an accelerator; tests/test_vulkan.py covers the device side")
+    with pyllama.Model(synth_model_path) as model:
+        assert model.fit.status == "skipped"
+        assert model.n_gpu_layers == 0
+        with model.context() as ctx:
+            assert ctx.n_ctx == min(512, 4096)  # the synthetic model's training context
+    assert pyllama.fit_params(synth_model_path).status == "skipped"
+    with pyllama.Model(synth_model_path, n_gpu_layers=3) as model:
+        assert model.fit.status == "skipped" and model.fit.reason == "n_gpu_layers given"
