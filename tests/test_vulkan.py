@@ -117,6 +117,15 @@ def test_vulkan_device_is_listed(visible_devices: str) -> None:
     assert any(d["type"] == "cpu" for d in result["devices"]), result["devices"]
 
 
+def test_without_a_device_the_cpu_takes_over_and_says_why(vulkan_build: dict[str, Any]) -> None:
+    result = _run_child("devices", visible=None)  # lavapipe stays hidden without the variable
+    if result["vulkan"]:
+        pytest.skip("a Vulkan GPU is visible here without GGML_VK_VISIBLE_DEVICES")
+    assert [u["backend"] for u in result["unavailable"]] == ["Vulkan"], result
+    assert "found no device" in result["unavailable"][0]["reason"], result
+    assert any(d["type"] == "cpu" for d in result["devices"]), result["devices"]
+
+
 def test_greedy_generation_matches_cpu(visible_devices: str, synth_model_path: Path) -> None:
     cpu = _run_child("generate", str(synth_model_path), "cpu", visible=visible_devices or None)
     vk = _run_child("generate", str(synth_model_path), "vulkan", visible=visible_devices or None)
@@ -192,7 +201,10 @@ def _child_devices() -> dict[str, Any]:
     devs = _devices(ffi, lib)
     backends = [ffi.string(lib.ggml_backend_reg_name(lib.ggml_backend_reg_get(i))).decode()
                 for i in range(lib.ggml_backend_reg_count())]
-    return {"backends": backends, "devices": devs, "vulkan": [d for d in devs if d["backend"] == "Vulkan"]}
+    import pyllama
+
+    return {"backends": backends, "devices": devs, "vulkan": [d for d in devs if d["backend"] == "Vulkan"],
+            "unavailable": [u.as_dict() for u in pyllama.unavailable_backends()]}
 
 
 def _child_generate(model_path: str, where: str) -> dict[str, Any]:

@@ -64,6 +64,9 @@ def _init() -> None:
     lib.llama_backend_init()
     # Only the package's own lib/ directory: never the working directory.
     lib.ggml_backend_load_all_from_path(str(LIB_DIR).encode())
+    from .devices import _check_accelerators
+
+    _check_accelerators(LIB_DIR)
 
 
 _init()

@@ -80,7 +80,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .devices import backends, build_info, devices, supports_gpu_offload, system_info
+    from .devices import backends, build_info, devices, supports_gpu_offload, system_info, unavailable_backends
 
     if args.what == "fit":
         return cmd_fit(args)
@@ -96,7 +96,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     else:  # gpu
         data = {"build": info["build"], "backends": info["backends"], "gpu_offload": info["gpu_offload"],
                 "devices": info["devices"],
-                "accelerators": [d for d in info["devices"] if d["type"] != "cpu"]}
+                "accelerators": [d for d in info["devices"] if d["type"] != "cpu"],
+                "unavailable": [u.as_dict() for u in unavailable_backends()]}
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
@@ -113,6 +114,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     devs = data if what == "devices" else data["devices"]
     if what == "gpu" and not data["accelerators"]:
         print(f"no accelerator found (build: {info['build']['backend']}); running on the CPU")
+    if what == "gpu":
+        for u in data["unavailable"]:
+            print(f"{u['backend']} unavailable: {u['reason']}")
     for d in devs:
         mem = f"{_fmt_bytes(d['memory_free'])} free / {_fmt_bytes(d['memory_total'])}" if d["memory_total"] else ""
         print(f"[{d['index']}] {d['name']:<10} {d['type']:<6} {d['backend']:<8} {d['description']}  {mem}")

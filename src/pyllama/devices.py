@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from ._ffi import build_info, ffi, lib
@@ -58,6 +59,68 @@ def devices() -> list[Device]:
     return out
 
 
+@dataclass(frozen=True)
+class UnavailableBackend:
+    """An accelerator backend shipped in this build that gives no device here, and why."""
+
+    backend: str  # "CUDA", "Vulkan", "Metal"
+    library: str  # the backend module in pyllama/lib
+    reason: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# Accelerator backend modules -> the names their registries take.
+_ACCELERATORS = {"ggml-cuda": ("CUDA", ("CUDA",)), "ggml-vulkan": ("Vulkan", ("Vulkan",)),
+                 "ggml-metal": ("Metal", ("MTL", "Metal"))}
+_unavailable: list[UnavailableBackend] = []
+
+
+def unavailable_backends() -> list[UnavailableBackend]:
+    """Accelerators this build ships that did not give a device (so the CPU runs instead), and why."""
+    return list(_unavailable)
+
+
+def _dlopen_error(path: Path) -> str:
+    import ctypes
+
+    try:
+        ctypes.CDLL(str(path))
+    except OSError as exc:
+        return str(exc)
+    return ""
+
+
+def _check_accelerators(lib_dir: Path) -> None:
+    """After the backends loaded: log why a shipped accelerator gives no device (the CPU takes over)."""
+    import logging
+
+    loaded = {_str(lib.ggml_backend_reg_name(lib.ggml_backend_reg_get(i))): lib.ggml_backend_reg_get(i)
+              for i in range(lib.ggml_backend_reg_count())}
+    for module in build_info().get("backend_libraries", []):
+        if module not in _ACCELERATORS:
+            continue
+        name, reg_names = _ACCELERATORS[module]
+        files = sorted(p for p in lib_dir.glob(f"*{module}.*") if p.suffix in (".so", ".dll", ".dylib"))
+        reg = next((loaded[n] for n in reg_names if n in loaded), None)
+        if reg is not None and lib.ggml_backend_reg_dev_count(reg) > 0:
+            continue
+        if not files:
+            reason = f"{module} is missing from {lib_dir}"
+        elif reg is not None:
+            reason = f"the {name} backend loaded but found no device"
+            if name == "Vulkan":
+                reason += (" (no Vulkan driver, or only CPU-type devices such as lavapipe, which ggml hides "
+                           "unless GGML_VK_VISIBLE_DEVICES selects them)")
+        else:
+            err = _dlopen_error(files[0])
+            reason = (f"{files[0].name} could not be loaded: {err}" if err else
+                      f"the {name} backend reports this system as unsupported (no driver or device)")
+        _unavailable.append(UnavailableBackend(name, files[0].name if files else module, reason))
+        logging.getLogger("pyllama").warning("%s unavailable, running on the CPU: %s", name, reason)
+
+
 def backends() -> list[str]:
     """Names of the ggml backend registries that loaded."""
     return [_str(lib.ggml_backend_reg_name(lib.ggml_backend_reg_get(i))) for i in range(lib.ggml_backend_reg_count())]
@@ -72,4 +135,5 @@ def supports_gpu_offload() -> bool:
     return bool(lib.llama_supports_gpu_offload())
 
 
-__all__ = ["Device", "devices", "backends", "system_info", "supports_gpu_offload", "build_info"]
+__all__ = ["Device", "UnavailableBackend", "devices", "backends", "unavailable_backends", "system_info",
+           "supports_gpu_offload", "build_info"]
