@@ -117,7 +117,7 @@ def test_non_default_settings_match_native(synth_model_path: Path, capsys: pytes
     """Sweep-style settings are applied and reported as llama-bench reports them."""
     exe = _native_bench()
     extra = ["-t", "1", "-b", "64", "-ub", "32", "-fa", "on", "-ctk", "bf16", "-ctv", "bf16", "-d", "16",
-             "-ngl", "0", "-lm", "mmap", "-nkvo", "1", "--repack", "0"]
+             "-ngl", "0", "-lm", "mmap", "-nkvo", "1", "--repack", "0", "--poll", "0", "-C", "0x1", "--cpu-strict", "1"]
     ours = _pyllama_json(synth_model_path, capsys, extra)
     theirs = _native_json(exe, synth_model_path, extra)
     assert len(ours) == len(theirs)

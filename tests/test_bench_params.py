@@ -14,6 +14,7 @@ from pyllama.benchmark.params import (
     parse_int_range,
 )
 from pyllama.benchmark.record import Record, _cpp_stdev_u64, _stdev_f
+from pyllama.benchmark.runner import threadpool_kwargs
 
 
 @pytest.mark.parametrize(
@@ -86,12 +87,46 @@ def test_native_args_select_one_test() -> None:
     assert args[args.index("-ts") + 1] == "3/1"
 
 
-@pytest.mark.parametrize("argv", [["-C", "0xff"], ["--poll", "0"], ["--cpu-strict", "1"], ["--prio", "2"],
-                                  ["-ot", "x=CPU"], ["-ncmoe", "2"], ["-lm", "dio"], ["-r", "0"], ["--bogus"],
-                                  ["-fa", "maybe"], ["-ctk", "q2_k"], ["-o", "xml"]])
+@pytest.mark.parametrize("argv", [["-ot", "x=CPU"], ["-ncmoe", "2"], ["-lm", "dio"], ["-r", "0"], ["--bogus"],
+                                  ["-fa", "maybe"], ["-ctk", "q2_k"], ["-o", "xml"], ["-C", "0xg"], ["-C", "0X1"],
+                                  ["-C", "0x" + "f" * 129], ["--poll", "101"], ["--poll", "-1"], ["--prio", "4"],
+                                  ["--prio", "-2"], ["--prio", "high"], ["--cpu-strict", "2"]])
 def test_refused(argv: list[str]) -> None:
     with pytest.raises(UsageError):
         parse_args(argv)
+
+
+def test_threadpool_options_make_the_matrix() -> None:
+    # llama-bench's nesting: threads, then cpu mask, then cpu-strict, then depth, then poll
+    p = parse_args(["-p", "8", "-n", "0", "-C", "0x1,0x3", "--cpu-strict", "0,1", "--poll", "0-100+50",
+                    "--prio", "1"])
+    assert (p.cpu_mask, p.cpu_strict, p.poll, p.prio) == (["0x1", "0x3"], [False, True], [0, 50, 100], 1)
+    got = [(i.cpu_mask, i.cpu_strict, i.poll) for i in p.instances()]
+    assert len(got) == 12 and got[:4] == [("0x1", False, 0), ("0x1", False, 50), ("0x1", False, 100),
+                                          ("0x1", True, 0)]
+    assert {i.prio for i in p.instances()} == {1}
+    inst = p.instances()[-1]
+    assert threadpool_kwargs(inst) == {"n_threads": inst.n_threads, "cpu_mask": "0x3", "strict_cpu": True,
+                                       "poll": 100, "prio": 1}
+    args = inst.native_args()
+    assert args[args.index("-C") + 1] == "0x3" and args[args.index("--cpu-strict") + 1] == "1"
+    assert args[args.index("--poll") + 1] == "100" and args[args.index("--prio") + 1] == "1"
+    assert "--prio" not in parse_args([]).instances()[0].native_args()  # the default is llama-bench's
+
+
+def test_threadpool_options_are_columns_when_not_default() -> None:
+    import io
+
+    from pyllama.benchmark.record import make_printer
+
+    p = parse_args(["-C", "0x1", "--poll", "0,50"])
+    assert p.differs_from_default("cpu_mask") and p.differs_from_default("poll")
+    assert not p.differs_from_default("cpu_strict")
+    out = io.StringIO()
+    printer = make_printer("md", out, p)
+    assert printer is not None
+    printer.header()
+    assert "cpu_mask" in out.getvalue() and "poll" in out.getvalue() and "cpu_strict" not in out.getvalue()
 
 
 def test_statistics_follow_llama_bench() -> None:

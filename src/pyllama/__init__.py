@@ -15,8 +15,9 @@ from .batch import Batch
 from .chat import ChatSession, apply_template
 from .context import Context, PerfContext
 from .detokenize import StreamDecoder
-from .devices import Device, backends, devices, supports_gpu_offload, system_info
+from .devices import Device, UnavailableBackend, backends, devices, supports_gpu_offload, system_info, unavailable_backends
 from .embed import embed
+from .fit import DeviceMemory, Fit, fit_params, memory_projection
 from .errors import (
     BusyError,
     ClosedError,
@@ -64,14 +65,17 @@ from .sampling import (
     default_chain,
 )
 from .starter import starter_model_path
+from .threadpool import Threadpool
 from .vocab import Vocab
 
 __all__ = [
     "__version__", "build_info", "devices", "backends", "system_info", "supports_gpu_offload", "Device",
+    "unavailable_backends", "UnavailableBackend",
     "Model", "Vocab", "Context", "PerfContext", "Batch", "KVCache", "LoraAdapter", "StreamDecoder",
     "generate", "generate_text", "agenerate", "Generation", "TokenEvent",
     "generate_parallel", "generate_parallel_tokens", "SequenceResult",
-    "ChatSession", "apply_template", "embed", "starter_model_path",
+    "ChatSession", "apply_template", "embed", "starter_model_path", "Threadpool",
+    "Fit", "DeviceMemory", "fit_params", "memory_projection",
     "SamplerChain", "Sampler", "CustomSampler", "Candidates", "default_chain",
     "Greedy", "Dist", "TopK", "TopP", "MinP", "Typical", "Temp", "TempExt", "XTC", "TopNSigma",
     "Mirostat", "MirostatV2", "AdaptiveP", "Grammar", "Penalties", "DRY", "LogitBias", "Infill",

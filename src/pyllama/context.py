@@ -229,7 +229,18 @@ class Context(Handle):
         return int(lib.llama_n_threads_batch(self._p()))
 
     def set_threads(self, n_threads: int, n_threads_batch: int | None = None) -> None:
-        lib.llama_set_n_threads(self._p(), n_threads, n_threads if n_threads_batch is None else n_threads_batch)
+        """Threads for generation and for prompt batches (at most the attached Threadpool's size)."""
+        n_batch = n_threads if n_threads_batch is None else n_threads_batch
+        if n_threads < 1 or n_batch < 1:
+            raise ValueError("thread counts must be >= 1")
+        from .threadpool import _pool_sizes
+
+        sizes = _pool_sizes(self)
+        # ggml indexes an attached pool's threads by these counts: more would overrun it.
+        if sizes is not None and (n_threads > sizes[0] or n_batch > sizes[1]):
+            raise ValueError(f"the attached Threadpool has {sizes[0]} (batch: {sizes[1]}) threads; "
+                             "detach it or attach a larger one first")
+        lib.llama_set_n_threads(self._p(), n_threads, n_batch)
 
     # --- evaluation --------------------------------------------------------------------
     def _validate(self, batch: Batch) -> None:

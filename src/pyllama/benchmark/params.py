@@ -6,9 +6,11 @@ Mirrors ``parse_cmd_params`` and ``get_cmd_params_instances`` of the vendored
 ``first-last+step`` and ``first-last*mult``, and the matrix is enumerated in
 llama-bench's order (so a model is reloaded as rarely as possible).
 
-Options that need llama.cpp internals pyllama does not expose (CPU masks, thread
-polling, tensor overrides, fitting, NUMA, ...) accept only llama-bench's
-default, so a record never claims a setting that was not applied.
+``-C``, ``--cpu-strict``, ``--poll`` and ``--prio`` configure a
+:class:`pyllama.Threadpool` per test, as llama-bench does. Options that need
+llama.cpp internals pyllama does not expose (tensor overrides, fitting, NUMA,
+MoE weights on the CPU, ...) accept only llama-bench's default, so a record
+never claims a setting that was not applied.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable, TypeVar
+
+from ..threadpool import PRIORITIES, parse_cpu_mask
 
 T = TypeVar("T")
 
@@ -93,6 +97,7 @@ class Instance:
     repack: bool
     fit_target: int
     fit_min_ctx: int
+    prio: int = 0  # --prio: one value for the whole run, not a record field (as in llama-bench)
 
     @property
     def name(self) -> str:
@@ -127,6 +132,8 @@ class Instance:
         ]
         if self.n_cpu_moe:
             args += ["-ncmoe", str(self.n_cpu_moe)]
+        if self.prio:
+            args += ["--prio", str(self.prio)]
         if self.devices != "auto":
             args += ["-dev", self.devices]
         if any(self.tensor_split):
@@ -167,7 +174,7 @@ class Params:
     no_host: list[bool] = field(default_factory=list)
     repack: list[bool] = field(default_factory=list)
     reps: int = 5
-    prio: int = 0
+    prio: int = 0  # ggml_sched_priority: -1 low, 0 normal, 1 medium, 2 high, 3 realtime
     delay: int = 0
     verbose: bool = False
     progress: bool = False
@@ -227,7 +234,8 @@ class Params:
                                                         main_gpu=mg, no_kv_offload=nkvo, flash_attn=fa,
                                                         devices=devs, tensor_split=ts, tensor_buft_overrides="none",
                                                         embeddings=embd, no_op_offload=nopo, no_host=noh,
-                                                        repack=rpk, fit_target=0, fit_min_ctx=0)
+                                                        repack=rpk, fit_target=0, fit_min_ctx=0,
+                                                        prio=self.prio)
                                                     out += [replace(base, n_prompt=p) for p in self.n_prompt if p]
                                                     out += [replace(base, n_gen=g) for g in self.n_gen if g]
                                                     out += [replace(base, n_prompt=p, n_gen=g)
@@ -346,7 +354,7 @@ options:
   -h, --help
   --version                                   show version and build info
   -r, --repetitions <n>                       number of times to repeat each test (default: 5)
-  --prio <0>                                  process/thread priority (only the default, 0)
+  --prio <-1|0|1|2|3>                         process/thread priority (default: 0)
   --delay <0...N> (seconds)                   delay between each test (default: 0)
   -o, --output <csv|json|jsonl|md|sql>        output format printed to stdout (default: md)
   -oe, --output-err <csv|json|jsonl|md|sql>   output format printed to stderr (default: none)
@@ -366,9 +374,9 @@ test parameters:
   -ctk, --cache-type-k <t>                    (default: f16)
   -ctv, --cache-type-v <t>                    (default: f16)
   -t, --threads <n>                           (default: physical cores)
-  -C, --cpu-mask <hex,hex>                    (only the default, 0x0)
-  --cpu-strict <0|1>                          (only the default, 0)
-  --poll <0...100>                            (only the default, 50)
+  -C, --cpu-mask <hex,hex>                    (default: 0x0)
+  --cpu-strict <0|1>                          (default: 0)
+  --poll <0...100>                            (default: 50)
   -ngl, --n-gpu-layers <n>                    (default: -1)
   -ncmoe, --n-cpu-moe <n>                     (only the default, 0)
   -sm, --split-mode <none|layer|row|tensor>   (default: layer)
@@ -526,13 +534,22 @@ def parse_args(argv: list[str]) -> Params:
 
 def _check_supported(p: Params) -> None:
     """Refuse settings that pyllama's API cannot apply (a record must never claim them)."""
-    only_default: dict[str, list[object]] = {"cpu_mask": ["0x0"], "cpu_strict": [False], "poll": [50], "n_cpu_moe": [0], "no_host": [False]}
+    only_default: dict[str, list[object]] = {"n_cpu_moe": [0], "no_host": [False]}
     for name, allowed in only_default.items():
         bad = [v for v in getattr(p, name) if v not in allowed]
         if bad:
             raise UsageError(f"{name}={bad[0]!r}: pyllama bench supports only llama-bench's default ({allowed[0]!r})")
-    if p.prio != 0:
-        raise UsageError("--prio: pyllama bench supports only the default priority (0)")
+    # Checked here, not when the test's threadpool is created, so a bad value fails before any test runs.
+    for mask in p.cpu_mask:
+        try:
+            parse_cpu_mask(mask)
+        except ValueError as exc:
+            raise UsageError(f"-C/--cpu-mask: {exc}") from None
+    bad_poll = [v for v in p.poll if not 0 <= v <= 100]
+    if bad_poll:
+        raise UsageError(f"--poll {bad_poll[0]}: the polling level is 0...100")
+    if p.prio not in PRIORITIES.values():
+        raise UsageError(f"--prio {p.prio}: expected -1 (low), 0 (normal), 1 (medium), 2 (high) or 3 (realtime)")
     if "dio" in p.load_mode:
         raise UsageError("--load-mode dio is not supported by pyllama")
     if p.reps < 1:

@@ -9,7 +9,11 @@ with :class:`pyllama.Model`, :class:`pyllama.Context` and :class:`pyllama.Batch`
 * generation of N tokens: one token per decode, a synchronize after each;
 * depth: the KV cache is filled with ``n_depth`` tokens (untimed) before each
   repetition; the sequence state is saved once and restored afterwards, as
-  llama-bench does.
+  llama-bench does;
+* threads: each test's context runs on its own :class:`pyllama.Threadpool`
+  built from ``-t``, ``-C``, ``--cpu-strict``, ``--poll`` and ``--prio`` and
+  freed after the context, and a non-default ``--prio`` also sets the process
+  priority, as llama-bench does.
 
 Warm-up is llama-bench's: one full prompt run and one generated token per test
 before the timed repetitions. The timer covers exactly what llama-bench's does,
@@ -22,6 +26,7 @@ would otherwise be charged to the binding).
 from __future__ import annotations
 
 import inspect
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -154,6 +159,31 @@ class DepthCache:
     data: bytes = b""
 
 
+# common's set_process_priority on POSIX: ggml_sched_priority -> nice value
+_NICE = {-1: 5, 0: 0, 1: -5, 2: -10, 3: -20}
+_process_prio = 0
+
+
+def set_process_priority(prio: int) -> None:
+    """llama-bench's ``set_process_priority``: renice the whole process (normal leaves it alone)."""
+    global _process_prio
+    if prio == 0 or prio == _process_prio:  # normal: llama-bench leaves the process alone
+        return
+    if not hasattr(os, "setpriority"):  # llama-bench uses SetPriorityClass on Windows
+        raise BenchError(f"--prio {prio}: setting the process priority is not supported on this platform")
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, _NICE[prio])
+    except OSError as exc:
+        raise BenchError(f"failed to set process priority {prio}: {exc}") from None
+    _process_prio = prio
+
+
+def threadpool_kwargs(inst: Instance) -> dict[str, Any]:
+    """``pyllama.Threadpool`` arguments equivalent to llama-bench's per-test ``ggml_threadpool_params``."""
+    return {"n_threads": inst.n_threads, "cpu_mask": inst.cpu_mask, "strict_cpu": inst.cpu_strict,
+            "poll": inst.poll, "prio": inst.prio}
+
+
 def _devices_info() -> tuple[str, str, str]:
     devs = pyllama.devices()
     cpu = ", ".join(d.description for d in devs if d.type in ("cpu", "accel"))
@@ -175,12 +205,20 @@ class PyllamaTest:
     depth_cache: DepthCache
     rng: np.random.Generator
     ctx: pyllama.Context = field(init=False)
+    pool: pyllama.Threadpool = field(init=False)
 
     def __post_init__(self) -> None:
+        set_process_priority(self.inst.prio)
         try:
             self.ctx = self.model.context(**context_kwargs(self.inst))
         except pyllama.LlamaError as exc:
             raise BenchError(f"failed to create context with model '{self.inst.model}': {exc}") from None
+        try:
+            self.pool = pyllama.Threadpool(**threadpool_kwargs(self.inst))
+        except (ValueError, pyllama.LlamaError) as exc:
+            self.ctx.close()
+            raise BenchError(f"threadpool create failed: n_threads {self.inst.n_threads}: {exc}") from None
+        self.pool.attach(self.ctx)
         vocab = self.model.vocab
         self.n_vocab = vocab.n_tokens
         self.bos = vocab.bos if vocab.add_bos and vocab.bos is not None else None
@@ -267,7 +305,10 @@ class PyllamaTest:
         return time.perf_counter_ns() - t0
 
     def close(self) -> None:
+        # llama-bench's order: the context first, so the pool is freed at once (not kept for the context)
         self.ctx.close()
+        self.pool.close()
 
 
-__all__ = ["BenchError", "ModelCache", "DepthCache", "PyllamaTest", "model_kwargs", "context_kwargs"]
+__all__ = ["BenchError", "ModelCache", "DepthCache", "PyllamaTest", "model_kwargs", "context_kwargs",
+           "threadpool_kwargs", "set_process_priority"]
