@@ -44,7 +44,7 @@ LOCK_PATH = Path(os.environ.get("PYLLAMA_BUILD_LOCK", "/tmp/pyllama-build.lock")
 TOOLS = ("llama-bench", "llama-batched-bench", "llama-simple")
 
 # Bump when the way flags are derived changes, so old stamps stop matching.
-_RECIPE = 1
+_RECIPE = 2
 
 # ggml's x86 instruction-set options, as pyllama's CMakeLists.txt names them in
 # build_info.json "cpu_features" (one list decides them all: ON if listed).
@@ -154,6 +154,9 @@ def cmake_flags(info: dict[str, Any] | None = None) -> list[str]:
         # build-info from the pin, not from pyllama's own git repository
         f"-DLLAMA_BUILD_COMMIT={pin['upstream_commit'][:9]}", "-DLLAMA_BUILD_NUMBER=0",
         "-DGGML_CCACHE=OFF",
+        # the same GCC AMX workaround as pyllama's build (src/native/gcc_amx_workaround.cmake)
+        f"-DCMAKE_PROJECT_INCLUDE={ROOT / 'src' / 'native' / 'gcc_amx_workaround.cmake'}",
+        "-DPYLLAMA_AMX_WORKAROUND_DEFER=ON",
     ]
     raw = info.get("cpu_features") or []
     features = [str(f) for f in raw] if isinstance(raw, (list, tuple)) else [f for f in re.split(r"[;,\s]+", str(raw)) if f]
