@@ -14,7 +14,7 @@ from pyllama.benchmark.params import (
     parse_int_range,
 )
 from pyllama.benchmark.record import Record, _cpp_stdev_u64, _stdev_f
-from pyllama.benchmark.runner import threadpool_kwargs
+from pyllama.benchmark.runner import fit_context, threadpool_kwargs
 
 
 @pytest.mark.parametrize(
@@ -90,7 +90,8 @@ def test_native_args_select_one_test() -> None:
 @pytest.mark.parametrize("argv", [["-ot", "x=CPU"], ["-ncmoe", "2"], ["-lm", "dio"], ["-r", "0"], ["--bogus"],
                                   ["-fa", "maybe"], ["-ctk", "q2_k"], ["-o", "xml"], ["-C", "0xg"], ["-C", "0X1"],
                                   ["-C", "0x" + "f" * 129], ["--poll", "101"], ["--poll", "-1"], ["--prio", "4"],
-                                  ["--prio", "-2"], ["--prio", "high"], ["--cpu-strict", "2"]])
+                                  ["--prio", "-2"], ["--prio", "high"], ["--cpu-strict", "2"], ["-fitt", "-1"],
+                                  ["-fitc", "x"]])
 def test_refused(argv: list[str]) -> None:
     with pytest.raises(UsageError):
         parse_args(argv)
@@ -141,3 +142,19 @@ def test_statistics_follow_llama_bench() -> None:
     assert rec.tensor_split_str() == "0.00"
     vals = dict(zip(rec.typed_values(), rec.string_values()))
     assert vals["avg_ts"] == "75000.000000" and vals["cpu_strict"] == "0" and vals["repack"] == "1"
+
+
+def test_fit_options_make_the_matrix_and_reach_llama_cpp() -> None:
+    # llama-bench nests the fit options right under the model, so a model is fitted once per pair
+    p = parse_args(["-p", "64", "-n", "8", "-d", "16", "-fitt", "512,1024", "-fitc", "256", "-ctk", "q8_0"])
+    got = [(i.fit_target, i.fit_min_ctx, i.n_prompt, i.n_gen) for i in p.instances()]
+    assert got == [(512, 256, 64, 0), (512, 256, 0, 8), (1024, 256, 64, 0), (1024, 256, 0, 8)]
+    inst = p.instances()[0]
+    assert inst.fits and not parse_args([]).instances()[0].fits
+    assert inst.model_key() != p.instances()[2].model_key()  # another margin: another model load
+    args = inst.native_args()
+    assert args[args.index("-fitt") + 1] == "512" and args[args.index("-fitc") + 1] == "256"
+    assert "-fitt" not in parse_args([]).instances()[0].native_args()
+    # the context llama-bench fits for: prompt + generation + depth cells, the test's KV types
+    ctx = fit_context(inst)
+    assert ctx["n_ctx"] == 64 + 16 and ctx["type_k"] == "q8_0" and ctx["swa_full"] is False

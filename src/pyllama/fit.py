@@ -19,6 +19,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -87,20 +88,37 @@ def _log_level() -> int:
     return int(lib.GGML_LOG_LEVEL_ERROR)
 
 
+def _context_params(*, n_ctx: int = 0, n_batch: int = 2048, n_ubatch: int = 512, n_seq_max: int = 1,
+                    flash_attn: str | bool = "auto", type_k: str | int = "f16", type_v: str | int = "f16",
+                    kv_unified: bool = False, offload_kqv: bool = True, swa_full: bool = True) -> Any:
+    """A ``llama_context_params *`` with the Context knobs that change memory use (n_ctx 0: the fit's choice)."""
+    from .context import _FLASH, ggml_type
+
+    if flash_attn not in _FLASH:
+        raise ValueError(f"flash_attn must be 'auto', 'on' or 'off', not {flash_attn!r}")
+    if n_ctx < 0 or n_batch < 1 or n_ubatch < 1 or n_seq_max < 1:
+        raise ValueError("n_ctx must be >= 0; n_batch, n_ubatch and n_seq_max >= 1")
+    c = ffi.new("struct llama_context_params *", lib.llama_context_default_params())
+    c.n_ctx, c.n_batch, c.n_ubatch = n_ctx, n_batch, min(n_ubatch, n_batch)
+    c.n_seq_max, c.kv_unified, c.offload_kqv, c.swa_full = n_seq_max, kv_unified, offload_kqv, swa_full
+    c.flash_attn_type = _FLASH[flash_attn]
+    c.type_k, c.type_v = ggml_type(type_k), ggml_type(type_v)
+    return c
+
+
 def fit_model_params(path: Path, params: Any, keep: list[Any], *, margin_mib: int = DEFAULT_MARGIN_MIB,
-                     min_ctx: int = DEFAULT_MIN_CTX, context_params: Any = None) -> Fit:
+                     min_ctx: int = DEFAULT_MIN_CTX, context: Mapping[str, Any] | None = None) -> Fit:
     """Fit ``params`` (a ``llama_model_params`` cdata) in place; buffers it points to go into ``keep``.
 
     Only fields still at llama.cpp's defaults are changed (n_gpu_layers,
     tensor_split, tensor_buft_overrides), as llama.cpp's fit promises.
+    ``context``: the Context knobs to fit for (see :func:`memory_projection`);
+    without ``n_ctx`` the fit lowers the context before it lowers the layers.
     """
-    if min_ctx < 1:
-        raise ValueError(f"min_ctx must be >= 1, not {min_ctx}")
+    if min_ctx < 0:
+        raise ValueError(f"min_ctx must be >= 0, not {min_ctx}")
     margins = _margins(margin_mib)
-    cparams = context_params if context_params is not None else lib.llama_context_default_params()
-    cparams_copy = ffi.new("struct llama_context_params *", cparams)
-    if context_params is None:
-        cparams_copy.n_ctx = 0  # let the fit lower the context before it lowers the layers
+    cparams_copy = _context_params(**(context or {}))
     split = ffi.new("float[]", int(lib.llama_max_devices()))
     overrides = ffi.new("struct llama_model_tensor_buft_override[]", int(lib.llama_max_tensor_buft_overrides()))
     mparams = ffi.new("struct llama_model_params *", params)
@@ -133,7 +151,8 @@ def fit_model_params(path: Path, params: Any, keep: list[Any], *, margin_mib: in
     return Fit("fitted", int(params.n_gpu_layers), int(cparams_copy.n_ctx), split_t, tuple(ovr), margin_mib, seconds)
 
 
-def fit_params(path: str | os.PathLike[str], *, margin_mib: int = DEFAULT_MARGIN_MIB, min_ctx: int = DEFAULT_MIN_CTX) -> Fit:
+def fit_params(path: str | os.PathLike[str], *, margin_mib: int = DEFAULT_MARGIN_MIB, min_ctx: int = DEFAULT_MIN_CTX,
+               context: Mapping[str, Any] | None = None) -> Fit:
     """What ``Model(path)`` would offload on this machine, without loading the weights."""
     p = Path(path)
     if not p.is_file():
@@ -141,30 +160,25 @@ def fit_params(path: str | os.PathLike[str], *, margin_mib: int = DEFAULT_MARGIN
     params = lib.llama_model_default_params()
     if not has_accelerator():
         return Fit("skipped", 0, 0, (), (), margin_mib, 0.0, "no accelerator device")
-    return fit_model_params(p, params, [], margin_mib=margin_mib, min_ctx=min_ctx)
+    return fit_model_params(p, params, [], margin_mib=margin_mib, min_ctx=min_ctx, context=context)
 
 
 def memory_projection(path: str | os.PathLike[str], *, n_gpu_layers: int = -1, n_ctx: int = 4096,
-                      n_batch: int = 2048, n_ubatch: int = 512, n_seq_max: int = 1,
-                      flash_attn: str | bool = "auto", type_k: str | int = "f16", type_v: str | int = "f16",
-                      kv_unified: bool = False) -> list[DeviceMemory]:
-    """Projected memory use per device, then the host, for these settings (nothing is allocated)."""
-    from .context import _FLASH, ggml_type
+                      **context: Any) -> list[DeviceMemory]:
+    """Projected memory use per device, then the host, for these settings (nothing is allocated).
 
+    ``context``: the :class:`~pyllama.Context` knobs that change memory use:
+    ``n_batch``, ``n_ubatch``, ``n_seq_max``, ``flash_attn``, ``type_k``,
+    ``type_v``, ``kv_unified``, ``offload_kqv``, ``swa_full``.
+    """
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"model file not found: {p}")
-    if flash_attn not in _FLASH:
-        raise ValueError(f"flash_attn must be 'auto', 'on' or 'off', not {flash_attn!r}")
-    if n_ctx < 1 or n_batch < 1 or n_ubatch < 1 or n_seq_max < 1:
-        raise ValueError("n_ctx, n_batch, n_ubatch and n_seq_max must be >= 1")
+    if n_ctx < 1:
+        raise ValueError(f"n_ctx must be >= 1, not {n_ctx}")
     mparams = ffi.new("struct llama_model_params *", lib.llama_model_default_params())
     mparams.n_gpu_layers = n_gpu_layers
-    cparams = ffi.new("struct llama_context_params *", lib.llama_context_default_params())
-    cparams.n_ctx, cparams.n_batch, cparams.n_ubatch = n_ctx, n_batch, min(n_ubatch, n_batch)
-    cparams.n_seq_max, cparams.kv_unified = n_seq_max, kv_unified
-    cparams.flash_attn_type = _FLASH[flash_attn]
-    cparams.type_k, cparams.type_v = ggml_type(type_k), ggml_type(type_v)
+    cparams = _context_params(n_ctx=n_ctx, **context)
     n_rows = int(lib.llama_max_devices()) + 1
     out = ffi.new("int64_t[]", 5 * n_rows)
     devs = ffi.new("ggml_backend_dev_t[]", n_rows)
@@ -177,8 +191,8 @@ def memory_projection(path: str | os.PathLike[str], *, n_gpu_layers: int = -1, n
     rows = []
     for i in range(n):
         name = ffi.string(lib.ggml_backend_dev_name(devs[i])).decode() if devs[i] != ffi.NULL else "host"
-        total, free, model, context, compute = (int(out[5 * i + k]) for k in range(5))
-        rows.append(DeviceMemory(name, total, free, model, context, compute))
+        total, free, weights, kv, compute = (int(out[5 * i + k]) for k in range(5))
+        rows.append(DeviceMemory(name, total, free, weights, kv, compute))
     return rows
 
 

@@ -73,8 +73,10 @@ class Model(Handle):
     ``n_gpu_layers="auto"`` (the default) asks llama.cpp's own parameter
     fitting how many layers to offload so each accelerator keeps
     ``fit_margin_mib`` free with a context of at least ``fit_min_ctx`` (see
-    :mod:`pyllama.fit`); ``model.fit`` records what it chose. Without an
-    accelerator the model stays on the CPU.
+    :mod:`pyllama.fit`); ``fit_context`` names the context to fit for
+    (``n_ctx``, ``n_ubatch``, ``type_k``, ...: what :func:`pyllama.memory_projection`
+    takes). ``model.fit`` records what it chose. Without an accelerator the
+    model stays on the CPU.
 
     ``close()`` (or leaving the ``with`` block) frees the weights at once,
     closing the model's contexts and adapters first.
@@ -103,6 +105,7 @@ class Model(Handle):
         kv_overrides: Mapping[str, int | float | bool | str] | None = None,
         fit_margin_mib: int = DEFAULT_MARGIN_MIB,
         fit_min_ctx: int = DEFAULT_MIN_CTX,
+        fit_context: Mapping[str, Any] | None = None,
         progress: ProgressArg = None,
     ) -> None:
         self.path = Path(path)
@@ -147,7 +150,8 @@ class Model(Handle):
             keep.append(ov)
             params.kv_overrides = ov
         # Last, so the fit sees every other setting (devices, split mode, overrides).
-        self.fit = _resolve_gpu_layers(n_gpu_layers, self.path, params, keep, fit_margin_mib, fit_min_ctx)
+        self.fit = _resolve_gpu_layers(n_gpu_layers, self.path, params, keep, fit_margin_mib, fit_min_ctx,
+                                       fit_context)
         reporter = _progress.reporter(progress, f"loading {self.path.name}")
         if reporter is not None:
             handle = ffi.new_handle(reporter)
@@ -296,13 +300,13 @@ class Model(Handle):
 
 
 def _resolve_gpu_layers(n: GpuLayers, path: Path, params: Any, keep: list[Any], margin_mib: int,
-                        min_ctx: int) -> Fit:
+                        min_ctx: int, context: Mapping[str, Any] | None) -> Fit:
     """Set ``params.n_gpu_layers`` (and, when fitted, tensor split and overrides)."""
     if n == "auto":
         if not has_accelerator():
             params.n_gpu_layers = 0
             return Fit("skipped", 0, 0, (), (), margin_mib, 0.0, "no accelerator device")
-        result = fit_model_params(path, params, keep, margin_mib=margin_mib, min_ctx=min_ctx)
+        result = fit_model_params(path, params, keep, margin_mib=margin_mib, min_ctx=min_ctx, context=context)
         if result.status == "fitted":
             logger.info("n_gpu_layers=auto: llama.cpp's fit offloads %s layers%s (context %s, margin %d MiB, %.2fs)",
                         "all" if result.n_gpu_layers < 0 else result.n_gpu_layers,

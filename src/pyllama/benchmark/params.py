@@ -8,7 +8,7 @@ llama-bench's order (so a model is reloaded as rarely as possible).
 
 ``-C``, ``--cpu-strict``, ``--poll`` and ``--prio`` configure a
 :class:`pyllama.Threadpool` per test, as llama-bench does. Options that need
-llama.cpp internals pyllama does not expose (tensor overrides, fitting, NUMA,
+llama.cpp internals pyllama does not expose (tensor overrides, NUMA,
 MoE weights on the CPU, ...) accept only llama-bench's default, so a record
 never claims a setting that was not applied.
 """
@@ -113,7 +113,13 @@ class Instance:
     def model_key(self) -> tuple[object, ...]:
         """What ``equal_mparams`` compares: equal keys share one loaded model."""
         return (self.model, self.n_gpu_layers, self.n_cpu_moe, self.split_mode, self.main_gpu, self.tensor_split,
-                self.load_mode, self.lazy_mode, self.devices, self.no_host, self.repack, self.tensor_buft_overrides)
+                self.load_mode, self.lazy_mode, self.devices, self.no_host, self.repack, self.tensor_buft_overrides,
+                self.fit_target, self.fit_min_ctx)
+
+    @property
+    def fits(self) -> bool:
+        """llama-bench's ``do_fit``: either fit option differs from its default (0)."""
+        return self.fit_target != 0 or self.fit_min_ctx != 0
 
     def native_args(self) -> list[str]:
         """llama-bench arguments that select exactly this one test."""
@@ -132,6 +138,8 @@ class Instance:
         ]
         if self.n_cpu_moe:
             args += ["-ncmoe", str(self.n_cpu_moe)]
+        if self.fits:
+            args += ["-fitt", str(self.fit_target), "-fitc", str(self.fit_min_ctx)]
         if self.prio:
             args += ["--prio", str(self.prio)]
         if self.devices != "auto":
@@ -173,6 +181,8 @@ class Params:
     no_op_offload: list[bool] = field(default_factory=list)
     no_host: list[bool] = field(default_factory=list)
     repack: list[bool] = field(default_factory=list)
+    fit_target: list[int] = field(default_factory=list)  # MiB to leave free per device; 0: no fitting
+    fit_min_ctx: list[int] = field(default_factory=list)
     reps: int = 5
     prio: int = 0  # ggml_sched_priority: -1 low, 0 normal, 1 medium, 2 high, 3 realtime
     delay: int = 0
@@ -195,7 +205,7 @@ class Params:
     def instances(self) -> list[Instance]:
         """The test matrix, in llama-bench's nesting order."""
         out: list[Instance] = []
-        for m in self.model:
+        for m, fpt, fpc in ((m, t, c) for m in self.model for t in self.fit_target for c in self.fit_min_ctx):
             for nl in self.n_gpu_layers:
                 for ncmoe in self.n_cpu_moe:
                     for sm in self.split_mode:
@@ -208,8 +218,10 @@ class Params:
                                                 for rpk in self.repack:
                                                     for embd in self.embeddings:
                                                         for nopo in self.no_op_offload:
-                                                            out += self._inner(m, nl, ncmoe, sm, lm, lzm, mg, devs,
-                                                                               ts, noh, rpk, embd, nopo)
+                                                            out += [replace(i, fit_target=fpt, fit_min_ctx=fpc)
+                                                                    for i in self._inner(m, nl, ncmoe, sm, lm, lzm, mg,
+                                                                                         devs, ts, noh, rpk, embd,
+                                                                                         nopo)]
         return out
 
     def _inner(self, m: str, nl: int, ncmoe: int, sm: str, lm: str, lzm: str, mg: int, devs: str,
@@ -256,7 +268,7 @@ def defaults() -> Params:
         cpu_mask=["0x0"], cpu_strict=[False], poll=[50], n_gpu_layers=[-1], n_cpu_moe=[0], split_mode=["layer"],
         load_mode=["auto"], lazy_mode=["auto"], main_gpu=[0], no_kv_offload=[False], flash_attn=[FLASH_ATTN_AUTO],
         devices=["auto"], tensor_split=[(0.0,) * LLAMA_MAX_DEVICES], embeddings=[False], no_op_offload=[False],
-        no_host=[False], repack=[True],
+        no_host=[False], repack=[True], fit_target=[0], fit_min_ctx=[0],
     )
 
 
@@ -297,6 +309,13 @@ def parse_int_range(s: str, allow_negative: bool = False) -> list[int]:
 
 def _split(s: str, conv: Callable[[str], T]) -> list[T]:
     return [conv(tok) for tok in s.split(",")]
+
+
+def _non_negative(s: str) -> int:
+    v = int(s)
+    if v < 0:
+        raise UsageError(f'invalid value: "{s}" (must be >= 0)')
+    return v
 
 
 def _bool01(s: str) -> bool:
@@ -391,6 +410,9 @@ test parameters:
   -nopo, --no-op-offload <0|1>                (default: 0)
   --no-host <0|1>                             (only the default, 0)
   --repack <0|1>                              (default: 1)
+  -fitt, --fit-target <MiB>                   fit to device memory leaving this margin per device,
+                                              through llama.cpp's own fit (default: off)
+  -fitc, --fit-ctx <n>                        minimum context size the fit may choose (default: 0)
 
 pyllama options:
   --native                  run the same matrix with llama.cpp's own llama-bench, interleaved,
@@ -459,8 +481,12 @@ def parse_args(argv: list[str]) -> Params:
         "--no-op-offload": ("no_op_offload", lambda s: list(_split(s, _bool01))),
         "--no-host": ("no_host", lambda s: list(_split(s, _bool01))),
         "--repack": ("repack", lambda s: list(_split(s, _bool01))),
+        "-fitt": ("fit_target", lambda s: list(_split(s, _non_negative))),
+        "--fit-target": ("fit_target", lambda s: list(_split(s, _non_negative))),
+        "-fitc": ("fit_min_ctx", lambda s: list(_split(s, _non_negative))),
+        "--fit-ctx": ("fit_min_ctx", lambda s: list(_split(s, _non_negative))),
     }
-    unsupported = {"-ot", "--override-tensor", "-fitt", "--fit-target", "-fitc", "--fit-ctx", "--numa",
+    unsupported = {"-ot", "--override-tensor", "--numa",
                    "-rpc", "--rpc", "-hf", "-hfr", "--hf-repo", "-hff", "--hf-file", "-hft", "--hf-token"}
 
     while i < len(argv):

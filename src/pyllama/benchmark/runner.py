@@ -127,6 +127,13 @@ def context_kwargs(inst: Instance) -> dict[str, Any]:
     }
 
 
+def fit_context(inst: Instance) -> dict[str, Any]:
+    """The context llama-bench fits for: ``to_llama_cparams`` with n_ctx = prompt + generation + depth."""
+    kw = context_kwargs(inst)
+    return {k: kw[k] for k in ("n_ctx", "n_batch", "n_ubatch", "flash_attn", "type_k", "type_v", "swa_full")} | {
+        "offload_kqv": not inst.no_kv_offload}
+
+
 class ModelCache:
     """Keeps one model loaded while consecutive tests share its parameters (llama-bench's ``equal_mparams``)."""
 
@@ -137,9 +144,13 @@ class ModelCache:
     def get(self, inst: Instance) -> pyllama.Model:
         key = inst.model_key()
         if self.model is None or key != self.key:
-            self.close()
+            self.close()  # before a fit, too: it must see the devices' whole free memory
+            kwargs = model_kwargs(inst)
+            if inst.fits:  # llama-bench's do_fit: llama.cpp's fit chooses layers and split
+                kwargs.update(n_gpu_layers="auto", tensor_split=None, fit_margin_mib=inst.fit_target,
+                              fit_min_ctx=inst.fit_min_ctx, fit_context=fit_context(inst))
             try:
-                self.model = pyllama.Model(inst.model, **model_kwargs(inst))
+                self.model = pyllama.Model(inst.model, **kwargs)
             except pyllama.LlamaError as exc:
                 raise BenchError(f"failed to load model '{inst.model}': {exc}") from None
             self.key = key
