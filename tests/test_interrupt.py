@@ -12,7 +12,11 @@ from pathlib import Path
 import pytest
 
 SCRIPT = r"""
-import sys, numpy as np, pyllama
+import signal, sys, numpy as np, pyllama
+# A suite started as a background job (nohup, `&` in a script) passes SIGINT on
+# ignored, and Python then keeps it ignored; a program run from a terminal has
+# the default handler, which is the case under test.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 model = pyllama.Model(sys.argv[1])
 ctx = model.context(n_ctx=4096, n_batch=4096, n_ubatch=16, n_threads=1)
 toks = np.resize(model.tokenize("Hello world the cat sat", add_special=False), 4000).astype(np.int32)

@@ -291,25 +291,32 @@ class Context(Handle):
             ptr = self._ptr
             if ptr is None:
                 self._p()  # raises ClosedError
-            st = self._abort
-            st.flag = 0
-            st.interrupted = 0
-            st.check_signals = threading.get_ident() == _MAIN_THREAD_ID
+            st = self._arm_abort()
             rc = lib.llama_decode(ptr, batch._struct[0])
-            if rc != 0:
+            # A Ctrl-C seen by the abort callback at the graph's last node still
+            # returns 0: it must not be lost, so it counts as an interruption too.
+            if rc != 0 or st.interrupted:
                 self._decode_failed(batch, rc)
+
+    def _arm_abort(self) -> Any:
+        st = self._abort
+        st.flag = 0
+        st.interrupted = 0
+        st.check_signals = threading.get_ident() == _MAIN_THREAD_ID
+        return st
 
     def _decode_failed(self, batch: Batch, rc: int) -> None:
         n = batch.n_tokens
         seqs = batch.seq_id[:n, 0]
-        if rc in (2, -2) or rc < -1:
+        interrupted = bool(self._abort.interrupted)
+        if rc in (2, -2) or rc < -1 or interrupted:
             # Processed ubatches stay in memory: drop them so the context is consistent.
             mem = lib.llama_get_memory(self._ptr)
             for s in np.unique(seqs):
                 p0 = int(batch.pos[:n][seqs == s].min())
                 lib.llama_memory_seq_rm(mem, int(s), p0, -1)
                 self._seq_tokens.forget(int(s))
-        if rc == 2 and self._abort.interrupted:
+        if interrupted:
             raise KeyboardInterrupt
         if rc == 2:
             raise DecodeAbortedError("llama_decode aborted; the batch's partial work was removed", rc)
@@ -319,7 +326,11 @@ class Context(Handle):
         """Run the encoder (encoder-decoder and embedding models)."""
         self._validate(batch)
         with self._lock:
-            check_decode(lib.llama_encode(self._p(), batch._native()), "llama_encode")
+            st = self._arm_abort()
+            rc = lib.llama_encode(self._p(), batch._native())
+            if st.interrupted:
+                raise KeyboardInterrupt
+            check_decode(rc, "llama_encode")
 
     def abort(self) -> None:
         """Ask a decode running in another thread to stop at the next graph node."""
