@@ -151,7 +151,8 @@ total_steps=${progress#*/}
 echo "--- build log tail" >&2
 tail -n 15 "$bld_log" >&2
 if [ $rc -eq 0 ]; then
-  so=$(find "$bdir" -name libggml-cuda.so -print -quit)
+  so=$(find "$bdir" -name libggml-cuda.so -type f -newer "$start_file" -print -quit)
+  [ -n "$so" ] || so=$(find "$bdir" -name libggml-cuda.so -type f -print -quit)
   log "OK: built and linked in ${secs}s (sm_$arch, nvcc $cuda_ver, cuBLAS $cublas_ver)"
   log "$(stat -c %s "$so") bytes: $so"
   log "needs at run time: $(readelf -d "$so" | sed -n 's/.*Shared library: \[\(.*\)\]/\1/p' | tr '\n' ' ')"
