@@ -37,6 +37,16 @@ DEFINE_PREFIXES = ("LLAMA_", "GGML_", "GGUF_")
 # Our own C, compiled into the module beside the binding. Kept tiny: an abort
 # callback that never re-enters Python on the hot path, and a silent logger that
 # replaces the Python one at interpreter exit.
+# Defined in libpyllama-fit (src/native/fit.cpp); the module links against it.
+FIT_DECLS = """int32_t pyllama_fit_params(const char * path_model, struct llama_model_params * mparams,
+                           struct llama_context_params * cparams, float * tensor_split,
+                           struct llama_model_tensor_buft_override * tensor_buft_overrides,
+                           size_t * margins, uint32_t n_ctx_min, int32_t log_level);
+int32_t pyllama_fit_memory(const char * path_model, const struct llama_model_params * mparams,
+                           const struct llama_context_params * cparams, int64_t * out,
+                           ggml_backend_dev_t * devices, int32_t max_rows, int32_t log_level);
+"""
+
 C_SOURCE = r"""
 #include <stdint.h>
 #include <time.h>
@@ -92,14 +102,7 @@ void pyllama_log_silent(enum ggml_log_level level, const char * text, void * use
 }
 
 /* libpyllama-fit (src/native/fit.cpp): llama.cpp's common/fit.cpp behind a C ABI. */
-int32_t pyllama_fit_params(const char * path_model, struct llama_model_params * mparams,
-                           struct llama_context_params * cparams, float * tensor_split,
-                           struct llama_model_tensor_buft_override * tensor_buft_overrides,
-                           size_t * margins, uint32_t n_ctx_min, int32_t log_level);
-int32_t pyllama_fit_memory(const char * path_model, const struct llama_model_params * mparams,
-                           const struct llama_context_params * cparams, int64_t * out,
-                           ggml_backend_dev_t * devices, int32_t max_rows, int32_t log_level);
-
+@FIT_DECLS@
 /* The C baseline of pyllama.generate's loop, for measuring the binding's
    per-token overhead in one process: sample from the last logits, decode the
    token at the next position, n times (the last token is sampled, not decoded). */
@@ -138,14 +141,7 @@ typedef struct pyllama_abort_state {
 } pyllama_abort_state;
 bool pyllama_abort_callback(void * data);
 void pyllama_log_silent(enum ggml_log_level level, const char * text, void * user_data);
-int32_t pyllama_fit_params(const char * path_model, struct llama_model_params * mparams,
-                           struct llama_context_params * cparams, float * tensor_split,
-                           struct llama_model_tensor_buft_override * tensor_buft_overrides,
-                           size_t * margins, uint32_t n_ctx_min, int32_t log_level);
-int32_t pyllama_fit_memory(const char * path_model, const struct llama_model_params * mparams,
-                           const struct llama_context_params * cparams, int64_t * out,
-                           ggml_backend_dev_t * devices, int32_t max_rows, int32_t log_level);
-int32_t pyllama_c_generate_loop(struct llama_context * ctx, struct llama_sampler * smpl,
+@FIT_DECLS@int32_t pyllama_c_generate_loop(struct llama_context * ctx, struct llama_sampler * smpl,
                                 int32_t pos0, int32_t n, llama_token * out);
 
 extern "Python" void _pyllama_log(enum ggml_log_level, const char *, void *);
@@ -304,7 +300,7 @@ def collect_defines(include_dirs: list[Path]) -> list[str]:
 
 def build_cdef(include_dirs: list[Path], cc: str) -> str:
     decls, _ = collect(include_dirs, cc)
-    return "\n".join(decls + collect_defines(include_dirs)) + "\n" + C_CDEF
+    return "\n".join(decls + collect_defines(include_dirs)) + "\n" + C_CDEF.replace("@FIT_DECLS@", FIT_DECLS)
 
 
 def bound_functions(include_dirs: list[Path], cc: str | None = None) -> list[str]:
@@ -333,7 +329,7 @@ def emit(
         cdef_out.write_text(cdef)
     ffi = cffi.FFI()
     ffi.cdef(cdef)
-    source = C_SOURCE.replace("@VERSION@", _c_string(version))
+    source = C_SOURCE.replace("@VERSION@", _c_string(version)).replace("@FIT_DECLS@", FIT_DECLS)
     ffi.set_source("pyllama._cffi", source.replace("@BUILD_INFO@", _c_string(build_info)))
     tmp = out.with_suffix(".tmp.c")
     ffi.emit_c_code(str(tmp))
