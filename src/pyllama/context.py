@@ -52,6 +52,34 @@ def ggml_type_name(value: int) -> str:
     return ffi.string(lib.ggml_type_name(value)).decode() if hasattr(lib, "ggml_type_name") else str(value)
 
 
+def set_memory_params(p: Any, *, n_ctx: object, n_batch: int = 2048, n_ubatch: int = 512, n_seq_max: int = 1,
+                      flash_attn: FlashAttn = "auto", type_k: str | int = "f16", type_v: str | int = "f16",
+                      kv_unified: bool = False, offload_kqv: bool = True, swa_full: bool = True) -> None:
+    """Validate and set the ``llama_context_params`` knobs that decide a context's memory.
+
+    Shared by :class:`Context` and :mod:`pyllama.fit` (which fits and projects
+    for a context it does not create), so both read the knobs the same way.
+    """
+    if not isinstance(n_ctx, int) or isinstance(n_ctx, bool) or n_ctx < 0:
+        raise ValueError(f"n_ctx must be a non-negative int or 'auto', not {n_ctx!r}")
+    if n_batch < 1 or n_ubatch < 1 or n_seq_max < 1:
+        raise ValueError("n_batch, n_ubatch and n_seq_max must be >= 1")
+    if n_seq_max > lib.llama_max_parallel_sequences():
+        raise ValueError(f"n_seq_max={n_seq_max} exceeds llama.cpp's limit {lib.llama_max_parallel_sequences()}")
+    if flash_attn not in _FLASH:
+        raise ValueError(f"flash_attn must be 'auto', 'on' or 'off', not {flash_attn!r}")
+    p.n_ctx = n_ctx
+    p.n_batch = n_batch
+    p.n_ubatch = min(n_ubatch, n_batch)
+    p.n_seq_max = n_seq_max
+    p.flash_attn_type = _FLASH[flash_attn]
+    p.type_k = ggml_type(type_k)
+    p.type_v = ggml_type(type_v)
+    p.kv_unified = kv_unified
+    p.offload_kqv = offload_kqv
+    p.swa_full = swa_full
+
+
 def default_threads() -> int:
     """The CPUs this process may run on (llama.cpp's own default of 4 oversubscribes small machines)."""
     try:
@@ -134,29 +162,16 @@ class Context(Handle):
             n_ctx = min(int(lib.llama_model_n_ctx_train(mp)), AUTO_CTX_CAP)
             if model.fit.n_ctx > 0:  # the fit lowered the context to make the layers fit
                 n_ctx = min(n_ctx, model.fit.n_ctx)
-        if not isinstance(n_ctx, int) or n_ctx < 0:
-            raise ValueError(f"n_ctx must be a non-negative int or 'auto', not {n_ctx!r}")
-        if n_batch < 1 or n_ubatch < 1 or n_seq_max < 1:
-            raise ValueError("n_batch, n_ubatch and n_seq_max must be >= 1")
-        if n_seq_max > lib.llama_max_parallel_sequences():
-            raise ValueError(f"n_seq_max={n_seq_max} exceeds llama.cpp's limit {lib.llama_max_parallel_sequences()}")
-        if flash_attn not in _FLASH:
-            raise ValueError(f"flash_attn must be 'auto', 'on' or 'off', not {flash_attn!r}")
+        set_memory_params(p, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch, n_seq_max=n_seq_max,
+                          flash_attn=flash_attn, type_k=type_k, type_v=type_v, kv_unified=kv_unified,
+                          offload_kqv=offload_kqv, swa_full=swa_full)
         for name, table, value in (("pooling", _POOLING, pooling), ("attention", _ATTENTION, attention),
                                    ("rope_scaling", _ROPE_SCALING, rope_scaling)):
             if value not in table:
                 raise ValueError(f"{name} must be one of {[k for k in table if k]}, not {value!r}")
         threads = default_threads() if n_threads is None else n_threads
-        p.n_ctx = n_ctx
-        p.n_batch = n_batch
-        p.n_ubatch = min(n_ubatch, n_batch)
-        p.n_seq_max = n_seq_max
         p.n_threads = threads
         p.n_threads_batch = threads if n_threads_batch is None else n_threads_batch
-        p.flash_attn_type = _FLASH[flash_attn]
-        p.type_k = ggml_type(type_k)
-        p.type_v = ggml_type(type_v)
-        p.offload_kqv = offload_kqv
         p.op_offload = op_offload
         p.embeddings = embeddings
         p.pooling_type = _POOLING[pooling]
@@ -169,8 +184,6 @@ class Context(Handle):
         p.yarn_beta_fast = yarn_beta_fast
         p.yarn_beta_slow = yarn_beta_slow
         p.yarn_orig_ctx = yarn_orig_ctx
-        p.swa_full = swa_full
-        p.kv_unified = kv_unified
         p.no_perf = no_perf
         # The abort flag lives in C memory owned by this object; ggml polls it.
         self._abort = ffi.new("pyllama_abort_state *")

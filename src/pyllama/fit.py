@@ -88,21 +88,12 @@ def _log_level() -> int:
     return int(lib.GGML_LOG_LEVEL_ERROR)
 
 
-def _context_params(*, n_ctx: int = 0, n_batch: int = 2048, n_ubatch: int = 512, n_seq_max: int = 1,
-                    flash_attn: str | bool = "auto", type_k: str | int = "f16", type_v: str | int = "f16",
-                    kv_unified: bool = False, offload_kqv: bool = True, swa_full: bool = True) -> Any:
+def _context_params(*, n_ctx: int = 0, **knobs: Any) -> Any:
     """A ``llama_context_params *`` with the Context knobs that change memory use (n_ctx 0: the fit's choice)."""
-    from .context import _FLASH, ggml_type
+    from .context import set_memory_params
 
-    if flash_attn not in _FLASH:
-        raise ValueError(f"flash_attn must be 'auto', 'on' or 'off', not {flash_attn!r}")
-    if n_ctx < 0 or n_batch < 1 or n_ubatch < 1 or n_seq_max < 1:
-        raise ValueError("n_ctx must be >= 0; n_batch, n_ubatch and n_seq_max >= 1")
     c = ffi.new("struct llama_context_params *", lib.llama_context_default_params())
-    c.n_ctx, c.n_batch, c.n_ubatch = n_ctx, n_batch, min(n_ubatch, n_batch)
-    c.n_seq_max, c.kv_unified, c.offload_kqv, c.swa_full = n_seq_max, kv_unified, offload_kqv, swa_full
-    c.flash_attn_type = _FLASH[flash_attn]
-    c.type_k, c.type_v = ggml_type(type_k), ggml_type(type_v)
+    set_memory_params(c, n_ctx=n_ctx, **knobs)
     return c
 
 
@@ -174,8 +165,8 @@ def memory_projection(path: str | os.PathLike[str], *, n_gpu_layers: int = -1, n
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"model file not found: {p}")
-    if n_ctx < 1:
-        raise ValueError(f"n_ctx must be >= 1, not {n_ctx}")
+    if n_ctx == 0:  # 0 would mean "the training context" to llama.cpp: say a size
+        raise ValueError("n_ctx must be >= 1 for a projection")
     mparams = ffi.new("struct llama_model_params *", lib.llama_model_default_params())
     mparams.n_gpu_layers = n_gpu_layers
     cparams = _context_params(n_ctx=n_ctx, **context)

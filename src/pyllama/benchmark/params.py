@@ -442,50 +442,49 @@ def parse_args(argv: list[str]) -> Params:
             raise UsageError(f"missing value for argument: {argv[i - 1]}")
         return argv[i]
 
-    list_opts: dict[str, tuple[str, Callable[[str], list[object]]]] = {
-        "-m": ("model", lambda s: list(s.split(","))), "--model": ("model", lambda s: list(s.split(","))),
-        "-p": ("n_prompt", lambda s: list(parse_int_range(s))), "--n-prompt": ("n_prompt", lambda s: list(parse_int_range(s))),
-        "-n": ("n_gen", lambda s: list(parse_int_range(s))), "--n-gen": ("n_gen", lambda s: list(parse_int_range(s))),
-        "-d": ("n_depth", lambda s: list(parse_int_range(s))), "--n-depth": ("n_depth", lambda s: list(parse_int_range(s))),
-        "-b": ("n_batch", lambda s: list(parse_int_range(s))), "--batch-size": ("n_batch", lambda s: list(parse_int_range(s))),
-        "-ub": ("n_ubatch", lambda s: list(parse_int_range(s))),
-        "--ubatch-size": ("n_ubatch", lambda s: list(parse_int_range(s))),
-        "-ctk": ("type_k", lambda s: list(_split(s, _choice(CACHE_TYPES, "cache type")))),
-        "--cache-type-k": ("type_k", lambda s: list(_split(s, _choice(CACHE_TYPES, "cache type")))),
-        "-ctv": ("type_v", lambda s: list(_split(s, _choice(CACHE_TYPES, "cache type")))),
-        "--cache-type-v": ("type_v", lambda s: list(_split(s, _choice(CACHE_TYPES, "cache type")))),
-        "-t": ("n_threads", lambda s: list(parse_int_range(s))), "--threads": ("n_threads", lambda s: list(parse_int_range(s))),
-        "-C": ("cpu_mask", lambda s: list(s.split(","))), "--cpu-mask": ("cpu_mask", lambda s: list(s.split(","))),
-        "--cpu-strict": ("cpu_strict", lambda s: list(_split(s, _bool01))),
-        "--poll": ("poll", lambda s: list(parse_int_range(s))),
-        "-ngl": ("n_gpu_layers", lambda s: list(parse_int_range(s, True))),
-        "--n-gpu-layers": ("n_gpu_layers", lambda s: list(parse_int_range(s, True))),
-        "-ncmoe": ("n_cpu_moe", lambda s: list(parse_int_range(s))),
-        "--n-cpu-moe": ("n_cpu_moe", lambda s: list(parse_int_range(s))),
-        "-sm": ("split_mode", lambda s: list(_split(s, _choice(SPLIT_MODES, "split mode")))),
-        "--split-mode": ("split_mode", lambda s: list(_split(s, _choice(SPLIT_MODES, "split mode")))),
-        "-lm": ("load_mode", lambda s: list(_split(s, _choice(LOAD_MODES, "load mode")))),
-        "--load-mode": ("load_mode", lambda s: list(_split(s, _choice(LOAD_MODES, "load mode")))),
-        "-lzm": ("lazy_mode", lambda s: list(_split(s, _choice(LAZY_MODES, "lazy mode")))),
-        "--lazy-mode": ("lazy_mode", lambda s: list(_split(s, _choice(LAZY_MODES, "lazy mode")))),
-        "-nkvo": ("no_kv_offload", lambda s: list(_split(s, _bool01))),
-        "--no-kv-offload": ("no_kv_offload", lambda s: list(_split(s, _bool01))),
-        "-fa": ("flash_attn", lambda s: list(_split(s, _flash_attn))),
-        "--flash-attn": ("flash_attn", lambda s: list(_split(s, _flash_attn))),
-        "-dev": ("devices", lambda s: list(_split(s, _devices))), "--device": ("devices", lambda s: list(_split(s, _devices))),
-        "-ts": ("tensor_split", lambda s: list(_split(s, _tensor_split))),
-        "--tensor-split": ("tensor_split", lambda s: list(_split(s, _tensor_split))),
-        "-embd": ("embeddings", lambda s: list(_split(s, _bool01))),
-        "--embeddings": ("embeddings", lambda s: list(_split(s, _bool01))),
-        "-nopo": ("no_op_offload", lambda s: list(_split(s, _bool01))),
-        "--no-op-offload": ("no_op_offload", lambda s: list(_split(s, _bool01))),
-        "--no-host": ("no_host", lambda s: list(_split(s, _bool01))),
-        "--repack": ("repack", lambda s: list(_split(s, _bool01))),
-        "-fitt": ("fit_target", lambda s: list(_split(s, _non_negative))),
-        "--fit-target": ("fit_target", lambda s: list(_split(s, _non_negative))),
-        "-fitc": ("fit_min_ctx", lambda s: list(_split(s, _non_negative))),
-        "--fit-ctx": ("fit_min_ctx", lambda s: list(_split(s, _non_negative))),
-    }
+    def ints(s: str) -> list[object]:
+        return list(parse_int_range(s))
+
+    def signed_ints(s: str) -> list[object]:  # only -ngl takes negative values
+        return list(parse_int_range(s, True))
+
+    def strs(s: str) -> list[object]:
+        return list(s.split(","))
+
+    def each(conv: Callable[[str], object]) -> Callable[[str], list[object]]:
+        return lambda s: list(_split(s, conv))
+
+    # llama-bench's list options: every spelling, the Params field, the parser of one value list.
+    options: list[tuple[tuple[str, ...], str, Callable[[str], list[object]]]] = [
+        (("-m", "--model"), "model", strs),
+        (("-p", "--n-prompt"), "n_prompt", ints),
+        (("-n", "--n-gen"), "n_gen", ints),
+        (("-d", "--n-depth"), "n_depth", ints),
+        (("-b", "--batch-size"), "n_batch", ints),
+        (("-ub", "--ubatch-size"), "n_ubatch", ints),
+        (("-ctk", "--cache-type-k"), "type_k", each(_choice(CACHE_TYPES, "cache type"))),
+        (("-ctv", "--cache-type-v"), "type_v", each(_choice(CACHE_TYPES, "cache type"))),
+        (("-t", "--threads"), "n_threads", ints),
+        (("-C", "--cpu-mask"), "cpu_mask", strs),
+        (("--cpu-strict",), "cpu_strict", each(_bool01)),
+        (("--poll",), "poll", ints),
+        (("-ngl", "--n-gpu-layers"), "n_gpu_layers", signed_ints),
+        (("-ncmoe", "--n-cpu-moe"), "n_cpu_moe", ints),
+        (("-sm", "--split-mode"), "split_mode", each(_choice(SPLIT_MODES, "split mode"))),
+        (("-lm", "--load-mode"), "load_mode", each(_choice(LOAD_MODES, "load mode"))),
+        (("-lzm", "--lazy-mode"), "lazy_mode", each(_choice(LAZY_MODES, "lazy mode"))),
+        (("-nkvo", "--no-kv-offload"), "no_kv_offload", each(_bool01)),
+        (("-fa", "--flash-attn"), "flash_attn", each(_flash_attn)),
+        (("-dev", "--device"), "devices", each(_devices)),
+        (("-ts", "--tensor-split"), "tensor_split", each(_tensor_split)),
+        (("-embd", "--embeddings"), "embeddings", each(_bool01)),
+        (("-nopo", "--no-op-offload"), "no_op_offload", each(_bool01)),
+        (("--no-host",), "no_host", each(_bool01)),
+        (("--repack",), "repack", each(_bool01)),
+        (("-fitt", "--fit-target"), "fit_target", each(_non_negative)),
+        (("-fitc", "--fit-ctx"), "fit_min_ctx", each(_non_negative)),
+    ]
+    list_opts = {name: (fld, conv) for names, fld, conv in options for name in names}
     unsupported = {"-ot", "--override-tensor", "--numa",
                    "-rpc", "--rpc", "-hf", "-hfr", "--hf-repo", "-hff", "--hf-file", "-hft", "--hf-token"}
 
