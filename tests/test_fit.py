@@ -83,3 +83,21 @@ def test_auto_without_accelerator_stays_on_cpu(synth_model_path: Path) -> None:
     assert pyllama.fit_params(synth_model_path).status == "skipped"
     with pyllama.Model(synth_model_path, n_gpu_layers=3) as model:
         assert model.fit.status == "skipped" and model.fit.reason == "n_gpu_layers given"
+
+
+def test_bench_fits_again_for_every_test(synth_model_path: Path) -> None:
+    """llama-bench refits (and reloads) per test when -fitt/-fitc are given: the fit depends on the test's context."""
+    from pyllama.benchmark.params import parse_args
+    from pyllama.benchmark.runner import ModelCache
+
+    first, second = parse_args(["-m", str(synth_model_path), "-p", "16", "-n", "4", "-fitt", "64"]).instances()
+    plain = parse_args(["-m", str(synth_model_path), "-p", "16", "-n", "4"]).instances()
+    cache = ModelCache()
+    try:
+        m1 = cache.get(first)
+        m2 = cache.get(second)
+        assert m2 is not m1 and m1.closed
+        m3 = cache.get(plain[0])
+        assert cache.get(plain[1]) is m3  # without a fit, consecutive tests share the model
+    finally:
+        cache.close()

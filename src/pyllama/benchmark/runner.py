@@ -143,7 +143,8 @@ class ModelCache:
 
     def get(self, inst: Instance) -> pyllama.Model:
         key = inst.model_key()
-        if self.model is None or key != self.key:
+        # With a fit llama-bench reloads for every test: the fit depends on the test's context.
+        if self.model is None or key != self.key or inst.fits:
             self.close()  # before a fit, too: it must see the devices' whole free memory
             kwargs = model_kwargs(inst)
             if inst.fits:  # llama-bench's do_fit: llama.cpp's fit chooses layers and split
