@@ -88,6 +88,28 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+# ggml's own limit: the length of its thread pools' CPU masks (ggml.h GGML_MAX_N_THREADS). More
+# threads than that overrun ggml's per-thread arrays; llama.cpp itself checks nothing (issue 11:
+# set_threads(100000) crashed at the next decode).
+MAX_THREADS = int(lib.GGML_MAX_N_THREADS)
+
+
+def check_threads(name: str, n: object) -> int:
+    """Validate a thread count: an int in [1, MAX_THREADS].
+
+    0 and negative counts are refused (llama.cpp gives them no meaning). Counts
+    above the CPUs this process may use (:func:`default_threads`) are allowed,
+    as llama.cpp allows them, but only slow ggml down: its workers spin at
+    barriers, so oversubscribed threads wait for each other.
+    """
+    if not isinstance(n, int) or isinstance(n, bool):
+        raise TypeError(f"{name} must be an int, not {type(n).__name__}")
+    if not 1 <= n <= MAX_THREADS:
+        raise ValueError(f"{name} must be in [1, {MAX_THREADS}] (this process may use {default_threads()} CPUs), "
+                         f"not {n}")
+    return n
+
+
 @dataclass(frozen=True)
 class PerfContext:
     """llama_perf_context timings: load, prompt evaluation and generation."""
@@ -119,6 +141,9 @@ class Context(Handle):
     Logits and embeddings are returned as read-only numpy views on llama.cpp's
     own buffers: no copy, and **valid only until the next decode, encode or
     close** of this context (copy them with ``np.array(view)`` to keep them).
+
+    ``n_threads`` and ``n_threads_batch`` default to the CPUs this process may
+    use; explicit counts must lie in [1, 512] (ggml's limit, :func:`check_threads`).
 
     One context serialises its own use across threads; separate contexts on one
     model decode in parallel (the GIL is released inside llama.cpp).
@@ -169,9 +194,9 @@ class Context(Handle):
                                    ("rope_scaling", _ROPE_SCALING, rope_scaling)):
             if value not in table:
                 raise ValueError(f"{name} must be one of {[k for k in table if k]}, not {value!r}")
-        threads = default_threads() if n_threads is None else n_threads
+        threads = default_threads() if n_threads is None else check_threads("n_threads", n_threads)
         p.n_threads = threads
-        p.n_threads_batch = threads if n_threads_batch is None else n_threads_batch
+        p.n_threads_batch = threads if n_threads_batch is None else check_threads("n_threads_batch", n_threads_batch)
         p.op_offload = op_offload
         p.embeddings = embeddings
         p.pooling_type = _POOLING[pooling]
@@ -199,6 +224,8 @@ class Context(Handle):
         self.model = model
         self._vocab = model.vocab
         self._lock = threading.RLock()
+        # (thread id, depth) of the generation running on this context (pyllama.generate).
+        self._gen_owner: tuple[int, int] | None = None
         self.n_ctx = int(lib.llama_n_ctx(ptr))
         # Cells one sequence may use: n_ctx / n_seq_max unless the KV cache is unified.
         self.n_ctx_seq = int(lib.llama_n_ctx_seq(ptr))
@@ -242,10 +269,10 @@ class Context(Handle):
         return int(lib.llama_n_threads_batch(self._p()))
 
     def set_threads(self, n_threads: int, n_threads_batch: int | None = None) -> None:
-        """Threads for generation and for prompt batches (at most the attached Threadpool's size)."""
-        n_batch = n_threads if n_threads_batch is None else n_threads_batch
-        if n_threads < 1 or n_batch < 1:
-            raise ValueError("thread counts must be >= 1")
+        """Threads for generation and for prompt batches: each in [1, MAX_THREADS] (see :func:`check_threads`)
+        and at most the attached Threadpool's size."""
+        check_threads("n_threads", n_threads)
+        n_batch = n_threads if n_threads_batch is None else check_threads("n_threads_batch", n_threads_batch)
         from .threadpool import _pool_sizes
 
         sizes = _pool_sizes(self)
@@ -554,4 +581,4 @@ def _view(ptr: Any, n: int) -> npt.NDArray[np.float32]:
     return arr
 
 
-__all__ = ["Context", "PerfContext", "ggml_type", "default_threads"]
+__all__ = ["Context", "PerfContext", "ggml_type", "default_threads", "check_threads", "MAX_THREADS"]

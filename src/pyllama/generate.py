@@ -2,70 +2,23 @@
 
 from __future__ import annotations
 
-import asyncio
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, Literal, Sequence, Union
+import threading
+from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, Sequence, Union
 
 import numpy as np
 import numpy.typing as npt
 
 from ._ffi import ffi, lib
+from ._channel import END, EventChannel, wake
 from .batch import Batch
-from .detokenize import StreamDecoder
-from .errors import ClosedError, ContextOverflowError
-from .sampling import DEFAULT_SEED, Sampler, SamplerChain, default_chain
+from .errors import BusyError, ClosedError, ContextOverflowError
+from .stream import FinishReason, SamplerArg, SequenceStream, StopMatcher, TokenEvent
 from .vocab import as_tokens
 
 if TYPE_CHECKING:
     from .context import Context
 
 Prompt = Union[str, bytes, npt.ArrayLike]
-SamplerArg = Union[SamplerChain, Sequence[Sampler], None]
-FinishReason = Literal["eog", "length", "stop", "context"]
-
-
-@dataclass(slots=True)
-class TokenEvent:
-    """One generated token: its id, the text it completes, and (on request) its log-probability.
-
-    ``token`` is -1 for the final event that flushes text held back at the end.
-    """
-
-    token: int
-    text: str
-    index: int
-    logprob: float | None = None
-
-
-class StopMatcher:
-    """Finds stop strings across token boundaries and holds back text that may start one."""
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self.stops = [s for s in stops if s]
-        self._hold = max((len(s) for s in self.stops), default=1) - 1
-        self.pending = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        """Returns (text safe to emit, whether a stop string was reached)."""
-        if not self.stops:
-            return text, False
-        buf = self.pending + text
-        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            self.pending = ""
-            return buf[: min(hits)], True
-        keep = 0
-        for k in range(min(self._hold, len(buf)), 0, -1):
-            tail = buf[-k:]
-            if any(s.startswith(tail) for s in self.stops):
-                keep = k
-                break
-        self.pending = buf[len(buf) - keep:] if keep else ""
-        return buf[: len(buf) - keep], False
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
 
 
 class Generation:
@@ -78,8 +31,9 @@ class Generation:
 
     def __init__(self, ctx: Context, prompt: Prompt, *, sampler: SamplerArg = None, max_tokens: int | None = 256,
                  stop: Sequence[str] = (), seed: int | None = None, seq_id: int = 0, logprobs: bool = False,
-                 add_special: bool = True, parse_special: bool = True, context_shift: bool = False,
-                 n_keep: int = 0, reuse_prefix: bool = True) -> None:
+                 top_logprobs: int = 0, add_special: bool = True, parse_special: bool = True,
+                 context_shift: bool = False, n_keep: int = 0, reuse_prefix: bool = True,
+                 ignore_eos: bool = False) -> None:
         self.ctx = ctx
         model = ctx.model
         if isinstance(prompt, (str, bytes)):
@@ -91,38 +45,39 @@ class Generation:
         if prompt_tokens.size >= ctx.n_ctx_seq and not context_shift:
             raise ContextOverflowError(
                 f"the prompt has {prompt_tokens.size} tokens; a sequence of this context holds {ctx.n_ctx_seq}")
-        if max_tokens is not None and max_tokens < 0:
-            raise ValueError("max_tokens must be >= 0 or None")
+        if not 0 <= seq_id < ctx.n_seq_max:
+            raise ValueError(f"seq_id must lie in [0, {ctx.n_seq_max}) (the context's n_seq_max)")
+        if not 0 <= n_keep < ctx.n_ctx_seq:
+            raise ValueError(f"n_keep must lie in [0, {ctx.n_ctx_seq})")
         self.prompt_tokens = prompt_tokens
-        self._own_sampler = not isinstance(sampler, SamplerChain)
-        if isinstance(sampler, SamplerChain):
-            self.sampler = sampler
-        else:
-            specs = list(sampler) if sampler is not None else default_chain(
-                temperature=0.0 if seed is None else 0.8, seed=DEFAULT_SEED if seed is None else seed)
-            self.sampler = SamplerChain(specs, model)
+        self._stream = SequenceStream(model, sampler, seed=seed, max_tokens=max_tokens, stop=stop,
+                                      logprobs=logprobs, top_logprobs=top_logprobs, ignore_eos=ignore_eos)
+        self.sampler = self._stream.chain
         self.max_tokens = max_tokens
         self.seq_id = seq_id
-        self.want_logprobs = logprobs
         self.context_shift = context_shift
         self.n_keep = n_keep
         self._reuse = reuse_prefix
-        self._stop = StopMatcher(stop)
-        self._decoder = StreamDecoder(model.vocab, lstrip_first=False)
-        self._vocab_p = model.vocab._v()
         self._batch = Batch(1)
-        self._scratch = np.empty(ctx.n_vocab, dtype=np.float32) if logprobs else None
-        self._gen = np.empty(max_tokens if max_tokens is not None else 256, dtype=np.int32)
-        self.n_generated = 0
-        self.finish_reason: FinishReason | None = None
-        self.text = ""
         self.n_prompt_evaluated = 0
         self._iter: Iterator[TokenEvent] | None = None
         self._closed = False
 
     @property
     def tokens(self) -> npt.NDArray[np.int32]:
-        return self._gen[: self.n_generated]
+        return self._stream.tokens
+
+    @property
+    def n_generated(self) -> int:
+        return self._stream.n_generated
+
+    @property
+    def text(self) -> str:
+        return self._stream.text
+
+    @property
+    def finish_reason(self) -> FinishReason | None:
+        return self._stream.finish_reason
 
     def __iter__(self) -> Iterator[TokenEvent]:
         if self._closed:
@@ -147,17 +102,7 @@ class Generation:
         self._closed = True
         if self._iter is not None:
             self._iter.close()  # type: ignore[attr-defined]
-        if self._own_sampler:
-            self.sampler.close()
-
-    def _logprob(self, token: int) -> float:
-        logits = self.ctx.logits(-1)
-        s = self._scratch
-        assert s is not None
-        mx = float(logits.max())
-        np.subtract(logits, mx, out=s)
-        np.exp(s, out=s)
-        return float(logits[token]) - mx - float(np.log(s.sum(dtype=np.float64)))
+        self._stream.close()
 
     def _shift(self, pos: int) -> int:
         """Make room when the context is full: drop half of what follows the first n_keep tokens."""
@@ -169,14 +114,15 @@ class Generation:
         kv.shift(self.seq_id, self.n_keep + n_discard, -1, -n_discard)
         return pos - n_discard
 
-    def _append(self, token: int) -> None:
-        if self.n_generated == self._gen.size:
-            self._gen = np.concatenate([self._gen, np.empty(self._gen.size, dtype=np.int32)])
-        self._gen[self.n_generated] = token
-        self.n_generated += 1
-
     def _run(self) -> Iterator[TokenEvent]:
         ctx = self.ctx
+        release = _claim(ctx)
+        try:
+            yield from self._loop(ctx)
+        finally:
+            release()
+
+    def _loop(self, ctx: Context) -> Iterator[TokenEvent]:
         prompt = self.prompt_tokens
         if prompt.size >= ctx.n_ctx_seq:  # context_shift: keep the start and the most recent tokens
             recent = ctx.n_ctx_seq // 2
@@ -189,37 +135,26 @@ class Generation:
         batch.seq_id[0, 0] = self.seq_id
         logit_arr[0] = 1
         batch._struct.n_tokens = 1
-        chain = self.sampler
-        vocab_p = self._vocab_p
-        max_tokens = self.max_tokens
+        stream = self._stream
+        push, sample = stream.push, stream.sample
         lock = ctx._lock
-        token = chain.sample(ctx, -1)  # checked once: later rows are the ones we decode
-        while max_tokens is None or self.n_generated < max_tokens:
-            if self.n_generated:
-                with lock:  # a close() from another thread cannot free the context mid-sample
-                    ptr = ctx._ptr
-                    if ptr is None:
-                        raise ClosedError("the context was closed during generation")
-                    token = chain._sample(ptr, -1)
-            if lib.llama_vocab_is_eog(vocab_p, token):
-                self.finish_reason = "eog"
-                break
-            self._append(token)
-            logprob = self._logprob(token) if self.want_logprobs else None
-            text, stopped = self._stop.feed(self._decoder.push(token))
-            if text or logprob is not None:
-                self.text += text
-                yield TokenEvent(token, text, self.n_generated - 1, logprob)
-            elif not stopped:
-                yield TokenEvent(token, "", self.n_generated - 1, logprob)
-            if stopped:
-                self.finish_reason = "stop"
-                return
-            if max_tokens is not None and self.n_generated >= max_tokens:
+        if stream.max_tokens == 0:
+            stream.finish("length")
+            return
+        while True:
+            with lock:  # a close() from another thread cannot free the context mid-sample
+                ptr = ctx._ptr
+                if ptr is None:
+                    raise ClosedError("the context was closed during generation")
+                token = sample(ptr, -1)
+                ev = push(token, ptr, -1)
+            if ev is not None:
+                yield ev
+            if stream.finish_reason is not None:
                 break
             if pos >= ctx.n_ctx_seq:
                 if not self.context_shift:
-                    self.finish_reason = "context"
+                    stream.finish("context")
                     break
                 pos = self._shift(pos)
                 tracker.forget(self.seq_id)
@@ -228,14 +163,36 @@ class Generation:
             ctx._decode(batch)
             tracker.append(self.seq_id, token)
             pos += 1
-        else:
-            self.finish_reason = "length"
-        if self.finish_reason is None:
-            self.finish_reason = "length"
-        tail = self._stop.flush() + self._decoder.flush()
-        if tail:
-            self.text += tail
-            yield TokenEvent(-1, tail, self.n_generated, None)
+        tail = stream.finish()
+        if tail is not None:
+            yield tail
+
+
+def _claim(ctx: Context) -> Any:
+    """Mark ``ctx`` as generating in this thread; another thread's generation raises BusyError.
+
+    A context's logits belong to its last decode, so two threads generating on one
+    context would sample each other's rows. Several generations interleaved in one
+    thread (different sequences) are fine: each samples right after its own decode.
+    """
+    me = threading.get_ident()
+    with _CLAIM_LOCK:
+        owner = ctx._gen_owner
+        if owner is not None and owner[0] != me:
+            raise BusyError("this context is generating in another thread: a context serves one generation "
+                            "at a time (use one context per thread, pyllama.generate_parallel, or the engine)")
+        ctx._gen_owner = (me, 1 if owner is None else owner[1] + 1)
+
+    def release() -> None:
+        with _CLAIM_LOCK:
+            owner = ctx._gen_owner
+            if owner is not None:
+                ctx._gen_owner = None if owner[1] <= 1 else (owner[0], owner[1] - 1)
+
+    return release
+
+
+_CLAIM_LOCK = threading.Lock()
 
 
 def generate(ctx: Context, prompt: Prompt, **options: Any) -> Generation:
@@ -262,19 +219,44 @@ def generate_text(ctx: Context, prompt: Prompt, **options: Any) -> str:
 
 
 async def agenerate(ctx: Context, prompt: Prompt, **options: Any) -> AsyncIterator[TokenEvent]:
-    """Async iterator of :class:`TokenEvent`; each step runs in a worker thread, so the
-    event loop never blocks on llama.cpp."""
+    """Async iterator of :class:`TokenEvent` (options as :func:`generate`).
+
+    One producer thread runs the generation; events reach the event loop
+    through a channel that wakes it only when the consumer is waiting, so the
+    loop never blocks on llama.cpp and no thread hop is paid per token.
+    Leaving the iteration early stops the generation after the current token.
+    """
     gen = Generation(ctx, prompt, **options)
-    it = iter(gen)
-    done = object()
+    chan: EventChannel[TokenEvent] = EventChannel()
+    stop = threading.Event()
+
+    def produce() -> None:
+        error: BaseException | None = None
+        try:
+            for ev in gen:
+                w = chan.put(ev)
+                if w is not None:
+                    wake((w,))
+                if stop.is_set():
+                    break
+        except BaseException as exc:  # delivered to the consumer
+            error = exc
+        finally:
+            gen.close()
+            wake((chan.close(error),))
+
+    producer = threading.Thread(target=produce, name="pyllama-agenerate", daemon=True)
+    producer.start()
     try:
         while True:
-            ev = await asyncio.to_thread(next, it, done)
-            if ev is done:
+            ev = await chan.aget()
+            if ev is END:
                 return
-            yield ev  # type: ignore[misc]
+            yield ev
     finally:
-        gen.close()
+        stop.set()
+        # At most one token's decode: afterwards the context is free for the caller again.
+        producer.join()
 
 
 __all__ = ["TokenEvent", "Generation", "StopMatcher", "generate", "generate_text", "agenerate"]

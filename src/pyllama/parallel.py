@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 import numpy as np
 
 from .batch import Batch
-from .detokenize import StreamDecoder
 from .errors import ContextOverflowError
-from .generate import Prompt, SamplerArg, StopMatcher, TokenEvent
-from .sampling import Greedy, SamplerChain
+from .generate import Prompt
+from .sampling import Greedy
+from .stream import SamplerArg, SequenceStream, TokenEvent
 from .vocab import as_tokens
 
 if TYPE_CHECKING:
@@ -52,21 +52,14 @@ def generate_parallel(ctx: Context, prompts: Sequence[Prompt], *, samplers: Sequ
     longest = max(t.size for t in toks) + max_tokens
     if longest > ctx.n_ctx_seq:
         raise ContextOverflowError(f"a sequence may need {longest} positions; n_ctx_seq is {ctx.n_ctx_seq}")
-    owned: list[SamplerChain] = []
-    chains: list[SamplerChain] = []
-    for i in range(n):
-        s = samplers[i] if samplers is not None else None
-        if isinstance(s, SamplerChain):
-            chains.append(s)
-        else:
-            chain = SamplerChain(list(s) if s is not None else [Greedy()], model)
-            owned.append(chain)
-            chains.append(chain)
-    out = results if results is not None else []
-    out[:] = [SequenceResult() for _ in range(n)]
-    decoders = [StreamDecoder(model.vocab, lstrip_first=False) for _ in range(n)]
-    stops = [StopMatcher(stop) for _ in range(n)]
+    streams: list[SequenceStream] = []
     try:
+        for i in range(n):
+            s = samplers[i] if samplers is not None else None
+            streams.append(SequenceStream(model, s if s is not None else [Greedy()], max_tokens=max_tokens,
+                                          stop=stop))
+        out = results if results is not None else []
+        out[:] = [SequenceResult() for _ in range(n)]
         # Prompts: each evaluated into its own sequence (chunked by n_batch).
         rows = np.zeros(n, dtype=np.intp)
         pending = np.zeros(n, dtype=np.int32)
@@ -74,30 +67,26 @@ def generate_parallel(ctx: Context, prompts: Sequence[Prompt], *, samplers: Sequ
             ctx.kv.remove(i)
             ctx.evaluate(t, seq_id=i, reuse_prefix=False)
             # Sample now: the next prompt's evaluation overwrites these logits.
-            pending[i] = chains[i].sample(ctx, -1)
+            pending[i] = streams[i].sample(ctx._p(), -1)
         pos = np.array([t.size for t in toks], dtype=np.int32)
         live = list(range(n))
         batch = Batch(n)
-        vocab = model.vocab
-        step = 0
         while live:
             still: list[int] = []
             for i in live:
+                stream, res = streams[i], out[i]
                 tok = int(pending[i])
-                res = out[i]
-                if vocab.is_eog(tok):
-                    res.finish_reason = "eog"
-                    continue
-                res.tokens.append(tok)
-                text, stopped = stops[i].feed(decoders[i].push(tok))
-                res.text += text
-                yield ParallelEvent(i, TokenEvent(tok, text, len(res.tokens) - 1))
-                if stopped:
-                    res.finish_reason = "stop"
-                elif len(res.tokens) >= max_tokens:
-                    res.finish_reason = "length"
-                else:
+                n_before = stream.n_generated
+                ev = stream.push(tok)
+                if stream.n_generated > n_before:
+                    res.tokens.append(tok)
+                if ev is not None:
+                    res.text += ev.text
+                    yield ParallelEvent(i, ev)
+                if stream.finish_reason is None:
                     still.append(i)
+                else:
+                    res.finish_reason = stream.finish_reason
             live = still
             if not live:
                 break
@@ -108,17 +97,17 @@ def generate_parallel(ctx: Context, prompts: Sequence[Prompt], *, samplers: Sequ
                 ctx._seq_tokens.forget(i)
             pos[idx] += 1
             rows[idx] = np.arange(idx.size)
+            ptr = ctx._p()
             for i in live:
-                pending[i] = chains[i].sample(ctx, int(rows[i]))
-            step += 1
+                pending[i] = streams[i].sample(ptr, int(rows[i]))
         for i in range(n):
-            tail = stops[i].flush() + decoders[i].flush()
-            if tail:
-                out[i].text += tail
-                yield ParallelEvent(i, TokenEvent(-1, tail, len(out[i].tokens)))
+            tail = streams[i].finish()
+            if tail is not None:
+                out[i].text += tail.text
+                yield ParallelEvent(i, tail)
     finally:
-        for c in owned:
-            c.close()
+        for st in streams:
+            st.close()
 
 
 def generate_parallel_tokens(ctx: Context, prompts: Sequence[Prompt], **options: object) -> list[SequenceResult]:

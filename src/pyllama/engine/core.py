@@ -1,0 +1,549 @@
+"""The serving engine: continuous batching of many requests over one context.
+
+One engine thread owns every llama.cpp call on the engine's context. Each
+step builds one batch: the next token of every generating slot plus prompt
+chunks of newly admitted requests (chunked prefill within ``n_batch``, so a
+long prompt never stalls the streams in flight), decodes it once, and samples
+each slot's row with that request's own sampler chain. Requests are submitted
+from any thread or event loop; events reach consumers through per-request
+channels, waking each event loop once per step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+import time
+import weakref
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from .._channel import Waiter, wake
+from .._ffi import lib
+from ..batch import Batch
+from ..context import Context, FlashAttn
+from ..errors import ClosedError, ContextOverflowError, LlamaError
+from ..sampling import Sampler
+from ..stream import FinishReason, SequenceStream
+from ..vocab import as_tokens
+from .request import EngineBusyError, EngineRequest
+from .slots import Slot, choose_slot
+
+if TYPE_CHECKING:
+    from ..model import Model
+
+ContextFull = Literal["stop", "error", "shift"]
+_CONTEXT_FULL = ("stop", "error", "shift")
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's counters."""
+
+    n_slots: int
+    busy_slots: int
+    queue_len: int
+    requests_total: int
+    requests_done: int
+    requests_cancelled: int
+    requests_failed: int
+    requests_rejected: int
+    steps: int
+    batched_steps: int  # steps whose one llama_decode held tokens of two or more requests
+    max_requests_in_step: int
+    prompt_tokens: int  # prompt tokens evaluated
+    cached_prompt_tokens: int  # prompt tokens reused from a slot's KV cache
+    generated_tokens: int
+
+
+class _Core:
+    """The engine's state and thread; the public :class:`Engine` is a thin owner of it (so that
+    dropping the Engine, not the thread's reference, decides when it shuts down)."""
+
+    def __init__(self, model: Model, ctx: Context, n_slots: int, n_ctx_slot: int, max_queue: int,
+                 similarity: float) -> None:
+        self.model = model
+        self.ctx = ctx
+        self.n_ctx_slot = n_ctx_slot
+        self.max_queue = max_queue
+        self.similarity = similarity
+        self.slots = [Slot(i, n_ctx_slot) for i in range(n_slots)]
+        self.active: list[Slot] = []  # slots serving a request, in admission order
+        self.batch = Batch(ctx.n_batch)
+        self.lock = threading.Lock()
+        self.cv = threading.Condition(self.lock)
+        self.queue: deque[EngineRequest] = deque()
+        self.cancels: list[EngineRequest] = []
+        self.tasks: deque[Callable[[], None]] = deque()
+        self.closing = False
+        self.drain = False
+        self.closed = False
+        self.embed_ctx: Context | None = None
+        self.c = dict.fromkeys(("requests_total", "requests_done", "requests_cancelled", "requests_failed",
+                                "requests_rejected", "steps", "batched_steps", "max_requests_in_step",
+                                "prompt_tokens", "cached_prompt_tokens", "generated_tokens"), 0)
+        self.waiters: list[Waiter | None] = []
+        self.thread = threading.Thread(target=self._run, name="pyllama-engine", daemon=True)
+        self.thread.start()
+
+    # --- called from any thread ---------------------------------------------------------------
+    def enqueue(self, req: EngineRequest) -> None:
+        with self.lock:
+            if self.closing:
+                req._stream.close()
+                raise ClosedError("the engine is closed")
+            if len(self.queue) >= self.max_queue:
+                self.c["requests_rejected"] += 1
+                req._stream.close()
+                raise EngineBusyError(f"the engine is busy: {len(self.queue)} requests are queued "
+                                      f"(max_queue={self.max_queue})", retry_after=self._retry_after())
+            self.queue.append(req)
+            self.c["requests_total"] += 1
+            self.cv.notify()
+
+    def _retry_after(self) -> float:
+        return 1.0 + len(self.queue) / max(1, len(self.slots))
+
+    def cancel(self, req: EngineRequest) -> None:
+        with self.lock:
+            self.cancels.append(req)
+            self.cv.notify()
+
+    def run_task(self, fn: Callable[[], Any]) -> concurrent.futures.Future[Any]:
+        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+        def task() -> None:
+            if not fut.set_running_or_notify_cancel():
+                return
+            try:
+                fut.set_result(fn())
+            except BaseException as exc:
+                fut.set_exception(exc)
+
+        with self.lock:
+            if self.closing:
+                raise ClosedError("the engine is closed")
+            self.tasks.append(task)
+            self.cv.notify()
+        return fut
+
+    def stats(self) -> EngineStats:
+        with self.lock:
+            c = dict(self.c)
+            queue_len = len(self.queue)
+        busy = sum(1 for s in self.slots if s.request is not None)
+        return EngineStats(n_slots=len(self.slots), busy_slots=busy, queue_len=queue_len, **c)
+
+    def shutdown(self, drain: bool = False, timeout: float | None = None) -> None:
+        with self.lock:
+            if self.closed:
+                return
+            self.closing = True
+            self.drain = drain
+            self.cv.notify()
+        if threading.current_thread() is not self.thread:
+            self.thread.join(timeout)
+            if self.thread.is_alive():  # draining took too long: cancel the rest
+                with self.lock:
+                    self.drain = False
+                    self.cv.notify()
+                self.thread.join()
+        with self.lock:
+            self.closed = True
+        if self.embed_ctx is not None:
+            self.embed_ctx.close()
+        self.ctx.close()
+
+    # --- the engine thread ------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self.lock:
+                while not (self.queue or self.active or self.cancels or self.tasks or self.closing):
+                    self.cv.wait()
+                cancels, self.cancels = self.cancels, []
+                tasks = list(self.tasks)
+                self.tasks.clear()
+                stop = self.closing and not (self.drain and (self.queue or self.active))
+                if stop:
+                    leftover = list(self.queue)
+                    self.queue.clear()
+            for req in cancels:
+                self._cancel(req)
+            for task in tasks:
+                task()
+            if stop:
+                for queued in leftover:
+                    self._finish(queued, "cancelled")
+                for slot in list(self.active):
+                    running = slot.request
+                    assert running is not None
+                    self._release(slot)
+                    self._finish(running, "cancelled")
+                self._flush_waiters()
+                with self.lock:
+                    for task in self.tasks:  # never leave a caller of embed() waiting
+                        task()
+                    self.tasks.clear()
+                return
+            self._admit()
+            if self.active:
+                try:
+                    self._step()
+                except BaseException as exc:  # never let the thread die with requests hanging
+                    for slot in list(self.active):
+                        if slot.request is not None:
+                            self._fail(slot, exc)
+            self._flush_waiters()
+
+    def _flush_waiters(self) -> None:
+        if self.waiters:
+            wake(self.waiters)
+            self.waiters.clear()
+
+    def _cancel(self, req: EngineRequest) -> None:
+        if req.done:
+            return
+        for slot in self.active:
+            if slot.request is req:
+                self._release(slot)
+                self._finish(req, "cancelled")
+                return
+        with self.lock:
+            try:
+                self.queue.remove(req)
+            except ValueError:
+                return
+        self._finish(req, "cancelled")
+
+    def _admit(self) -> None:
+        free = [s for s in self.slots if s.request is None]
+        while free:
+            with self.lock:
+                if not self.queue:
+                    return
+                req = self.queue.popleft()
+            slot, lcp = choose_slot(free, req.prompt_tokens, self.similarity)
+            free.remove(slot)
+            keep = min(lcp, req.n_prompt - 1)  # evaluate at least one token: its logits start the reply
+            mem = lib.llama_get_memory(self.ctx._p())
+            if keep < slot.n_cached and not lib.llama_memory_seq_rm(mem, slot.id, keep, -1):
+                lib.llama_memory_seq_rm(mem, slot.id, -1, -1)  # recurrent memory: start over
+                keep = 0
+            slot.n_cached = keep
+            slot.prefill = keep
+            slot.pos = keep
+            slot.request = req
+            slot.state = "prefill"
+            req.n_cached = keep
+            req.t_start = time.perf_counter()
+            self.c["cached_prompt_tokens"] += keep
+            self.active.append(slot)
+
+    def _step(self) -> None:
+        batch = self.batch
+        tok, pos, seq, logits = batch.token, batch.pos, batch.seq_id, batch.logits
+        n = 0
+        rows: list[tuple[Slot, int]] = []  # (slot, batch row whose logits it samples)
+        gens: list[Slot] = []  # slots decoding their last sampled token
+        chunks: list[tuple[Slot, int]] = []  # (slot, prompt tokens in this batch)
+        for slot in list(self.active):
+            if slot.state != "generate":
+                continue
+            if slot.pos >= self.n_ctx_slot and not self._context_full(slot):
+                continue
+            tok[n], pos[n], seq[n, 0], logits[n] = slot.last_token, slot.pos, slot.id, 1
+            rows.append((slot, n))
+            gens.append(slot)
+            n += 1
+        budget = batch.capacity - n
+        for slot in self.active:
+            if slot.state != "prefill" or budget <= 0:
+                continue
+            req = slot.request
+            assert req is not None
+            k = min(req.n_prompt - slot.prefill, budget)
+            end = n + k
+            tok[n:end] = req.prompt_tokens[slot.prefill:slot.prefill + k]
+            pos[n:end] = np.arange(slot.prefill, slot.prefill + k, dtype=np.int32)
+            seq[n:end, 0] = slot.id
+            logits[n:end] = 0
+            if slot.prefill + k == req.n_prompt:
+                logits[end - 1] = 1
+                rows.append((slot, end - 1))
+            chunks.append((slot, k))
+            n = end
+            budget -= k
+        if n == 0:
+            return
+        batch.n_seq_id[:n] = 1
+        batch._struct.n_tokens = n
+        try:
+            self.ctx._decode(batch)
+        except LlamaError as exc:
+            for slot in {id(s): s for s, _ in rows + chunks}.values():
+                self._fail(slot, exc)
+            return
+        c = self.c
+        c["steps"] += 1
+        n_req = len(gens) + len(chunks)
+        if n_req >= 2:
+            c["batched_steps"] += 1
+        if n_req > c["max_requests_in_step"]:
+            c["max_requests_in_step"] = n_req
+        for slot in gens:
+            slot.append(slot.last_token)
+            slot.pos += 1
+        for slot, k in chunks:
+            req = slot.request
+            assert req is not None
+            slot.append(req.prompt_tokens[slot.prefill:slot.prefill + k])
+            slot.prefill += k
+            c["prompt_tokens"] += k
+            if slot.prefill == req.n_prompt:
+                slot.state = "generate"
+                slot.pos = req.n_prompt
+        ptr = self.ctx._ptr
+        now = time.perf_counter()
+        for slot, row in rows:
+            req = slot.request
+            assert req is not None
+            stream = req._stream
+            n_before = stream.n_generated
+            try:
+                token = stream.sample(ptr, row)
+                ev = stream.push(token, ptr, row)
+            except Exception as exc:
+                self._fail(slot, exc)
+                continue
+            if req.t_first_token is None:
+                req.t_first_token = now
+            c["generated_tokens"] += stream.n_generated - n_before
+            if ev is not None:
+                self.waiters.append(req._channel.put(ev))
+            if stream.finish_reason is not None:
+                self._release(slot)
+                self._finish(req, None)
+            else:
+                slot.last_token = token
+
+    def _context_full(self, slot: Slot) -> bool:
+        """Handle a slot whose sequence reached n_ctx_slot; True when it may continue."""
+        req = slot.request
+        assert req is not None
+        if req.context_full == "error":
+            self._fail(slot, ContextOverflowError(
+                f"the request reached the context size of a slot ({self.n_ctx_slot} tokens)"))
+            return False
+        if req.context_full == "shift" and self.ctx.kv.can_shift:
+            n_discard = slot.pos // 2
+            mem = lib.llama_get_memory(self.ctx._p())
+            lib.llama_memory_seq_rm(mem, slot.id, 0, n_discard)
+            lib.llama_memory_seq_add(mem, slot.id, n_discard, -1, -n_discard)
+            kept = slot.cached[n_discard:slot.n_cached].copy()
+            slot.n_cached = 0
+            slot.append(kept)
+            slot.pos -= n_discard
+            return True
+        self._release(slot)
+        self._finish(req, "context")
+        return False
+
+    # --- request ends ---------------------------------------------------------------------------
+    def _finish(self, req: EngineRequest, reason: FinishReason | None) -> None:
+        tail = req._stream.finish(reason)
+        if tail is not None:
+            self.waiters.append(req._channel.put(tail))
+        with self.lock:
+            self.c["requests_cancelled" if req._stream.finish_reason == "cancelled" else "requests_done"] += 1
+        self._close_request(req, None)
+
+    def _fail(self, slot: Slot, exc: BaseException) -> None:
+        req = slot.request
+        # What the failed request left in the cache is unknown: drop it.
+        lib.llama_memory_seq_rm(lib.llama_get_memory(self.ctx._p()), slot.id, -1, -1)
+        slot.n_cached = 0
+        self._release(slot)
+        if req is not None:
+            with self.lock:
+                self.c["requests_failed"] += 1
+            self._close_request(req, exc)
+
+    def _close_request(self, req: EngineRequest, error: BaseException | None) -> None:
+        req.error = error
+        req.t_done = time.perf_counter()
+        self.waiters.append(req._channel.close(error))
+        req._stream.close()
+
+    def _release(self, slot: Slot) -> None:
+        slot.release()
+        if slot in self.active:
+            self.active.remove(slot)
+
+
+class Engine:
+    """Continuous batching over one model: many concurrent requests, one context, one thread.
+
+    ``n_ctx`` is the context of one slot (prompt plus generated tokens of one
+    request); the context holds ``n_slots`` of them in one unified KV cache.
+    ``n_batch`` bounds the tokens of one step (generating tokens plus prompt
+    chunks). Use as a context manager or call :meth:`close`.
+    """
+
+    def __init__(self, model: Model, *, n_slots: int = 4, n_ctx: int | Literal["auto"] = "auto",
+                 n_batch: int = 512, n_ubatch: int = 512, n_threads: int | None = None,
+                 n_threads_batch: int | None = None, flash_attn: FlashAttn = "auto", type_k: str | int = "f16",
+                 type_v: str | int = "f16", max_queue: int = 64, slot_prompt_similarity: float = 0.1,
+                 embeddings: bool = True) -> None:
+        if not isinstance(n_slots, int) or n_slots < 1:
+            raise ValueError("n_slots must be an int >= 1")
+        if max_queue < 0:
+            raise ValueError("max_queue must be >= 0")
+        if not 0.0 <= slot_prompt_similarity <= 1.0:
+            raise ValueError("slot_prompt_similarity must lie in [0, 1]")
+        if n_ctx == "auto":
+            n_ctx_slot = min(model.n_ctx_train, 4096)
+            if model.fit.n_ctx > 0:
+                n_ctx_slot = min(n_ctx_slot, max(256, model.fit.n_ctx // n_slots))
+        elif isinstance(n_ctx, int) and not isinstance(n_ctx, bool) and n_ctx >= 8:
+            n_ctx_slot = n_ctx
+        else:
+            raise ValueError(f"n_ctx must be 'auto' or an int >= 8 (tokens per slot), not {n_ctx!r}")
+        ctx = Context(model, n_ctx=n_ctx_slot * n_slots, n_batch=n_batch, n_ubatch=n_ubatch, n_seq_max=n_slots,
+                      n_threads=n_threads, n_threads_batch=n_threads_batch, flash_attn=flash_attn,
+                      type_k=type_k, type_v=type_v, kv_unified=True)
+        self.model = model
+        self.n_slots = n_slots
+        self.n_ctx_slot = min(n_ctx_slot, ctx.n_ctx_seq)
+        self.n_batch = ctx.n_batch
+        self.embeddings = embeddings
+        self._n_threads = n_threads
+        self._core = _Core(model, ctx, n_slots, self.n_ctx_slot, max_queue, slot_prompt_similarity)
+        self._finalizer = weakref.finalize(self, self._core.shutdown)
+
+    # --- requests -------------------------------------------------------------------------------
+    def submit(self, prompt: str | bytes | Sequence[int] | npt.NDArray[np.integer[Any]], *,
+               max_tokens: int | None = 256, stop: Sequence[str] = (), sampler: Sequence[Sampler] | None = None,
+               logprobs: bool = False, top_logprobs: int = 0, add_special: bool = True,
+               parse_special: bool = True, context_full: ContextFull = "stop",
+               ignore_eos: bool = False) -> EngineRequest:
+        """Queue a generation; iterate the returned request for its token events.
+
+        Thread-safe and non-blocking. ``sampler`` is a list of pyllama sampler specs
+        (None: greedy). ``context_full`` says what happens when prompt plus reply reach
+        the slot's context: finish with reason ``"context"``, raise
+        :class:`ContextOverflowError`, or ``"shift"`` out the older half.
+        Raises :class:`EngineBusyError` when the queue is full.
+        """
+        if self._core.closing:
+            raise ClosedError("the engine is closed")
+        if context_full not in _CONTEXT_FULL:
+            raise ValueError(f"context_full must be one of {_CONTEXT_FULL}, not {context_full!r}")
+        vocab = self.model.vocab
+        if isinstance(prompt, (str, bytes)):
+            tokens = vocab.tokenize(prompt, add_special=add_special, parse_special=parse_special)
+        else:
+            tokens = as_tokens(prompt)
+            vocab.check_tokens(tokens)
+        if tokens.size == 0:
+            raise ValueError("empty prompt: nothing to condition the generation on")
+        if tokens.size >= self.n_ctx_slot:
+            raise ContextOverflowError(f"the prompt has {tokens.size} tokens; a slot holds {self.n_ctx_slot} "
+                                       "(prompt and reply together)")
+        if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 0):
+            raise ValueError("max_tokens must be an int >= 0 or None")
+        stream = SequenceStream(self.model, list(sampler) if sampler is not None else None,
+                                max_tokens=max_tokens, stop=stop, logprobs=logprobs,
+                                top_logprobs=top_logprobs, ignore_eos=ignore_eos)
+        req = EngineRequest(tokens, stream, context_full, self._core.cancel)
+        self._core.enqueue(req)
+        return req
+
+    def generate(self, prompt: str | bytes | Sequence[int] | npt.NDArray[np.integer[Any]], *,
+                 max_tokens: int | None = 256, stop: Sequence[str] = (),
+                 sampler: Sequence[Sampler] | None = None) -> str:
+        """Submit and wait: the whole completion as one string."""
+        return self.submit(prompt, max_tokens=max_tokens, stop=stop, sampler=sampler).result()
+
+    # --- tokens and embeddings --------------------------------------------------------------------
+    def tokenize(self, text: str | bytes, *, add_special: bool = True,
+                 parse_special: bool = False) -> npt.NDArray[np.int32]:
+        return self.model.vocab.tokenize(text, add_special=add_special, parse_special=parse_special)
+
+    def detokenize(self, tokens: Sequence[int] | npt.NDArray[np.integer[Any]]) -> str:
+        return self.model.vocab.detokenize(tokens)
+
+    def _embed_task(self, texts: list[str], normalize: bool) -> Callable[[], npt.NDArray[np.float32]]:
+        core = self._core
+        model = self.model
+        n_threads = self._n_threads
+
+        def run() -> npt.NDArray[np.float32]:
+            from ..embed import embed
+
+            if core.embed_ctx is None:
+                has_pooling = model.meta(f"{model.architecture}.pooling_type") is not None
+                n = min(model.n_ctx_train, 2048)
+                core.embed_ctx = model.context(n_ctx=n, n_batch=n, n_ubatch=n, embeddings=True,
+                                               pooling=None if has_pooling else "mean", n_threads=n_threads)
+            return embed(core.embed_ctx, texts, normalize=normalize)
+
+        return run
+
+    def embed(self, texts: Sequence[str], *, normalize: bool = True) -> npt.NDArray[np.float32]:
+        """Embeddings of ``texts``, shape (len(texts), n_embd), computed on the engine thread."""
+        items = self._embed_items(texts)
+        return self._core.run_task(self._embed_task(items, normalize)).result()  # type: ignore[no-any-return]
+
+    async def aembed(self, texts: Sequence[str], *, normalize: bool = True) -> npt.NDArray[np.float32]:
+        items = self._embed_items(texts)
+        fut = self._core.run_task(self._embed_task(items, normalize))
+        return await asyncio.wrap_future(fut)
+
+    def _embed_items(self, texts: Sequence[str]) -> list[str]:
+        if not self.embeddings:
+            raise ValueError("this engine was created with embeddings=False")
+        if isinstance(texts, str):
+            raise TypeError("embed() takes a sequence of strings")
+        items = list(texts)
+        if not items or not all(isinstance(t, str) for t in items):
+            raise ValueError("embed() needs a non-empty list of strings")
+        return items
+
+    # --- state ----------------------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        return self._core.stats()
+
+    @property
+    def closed(self) -> bool:
+        return self._core.closing
+
+    def close(self, *, drain: bool = False, timeout: float | None = None) -> None:
+        """Stop the engine: cancel (or, with ``drain``, finish) every request, then free the context.
+
+        With ``drain`` and a ``timeout``, requests still running after it are cancelled.
+        Idempotent.
+        """
+        self._core.shutdown(drain=drain, timeout=timeout)
+        self._finalizer.detach()
+
+    async def aclose(self, *, drain: bool = False, timeout: float | None = None) -> None:
+        await asyncio.to_thread(self.close, drain=drain, timeout=timeout)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        s = self.stats()
+        return (f"<pyllama.Engine slots={s.n_slots} busy={s.busy_slots} queued={s.queue_len}"
+                f"{' closed' if self.closed else ''}>")
+
+
+__all__ = ["Engine", "EngineStats", "ContextFull"]

@@ -1,0 +1,255 @@
+"""One sequence's generation state, shared by generate(), generate_parallel() and the serving engine.
+
+A :class:`SequenceStream` owns what a generating sequence needs between
+decodes: its sampler chain, incremental detokenizer, stop matcher, the tokens
+it produced, its log-probabilities and why it finished. Whoever drives the
+decodes (a single-sequence loop, a parallel batch, the engine's scheduler)
+asks it to :meth:`~SequenceStream.sample` a batch row and to
+:meth:`~SequenceStream.push` the token, and gets back the event to deliver.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, Sequence, Union
+
+import numpy as np
+import numpy.typing as npt
+
+from ._ffi import ffi, lib
+from .detokenize import StreamDecoder
+from .sampling import DEFAULT_SEED, Greedy, Sampler, SamplerChain, default_chain
+
+if TYPE_CHECKING:
+    from .model import Model
+
+FinishReason = Literal["eog", "length", "stop", "context", "cancelled"]
+SamplerArg = Union[SamplerChain, Sequence[Sampler], None]
+
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass(slots=True)
+class TokenEvent:
+    """One generated token: its id, the text it completes, and (on request) its log-probabilities.
+
+    ``token`` is -1 for the final event that flushes text held back at the end.
+    ``top_logprobs`` lists ``(token, logprob)`` pairs, most likely first.
+    """
+
+    token: int
+    text: str
+    index: int
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+class StopMatcher:
+    """Finds stop strings across token boundaries and holds back text that may start one."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self._hold = max((len(s) for s in self.stops), default=1) - 1
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Returns (text safe to emit, whether a stop string was reached)."""
+        if not self.stops:
+            return text, False
+        buf = self.pending + text
+        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.pending = ""
+            return buf[: min(hits)], True
+        keep = 0
+        for k in range(min(self._hold, len(buf)), 0, -1):
+            tail = buf[-k:]
+            if any(s.startswith(tail) for s in self.stops):
+                keep = k
+                break
+        self.pending = buf[len(buf) - keep:] if keep else ""
+        return buf[: len(buf) - keep], False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+def build_chain(model: Model, sampler: SamplerArg, seed: int | None = None) -> tuple[SamplerChain, bool]:
+    """The chain for ``sampler`` and whether the caller owns (must close) it.
+
+    ``None`` means greedy, or llama.cpp's default chain when a ``seed`` is given.
+    """
+    if isinstance(sampler, SamplerChain):
+        return sampler, False
+    if sampler is None:
+        specs = default_chain(temperature=0.0 if seed is None else 0.8,
+                              seed=DEFAULT_SEED if seed is None else seed)
+    else:
+        specs = list(sampler)
+    return SamplerChain(specs, model), True
+
+
+class SequenceStream:
+    """The per-sequence state of one generation (see the module docstring).
+
+    ``max_tokens`` None means unbounded. With ``logprobs`` each event carries the
+    sampled token's log-probability under the model's raw distribution, and
+    ``top_logprobs`` (at most 20) the most likely alternatives.
+    """
+
+    __slots__ = ("model", "chain", "own_chain", "max_tokens", "want_logprobs", "top_logprobs", "ignore_eos",
+                 "_stop", "_decoder", "_vocab_p", "_scratch", "_gen", "n_generated", "finish_reason", "text",
+                 "_argmax", "_eog_ids")
+
+    def __init__(self, model: Model, sampler: SamplerArg = None, *, seed: int | None = None,
+                 max_tokens: int | None = 256, stop: Sequence[str] = (), logprobs: bool = False,
+                 top_logprobs: int = 0, ignore_eos: bool = False) -> None:
+        if max_tokens is not None and max_tokens < 0:
+            raise ValueError("max_tokens must be >= 0 or None")
+        if not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must lie in [0, {MAX_TOP_LOGPROBS}]")
+        if isinstance(stop, str):
+            stop = [stop]
+        self.model = model
+        self.chain, self.own_chain = build_chain(model, sampler, seed)
+        # llama.cpp's greedy sampler builds a vocabulary-sized candidate array per
+        # token; argmax over the logits view picks the same token (first maximum).
+        self._argmax = not ignore_eos and self.chain.specs == (Greedy(),)
+        self.max_tokens = max_tokens
+        self.want_logprobs = logprobs or top_logprobs > 0
+        self.top_logprobs = top_logprobs
+        self.ignore_eos = ignore_eos
+        self._eog_ids: npt.NDArray[np.intp] | None = None
+        self._stop = StopMatcher(stop)
+        self._decoder = StreamDecoder(model.vocab, lstrip_first=False)
+        self._vocab_p = model.vocab._v()
+        n_vocab = model.vocab.n_tokens
+        self._scratch = np.empty(n_vocab, dtype=np.float32) if (self.want_logprobs or ignore_eos) else None
+        self._gen = np.empty(max_tokens if max_tokens is not None and max_tokens > 0 else 256, dtype=np.int32)
+        self.n_generated = 0
+        self.finish_reason: FinishReason | None = None
+        self.text = ""
+
+    @property
+    def tokens(self) -> npt.NDArray[np.int32]:
+        return self._gen[: self.n_generated]
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def close(self) -> None:
+        if self.own_chain:
+            self.chain.close()
+
+    # --- per token ---------------------------------------------------------------------
+    def sample(self, ctx_ptr: Any, row: int) -> int:
+        """Sample from the logits of batch ``row`` (which must have logits) and accept the token."""
+        if self._argmax:
+            return int(np.argmax(_logits(ctx_ptr, row, self._scratch_size())))
+        if self.ignore_eos:
+            return self._sample_without_eog(ctx_ptr, row)
+        return self.chain._sample(ctx_ptr, row)
+
+    def _scratch_size(self) -> int:
+        return int(self.model.vocab.n_tokens)
+
+    def _sample_without_eog(self, ctx_ptr: Any, row: int) -> int:
+        # Like llama-server's ignore_eos: end-of-generation tokens get -inf before sampling.
+        if self._eog_ids is None:
+            self._eog_ids = _eog_tokens(self.model)
+        ptr = lib.llama_get_logits_ith(ctx_ptr, row)
+        n = self._scratch_size()
+        arr = np.frombuffer(ffi.buffer(ptr, n * 4), dtype=np.float32)
+        saved = arr[self._eog_ids].copy()
+        arr[self._eog_ids] = -np.inf
+        try:
+            return self.chain._sample(ctx_ptr, row)
+        finally:
+            arr[self._eog_ids] = saved
+
+    def push(self, token: int, ctx_ptr: Any = None, row: int = -1) -> TokenEvent | None:
+        """Account for a sampled ``token``; returns the event to deliver (None when nothing is).
+
+        Sets :attr:`finish_reason` when the sequence ends: ``"eog"`` (the token is
+        not emitted), ``"stop"`` (a stop string; the text before it is emitted) or
+        ``"length"`` (``max_tokens`` reached). ``ctx_ptr``/``row`` locate the
+        logits for log-probabilities.
+        """
+        if not self.ignore_eos and lib.llama_vocab_is_eog(self._vocab_p, token):
+            self.finish_reason = "eog"
+            return None
+        n = self.n_generated
+        if n == self._gen.size:
+            self._gen = np.concatenate([self._gen, np.empty(self._gen.size, dtype=np.int32)])
+        self._gen[n] = token
+        self.n_generated = n + 1
+        logprob: float | None = None
+        top: list[tuple[int, float]] | None = None
+        if self.want_logprobs:
+            logprob, top = self._logprobs(ctx_ptr, row, token)
+        text, stopped = self._stop.feed(self._decoder.push(token))
+        if text:
+            self.text += text
+        if stopped:
+            self.finish_reason = "stop"
+        elif self.max_tokens is not None and self.n_generated >= self.max_tokens:
+            self.finish_reason = "length"
+        if text or logprob is not None or not stopped:
+            return TokenEvent(token, text, n, logprob, top)
+        return None
+
+    def finish(self, reason: FinishReason | None = None) -> TokenEvent | None:
+        """End the stream (``reason`` unless one is set already); returns the flush of held-back text."""
+        if self.finish_reason is None:
+            self.finish_reason = reason or "length"
+        if self.finish_reason == "stop":
+            return None  # text from the stop string on is never emitted
+        tail = self._stop.flush() + self._decoder.flush()
+        if tail:
+            self.text += tail
+            return TokenEvent(-1, tail, self.n_generated, None)
+        return None
+
+    def _logprobs(self, ctx_ptr: Any, row: int, token: int) -> tuple[float, list[tuple[int, float]] | None]:
+        logits = _logits(ctx_ptr, row, self._scratch_size())
+        s = self._scratch
+        assert s is not None
+        mx = float(logits.max())
+        np.subtract(logits, mx, out=s)
+        np.exp(s, out=s)
+        lse = mx + float(np.log(s.sum(dtype=np.float64)))
+        top: list[tuple[int, float]] | None = None
+        if self.top_logprobs:
+            k = self.top_logprobs
+            idx = np.argpartition(logits, -k)[-k:]
+            idx = idx[np.argsort(-logits[idx], kind="stable")]
+            top = [(int(i), float(logits[i]) - lse) for i in idx]
+        return float(logits[token]) - lse, top
+
+
+def _logits(ctx_ptr: Any, row: int, n_vocab: int) -> npt.NDArray[np.float32]:
+    ptr = lib.llama_get_logits_ith(ctx_ptr, row)
+    if ptr == ffi.NULL:
+        raise IndexError(f"no logits for batch row {row}")
+    return np.frombuffer(ffi.buffer(ptr, n_vocab * 4), dtype=np.float32)
+
+
+_EOG_CACHE: weakref.WeakKeyDictionary[Model, npt.NDArray[np.intp]] = weakref.WeakKeyDictionary()
+
+
+def _eog_tokens(model: Model) -> npt.NDArray[np.intp]:
+    """The model's end-of-generation token ids (computed once per model)."""
+    ids = _EOG_CACHE.get(model)
+    if ids is None:
+        vp = model.vocab._v()
+        is_eog = lib.llama_vocab_is_eog
+        ids = np.array([t for t in range(model.vocab.n_tokens) if is_eog(vp, t)], dtype=np.intp)
+        _EOG_CACHE[model] = ids
+    return ids
+
+
+__all__ = ["TokenEvent", "StopMatcher", "SequenceStream", "FinishReason", "SamplerArg", "build_chain",
+           "MAX_TOP_LOGPROBS"]
