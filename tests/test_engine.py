@@ -72,14 +72,15 @@ def test_long_prompt_is_chunked_and_streams_keep_going(model: Any) -> None:
     """A prompt longer than n_batch is prefilled in chunks while another request generates."""
     long_prompt = [1] + [5 + (i % 40) for i in range(200)]
     with Engine(model, n_slots=2, n_ctx=256, n_batch=32, n_ubatch=32, n_threads=1) as engine:
-        short = engine.submit(PROMPTS[0], max_tokens=40, ignore_eos=True)
+        # 200 tokens take far longer than submitting the long prompt after the first one
+        short = engine.submit(PROMPTS[0], max_tokens=200, ignore_eos=True)
         first = next(iter(short))
         assert first.token >= 0
         long = engine.submit(long_prompt, max_tokens=4, ignore_eos=True)
         short_tokens = [first.token] + [ev.token for ev in short if ev.token >= 0]
         long_tokens = [ev.token for ev in long if ev.token >= 0]
         stats = engine.stats()
-    assert short_tokens == alone_tokens(model, PROMPTS[0], 40).tolist()
+    assert short_tokens == alone_tokens(model, PROMPTS[0], 200).tolist()
     assert long_tokens == alone_tokens(model, long_prompt, 4, n_batch=256).tolist()
     assert stats.prompt_tokens >= len(long_prompt)
     assert stats.batched_steps > 0  # the long prompt's chunks shared steps with the short stream
@@ -284,3 +285,23 @@ def test_starter_concurrent_streams_report_divergence(starter_model_path: Path) 
         print(f"\nstarter: {identical}/{len(prompts)} streams identical to their runs alone; "
               f"top-2 logit gaps at first divergences: {[round(g, 3) for g in gaps]}")
         assert all(g < 1.0 for g in gaps), "a divergence where the model was not near a tie"
+
+
+@pytest.mark.starter
+def test_json_schema_output_parses(starter_model_path: Path) -> None:
+    """generate(..., json_schema=) and the engine constrain output through llama.cpp's schema grammar."""
+    import json
+
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                               "age": {"type": "integer"}},
+              "required": ["name", "age"], "additionalProperties": False}
+    with pyllama.Model(starter_model_path) as m:
+        with m.context(n_ctx=512, n_threads=2) as ctx:
+            text = pyllama.generate_text(ctx, "A person as JSON:", json_schema=schema, max_tokens=48)
+        with Engine(m, n_slots=2, n_ctx=512, n_threads=2) as engine:
+            text2 = engine.submit("A person as JSON:", json_schema=schema, max_tokens=48).result()
+    for t in (text, text2):
+        obj = json.loads(t)
+        assert set(obj) == {"name", "age"} and isinstance(obj["name"], str) and isinstance(obj["age"], int)
+    with pytest.raises(ValueError):
+        pyllama.stream.build_chain(m, None, grammar="root ::= \"a\"", json_schema=schema)

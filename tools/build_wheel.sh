@@ -82,7 +82,7 @@ import sys, zipfile
 names = zipfile.ZipFile(sys.argv[1]).namelist()
 libs = [n for n in names if n.startswith("pyllama/lib/")]
 need = ["pyllama/lib/libllama.so", "pyllama/lib/libggml.so", "pyllama/lib/libggml-base.so",
-        "pyllama/lib/libpyllama-fit.so"]
+        "pyllama/lib/libpyllama-common.so"]
 missing = [n for n in need if n not in names]
 if missing:
     raise SystemExit(f"build_wheel: missing from the wheel: {missing}")

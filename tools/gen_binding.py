@@ -33,18 +33,37 @@ TYPE_HEADERS = ("ggml.h", "ggml-alloc.h", "ggml-cpu.h", "ggml-opt.h")
 # Integer macros re-exported as constants.
 DEFINE_HEADERS = ("llama.h", "ggml.h", "gguf.h")
 DEFINE_PREFIXES = ("LLAMA_", "GGML_", "GGUF_")
+# Headers of backend modules that are dlopen()ed (GGML_BACKEND_DL): nothing can
+# link against their functions, which are reached through
+# ggml_backend_reg_get_proc_address. Each function becomes a function-pointer
+# type NAME_t (ggml_backend_rpc_add_server_t, ...) for ffi.cast, and the
+# header's integer macros with these prefixes are re-exported.
+PROC_HEADERS = {"ggml-rpc.h": ("GGML_RPC_", "RPC_PROTO_")}
 
 # Our own C, compiled into the module beside the binding. Kept tiny: an abort
 # callback that never re-enters Python on the hot path, and a silent logger that
 # replaces the Python one at interpreter exit.
-# Defined in libpyllama-fit (src/native/fit.cpp); the module links against it.
-FIT_DECLS = """int32_t pyllama_fit_params(const char * path_model, struct llama_model_params * mparams,
+# Defined in libpyllama-common (src/native/*.cpp: llama.cpp's common/ helpers
+# behind C entry points); the module links against it. The chat and JSON-schema
+# entry points take and return JSON text (malloc'ed, freed by pyllama_free_string).
+COMMON_DECLS = """int32_t pyllama_fit_params(const char * path_model, struct llama_model_params * mparams,
                            struct llama_context_params * cparams, float * tensor_split,
                            struct llama_model_tensor_buft_override * tensor_buft_overrides,
                            size_t * margins, uint32_t n_ctx_min, int32_t log_level);
 int32_t pyllama_fit_memory(const char * path_model, const struct llama_model_params * mparams,
                            const struct llama_context_params * cparams, int64_t * out,
                            ggml_backend_dev_t * devices, int32_t max_rows, int32_t log_level);
+typedef struct common_chat_templates common_chat_templates;
+void pyllama_free_string(char * s);
+common_chat_templates * pyllama_chat_templates_init(const struct llama_model * model,
+                                                    const char * template_override, char ** error);
+void pyllama_chat_templates_free(common_chat_templates * tmpls);
+char * pyllama_chat_templates_info(const common_chat_templates * tmpls);
+char * pyllama_chat_apply(const common_chat_templates * tmpls, const char * request);
+char * pyllama_chat_parse(const char * parser_state, const char * text, size_t n_text, bool partial);
+char * pyllama_json_schema_to_grammar(const char * schema_json);
+char * pyllama_grammar_accept_text(struct llama_sampler * smpl, const struct llama_vocab * vocab,
+                                   const char * text);
 """
 
 C_SOURCE = r"""
@@ -101,8 +120,8 @@ void pyllama_log_silent(enum ggml_log_level level, const char * text, void * use
     (void) level; (void) text; (void) user_data;
 }
 
-/* libpyllama-fit (src/native/fit.cpp): llama.cpp's common/fit.cpp behind a C ABI. */
-@FIT_DECLS@
+/* libpyllama-common (src/native/*.cpp): llama.cpp's common/ helpers behind a C ABI. */
+@COMMON_DECLS@
 /* The C baseline of pyllama.generate's loop, for measuring the binding's
    per-token overhead in one process: sample from the last logits, decode the
    token at the next position, n times (the last token is sampled, not decoded). */
@@ -128,6 +147,50 @@ int32_t pyllama_c_generate_loop(struct llama_context * ctx, struct llama_sampler
     }
     return n;
 }
+
+/* One token of pyllama.generate in one call (the fused per-token step): decode
+   `prev` at `pos` in sequence `seq` (unless prev < 0), take the next token from
+   the last logits (argmax when `greedy`, which is llama.cpp's greedy choice,
+   first maximum, without its vocabulary-sized candidate array; else the
+   sampler chain), say whether it ends generation, and write its piece.
+   out = {token, is_eog, n_piece}. Returns llama_decode's code (0: success). */
+int32_t pyllama_fused_step(struct llama_context * ctx, struct llama_sampler * smpl,
+                           const struct llama_vocab * vocab, llama_token prev, llama_pos pos,
+                           llama_seq_id seq, int32_t greedy, int32_t n_vocab, int32_t lstrip,
+                           char * piece, int32_t piece_cap, int32_t * out) {
+    if (prev >= 0) {
+        llama_token tok = prev;
+        llama_pos p = pos;
+        llama_seq_id s = seq;
+        llama_seq_id * seqs = &s;
+        int32_t n_seq = 1;
+        int8_t want = 1;
+        struct llama_batch b = { 1, &tok, NULL, &p, &n_seq, &seqs, &want };
+        int32_t rc = llama_decode(ctx, b);
+        if (rc != 0) {
+            return rc;
+        }
+    }
+    llama_token next;
+    if (greedy) {
+        const float * logits = llama_get_logits_ith(ctx, -1);
+        int32_t best = 0;
+        float best_v = logits[0];
+        for (int32_t i = 1; i < n_vocab; ++i) {
+            if (logits[i] > best_v) {
+                best_v = logits[i];
+                best = i;
+            }
+        }
+        next = best;
+    } else {
+        next = llama_sampler_sample(smpl, ctx, -1);
+    }
+    out[0] = next;
+    out[1] = llama_vocab_is_eog(vocab, next) ? 1 : 0;
+    out[2] = out[1] ? 0 : llama_token_to_piece(vocab, next, piece, piece_cap, lstrip, false);
+    return 0;
+}
 """
 
 C_CDEF = """
@@ -141,8 +204,12 @@ typedef struct pyllama_abort_state {
 } pyllama_abort_state;
 bool pyllama_abort_callback(void * data);
 void pyllama_log_silent(enum ggml_log_level level, const char * text, void * user_data);
-@FIT_DECLS@int32_t pyllama_c_generate_loop(struct llama_context * ctx, struct llama_sampler * smpl,
+@COMMON_DECLS@int32_t pyllama_c_generate_loop(struct llama_context * ctx, struct llama_sampler * smpl,
                                 int32_t pos0, int32_t n, llama_token * out);
+int32_t pyllama_fused_step(struct llama_context * ctx, struct llama_sampler * smpl,
+                           const struct llama_vocab * vocab, llama_token prev, llama_pos pos,
+                           llama_seq_id seq, int32_t greedy, int32_t n_vocab, int32_t lstrip,
+                           char * piece, int32_t piece_cap, int32_t * out);
 
 extern "Python" void _pyllama_log(enum ggml_log_level, const char *, void *);
 extern "Python" bool _pyllama_progress(float, void *);
@@ -185,8 +252,8 @@ def find_header(name: str, include_dirs: list[Path]) -> Path:
     raise FileNotFoundError(f"{name} not found in {', '.join(map(str, include_dirs))}")
 
 
-def preprocess(include_dirs: list[Path], cc: str) -> str:
-    """Run the real preprocessor over llama.h; libc headers are empty stand-ins."""
+def preprocess(include_dirs: list[Path], cc: str, header: str = "llama.h") -> str:
+    """Run the real preprocessor over llama.h (or another header); libc headers are empty stand-ins."""
     with tempfile.TemporaryDirectory() as tmp:
         for stub in _LIBC_STUBS:
             Path(tmp, stub).write_text("")
@@ -196,7 +263,7 @@ def preprocess(include_dirs: list[Path], cc: str) -> str:
         # __GNUC__ keeps the DEPRECATED() markers visible as attributes we can
         # filter on; no LLAMA_SHARED/GGML_SHARED so the API macros expand to
         # nothing (or plain `extern`).
-        args += ["-D__GNUC__=12", "-x", "c", str(find_header("llama.h", include_dirs))]
+        args += ["-D__GNUC__=12", "-x", "c", str(find_header(header, include_dirs))]
         return subprocess.run(args, check=True, capture_output=True, text=True).stdout
 
 
@@ -298,9 +365,38 @@ def collect_defines(include_dirs: list[Path]) -> list[str]:
     return [f"#define {name} ..." for name in names]
 
 
+_PROTOTYPE = re.compile(r"^(?P<ret>.*?)\b(?P<name>\w+)\s*\((?P<args>.*)\)\s*;$")
+
+
+def proc_declarations(include_dirs: list[Path], cc: str) -> list[str]:
+    """PROC_HEADERS' functions as function-pointer typedefs, and their macros as ``#define X ...``."""
+    out: list[str] = []
+    for header, prefixes in PROC_HEADERS.items():
+        for decl in split_declarations(preprocess(include_dirs, cc, header)):
+            if decl.header != header or is_deprecated(decl):
+                continue
+            text = clean(decl.text)
+            m = _PROTOTYPE.match(text) if Decl(header, text).is_function else None
+            if m is not None and not text.startswith("static"):
+                out.append(f"typedef {m['ret'].strip()} (*{m['name']}_t)({m['args']});")
+        for line in find_header(header, include_dirs).read_text().splitlines():
+            d = _DEFINE.match(line)
+            if d and d.group(1).startswith(prefixes) and _INT_VALUE.match(d.group(2).strip()):
+                out.append(f"#define {d.group(1)} ...")
+    return out
+
+
+def proc_source(include_dirs: list[Path], cc: str) -> str:
+    """The C side of :func:`proc_declarations`: the headers (for the macros) and the same typedefs."""
+    lines = [f'#include "{h}"' for h in PROC_HEADERS]
+    lines += [d for d in proc_declarations(include_dirs, cc) if not d.startswith("#define")]
+    return "\n".join(lines) + "\n"
+
+
 def build_cdef(include_dirs: list[Path], cc: str) -> str:
     decls, _ = collect(include_dirs, cc)
-    return "\n".join(decls + collect_defines(include_dirs)) + "\n" + C_CDEF.replace("@FIT_DECLS@", FIT_DECLS)
+    decls += proc_declarations(include_dirs, cc)
+    return "\n".join(decls + collect_defines(include_dirs)) + "\n" + C_CDEF.replace("@COMMON_DECLS@", COMMON_DECLS)
 
 
 def bound_functions(include_dirs: list[Path], cc: str | None = None) -> list[str]:
@@ -329,7 +425,8 @@ def emit(
         cdef_out.write_text(cdef)
     ffi = cffi.FFI()
     ffi.cdef(cdef)
-    source = C_SOURCE.replace("@VERSION@", _c_string(version)).replace("@FIT_DECLS@", FIT_DECLS)
+    source = C_SOURCE.replace("@VERSION@", _c_string(version)).replace("@COMMON_DECLS@", COMMON_DECLS)
+    source += proc_source(include_dirs, cc)
     ffi.set_source("pyllama._cffi", source.replace("@BUILD_INFO@", _c_string(build_info)))
     tmp = out.with_suffix(".tmp.c")
     ffi.emit_c_code(str(tmp))

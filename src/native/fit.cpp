@@ -1,19 +1,14 @@
 // pyllama's C entry points to llama.cpp's own parameter fitting (common/fit.cpp
-// of the vendored tree), compiled into libpyllama-fit beside libllama.
+// of the vendored tree), compiled into libpyllama-common beside libllama.
 //
-// fit.cpp logs through common/log.h. common/log.cpp would bring a worker thread
-// that prints INFO lines to stdout and half of libcommon with it, so the four
-// log functions fit.cpp calls are defined here instead: they hand each line to
-// llama.cpp's current logger, which pyllama routes to Python's `logging`
-// (logger "pyllama.llama"). Nothing here writes to stdout or stderr.
+// fit.cpp logs through common/log.h, which src/native/log.cpp implements on
+// llama.cpp's current logger (pyllama routes it to Python's `logging`).
 
 #include "fit.h"
 #include "json.h"
 #include "log.h"
 
-#include <cstdarg>
 #include <cstdint>
-#include <cstdio>
 #include <exception>
 #include <string>
 
@@ -22,40 +17,6 @@
 #else
 #    define PYLLAMA_FIT_API extern "C" __attribute__((visibility("default")))
 #endif
-
-struct common_log {};  // opaque in log.h; one instance stands for "the" log
-
-common_log * common_log_main() {
-    static common_log log;
-    return &log;
-}
-
-// LOG_TRC (the fit's account of what it measured and chose) passes; LOG_DBG does not.
-int common_log_get_verbosity_thold(void) { return LOG_LEVEL_TRACE; }
-
-bool common_log_get_jsonl(void) { return false; }
-
-void common_log_add_json(common_log *, const char *, const common_json &) {}
-
-void common_log_add(common_log *, ggml_log_level level, const char * fmt, ...) {
-    va_list args;
-    va_start(args, fmt);
-    va_list copy;
-    va_copy(copy, args);
-    const int n = std::vsnprintf(nullptr, 0, fmt, copy);
-    va_end(copy);
-    std::string text(n > 0 ? (size_t) n : 0, '\0');
-    if (n > 0) {
-        std::vsnprintf(text.data(), text.size() + 1, fmt, args);
-    }
-    va_end(args);
-    ggml_log_callback callback = nullptr;
-    void * user_data = nullptr;
-    llama_log_get(&callback, &user_data);
-    if (callback != nullptr && n > 0) {
-        callback(level, text.c_str(), user_data);
-    }
-}
 
 // common_fit_params with C linkage and no exception crossing the boundary.
 // Returns common_params_fit_status (0 fitted or nothing to change, 1 could not

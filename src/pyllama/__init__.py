@@ -12,7 +12,7 @@ Quick start::
 from ._version import __version__
 from ._ffi import build_info
 from .batch import Batch
-from .chat import ChatSession, apply_template
+from .chat import ChatFormat, ChatPrompt, ChatSession, apply_template
 from .context import Context, PerfContext
 from .detokenize import StreamDecoder
 from .devices import Device, UnavailableBackend, backends, devices, supports_gpu_offload, system_info, unavailable_backends
@@ -35,10 +35,12 @@ from .errors import (
     TokenizationError,
 )
 from .generate import Generation, TokenEvent, agenerate, generate, generate_text
+from .grammar import PrefilledGrammar, json_schema_to_grammar
 from .kv import KVCache
 from .lora import LoraAdapter
 from .model import Model
 from .parallel import SequenceResult, generate_parallel, generate_parallel_tokens
+from .rpc import RpcError, RpcServer, rpc_server
 from .sampling import (
     DRY,
     XTC,
@@ -65,8 +67,10 @@ from .sampling import (
     default_chain,
 )
 from .starter import starter_model_path
+from .store import ChecksumError, DownloadError, DownloadProgress, NotCachedError, pull
 from .threadpool import Threadpool
 from .vocab import Vocab
+from .worker import Worker, WorkerChatSession, WorkerCrashedError, WorkerError, WorkerGeneration
 
 __all__ = [
     "__version__", "build_info", "devices", "backends", "system_info", "supports_gpu_offload", "Device",
@@ -74,7 +78,7 @@ __all__ = [
     "Model", "Vocab", "Context", "PerfContext", "Batch", "KVCache", "LoraAdapter", "StreamDecoder",
     "generate", "generate_text", "agenerate", "Generation", "TokenEvent",
     "generate_parallel", "generate_parallel_tokens", "SequenceResult",
-    "ChatSession", "apply_template", "embed", "starter_model_path", "Threadpool",
+    "ChatSession", "ChatFormat", "ChatPrompt", "json_schema_to_grammar", "PrefilledGrammar", "apply_template", "embed", "starter_model_path", "Threadpool",
     "Fit", "DeviceMemory", "fit_params", "memory_projection",
     "SamplerChain", "Sampler", "CustomSampler", "Candidates", "default_chain",
     "Greedy", "Dist", "TopK", "TopP", "MinP", "Typical", "Temp", "TempExt", "XTC", "TopNSigma",
@@ -82,4 +86,7 @@ __all__ = [
     "LlamaError", "ClosedError", "ModelLoadError", "ContextCreationError", "TokenizationError",
     "DecodeError", "KVCacheFullError", "DecodeAbortedError", "InvalidBatchError", "ContextOverflowError",
     "StateError", "SamplerError", "TemplateError", "BusyError",
+    "pull", "DownloadProgress", "DownloadError", "ChecksumError", "NotCachedError",
+    "rpc_server", "RpcServer", "RpcError",
+    "Worker", "WorkerGeneration", "WorkerChatSession", "WorkerError", "WorkerCrashedError",
 ]

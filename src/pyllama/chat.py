@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import re
+import secrets
+import string
+from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Mapping, Sequence
 
 from ._ffi import ffi, lib
+from ._handle import Handle
 from .errors import TemplateError
 from .generate import Generation, TokenEvent
+from .grammar import PrefilledGrammar, _call
+from .sampling import Greedy, Sampler
 
 if TYPE_CHECKING:
     from .context import Context
@@ -24,6 +33,7 @@ def apply_template(model: Model, messages: Sequence[Message], *, add_generation_
     otherwise the Jinja template itself is rendered in a sandbox (needs jinja2,
     the ``chat`` extra).
     """
+    _validate_messages(messages)
     tmpl = template if template is not None else model.chat_template()
     if tmpl is None:
         tmpl = _builtin_for_architecture(model.architecture)
@@ -32,6 +42,24 @@ def apply_template(model: Model, messages: Sequence[Message], *, add_generation_
                             f"llama.cpp template name: {', '.join(builtin_templates())})")
     text = _apply_builtin(tmpl, messages, add_generation_prompt)
     return text if text is not None else _apply_jinja(model, tmpl, messages, add_generation_prompt)
+
+
+def _validate_messages(messages: object) -> None:
+    """TemplateError naming the bad field (``messages[0]: missing 'content'``) before any C call."""
+    if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
+        raise TemplateError(f"messages must be a list of {{'role': ..., 'content': ...}} dicts, "
+                            f"not {type(messages).__name__}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping):
+            raise TemplateError(f"messages[{i}]: must be a dict with 'role' and 'content', not {type(m).__name__}")
+        for key in ("role", "content"):
+            if key not in m:
+                raise TemplateError(f"messages[{i}]: missing {key!r}")
+            v = m[key]
+            if not isinstance(v, str):
+                raise TemplateError(f"messages[{i}][{key!r}]: must be a str, not {type(v).__name__}")
+            if "\0" in v:  # llama.cpp reads C strings: the rest would be dropped silently
+                raise TemplateError(f"messages[{i}][{key!r}]: contains a NUL character")
 
 
 def builtin_templates() -> list[str]:
@@ -94,6 +122,245 @@ def _apply_jinja(model: Model, tmpl: str, messages: Sequence[Message], add_ass: 
         raise TemplateError(f"chat template failed: {exc}") from None
 
 
+# --- llama.cpp's own chat handling: templates, tools, grammars, output parsing ------------
+
+ToolChoice = Literal["auto", "none", "required"]
+ReasoningFormat = Literal["none", "auto", "deepseek", "deepseek-legacy"]
+
+_log = logging.getLogger("pyllama.chat")
+
+# Jinja forms of llama.cpp's named templates, for GGUF files that carry no template
+# (llama-server would fall back to ChatML, which these model families do not speak).
+# Written from llama.cpp's built-in renderer (src/llama-chat.cpp, "gemma").
+_FALLBACK_JINJA = {
+    "gemma": (
+        "{{ bos_token }}{% set ns = namespace(system='') %}"
+        "{% for message in messages %}"
+        "{% if message['role'] == 'system' %}{% set ns.system = ns.system + message['content'] | trim %}"
+        "{% else %}{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+        "<start_of_turn>{{ role }}\n"
+        "{% if ns.system and role != 'model' %}{{ ns.system }}\n\n{% set ns.system = '' %}{% endif %}"
+        "{{ message['content'] | trim }}<end_of_turn>\n"
+        "{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+    ),
+}
+
+_REGEX_SPECIAL = re.compile(r"[.^$|()*+?\[\]{}\\]")
+_ID_CHARS = string.ascii_letters + string.digits
+
+
+def _regex_escape(word: str) -> str:
+    # common.cpp regex_escape: the trigger word as a literal pattern
+    return _REGEX_SPECIAL.sub(lambda m: "\\" + m.group(0), word)
+
+
+def _new_tool_call_id() -> str:
+    return "call_" + "".join(secrets.choice(_ID_CHARS) for _ in range(24))
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    """A conversation rendered by llama.cpp's chat code, with what generating and parsing need.
+
+    ``prompt`` is the text to generate from (tokenize it with special tokens
+    parsed; the template leaves out the BOS token when the vocabulary adds it).
+    ``grammar`` (GBNF, or "") constrains the output to the tool-call syntax or
+    the response schema; ``grammar_lazy`` grammars apply only once one of the
+    ``grammar_triggers`` appears. ``additional_stops`` are extra stop strings.
+    ``format`` names llama.cpp's parser for the output.
+    """
+
+    prompt: str
+    grammar: str
+    grammar_lazy: bool
+    grammar_triggers: list[dict[str, Any]]
+    preserved_tokens: list[str]
+    additional_stops: list[str]
+    format: str
+    generation_prompt: str = ""
+    supports_thinking: bool = False
+    thinking_start_tag: str = ""
+    thinking_end_tags: list[str] = field(default_factory=list)
+    _grammar_prefill: str = field(default="", repr=False)
+    _trigger_patterns: tuple[str, ...] = field(default=(), repr=False)
+    _trigger_tokens: tuple[int, ...] = field(default=(), repr=False)
+    _parser_state: str = field(default="", repr=False, compare=False)
+
+    def grammar_sampler(self) -> PrefilledGrammar | None:
+        """The grammar as a sampler spec (put it before the selecting sampler), or None.
+
+        Lazy grammars get llama-server's triggers: a trigger word that is one
+        token becomes a trigger token, any other word an escaped pattern,
+        full-match patterns are anchored. A non-lazy template grammar is
+        advanced over the generation prompt, as llama-server does.
+        """
+        if not self.grammar:
+            return None
+        if self.grammar_lazy:
+            return PrefilledGrammar(self.grammar, trigger_patterns=self._trigger_patterns,
+                                    trigger_tokens=self._trigger_tokens)
+        return PrefilledGrammar(self.grammar, prefill=self._grammar_prefill)
+
+    def parse(self, text: str, *, partial: bool = False) -> dict[str, Any]:
+        """The generated ``text`` as an OpenAI assistant message.
+
+        Returns ``{"role": "assistant", "content": str | None, "reasoning_content":
+        str | None, "tool_calls": [{"id", "type": "function", "function": {"name",
+        "arguments"}}] | None}``; ``arguments`` is JSON text, ids are fresh
+        ``call_...`` strings where the model gave none. With ``partial`` the text
+        may end anywhere (streaming); without it, text the format does not allow
+        raises ValueError.
+        """
+        raw = text.encode("utf-8")
+        msg = _call(lib.pyllama_chat_parse(self._parser_state.encode(), raw, len(raw), partial))
+        calls = [{"id": c["id"] or _new_tool_call_id(), "type": "function",
+                  "function": {"name": c["name"], "arguments": c["arguments"]}} for c in msg["tool_calls"]]
+        content: str | None = msg["content"]
+        if not content and calls:
+            content = None
+        return {"role": "assistant", "content": content,
+                "reasoning_content": msg["reasoning_content"] or None, "tool_calls": calls or None}
+
+
+class ChatFormat(Handle):
+    """llama.cpp's chat handling for a model: its Jinja template (or ``template``),
+    tool calling, response schemas and reasoning, as llama-server does it.
+
+    ::
+
+        fmt = ChatFormat(model)
+        cp = fmt.apply(messages, tools=tools, tool_choice="required")
+        text = generate_text(ctx, cp.prompt, sampler=[cp.grammar_sampler(), Greedy()],
+                             stop=cp.additional_stops)
+        message = cp.parse(text)       # {"role", "content", "tool_calls", ...}
+    """
+
+    _kind = "chat format"
+
+    def __init__(self, model: Model, *, template: str | None = None) -> None:
+        if template is None and model.chat_template() is None:
+            name = _builtin_for_architecture(model.architecture)
+            template = _FALLBACK_JINJA.get(name or "")
+            if template is None:
+                _log.warning("the model has no chat template; using ChatML (as llama-server); pass template=")
+        if template is not None and not template.strip():
+            raise TemplateError("template= is empty")
+        err = ffi.new("char **")
+        ptr = lib.pyllama_chat_templates_init(model._p(), template.encode() if template is not None else ffi.NULL,
+                                              err)
+        if ptr == ffi.NULL:
+            _call(err[0])
+            raise TemplateError("llama.cpp could not load the chat template")
+        super().__init__(ptr, lib.pyllama_chat_templates_free, model)
+        self.model = model
+        self._info: dict[str, Any] = _call(lib.pyllama_chat_templates_info(ptr))
+
+    @property
+    def source(self) -> str:
+        """The Jinja source of the template in use."""
+        self._p()
+        return str(self._info["source"])
+
+    @property
+    def caps(self) -> dict[str, bool]:
+        """What the template supports (tools, tool_calls, system_role, parallel_tool_calls, ...)."""
+        self._p()
+        return {k.removeprefix("supports_"): bool(v) for k, v in self._info["caps"].items()}
+
+    def apply(self, messages: Sequence[Mapping[str, Any]], *, tools: Sequence[Mapping[str, Any]] | None = None,
+              tool_choice: ToolChoice | Mapping[str, Any] = "auto", parallel_tool_calls: bool = False,
+              json_schema: Mapping[str, Any] | None = None, grammar: str | None = None,
+              add_generation_prompt: bool = True, continue_final_message: bool = False,
+              enable_thinking: bool = True, reasoning_format: ReasoningFormat = "auto",
+              template_kwargs: Mapping[str, Any] | None = None) -> ChatPrompt:
+        """Render OpenAI-style ``messages`` (with tool results and assistant ``tool_calls``).
+
+        ``tools`` are OpenAI function tools; ``tool_choice`` is "auto", "none",
+        "required" or ``{"type": "function", "function": {"name": ...}}`` (that
+        one tool, required). ``json_schema`` constrains the reply to a schema,
+        ``grammar`` to a GBNF grammar (not with tools). ``reasoning_format``
+        says how thinking is returned by :meth:`ChatPrompt.parse` ("none" leaves
+        it in the content). ``template_kwargs`` are extra template variables.
+        Malformed messages, tools or schemas raise ValueError; a template that
+        fails raises TemplateError, both with llama.cpp's message.
+        """
+        model_vocab = self.model.vocab
+        ptr = self._p()
+        if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+            raise ValueError("messages must be a list of {'role': ..., 'content': ...} dicts")
+        tools_list = list(tools) if tools is not None else None
+        choice: str
+        if isinstance(tool_choice, Mapping):
+            name = tool_choice.get("function", {}).get("name") if tool_choice.get("type") == "function" else None
+            if not isinstance(name, str):
+                raise ValueError("tool_choice must be 'auto', 'none', 'required' or "
+                                 "{'type': 'function', 'function': {'name': ...}}")
+            picked = [t for t in tools_list or [] if isinstance(t, Mapping)
+                      and isinstance(t.get("function"), Mapping) and t["function"].get("name") == name]
+            if not picked:
+                raise ValueError(f"tool_choice names {name!r}, which is not among the tools")
+            tools_list, choice = picked, "required"
+        else:
+            choice = tool_choice
+        if tools_list and choice != "none" and not self._info["caps"].get("supports_tool_calls", False):
+            raise TemplateError("this chat template cannot render tool calls; pass ChatFormat(model, "
+                                "template=...) with a template that does")
+        request: dict[str, Any] = {
+            "messages": list(messages), "tool_choice": choice, "parallel_tool_calls": parallel_tool_calls,
+            "add_generation_prompt": add_generation_prompt, "enable_thinking": enable_thinking,
+            "reasoning_format": reasoning_format,
+        }
+        if tools_list:
+            request["tools"] = tools_list
+        if json_schema is not None:
+            request["json_schema"] = json_schema
+        if grammar is not None:
+            request["grammar"] = grammar
+        if continue_final_message:
+            request["continue_final_message"] = True
+        if template_kwargs:
+            request["chat_template_kwargs"] = dict(template_kwargs)
+        try:
+            body = json.dumps(request)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"the chat request is not JSON-serialisable: {exc}") from None
+        out = _call(lib.pyllama_chat_apply(ptr, body.encode("utf-8")))
+        patterns: list[str] = []
+        tokens: list[int] = []
+        for trig in out["grammar_triggers"]:
+            kind, value = trig["type"], trig["value"]
+            if kind == "word":
+                ids = model_vocab.tokenize(value, add_special=False, parse_special=True)
+                if ids.size == 1:
+                    tokens.append(int(ids[0]))
+                else:
+                    patterns.append(_regex_escape(value))
+            elif kind == "pattern":
+                patterns.append(value)
+            elif kind == "pattern_full":
+                patterns.append(("" if value.startswith("^") else "^") + value + ("" if value.endswith("$") else "$")
+                                if value else "^$")
+            elif kind == "token":
+                tok = int(trig["token"])
+                if tok < 0:
+                    ids = model_vocab.tokenize(value, add_special=False, parse_special=True)
+                    if ids.size != 1:
+                        raise TemplateError(f"grammar trigger token {value!r} is not one token of this vocabulary")
+                    tok = int(ids[0])
+                tokens.append(tok)
+        if out["grammar_lazy"] and out["grammar"] and not patterns and not tokens:
+            raise TemplateError("llama.cpp made a lazy grammar without triggers")
+        return ChatPrompt(
+            prompt=out["prompt"], grammar=out["grammar"], grammar_lazy=out["grammar_lazy"],
+            grammar_triggers=out["grammar_triggers"], preserved_tokens=out["preserved_tokens"],
+            additional_stops=out["additional_stops"], format=out["format"],
+            generation_prompt=out["generation_prompt"], supports_thinking=out["supports_thinking"],
+            thinking_start_tag=out["thinking_start_tag"], thinking_end_tags=out["thinking_end_tags"],
+            _grammar_prefill=out["grammar_prefill"], _trigger_patterns=tuple(patterns),
+            _trigger_tokens=tuple(tokens), _parser_state=out["parser_state"])
+
+
 class ChatSession:
     """A conversation on one context sequence; each turn reuses the KV cache of the previous ones.
 
@@ -103,38 +370,108 @@ class ChatSession:
         for ev in chat.stream("Hello"):
             print(ev.text, end="")
         reply = chat.ask("And then?")
+
+    With ``tools`` (OpenAI function tools) the conversation goes through
+    :class:`ChatFormat`: the tool-call grammar joins the sampler, each reply is
+    parsed, ``last_message`` holds it (``tool_calls`` included), and
+    ``add_tool_result`` then ``stream()`` / ``ask()`` without a message continue.
     """
 
     def __init__(self, ctx: Context, *, system: str | None = None, template: str | None = None,
+                 tools: Sequence[Mapping[str, Any]] | None = None,
+                 tool_choice: ToolChoice | Mapping[str, Any] = "auto", parallel_tool_calls: bool = False,
                  seq_id: int = 0, **generation_options: Any) -> None:
         self.ctx = ctx
         self.template = template
         self.seq_id = seq_id
         self.options = generation_options
-        self.messages: list[dict[str, str]] = []
+        self.tools = list(tools) if tools else None
+        self.tool_choice = tool_choice
+        self.parallel_tool_calls = parallel_tool_calls
+        self.format = ChatFormat(ctx.model, template=template) if self.tools else None
+        self.messages: list[dict[str, Any]] = []
+        self.last_message: dict[str, Any] | None = None
         if system:
             self.messages.append({"role": "system", "content": system})
 
-    def _prompt_tokens(self) -> Any:
+    def close(self) -> None:
+        """Free the chat format (tools only); the context stays the caller's."""
+        if self.format is not None:
+            self.format.close()
+
+    def _tokens(self, text: str) -> Any:
         model = self.ctx.model
-        text = apply_template(model, self.messages, add_generation_prompt=True, template=self.template)
         bos = model.vocab.bos
         has_bos = bos is not None and text.startswith(model.vocab.text(bos))
         return model.vocab.tokenize(text, add_special=not has_bos, parse_special=True)
 
-    def stream(self, message: str, **options: Any) -> Iterator[TokenEvent]:
-        """Send a user message and stream the reply; the reply joins the history when the stream ends."""
-        self.messages.append({"role": "user", "content": message})
-        gen = Generation(self.ctx, self._prompt_tokens(), seq_id=self.seq_id, **{**self.options, **options})
+    def _prompt_tokens(self) -> Any:
+        text = apply_template(self.ctx.model, self.messages, add_generation_prompt=True, template=self.template)
+        return self._tokens(text)
+
+    def _tool_turn(self, options: dict[str, Any]) -> tuple[Any, ChatPrompt]:
+        assert self.format is not None
+        cp = self.format.apply(self.messages, tools=self.tools, tool_choice=self.tool_choice,
+                               parallel_tool_calls=self.parallel_tool_calls)
+        gs = cp.grammar_sampler()
+        if gs is not None:
+            sampler = options.get("sampler")
+            if sampler is None:
+                options["sampler"] = [gs, Greedy()]
+            elif isinstance(sampler, Sequence) and all(isinstance(s, Sampler) for s in sampler):
+                options["sampler"] = [gs, *sampler]
+            else:
+                raise ValueError("with tools, sampler= must be a list of sampler specs: "
+                                 "the tool-call grammar goes in front of them")
+        if cp.additional_stops:
+            options["stop"] = [*options.get("stop", ()), *cp.additional_stops]
+        return self._tokens(cp.prompt), cp
+
+    def add_tool_result(self, content: str, *, tool_call_id: str | None = None, name: str | None = None) -> None:
+        """Add the result of a tool call (answering ``last_message["tool_calls"]``) to the history."""
+        msg: dict[str, Any] = {"role": "tool", "content": content}
+        if tool_call_id is not None:
+            msg["tool_call_id"] = tool_call_id
+        if name is not None:
+            msg["name"] = name
+        self.messages.append(msg)
+
+    def stream(self, message: str | None = None, **options: Any) -> Iterator[TokenEvent]:
+        """Send a user message (None: answer the tool results just added) and stream the reply;
+        the reply joins the history when the stream ends."""
+        if message is not None:
+            self.messages.append({"role": "user", "content": message})
+        elif not self.messages:
+            raise ValueError("nothing to answer: pass a message")
+        opts = {**self.options, **options}
+        cp: ChatPrompt | None = None
+        if self.format is not None:
+            tokens, cp = self._tool_turn(opts)
+        else:
+            tokens = self._prompt_tokens()
+        gen = Generation(self.ctx, tokens, seq_id=self.seq_id, **opts)
         try:
             yield from gen
         finally:
             gen.close()
-            self.messages.append({"role": "assistant", "content": gen.text})
+            if cp is None:
+                self.last_message = {"role": "assistant", "content": gen.text}
+                self.messages.append({"role": "assistant", "content": gen.text})
+            else:
+                try:
+                    parsed = cp.parse(gen.text, partial=gen.finish_reason not in ("eog", "stop"))
+                except ValueError:
+                    parsed = {"role": "assistant", "content": gen.text, "reasoning_content": None,
+                              "tool_calls": None}
+                self.last_message = parsed
+                entry = {"role": "assistant", "content": parsed["content"]}
+                if parsed["tool_calls"]:
+                    entry["tool_calls"] = parsed["tool_calls"]
+                self.messages.append(entry)
 
-    def ask(self, message: str, **options: Any) -> str:
-        """Send a user message and return the whole reply."""
+    def ask(self, message: str | None = None, **options: Any) -> str:
+        """Send a user message (None: answer the tool results just added) and return the whole reply."""
         return "".join(ev.text for ev in self.stream(message, **options))
 
 
-__all__ = ["apply_template", "ChatSession", "Message", "Generation"]
+__all__ = ["apply_template", "ChatSession", "ChatFormat", "ChatPrompt", "Message", "Generation"]

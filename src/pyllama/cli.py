@@ -8,10 +8,16 @@ import logging
 import sys
 from typing import Any, Sequence
 
+from . import chat_cli, rpc
+from .server import cli as serve_cli
+from .store import cli as store_cli
+
 
 def _model_path(arg: str | None) -> str:
     if arg:
-        return arg
+        from .store import resolve  # a reference (hf:..., https://...) is pulled into the cache first
+
+        return str(resolve(arg, progress=True))
     from .starter import starter_model_path
 
     return str(starter_model_path())
@@ -24,7 +30,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     sampler = default_chain(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                             seed=args.seed if args.seed is not None else 0xFFFFFFFF)
-    with Model(_model_path(args.model), n_gpu_layers=args.ngl, progress=args.progress) as model:
+    with Model(_model_path(args.model), n_gpu_layers=args.ngl, progress=args.progress, rpc=args.rpc or ()) as model:
         with model.context(n_ctx=args.ctx, n_threads=args.threads, n_batch=args.batch,
                            flash_attn=args.flash_attn) as ctx:
             out = sys.stdout
@@ -153,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-fa", "--flash-attn", default="auto", choices=["auto", "on", "off"])
     r.add_argument("--stop", action="append", default=[])
     r.add_argument("--progress", action="store_true", help="show a load progress bar")
+    r.add_argument("--rpc", default=None, metavar="HOST:PORT,...", help="add ggml RPC servers' devices (pyllama rpc-server)")
     r.add_argument("-v", "--verbose", action="store_true", help="print timings to stderr")
 
     i = sub.add_parser("inspect", help="the build, the devices, the GPUs, or how a model fits them")
@@ -163,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--min-ctx", type=int, default=4096, help="for `fit`: smallest context the fit may choose")
     i.add_argument("-c", "--ctx", type=int, default=0, help="for `fit`: context size to project (default: auto)")
 
+    chat_cli.register(sub)
+    rpc.register(sub)
+    serve_cli.register(sub)
+    store_cli.register(sub)
     sub.add_parser("bench", help="llama-bench compatible benchmark (see pyllama bench --help)", add_help=False)
     return p
 
@@ -175,6 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.log_level:
         logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                             format="%(name)s %(levelname)s: %(message)s")
+    if hasattr(args, "func"):  # subcommands registered by their own modules
+        return int(args.func(args))
     if args.command == "run":
         from .errors import LlamaError
 

@@ -387,6 +387,8 @@ class Context(Handle):
         ``i`` indexes the batch's tokens (as llama_get_logits_ith does). The view
         is llama.cpp's buffer itself: valid until the next decode or close.
         """
+        if not _INT32_MIN <= i <= _INT32_MAX:
+            raise IndexError(f"no logits for batch row {i}: only rows marked for logits have them")
         ptr = lib.llama_get_logits_ith(self._p(), i)
         if ptr == ffi.NULL:
             raise IndexError(f"no logits for batch row {i}: only rows marked for logits have them")
@@ -409,6 +411,8 @@ class Context(Handle):
 
     def embedding(self, i: int = -1) -> npt.NDArray[np.float32]:
         """Read-only view of the embedding of batch row ``i`` (needs ``embeddings=True``)."""
+        if not _INT32_MIN <= i <= _INT32_MAX:
+            raise IndexError(f"no embedding for batch row {i}")
         ptr = lib.llama_get_embeddings_ith(self._p(), i)
         if ptr == ffi.NULL:
             raise IndexError(f"no embedding for batch row {i} (context created with embeddings=True?)")
@@ -491,6 +495,7 @@ class Context(Handle):
         decoded in ``n_batch`` chunks. At least the last token is always
         evaluated so that fresh logits exist. Returns the number of tokens decoded.
         """
+        seq_id = self.kv._seq(seq_id)
         toks = as_tokens(tokens)
         if toks.size == 0:
             raise ValueError("nothing to evaluate: empty token sequence")
@@ -573,6 +578,7 @@ class _Tracker:
 
 
 _MAIN_THREAD_ID = threading.main_thread().ident
+_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 
 
 def _view(ptr: Any, n: int) -> npt.NDArray[np.float32]:

@@ -34,6 +34,11 @@ class StreamDecoder:
         self._lstrip = 0
         return self._decoder.decode(piece)
 
+    def push_piece(self, piece: bytes) -> str:
+        """Text completed by a token whose piece the caller already has (the fused step's)."""
+        self._lstrip = 0
+        return self._decoder.decode(piece)
+
     def push_bytes(self, token: int) -> tuple[bytes, str]:
         """The token's raw bytes and the text it completes."""
         piece = self._vocab._piece(token, self._special, self._lstrip, self._buf)

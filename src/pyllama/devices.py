@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ class Device:
     backend: str  # the backend registry that provides it ("CPU", "Vulkan", "CUDA", ...)
     memory_free: int  # bytes
     memory_total: int  # bytes
+    endpoint: str | None = None  # an RPC device's server, "ip:port" (its memory is 0 while unreachable)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -38,12 +40,26 @@ def _str(ptr: Any) -> str:
 
 def devices() -> list[Device]:
     """Every device of every backend that loaded, in ggml's order."""
+    from .rpc import RpcError, device_endpoint, ensure_reachable
+
     out = []
     free = ffi.new("size_t *")
     total = ffi.new("size_t *")
+    reachable: dict[str, bool] = {}
     for i in range(lib.ggml_backend_dev_count()):
         dev = lib.ggml_backend_dev_get(i)
-        lib.ggml_backend_dev_memory(dev, free, total)
+        endpoint = device_endpoint(i)
+        if endpoint is not None and endpoint not in reachable:
+            # ggml's memory query aborts the process on a server it cannot reach.
+            try:
+                ensure_reachable([endpoint])
+                reachable[endpoint] = True
+            except RpcError as exc:
+                reachable[endpoint] = False
+                logging.getLogger("pyllama").warning("%s", exc)
+        free[0] = total[0] = 0
+        if endpoint is None or reachable[endpoint]:
+            lib.ggml_backend_dev_memory(dev, free, total)
         reg = lib.ggml_backend_dev_backend_reg(dev)
         out.append(
             Device(
@@ -54,6 +70,7 @@ def devices() -> list[Device]:
                 backend=_str(lib.ggml_backend_reg_name(reg)) if reg != ffi.NULL else "",
                 memory_free=int(free[0]),
                 memory_total=int(total[0]),
+                endpoint=endpoint,
             )
         )
     return out

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, Sequence, Union
+from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, Mapping, Sequence, Union
 
 import numpy as np
 import numpy.typing as npt
 
 from ._ffi import ffi, lib
 from ._channel import END, EventChannel, wake
+from ._ffi import ffi, lib
 from .batch import Batch
 from .errors import BusyError, ClosedError, ContextOverflowError
 from .stream import FinishReason, SamplerArg, SequenceStream, StopMatcher, TokenEvent
@@ -33,7 +34,8 @@ class Generation:
                  stop: Sequence[str] = (), seed: int | None = None, seq_id: int = 0, logprobs: bool = False,
                  top_logprobs: int = 0, add_special: bool = True, parse_special: bool = True,
                  context_shift: bool = False, n_keep: int = 0, reuse_prefix: bool = True,
-                 ignore_eos: bool = False) -> None:
+                 ignore_eos: bool = False, grammar: str | None = None,
+                 json_schema: Mapping[str, Any] | str | None = None) -> None:
         self.ctx = ctx
         model = ctx.model
         if isinstance(prompt, (str, bytes)):
@@ -51,7 +53,8 @@ class Generation:
             raise ValueError(f"n_keep must lie in [0, {ctx.n_ctx_seq})")
         self.prompt_tokens = prompt_tokens
         self._stream = SequenceStream(model, sampler, seed=seed, max_tokens=max_tokens, stop=stop,
-                                      logprobs=logprobs, top_logprobs=top_logprobs, ignore_eos=ignore_eos)
+                                      logprobs=logprobs, top_logprobs=top_logprobs, ignore_eos=ignore_eos,
+                                      grammar=grammar, json_schema=json_schema)
         self.sampler = self._stream.chain
         self.max_tokens = max_tokens
         self.seq_id = seq_id
@@ -141,6 +144,9 @@ class Generation:
         if stream.max_tokens == 0:
             stream.finish("length")
             return
+        if stream.fusable:
+            yield from self._fused(ctx, pos)
+            return
         while True:
             with lock:  # a close() from another thread cannot free the context mid-sample
                 ptr = ctx._ptr
@@ -163,6 +169,63 @@ class Generation:
             ctx._decode(batch)
             tracker.append(self.seq_id, token)
             pos += 1
+        tail = stream.finish()
+        if tail is not None:
+            yield tail
+
+
+    def _fused(self, ctx: Context, pos: int) -> Iterator[TokenEvent]:
+        """The token loop with one C call per token (pyllama_fused_step: decode, sample, EOG, piece)."""
+        stream = self._stream
+        chain_p = stream.chain._p()
+        vocab_p = stream._vocab_p
+        greedy = 1 if stream._argmax else 0
+        n_vocab = ctx.n_vocab
+        seq_id = self.seq_id
+        tracker = ctx._seq_tokens
+        batch = self._batch
+        tok_arr, pos_arr = batch.token, batch.pos
+        out = ffi.new("int32_t[3]")
+        cap = 256
+        buf = ffi.new("char[]", cap)
+        step = lib.pyllama_fused_step
+        push_piece = stream.push_piece
+        decoder = stream._decoder
+        buffer = ffi.buffer
+        n_ctx_seq = ctx.n_ctx_seq
+        lock = ctx._lock
+        prev = -1
+        while True:
+            with lock:  # a close() from another thread cannot free the context mid-step
+                ptr = ctx._ptr
+                if ptr is None:
+                    raise ClosedError("the context was closed during generation")
+                if prev >= 0:
+                    st = ctx._arm_abort()
+                    tok_arr[0] = prev
+                    pos_arr[0] = pos
+                rc = step(ptr, chain_p, vocab_p, prev, pos, seq_id, greedy, n_vocab, decoder._lstrip, buf, cap, out)
+                if prev >= 0:
+                    if rc != 0 or st.interrupted:
+                        ctx._decode_failed(batch, rc)
+                    tracker.append(seq_id, prev)
+                    pos += 1
+                token, n_piece = out[0], out[2]
+                # a piece longer than the buffer (never in practice): ask for it again
+                piece = buffer(buf, n_piece)[:] if n_piece >= 0 else stream.model.vocab._piece(
+                    token, False, decoder._lstrip, buf)
+                ev = push_piece(token, out[1] != 0, piece, ptr, -1)
+            if ev is not None:
+                yield ev
+            if stream.finish_reason is not None:
+                break
+            if pos >= n_ctx_seq:
+                if not self.context_shift:
+                    stream.finish("context")
+                    break
+                pos = self._shift(pos)
+                tracker.forget(seq_id)
+            prev = token
         tail = stream.finish()
         if tail is not None:
             yield tail
@@ -201,8 +264,10 @@ def generate(ctx: Context, prompt: Prompt, **options: Any) -> Generation:
     Options: ``sampler`` (a :class:`SamplerChain`, a list of sampler specs, or
     None for greedy; ``seed=`` alone gives llama.cpp's default chain with that
     seed), ``max_tokens`` (None: until end of generation or a full context),
-    ``stop`` (strings, matched across tokens and never emitted), ``logprobs``,
-    ``seq_id``, ``context_shift`` (drop old tokens instead of stopping when the
+    ``stop`` (strings, matched across tokens and never emitted), ``logprobs`` /
+    ``top_logprobs`` (log-probabilities on each event), ``grammar`` (GBNF) or
+    ``json_schema`` (output constrained to the schema, through llama.cpp's
+    json-schema-to-grammar), ``ignore_eos``, ``seq_id``, ``context_shift`` (drop old tokens instead of stopping when the
     context is full, keeping the first ``n_keep``), ``reuse_prefix`` (evaluate
     only what the sequence does not already hold). Use as ``with generate(...)
     as gen: for ev in gen: ...``.

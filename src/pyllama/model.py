@@ -16,8 +16,10 @@ from . import _progress
 from ._ffi import ffi, lib
 from ._handle import Handle
 from .devices import Device
+from . import store
 from .errors import ModelLoadError
 from .fit import DEFAULT_MARGIN_MIB, DEFAULT_MIN_CTX, Fit, estimate_gpu_layers, fit_model_params, has_accelerator
+from .gguf_check import check_model_file
 from .vocab import TokenArray, Vocab
 
 if TYPE_CHECKING:
@@ -78,6 +80,14 @@ class Model(Handle):
     takes). ``model.fit`` records what it chose. Without an accelerator the
     model stays on the CPU.
 
+    ``path`` may also be a model reference (``hf:org/repo:Q4_K_M``, ``hf:org/repo/file.gguf``,
+    an ``https://`` URL): it is loaded from pyllama's model cache, pulled there first when absent
+    (see :mod:`pyllama.store`).
+
+    ``rpc=["host:port", ...]`` adds ggml RPC servers' devices first (once per
+    process; see :mod:`pyllama.rpc`): with the default ``devices`` the model is
+    split over them and the local accelerators.
+
     ``close()`` (or leaving the ``with`` block) frees the weights at once,
     closing the model's contexts and adapters first.
     """
@@ -107,10 +117,17 @@ class Model(Handle):
         fit_min_ctx: int = DEFAULT_MIN_CTX,
         fit_context: Mapping[str, Any] | None = None,
         progress: ProgressArg = None,
+        rpc: Sequence[str] | str = (),
     ) -> None:
-        self.path = Path(path)
+        # a store reference (hf:org/repo:Q4_K_M, https://...) loads from the cache, pulled there if absent
+        self.path = store.resolve(path, progress=progress is True)
         if not self.path.is_file():
             raise ModelLoadError(f"model file not found: {self.path}")
+        # Before the device list is built: the servers' devices join it. Every
+        # server the load may touch is checked first (ggml aborts on one it cannot reach).
+        from .rpc import harden_connections, prepare_model
+
+        prepare_model(rpc, None if devices is None else [d.name if isinstance(d, Device) else d for d in devices])
         params = lib.llama_model_default_params()
         keep: list[Any] = []  # C memory the params point to, alive during the load
         if split_mode not in _SPLIT_MODES:
@@ -149,6 +166,8 @@ class Model(Handle):
             ov = _kv_overrides(kv_overrides)
             keep.append(ov)
             params.kv_overrides = ov
+        # Metadata llama.cpp would assert on (abort the process) instead of refusing: see gguf_check.
+        byte_guard = check_model_file(self.path, vocab_only=vocab_only, overrides=kv_overrides)
         # Last, so the fit sees every other setting (devices, split mode, overrides).
         self.fit = _resolve_gpu_layers(n_gpu_layers, self.path, params, keep, fit_margin_mib, fit_min_ctx,
                                        fit_context)
@@ -175,10 +194,12 @@ class Model(Handle):
                 "enable logging for 'pyllama.llama' for its reason"
             )
         super().__init__(ptr, lib.llama_model_free)
+        harden_connections()  # the load opened ggml's connections to the servers it uses
         self.n_gpu_layers = int(params.n_gpu_layers)
         self._children: weakref.WeakSet[Any] = weakref.WeakSet()
         self._lock = threading.Lock()
         self.vocab = Vocab(self)
+        self.vocab._byte_guard = byte_guard
         self._metadata: Metadata | None = None
 
     # --- lifetime ------------------------------------------------------------

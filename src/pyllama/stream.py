@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Sequence, Union
+from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence, Union
 
 import numpy as np
 import numpy.typing as npt
 
 from ._ffi import ffi, lib
 from .detokenize import StreamDecoder
-from .sampling import DEFAULT_SEED, Greedy, Sampler, SamplerChain, default_chain
+from .sampling import DEFAULT_SEED, Grammar, Greedy, Sampler, SamplerChain, default_chain
 
 if TYPE_CHECKING:
     from .model import Model
@@ -76,18 +76,32 @@ class StopMatcher:
         return out
 
 
-def build_chain(model: Model, sampler: SamplerArg, seed: int | None = None) -> tuple[SamplerChain, bool]:
+def build_chain(model: Model, sampler: SamplerArg, seed: int | None = None, *, grammar: str | None = None,
+                json_schema: Mapping[str, Any] | str | None = None) -> tuple[SamplerChain, bool]:
     """The chain for ``sampler`` and whether the caller owns (must close) it.
 
     ``None`` means greedy, or llama.cpp's default chain when a ``seed`` is given.
+    A ``grammar`` (GBNF) or ``json_schema`` (compiled to GBNF by llama.cpp's
+    ``json-schema-to-grammar``) constrains the chain: it goes first.
     """
+    if grammar is not None and json_schema is not None:
+        raise ValueError("pass grammar or json_schema, not both")
     if isinstance(sampler, SamplerChain):
+        if grammar is not None or json_schema is not None:
+            raise ValueError("grammar/json_schema need sampler specs, not a built SamplerChain: "
+                             "add pyllama.Grammar(...) to the chain yourself")
         return sampler, False
     if sampler is None:
         specs = default_chain(temperature=0.0 if seed is None else 0.8,
                               seed=DEFAULT_SEED if seed is None else seed)
     else:
         specs = list(sampler)
+    if json_schema is not None:
+        from .grammar import json_schema_to_grammar
+
+        grammar = json_schema_to_grammar(json_schema)
+    if grammar is not None:
+        specs = [Grammar(grammar), *specs]
     return SamplerChain(specs, model), True
 
 
@@ -105,7 +119,8 @@ class SequenceStream:
 
     def __init__(self, model: Model, sampler: SamplerArg = None, *, seed: int | None = None,
                  max_tokens: int | None = 256, stop: Sequence[str] = (), logprobs: bool = False,
-                 top_logprobs: int = 0, ignore_eos: bool = False) -> None:
+                 top_logprobs: int = 0, ignore_eos: bool = False, grammar: str | None = None,
+                 json_schema: Mapping[str, Any] | str | None = None) -> None:
         if max_tokens is not None and max_tokens < 0:
             raise ValueError("max_tokens must be >= 0 or None")
         if not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
@@ -113,7 +128,7 @@ class SequenceStream:
         if isinstance(stop, str):
             stop = [stop]
         self.model = model
-        self.chain, self.own_chain = build_chain(model, sampler, seed)
+        self.chain, self.own_chain = build_chain(model, sampler, seed, grammar=grammar, json_schema=json_schema)
         # llama.cpp's greedy sampler builds a vocabulary-sized candidate array per
         # token; argmax over the logits view picks the same token (first maximum).
         self._argmax = not ignore_eos and self.chain.specs == (Greedy(),)
@@ -181,6 +196,22 @@ class SequenceStream:
         if not self.ignore_eos and lib.llama_vocab_is_eog(self._vocab_p, token):
             self.finish_reason = "eog"
             return None
+        return self._accept(token, self._decoder.push(token), ctx_ptr, row)
+
+    def push_piece(self, token: int, is_eog: bool, piece: bytes, ctx_ptr: Any = None,
+                   row: int = -1) -> TokenEvent | None:
+        """:meth:`push` for a caller that already knows whether ``token`` ends generation and its piece."""
+        if is_eog and not self.ignore_eos:
+            self.finish_reason = "eog"
+            return None
+        return self._accept(token, self._decoder.push_piece(piece), ctx_ptr, row)
+
+    @property
+    def fusable(self) -> bool:
+        """Whether the fused C step can sample for this stream (no Python sampler, no EOG masking)."""
+        return not self.ignore_eos and not self.chain._has_custom
+
+    def _accept(self, token: int, piece_text: str, ctx_ptr: Any, row: int) -> TokenEvent | None:
         n = self.n_generated
         if n == self._gen.size:
             self._gen = np.concatenate([self._gen, np.empty(self._gen.size, dtype=np.int32)])
@@ -190,7 +221,7 @@ class SequenceStream:
         top: list[tuple[int, float]] | None = None
         if self.want_logprobs:
             logprob, top = self._logprobs(ctx_ptr, row, token)
-        text, stopped = self._stop.feed(self._decoder.push(token))
+        text, stopped = self._stop.feed(piece_text)
         if text:
             self.text += text
         if stopped:

@@ -11,6 +11,7 @@ from ._ffi import ffi, lib
 from .errors import TokenizationError
 
 if TYPE_CHECKING:
+    from .gguf_check import ByteFallbackGuard
     from .model import Model
 
 TokenArray = npt.NDArray[np.int32]
@@ -32,6 +33,7 @@ class Vocab:
         self._vp = lib.llama_model_get_vocab(model._p())
         self.n_tokens: int = lib.llama_vocab_n_tokens(self._vp)
         self._add_space_prefix: bool | None = None
+        self._byte_guard: ByteFallbackGuard | None = None  # set by Model for SPM vocabularies lacking bytes
 
     def _v(self) -> Any:
         self._model._p()  # raises ClosedError once the model is closed
@@ -146,6 +148,8 @@ class Vocab:
         """
         data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
         vp = self._v()
+        if self._byte_guard is not None:
+            self._byte_guard.check(data)
         # A token covers at least one byte, plus BOS/EOS: one call suffices almost always.
         out = np.empty(len(data) + 2, dtype=np.int32)
         n = lib.llama_tokenize(vp, data, len(data), ffi.from_buffer("llama_token[]", out), out.size,

@@ -145,6 +145,8 @@ def run(params: Params) -> list[tuple[Record, Record | None]]:
             finally:
                 test.close()
             if native_exe is not None and params.interleave == "test":
+                if params.rpc:
+                    models.close()  # an RPC server takes one client at a time: free it for llama-bench
                 progress(idx, f"native runs ({params.reps})")
                 native_objs.append(native_once(inst, params.reps, params.delay))
             native_rec = None
@@ -184,6 +186,14 @@ def main(argv: list[str] | None = None) -> int:
     if params.version:
         _print_version()
         return 0
+    if params.rpc:  # as llama-bench: the servers' devices join every test (and --list-devices)
+        from ..rpc import RpcError, add_servers
+
+        try:
+            add_servers(params.rpc)
+        except (RpcError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
     if params.list_devices:
         _print_devices()
         return 0

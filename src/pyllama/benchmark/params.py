@@ -98,6 +98,7 @@ class Instance:
     fit_target: int
     fit_min_ctx: int
     prio: int = 0  # --prio: one value for the whole run, not a record field (as in llama-bench)
+    rpc: str = ""  # -rpc: RPC servers added for the whole run, not a record field (as in llama-bench)
 
     @property
     def name(self) -> str:
@@ -142,6 +143,8 @@ class Instance:
             args += ["-fitt", str(self.fit_target), "-fitc", str(self.fit_min_ctx)]
         if self.prio:
             args += ["--prio", str(self.prio)]
+        if self.rpc:
+            args += ["-rpc", self.rpc]
         if self.devices != "auto":
             args += ["-dev", self.devices]
         if any(self.tensor_split):
@@ -185,6 +188,7 @@ class Params:
     fit_min_ctx: list[int] = field(default_factory=list)
     reps: int = 5
     prio: int = 0  # ggml_sched_priority: -1 low, 0 normal, 1 medium, 2 high, 3 realtime
+    rpc: str = ""  # -rpc host:port,...: RPC servers whose devices join the run (llama-bench registers them once)
     delay: int = 0
     verbose: bool = False
     progress: bool = False
@@ -247,7 +251,7 @@ class Params:
                                                         devices=devs, tensor_split=ts, tensor_buft_overrides="none",
                                                         embeddings=embd, no_op_offload=nopo, no_host=noh,
                                                         repack=rpk, fit_target=0, fit_min_ctx=0,
-                                                        prio=self.prio)
+                                                        prio=self.prio, rpc=self.rpc)
                                                     out += [replace(base, n_prompt=p) for p in self.n_prompt if p]
                                                     out += [replace(base, n_gen=g) for g in self.n_gen if g]
                                                     out += [replace(base, n_prompt=p, n_gen=g)
@@ -381,6 +385,7 @@ options:
   -v, --verbose                               verbose output (llama.cpp's log on stderr)
   --progress                                  print test progress indicators
   --no-warmup                                 skip warmup runs before benchmarking
+  -rpc, --rpc <rpc_servers>                   register RPC devices (comma separated)
 
 test parameters:
   -m, --model <filename>                      (default: models/7B/ggml-model-q4_0.gguf)
@@ -486,7 +491,7 @@ def parse_args(argv: list[str]) -> Params:
     ]
     list_opts = {name: (fld, conv) for names, fld, conv in options for name in names}
     unsupported = {"-ot", "--override-tensor", "--numa",
-                   "-rpc", "--rpc", "-hf", "-hfr", "--hf-repo", "-hff", "--hf-file", "-hft", "--hf-token"}
+                   "-hf", "-hfr", "--hf-repo", "-hff", "--hf-file", "-hft", "--hf-token"}
 
     while i < len(argv):
         arg = argv[i]
@@ -511,6 +516,10 @@ def parse_args(argv: list[str]) -> Params:
                 p.reps = int(value())
             elif arg == "--prio":
                 p.prio = int(value())
+            elif arg in ("-rpc", "--rpc"):
+                p.rpc = value()
+                if not p.rpc.strip(", "):
+                    raise UsageError("no RPC servers specified")
             elif arg == "--delay":
                 p.delay = int(value())
             elif arg in ("-o", "--output"):
@@ -579,6 +588,10 @@ def _check_supported(p: Params) -> None:
         raise UsageError("--load-mode dio is not supported by pyllama")
     if p.reps < 1:
         raise UsageError("--repetitions must be >= 1")
+    if p.rpc and p.native and p.interleave == "rep":
+        # ggml's RPC server serves one client at a time: pyllama must let go of
+        # the servers (close its model) before llama-bench can use them.
+        raise UsageError("-rpc with --native needs --interleave test")
     for ub, b in ((ub, b) for ub in p.n_ubatch for b in p.n_batch):
         if ub < 1 or b < 1:
             raise UsageError("batch sizes must be >= 1")

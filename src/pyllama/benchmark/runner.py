@@ -36,6 +36,7 @@ import numpy.typing as npt
 
 import pyllama
 from pyllama.errors import StateError
+from pyllama.rpc import servers as rpc_servers
 
 from .params import FLASH_ATTN_NAMES, Instance
 from .record import Record
@@ -201,6 +202,8 @@ def _devices_info() -> tuple[str, str, str]:
     cpu = ", ".join(d.description for d in devs if d.type in ("cpu", "accel"))
     gpu = ", ".join(d.description for d in devs if d.type in ("gpu", "igpu"))
     regs = [b for b in pyllama.backends() if b != "CPU" and not b.startswith("RPC")]
+    if rpc_servers():  # llama-bench's get_backend: "RPC" last when an RPC server is registered
+        regs.append("RPC")
     return cpu, gpu, ",".join(regs) if regs else "CPU"
 
 

@@ -18,7 +18,7 @@ import time
 import weakref
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -430,12 +430,14 @@ class Engine:
                max_tokens: int | None = 256, stop: Sequence[str] = (), sampler: Sequence[Sampler] | None = None,
                logprobs: bool = False, top_logprobs: int = 0, add_special: bool = True,
                parse_special: bool = True, context_full: ContextFull = "stop",
-               ignore_eos: bool = False) -> EngineRequest:
+               ignore_eos: bool = False, grammar: str | None = None,
+               json_schema: Mapping[str, Any] | str | None = None) -> EngineRequest:
         """Queue a generation; iterate the returned request for its token events.
 
         Thread-safe and non-blocking. ``sampler`` is a list of pyllama sampler specs
-        (None: greedy). ``context_full`` says what happens when prompt plus reply reach
-        the slot's context: finish with reason ``"context"``, raise
+        (None: greedy); ``grammar`` (GBNF) or ``json_schema`` constrain it.
+        ``context_full`` says what happens when prompt plus reply reach the
+        slot's context: finish with reason ``"context"``, raise
         :class:`ContextOverflowError`, or ``"shift"`` out the older half.
         Raises :class:`EngineBusyError` when the queue is full.
         """
@@ -458,7 +460,8 @@ class Engine:
             raise ValueError("max_tokens must be an int >= 0 or None")
         stream = SequenceStream(self.model, list(sampler) if sampler is not None else None,
                                 max_tokens=max_tokens, stop=stop, logprobs=logprobs,
-                                top_logprobs=top_logprobs, ignore_eos=ignore_eos)
+                                top_logprobs=top_logprobs, ignore_eos=ignore_eos, grammar=grammar,
+                                json_schema=json_schema)
         req = EngineRequest(tokens, stream, context_full, self._core.cancel)
         self._core.enqueue(req)
         return req

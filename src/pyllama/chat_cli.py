@@ -1,0 +1,360 @@
+"""``pyllama chat``: an interactive chat on the model's template, streaming, with the
+conversation kept in the KV cache between turns.
+
+Interactive on a terminal (``/reset``, ``/save FILE``, ``/load FILE``, ``/exit``;
+Ctrl-C stops the current answer, Ctrl-C twice at the prompt or Ctrl-D quits);
+non-interactive with ``-p`` (repeatable: one turn each) or when stdin is not a
+terminal (all of stdin is one message), printing only the answers. ``-v``
+prints after each answer how much of the prompt was evaluated and how much
+came from the KV cache. ``--isolate`` runs the model in a
+:class:`pyllama.Worker` child process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, TextIO
+
+if TYPE_CHECKING:
+    from .context import Context
+    from .generate import Generation
+    from .model import Model
+    from .sampling import Sampler
+    from .stream import TokenEvent
+    from .worker import Worker, WorkerChatSession
+
+_MAGIC = b"PYLLAMA-CHAT 1\n"  # then one JSON line, then the KV state of the conversation's sequence
+HELP = "/reset  forget the conversation    /save FILE  save it (with its KV cache)    /load FILE  restore it\n" \
+       "/exit   quit    Ctrl-C stops an answer; Ctrl-C twice at the prompt (or Ctrl-D) quits"
+
+
+class _Turn(Protocol):
+    finish_reason: str | None
+
+    def __iter__(self) -> Iterator[TokenEvent]: ...
+    def close(self) -> None: ...
+
+
+class _Reply:
+    """One answer being streamed, with what ``-v`` reports about it."""
+
+    def __init__(self, stream: _Turn, n_prompt: Callable[[], int], n_evaluated: Callable[[], int],
+                 n_generated: Callable[[], int]) -> None:
+        self.stream = stream
+        self.n_prompt = n_prompt
+        self.n_evaluated = n_evaluated
+        self.n_generated = n_generated
+
+
+class _Local:
+    """The model in this process: a ChatSession on one context."""
+
+    def __init__(self, path: str, args: argparse.Namespace, sampler: list[Sampler]) -> None:
+        from .chat import ChatSession
+        from .model import Model
+
+        self.model: Model = Model(path, n_gpu_layers=args.ngl)
+        try:
+            self.ctx: Context = self.model.context(n_ctx=args.ctx, n_threads=args.threads,
+                                                   n_threads_batch=args.threads)
+        except BaseException:
+            self.model.close()
+            raise
+        self.session = ChatSession(self.ctx, system=args.system)
+        self.sampler = sampler
+        self.max_tokens: int | None = args.n_predict
+        self.description = self.model.description
+
+    @property
+    def messages(self) -> list[dict[str, Any]]:
+        return self.session.messages
+
+    def turn(self, message: str) -> _Reply:
+        from .generate import Generation
+
+        session = self.session
+        session.messages.append({"role": "user", "content": message})
+        try:
+            # The whole conversation, rendered; Generation evaluates only what the KV cache lacks.
+            tokens = session._prompt_tokens()
+            gen: Generation = Generation(self.ctx, tokens, seq_id=session.seq_id, sampler=self.sampler,
+                                         max_tokens=self.max_tokens)
+        except BaseException:
+            session.messages.pop()
+            raise
+        return _Reply(_LocalTurn(gen, session.messages), lambda: int(tokens.size), lambda: gen.n_prompt_evaluated,
+                      lambda: gen.n_generated)
+
+    def reset(self) -> None:
+        self.session.messages = [m for m in self.session.messages[:1] if m["role"] == "system"]
+
+    def save(self, path: Path) -> None:
+        ctx, seq = self.ctx, self.session.seq_id
+        cached = ctx.cached_tokens(seq)
+        state = ctx.state.save_seq(seq) if cached is not None and cached.size else b""
+        _write_session(path, self.messages, [] if cached is None else cached.tolist(), self.description, state)
+
+    def load(self, path: Path) -> int:
+        messages, tokens, state = _read_session(path)
+        ctx, seq = self.ctx, self.session.seq_id
+        if state:
+            ctx.state.load_seq(state, seq)  # checks the model and context shape first
+            import numpy as np
+
+            ctx._seq_tokens.set(seq, np.asarray(tokens, dtype=np.int32))  # so the next turn reuses them
+        else:
+            ctx.kv.remove(seq)
+            ctx._seq_tokens.forget(seq)
+        self.session.messages = messages
+        return len(tokens) if state else 0
+
+    def close(self) -> None:
+        self.ctx.close()
+        self.model.close()
+
+
+class _LocalTurn:
+    def __init__(self, gen: Generation, messages: list[dict[str, Any]]) -> None:
+        self.gen = gen
+        self.messages = messages
+        self.finish_reason: str | None = None
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        return iter(self.gen)
+
+    def close(self) -> None:
+        gen = self.gen
+        if not gen._closed:
+            gen.close()
+            self.finish_reason = gen.finish_reason
+            self.messages.append({"role": "assistant", "content": gen.text})
+
+
+class _Isolated:
+    """The model in a :class:`pyllama.Worker` child process."""
+
+    def __init__(self, path: str, args: argparse.Namespace, sampler: list[Sampler]) -> None:
+        from .worker import Worker
+
+        self.worker: Worker = Worker()
+        try:
+            info = self.worker.load(path, n_gpu_layers=args.ngl, n_ctx=args.ctx, n_threads=args.threads,
+                                    n_threads_batch=args.threads)
+        except BaseException:
+            self.worker.close()
+            raise
+        self.session: WorkerChatSession = self.worker.chat(system=args.system, sampler=sampler,
+                                                           max_tokens=args.n_predict)
+        self.description = f"{info['description']} (worker pid {self.worker.pid})"
+
+    @property
+    def messages(self) -> list[dict[str, Any]]:
+        return self.session.messages
+
+    def turn(self, message: str) -> _Reply:
+        gen = self.session.stream(message)
+        return _Reply(gen, lambda: gen.n_prompt_tokens, lambda: gen.n_prompt_evaluated, lambda: gen.n_generated)
+
+    def reset(self) -> None:
+        self.session.reset()
+
+    def save(self, path: Path) -> None:  # the KV cache stays in the child: messages only
+        _write_session(path, self.messages, [], self.description, b"")
+
+    def load(self, path: Path) -> int:
+        messages, _, _ = _read_session(path)
+        self.session.messages = messages
+        return 0
+
+    def close(self) -> None:
+        self.worker.close()
+
+
+def _write_session(path: Path, messages: list[dict[str, Any]], tokens: list[int], model: str, state: bytes) -> None:
+    head = json.dumps({"model": model, "messages": messages, "tokens": tokens}, ensure_ascii=False)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(_MAGIC + head.encode() + b"\n" + state)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _read_session(path: Path) -> tuple[list[dict[str, Any]], list[int], bytes]:
+    data = path.read_bytes()
+    if not data.startswith(_MAGIC):
+        raise ValueError(f"{path} is not a pyllama chat session (saved with /save)")
+    end = data.index(b"\n", len(_MAGIC))
+    head = json.loads(data[len(_MAGIC):end])
+    messages = head.get("messages")
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                 and isinstance(m.get("content"), str) for m in messages):
+        raise ValueError(f"{path}: malformed message list")
+    tokens = [int(t) for t in head.get("tokens", [])]
+    return messages, tokens, data[end + 1:]
+
+
+def _answer(backend: _Local | _Isolated, message: str, out: TextIO, verbose: bool) -> bool:
+    """Stream one answer; False when Ctrl-C stopped it."""
+    reply = backend.turn(message)
+    t0 = time.perf_counter()
+    completed = True
+    try:
+        for ev in reply.stream:
+            out.write(ev.text)
+            out.flush()
+    except KeyboardInterrupt:
+        completed = False
+    finally:
+        reply.stream.close()
+    out.write("\n" if completed else "\n[stopped]\n")
+    out.flush()
+    if verbose:
+        dt = time.perf_counter() - t0
+        n_eval, n_prompt, n_gen = reply.n_evaluated(), reply.n_prompt(), reply.n_generated()
+        print(f"[prompt: {n_eval} new tokens, {n_prompt - n_eval} reused; answer: {n_gen} tokens in {dt:.2f}s; "
+              f"finish: {reply.stream.finish_reason or 'stopped'}]", file=sys.stderr, flush=True)
+    return completed
+
+
+def _command(backend: _Local | _Isolated, line: str) -> bool:
+    """Run a /command; False to quit."""
+    cmd, _, arg = line.partition(" ")
+    arg = arg.strip()
+    if cmd in ("/exit", "/quit"):
+        return False
+    if cmd == "/reset":
+        backend.reset()
+        print("[conversation reset]")
+    elif cmd in ("/save", "/load"):
+        if not arg:
+            print(f"usage: {cmd} FILE")
+            return True
+        path = Path(arg).expanduser()
+        try:
+            if cmd == "/save":
+                backend.save(path)
+                print(f"[saved {len(backend.messages)} messages to {path}]")
+            else:
+                n = backend.load(path)
+                print(f"[loaded {len(backend.messages)} messages from {path}"
+                      f"{f'; {n} tokens of KV cache restored' if n else ''}]")
+        except (OSError, ValueError) as exc:
+            print(f"[{cmd[1:]} failed: {exc}]")
+        except Exception as exc:  # noqa: BLE001 - a StateError or a worker error: report, keep chatting
+            print(f"[{cmd[1:]} failed: {exc}]")
+    elif cmd == "/help":
+        print(HELP)
+    else:
+        print(f"[unknown command {cmd}; /help lists them]")
+    return True
+
+
+def _interactive(backend: _Local | _Isolated, verbose: bool) -> int:
+    try:
+        import readline  # noqa: F401 - line editing and history for input()
+    except ImportError:  # Windows
+        pass
+    print(f"pyllama chat: {backend.description}\n{HELP}", flush=True)
+    ctrl_c = False
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:
+            if ctrl_c:
+                print()
+                return 0
+            ctrl_c = True
+            print("\n[Ctrl-C again or Ctrl-D to quit]", flush=True)
+            continue
+        ctrl_c = False
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            if not _command(backend, line):
+                return 0
+            continue
+        try:
+            _answer(backend, line, sys.stdout, verbose)
+        except KeyboardInterrupt:  # between turns, while the prompt was evaluated: same as stopping the answer
+            print("\n[stopped]", flush=True)
+        except Exception as exc:  # noqa: BLE001 - an overflowing context, a crashed worker: say so, keep going
+            from .errors import ContextOverflowError
+
+            hint = " (/reset starts over)" if isinstance(exc, ContextOverflowError) else ""
+            print(f"[error: {exc}{hint}]", flush=True)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .cli import _model_path
+    from .errors import LlamaError
+    from .sampling import default_chain
+
+    if args.n_predict is not None and args.n_predict < 0:
+        args.n_predict = None
+    if args.ngl not in ("auto", "all"):
+        args.ngl = int(args.ngl)
+    sampler = default_chain(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                            seed=args.seed if args.seed is not None else 0xFFFFFFFF)
+    interactive = not args.prompt and sys.stdin.isatty()
+    messages: list[str] = list(args.prompt or [])
+    if not interactive and not messages:
+        text = sys.stdin.read().strip()
+        if not text:
+            print("pyllama chat: nothing to answer (stdin was empty; pass -p PROMPT)", file=sys.stderr)
+            return 2
+        messages = [text]
+    try:
+        path = _model_path(args.model)
+        backend: _Local | _Isolated = (_Isolated if args.isolate else _Local)(path, args, sampler)
+    except LlamaError as exc:
+        print(f"pyllama: {exc}", file=sys.stderr)
+        return 1
+    try:
+        if interactive:
+            return _interactive(backend, args.verbose)
+        for message in messages:
+            if not _answer(backend, message, sys.stdout, args.verbose):
+                return 130
+        return 0
+    except LlamaError as exc:
+        print(f"pyllama: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        backend.close()
+
+
+def register(subparsers: Any) -> None:
+    """Add ``pyllama chat`` to the command line's subcommands."""
+    c = subparsers.add_parser("chat", help="interactive chat with a model (its chat template, streaming)",
+                              description=__doc__.split("\n\n")[0] if __doc__ else None)
+    c.add_argument("model", nargs="?", help="GGUF file or model reference (default: the starter model)")
+    c.add_argument("-s", "--system", default=None, help="system prompt")
+    c.add_argument("-p", "--prompt", action="append", default=None,
+                   help="non-interactive: send this message and print the answer (repeat for more turns)")
+    c.add_argument("-n", "--n-predict", type=int, default=-1, help="most tokens per answer (-1: until the turn ends)")
+    c.add_argument("--temp", type=float, default=0.8, help="temperature (0: greedy)")
+    c.add_argument("--top-k", type=int, default=40)
+    c.add_argument("--top-p", type=float, default=0.95)
+    c.add_argument("--min-p", type=float, default=0.05)
+    c.add_argument("--seed", type=int, default=None)
+    c.add_argument("-t", "--threads", type=int, default=None)
+    c.add_argument("-c", "--ctx", type=int, default=4096, help="context size in tokens")
+    c.add_argument("-ngl", "--n-gpu-layers", dest="ngl", default="auto")
+    c.add_argument("--isolate", action="store_true", help="run the model in a worker process (pyllama.Worker)")
+    c.add_argument("-v", "--verbose", action="store_true",
+                   help="after each answer, print prompt tokens evaluated and reused from the KV cache")
+    c.set_defaults(func=cmd_chat)
+
+
+__all__ = ["register", "cmd_chat"]

@@ -1,0 +1,234 @@
+"""The OpenAI wire format: request models (pydantic, strict types) and errors in OpenAI's shape.
+
+Requests are validated from the raw body in JSON mode with strict types, so a
+string where a number belongs, bad JSON and missing fields are all a 400 with a
+message naming the field, never a 500. Fields this server does not know are
+ignored (clients send ``user``, ``store``, ``metadata``, ...).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypeVar, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.code = code
+        self.param = param
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, type=self.type, code=self.code, param=self.param)
+
+
+def error_body(message: str, *, type: str = "invalid_request_error", code: str | None = None,
+               param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True)
+
+
+# --- chat messages ----------------------------------------------------------------------------
+
+class TextPart(_Request):
+    type: Literal["text"]
+    text: str
+
+
+class ToolCallFunction(_Request):
+    name: str
+    arguments: str
+
+
+class ToolCall(_Request):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[TextPart], None] = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None
+
+    def text(self) -> str:
+        """The content as one string (text parts joined)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The message as the chat template expects it (plain content string, optional fields only when set)."""
+        d: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.name is not None:
+            d["name"] = self.name
+        if self.tool_calls:
+            d["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            d["tool_call_id"] = self.tool_call_id
+        if self.reasoning_content is not None:
+            d["reasoning_content"] = self.reasoning_content
+        return d
+
+
+class FunctionDef(_Request):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(_Request):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")  # llama-server's json_object extension
+
+    def schema_or_none(self) -> dict[str, Any] | None:
+        """The JSON schema the output must follow, or None for free text."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return self.schema_ if self.schema_ is not None else {"type": "object"}
+        if self.json_schema is None or self.json_schema.schema_ is None:
+            raise APIError(400, "response_format of type json_schema needs json_schema.schema",
+                           param="response_format")
+        return self.json_schema.schema_
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+# --- requests ---------------------------------------------------------------------------------
+
+class SamplingRequest(_Request):
+    """Fields shared by chat and text completions (OpenAI's, plus llama-server's common extensions)."""
+
+    model: str | None = None
+    temperature: float | None = Field(default=None, ge=0)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    top_k: int | None = Field(default=None, ge=0)
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    seed: int | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    repeat_penalty: float | None = Field(default=None, gt=0)
+    repeat_last_n: int | None = Field(default=None, ge=-1)
+    logit_bias: dict[str, float] | None = None
+    stop: Union[str, list[str], None] = None
+    max_tokens: int | None = None
+    n: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = False
+
+    def stops(self) -> list[str]:
+        if self.stop is None:
+            return []
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        if any(s == "" for s in stops):
+            raise APIError(400, "stop strings must not be empty", param="stop")
+        return stops
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: bool | None = None
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: Union[str, list[int], list[str], list[list[int]]]
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+    response_format: ResponseFormat | None = None
+
+
+class EmbeddingRequest(_Request):
+    model: str | None = None
+    input: Union[str, list[str], list[int], list[list[int]]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+
+
+class TokenizeRequest(_Request):
+    content: str
+    add_special: bool = False
+    parse_special: bool = True
+    with_pieces: bool = False
+
+
+class DetokenizeRequest(_Request):
+    tokens: list[int]
+
+
+R = TypeVar("R", bound=_Request)
+
+
+def parse_request(cls: type[R], body: bytes) -> R:
+    """Validate a raw JSON body into ``cls``; any problem is a 400 :class:`APIError` naming the field."""
+    try:
+        return cls.model_validate_json(body)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        if errors and errors[0]["type"] in ("json_invalid", "json_type"):
+            raise APIError(400, f"the request body is not valid JSON: {errors[0]['msg']}",
+                           code="invalid_json") from None
+        parts = []
+        for err in errors[:3]:
+            loc = ".".join(str(x) for x in err["loc"])
+            parts.append(f"{loc}: {err['msg']}" if loc else str(err["msg"]))
+        more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+        param = ".".join(str(x) for x in errors[0]["loc"]) if errors else None
+        raise APIError(400, "invalid request: " + "; ".join(parts) + more, param=param or None) from None
+
+
+__all__ = [
+    "APIError", "error_body", "ChatMessage", "TextPart", "ToolCall", "Tool", "ResponseFormat", "StreamOptions",
+    "SamplingRequest", "ChatCompletionRequest", "CompletionRequest", "EmbeddingRequest", "TokenizeRequest",
+    "DetokenizeRequest", "parse_request",
+]

@@ -1,0 +1,97 @@
+"""``pyllama pull / ls / rm``: the model store on the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from .errors import StoreError
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from .pull import pull
+
+    try:
+        path = pull(args.ref, progress=not args.quiet, sha256=args.sha256)
+    except KeyboardInterrupt:
+        print("pyllama: interrupted; `pyllama pull` again resumes the download", file=sys.stderr)
+        return 130
+    except (StoreError, ValueError) as exc:
+        print(f"pyllama: {exc}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from .pull import list_models, list_partial
+
+    models = list_models()
+    partial = list_partial()
+    if args.json:
+        data: list[dict[str, Any]] = [
+            {"ref": m.ref, "path": str(m.path), "files": [str(f) for f in m.files], "size": m.size,
+             "source": m.source, "sha256": m.sha256, "verified": m.verified, "revisions": list(m.revisions),
+             "commit": m.commit} for m in models]
+        print(json.dumps(data, indent=2))
+        return 0
+    for p in partial:
+        of = f" of {_size(p.size)}" if p.size else ""
+        print(f"partial: {p.path.name} {_size(p.done)}{of} from {p.url} (pull it again to resume)", file=sys.stderr)
+    if not models:
+        print("no models in the cache", file=sys.stderr)
+        return 0
+    rows: list[tuple[str, str, str, str, str]] = []
+    for m in models:
+        name = m.ref.rsplit("@", 1)[0] if m.commit else m.ref
+        revision = "-" if not m.commit else (f"{','.join(m.revisions)} ({m.commit[:10]})" if m.revisions
+                                            else m.commit[:10])
+        note = "" if m.verified else "  (no published sha256: size checked)"
+        rows.append((name, revision, _size(m.size), str(len(m.files)), m.source + note))
+    header: tuple[str, str, str, str, str] = ("MODEL", "REVISION", "SIZE", "FILES", "SOURCE")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+    for r in [header, *rows]:
+        print(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]:>{widths[3]}}  {r[4]}")
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    from .pull import remove
+
+    status = 0
+    for ref in args.ref:
+        try:
+            for m in remove(ref):
+                print(f"removed {m.ref} ({_size(m.size)})")
+        except (StoreError, ValueError) as exc:
+            print(f"pyllama: {exc}", file=sys.stderr)
+            status = 1
+    return status
+
+
+def register(subparsers: Any) -> None:
+    """Add ``pull``, ``ls`` and ``rm`` to the ``pyllama`` command (each sets ``func``)."""
+    p = subparsers.add_parser("pull", help="download a model into the cache (resumable, verified)")
+    p.add_argument("ref", help="hf:org/repo:QUANT, hf:org/repo/file.gguf[@revision] or an http(s) URL")
+    p.add_argument("--sha256", default=None, help="checksum the file must have (a URL's <url>.sha256 is used too)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_pull)
+    ls = subparsers.add_parser("ls", help="the models in the cache, with size and source")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_ls)
+    rm = subparsers.add_parser("rm", help="remove models from the cache")
+    rm.add_argument("ref", nargs="+", help="a reference (every cached revision unless @revision), a cached path, "
+                                           "or `starter`")
+    rm.set_defaults(func=cmd_rm)
+
+
+__all__ = ["register", "cmd_pull", "cmd_ls", "cmd_rm"]

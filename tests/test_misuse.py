@@ -1,0 +1,200 @@
+"""API misuse gives a clear Python exception before any C call, never an abort.
+
+Each case here is something llama.cpp itself asserts, throws or misbehaves on
+(issue 11). The crash regressions run in a child process first, so that a
+regression fails its test instead of killing the test run.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+
+import pyllama
+from pyllama.context import MAX_THREADS, default_threads
+
+PROMPT = "Hello world, the people of the world"
+
+
+def _in_child(model_path: Path, body: str) -> None:
+    """Run ``body`` (with ``m`` the model) in a fresh interpreter; it must exit normally."""
+    code = "import pyllama\nm = pyllama.Model(%r, n_gpu_layers=0)\n" % str(model_path) + textwrap.dedent(body)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"child exited with {proc.returncode}:\n{proc.stderr[-3000:]}"
+
+
+# --- threads ---------------------------------------------------------------------------------------------
+def test_set_threads_100000_no_longer_kills_the_process(synth_model_path: Path) -> None:
+    # Before the fix: accepted, and the next decode died (std::bad_alloc / SIGSEGV).
+    _in_child(synth_model_path, """
+        ctx = m.context(n_ctx=64, n_threads=1)
+        try:
+            ctx.set_threads(100000)
+        except ValueError:
+            pass
+        ctx.evaluate(m.tokenize("hello"))
+        assert ctx.n_threads == 1
+    """)
+
+
+@pytest.mark.parametrize("bad", [0, -3, MAX_THREADS + 1, 100000, -(2**40)])
+def test_thread_counts_out_of_range_are_refused(model: pyllama.Model, bad: int) -> None:
+    with pytest.raises(ValueError, match=r"n_threads must be in \[1, 512\]"):
+        model.context(n_ctx=64, n_threads=bad)
+    with pytest.raises(ValueError, match="n_threads_batch"):
+        model.context(n_ctx=64, n_threads=1, n_threads_batch=bad)
+    with model.context(n_ctx=64, n_threads=1) as ctx:
+        with pytest.raises(ValueError, match="n_threads"):
+            ctx.set_threads(bad)
+        with pytest.raises(ValueError, match="n_threads_batch"):
+            ctx.set_threads(1, bad)
+        assert (ctx.n_threads, ctx.n_threads_batch) == (1, 1)  # nothing reached llama.cpp
+        ctx.evaluate(model.tokenize(PROMPT))
+
+
+@pytest.mark.parametrize("bad", [2.0, "4", True, None])
+def test_thread_counts_of_the_wrong_type_are_refused(model: pyllama.Model, bad: Any) -> None:
+    with model.context(n_ctx=64, n_threads=1) as ctx:
+        with pytest.raises(TypeError, match="n_threads must be an int"):
+            ctx.set_threads(bad)
+    if bad is not None:  # None means "the default" in the constructor
+        with pytest.raises(TypeError):
+            model.context(n_ctx=64, n_threads=bad)
+
+
+def test_thread_counts_in_range_work_even_above_the_cpu_count(model: pyllama.Model) -> None:
+    n = default_threads() + 2  # allowed (llama.cpp allows it), only slower
+    with model.context(n_ctx=64, n_threads=n, n_threads_batch=1) as ctx:
+        assert (ctx.n_threads, ctx.n_threads_batch) == (n, 1)
+        ctx.evaluate(model.tokenize(PROMPT))
+        ctx.set_threads(1)
+        ctx.evaluate(model.tokenize(PROMPT + " again"))
+
+
+# --- batches, sequences, tokens, positions ------------------------------------------------------------------
+def test_batch_larger_than_n_batch_is_refused(model: pyllama.Model) -> None:
+    with model.context(n_ctx=256, n_batch=32, n_ubatch=32, n_threads=1) as ctx:
+        toks = (np.arange(100) % 50 + 300).astype(np.int32)
+        with pytest.raises(pyllama.InvalidBatchError, match="exceeds n_batch=32"):
+            ctx.decode(pyllama.Batch.from_tokens(toks))
+        assert ctx.evaluate(toks) == 100  # evaluate splits into n_batch chunks itself
+
+
+@pytest.mark.parametrize("seq_id", [1, 5, 255, 256, 10**6, -1, -7])
+def test_sequence_ids_outside_n_seq_max_are_refused(model: pyllama.Model, seq_id: int) -> None:
+    toks = model.tokenize(PROMPT)
+    with model.context(n_ctx=64, n_threads=1) as ctx:
+        ctx.evaluate(toks)
+        for call in (lambda: ctx.evaluate(toks, seq_id=seq_id, reuse_prefix=False),
+                     lambda: ctx.kv.copy(0, seq_id), lambda: ctx.kv.keep(seq_id),
+                     lambda: ctx.kv.pos_range(seq_id), lambda: ctx.state.save_seq(seq_id),
+                     lambda: pyllama.generate_text(ctx, toks, seq_id=seq_id, reuse_prefix=False)):
+            with pytest.raises(ValueError, match="n_seq_max"):
+                call()
+        if seq_id >= 0:
+            with pytest.raises(pyllama.InvalidBatchError, match="sequence ids"):
+                ctx.decode(pyllama.Batch.from_tokens(toks, 0, seq_id))
+        assert pyllama.generate_text(ctx, toks, max_tokens=2)  # still usable
+
+
+@pytest.mark.parametrize("token", [-1, -(2**31), 590, 10**6, 2**31 - 1])
+def test_token_ids_outside_the_vocabulary_are_refused(model: pyllama.Model, token: int) -> None:
+    v = model.vocab
+    for call in (lambda: v.detokenize([1, token]), lambda: v.token_to_piece(token), lambda: v.text(token),
+                 lambda: v.is_eog(token), lambda: v.attr(token), lambda: v.score(token)):
+        with pytest.raises(pyllama.TokenizationError, match="outside the vocabulary"):
+            call()
+    with model.context(n_ctx=64, n_threads=1) as ctx:
+        with pytest.raises(pyllama.TokenizationError):
+            ctx.evaluate([1, token])
+        with pytest.raises(pyllama.InvalidBatchError, match="outside the vocabulary"):
+            ctx.decode(pyllama.Batch.from_tokens([1, token]))
+        with pytest.raises(pyllama.TokenizationError):
+            pyllama.generate_text(ctx, [1, token])
+
+
+def test_positions_and_output_rows_are_checked(model: pyllama.Model) -> None:
+    with model.context(n_ctx=64, n_threads=1) as ctx:
+        with pytest.raises(pyllama.InvalidBatchError, match="negative position"):
+            ctx.decode(pyllama.Batch.from_tokens([1, 2], -1))
+        with pytest.raises(pyllama.ContextOverflowError):
+            ctx.decode(pyllama.Batch.from_tokens([1], 2**31 - 1))
+        ctx.evaluate(model.tokenize(PROMPT))
+        for row in (10**6, -(10**6), 2**31, -(2**40)):
+            with pytest.raises(IndexError):
+                ctx.logits(row)
+            with pytest.raises(IndexError):
+                ctx.embedding(row)
+        with pytest.raises(IndexError):  # a row without logits is never sampled
+            pyllama.SamplerChain([pyllama.Greedy()], model).sample(ctx, 0)
+
+
+@pytest.mark.parametrize("call", ["batch", "max_tokens", "divide", "empty"])
+def test_negative_and_empty_sizes_are_refused(model: pyllama.Model, call: str) -> None:
+    with model.context(n_ctx=64, n_threads=1) as ctx:
+        f: Callable[[], object] = {
+            "batch": lambda: pyllama.Batch(-1),
+            "max_tokens": lambda: pyllama.generate_text(ctx, PROMPT, max_tokens=-5),
+            "divide": lambda: ctx.kv.divide(0, 0, -1, 0),
+            "empty": lambda: ctx.evaluate([]),
+        }[call]
+        with pytest.raises(ValueError):
+            f()
+
+
+def test_context_size_and_batch_knobs_are_checked(model: pyllama.Model) -> None:
+    for kw in ({"n_ctx": -1}, {"n_batch": 0}, {"n_ubatch": -5}, {"n_seq_max": 0}, {"n_seq_max": 10**6},
+               {"flash_attn": "sometimes"}, {"type_k": "q9_9"}, {"pooling": "max"}):
+        with pytest.raises(ValueError):
+            model.context(n_threads=1, **kw)
+
+
+# --- chat messages ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("messages, message", [
+    ([{"role": "user"}], r"messages\[0\]: missing 'content'"),
+    ([{"content": "hi"}], r"messages\[0\]: missing 'role'"),
+    ([{"role": "user", "content": "a"}, {"role": "user", "content": 5}],
+     r"messages\[1\]\['content'\]: must be a str, not int"),
+    ([{"role": None, "content": "a"}], r"messages\[0\]\['role'\]: must be a str"),
+    ([{"role": "user", "content": "a\0b"}], r"messages\[0\]\['content'\]: contains a NUL"),
+    (["hello"], r"messages\[0\]: must be a dict"),
+    ("hello", "messages must be a list"),
+    ({"role": "user", "content": "hi"}, "messages must be a list"),
+])
+def test_chat_messages_are_validated_with_the_bad_field_named(model: pyllama.Model, messages: Any,
+                                                              message: str) -> None:
+    # Before: a bare KeyError: 'content' from deep inside the renderer.
+    with pytest.raises(pyllama.TemplateError, match=message):
+        pyllama.apply_template(model, messages)
+
+
+# --- one context, several threads -------------------------------------------------------------------------
+def test_concurrent_generations_on_one_context_raise_busy_or_match_serial(model: pyllama.Model) -> None:
+    with model.context(n_ctx=256, n_threads=1) as ctx:
+        serial = pyllama.generate_text(ctx, PROMPT, max_tokens=16)
+        results: list[object] = []
+
+        def worker() -> None:
+            try:
+                results.append(pyllama.generate_text(ctx, PROMPT, max_tokens=16))
+            except Exception as exc:  # noqa: BLE001 - the test inspects it
+                results.append(exc)
+
+        threads = [threading.Thread(target=worker) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for r in results:
+            if isinstance(r, Exception):
+                assert isinstance(r, pyllama.BusyError) and "one generation at a time" in str(r), repr(r)
+            else:
+                assert r == serial
+        assert any(isinstance(r, pyllama.BusyError) for r in results) or all(r == serial for r in results)

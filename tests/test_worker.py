@@ -1,0 +1,407 @@
+"""pyllama.Worker: the model in a child process; crashes there never reach the host.
+
+Every test runs real child processes on the synthetic models (the starter
+model for one end-to-end comparison); crashes are real: SIGKILL, and an abort
+inside llama.cpp (a GGML_ASSERT reached through the child's debug hook).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import pytest
+
+import pyllama
+from pyllama.worker import Worker, WorkerCrashedError, WorkerError
+
+T = TypeVar("T")
+CTX = {"n_ctx": 256, "n_threads": 1, "n_threads_batch": 1}
+POSIX = sys.platform != "win32"
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` is a running process (a zombie waiting to be reaped counts as gone)."""
+    if sys.platform.startswith("linux"):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+        return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _wait_gone(pid: int, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return True
+        time.sleep(0.05)
+    return not _alive(pid)
+
+
+def _within(seconds: float, fn: Callable[[], T]) -> T:
+    """Run ``fn`` in a thread and fail (rather than hang the suite) if it takes longer than ``seconds``."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test thread
+            box["error"] = exc
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    if t.is_alive():
+        pytest.fail(f"the call did not return within {seconds} s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]  # type: ignore[no-any-return]
+
+
+def _endless(worker: Worker) -> pyllama.WorkerGeneration:
+    """A generation that never ends by itself: end-of-generation ignored, the context shifts when full."""
+    return worker.generate("Hello", max_tokens=None, ignore_eos=True, context_shift=True, n_keep=1)
+
+
+def _in_process_tokens(path: Path, prompt: str, n: int, **ctx: Any) -> tuple[np.ndarray, str]:
+    with pyllama.Model(path, n_gpu_layers=0) as model, model.context(**ctx) as c:
+        with pyllama.generate(c, prompt, max_tokens=n) as gen:
+            for _ in gen:
+                pass
+            return gen.tokens.copy(), gen.text
+
+
+@pytest.fixture(scope="module")
+def worker(synth_model_path: Path) -> Iterator[Worker]:
+    """One worker with the synthetic model for the tests that do not crash it."""
+    with Worker() as w:
+        w.load(synth_model_path, n_gpu_layers=0, **CTX)
+        yield w
+
+
+# --- same answers as in process -------------------------------------------------------------
+
+def test_greedy_tokens_equal_in_process(worker: Worker, synth_model_path: Path) -> None:
+    expected, text = _in_process_tokens(synth_model_path, "Hello world", 40, **CTX)
+    with worker.generate("Hello world", max_tokens=40) as gen:
+        events = list(gen)
+    assert np.array_equal(gen.tokens, expected)
+    assert gen.text == text == "".join(ev.text for ev in events)
+    assert gen.finish_reason in ("length", "eog")
+    assert gen.n_prompt_tokens > 0 and 0 < gen.n_prompt_evaluated <= gen.n_prompt_tokens
+    assert all(isinstance(ev, pyllama.TokenEvent) for ev in events)
+    assert [ev.index for ev in events if ev.token >= 0] == list(range(len(expected)))
+
+
+def test_tokens_and_template_equal_in_process(worker: Worker, model: pyllama.Model) -> None:
+    text = "Hello world, le café"
+    toks = worker.tokenize(text)
+    assert toks.dtype == np.int32 and np.array_equal(toks, model.tokenize(text))
+    assert worker.detokenize(toks) == model.detokenize(model.tokenize(text))
+    msgs = [{"role": "user", "content": "Hi"}]
+    assert worker.apply_template(msgs) == pyllama.apply_template(model, msgs)
+    info = worker.info()
+    assert info["n_vocab"] == model.vocab.n_tokens and info["n_ctx"] == CTX["n_ctx"]
+
+
+@pytest.mark.starter
+def test_greedy_tokens_equal_in_process_starter(starter_model_path: Path) -> None:
+    ctx = {"n_ctx": 512, "n_threads": 2, "n_threads_batch": 2}
+    expected, text = _in_process_tokens(starter_model_path, "The capital of France is", 12, **ctx)
+    with Worker() as w:
+        w.load(starter_model_path, n_gpu_layers=0, **ctx)
+        with w.generate("The capital of France is", max_tokens=12) as gen:
+            for _ in gen:
+                pass
+    assert np.array_equal(gen.tokens, expected) and gen.text == text
+
+
+def test_embeddings_equal_in_process(synth_embedding_model_path: Path) -> None:
+    texts = ["Hello world", "Le café", "Hello world"]
+    with pyllama.Model(synth_embedding_model_path, n_gpu_layers=0) as m:
+        expected = pyllama.embed(m, texts, n_threads=1)
+        one = pyllama.embed(m, "Le café", normalize=False, n_threads=1)
+    with Worker() as w:
+        w.load(synth_embedding_model_path, n_gpu_layers=0, n_ctx=128, n_threads=1)
+        got = w.embed(texts)
+        got_one = w.embed("Le café", normalize=False)
+    assert got.shape == expected.shape and got.dtype == np.float32
+    assert np.allclose(got, expected, atol=1e-6)
+    assert got_one.shape == one.shape and np.allclose(got_one, one, atol=1e-6)
+
+
+def test_chat_session_keeps_the_conversation_in_the_kv_cache(worker: Worker, model: pyllama.Model) -> None:
+    worker.unload()  # a fresh context, as the in-process comparison below has
+    assert worker.status()["loaded"] is False
+    session = worker.chat(system="Be brief.", max_tokens=8)
+    first = session.ask("Hello")
+    assert session.messages[-1] == {"role": "assistant", "content": first}
+    with session.stream("And then?") as gen:
+        second = "".join(ev.text for ev in gen)
+    # Only the new turn was evaluated: the earlier turns were still in the child's KV cache.
+    assert 0 < gen.n_prompt_evaluated < gen.n_prompt_tokens
+    assert session.messages[-1]["content"] == second == gen.text
+    assert [m["role"] for m in session.messages] == ["system", "user", "assistant", "user", "assistant"]
+    # The same conversation in process gives the same replies (greedy).
+    with model.context(**CTX) as ctx:
+        local = pyllama.ChatSession(ctx, system="Be brief.", max_tokens=8)
+        assert local.ask("Hello") == first
+        assert local.ask("And then?") == second
+    session.reset()
+    assert session.messages == [{"role": "system", "content": "Be brief."}]
+
+
+# --- async, cancellation, threads -------------------------------------------------------------
+
+def test_async_iteration_matches_sync(worker: Worker) -> None:
+    with worker.generate("Once upon", max_tokens=24, reuse_prefix=False) as gen:
+        sync_tokens = [ev.token for ev in gen]
+
+    async def main() -> tuple[list[int], str | None]:
+        async with worker.generate("Once upon", max_tokens=24, reuse_prefix=False) as agen:
+            tokens = [ev.token async for ev in agen]
+        session = worker.chat(max_tokens=4)
+        reply = await session.aask("Hi")
+        assert session.messages[-1]["content"] == reply
+        return tokens, agen.finish_reason
+
+    tokens, reason = asyncio.run(main())
+    assert tokens == sync_tokens and reason in ("length", "eog")
+
+
+def test_cancel_stops_generation_in_the_child(worker: Worker) -> None:
+    gen = _endless(worker)
+    got = [next(gen) for _ in range(5)]
+    assert len(got) == 5
+    gen.close()
+    with pytest.raises(pyllama.ClosedError):
+        iter(gen)
+    # The child serves requests in order: it answers only because the endless generation stopped.
+    assert _within(20, lambda: worker.status()["loaded"]) is True
+
+    async def cancel_async() -> int:
+        n = 0
+        async with _endless(worker) as agen:
+            async for _ in agen:
+                n += 1
+                if n == 5:
+                    break
+        return n
+
+    assert asyncio.run(cancel_async()) == 5
+    assert _within(20, lambda: worker.tokenize("Hello").size) > 0
+    # Dropping an unfinished stream cancels it too.
+    dropped = _endless(worker)
+    next(dropped)
+    del dropped
+    gc.collect()
+    assert _within(20, lambda: worker.tokenize("Hello").size) > 0
+
+
+def test_calls_from_many_threads(worker: Worker, model: pyllama.Model) -> None:
+    texts = [f"Hello {i} world" for i in range(16)]
+    results: dict[int, np.ndarray] = {}
+
+    def work(i: int) -> None:
+        results[i] = worker.tokenize(texts[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(texts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert all(np.array_equal(results[i], model.tokenize(texts[i])) for i in range(len(texts)))
+
+
+def test_errors_cross_the_boundary(worker: Worker, tmp_path: Path) -> None:
+    with pytest.raises(pyllama.ContextOverflowError):
+        list(worker.generate(np.ones(300, dtype=np.int32), max_tokens=4))
+    with pytest.raises(ValueError):
+        worker.generate("")
+    with pytest.raises(TypeError):
+        worker.generate("Hi", sampler=pyllama.SamplerChain([pyllama.Greedy()], None))  # type: ignore[arg-type]
+    assert worker.status()["loaded"]  # a failed request leaves the worker serving
+    with Worker() as fresh:
+        with pytest.raises(WorkerError, match="no model is loaded"):
+            fresh.tokenize("x")
+        with pytest.raises(pyllama.ModelLoadError):
+            fresh.load(tmp_path / "missing.gguf")
+    with pytest.raises(pyllama.ClosedError):
+        fresh.tokenize("x")
+
+
+# --- crashes ----------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not POSIX, reason="SIGKILL is POSIX")
+def test_sigkill_mid_stream(synth_model_path: Path) -> None:
+    expected, _ = _in_process_tokens(synth_model_path, "Hello world", 16, **CTX)
+    with Worker() as w:
+        w.load(synth_model_path, n_gpu_layers=0, **CTX)
+        pid = w.pid
+        assert pid is not None
+        gen = _endless(w)
+        assert next(gen).index == 0
+        queued: dict[str, BaseException] = {}
+
+        def another_call() -> None:  # in flight behind the generation when the child dies
+            try:
+                w.tokenize("Hello")
+            except BaseException as exc:  # noqa: BLE001
+                queued["error"] = exc
+
+        t = threading.Thread(target=another_call)
+        t.start()
+        time.sleep(0.2)
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(WorkerCrashedError) as info:
+            _within(20, lambda: [ev for ev in gen])
+        err = info.value
+        assert err.signal == signal.SIGKILL and err.exit_code is None and err.pid == pid
+        assert "SIGKILL" in str(err)
+        t.join(20)
+        assert isinstance(queued.get("error"), WorkerCrashedError)
+        assert _wait_gone(pid)
+        # The host is fine and the next call runs on a fresh worker, model reloaded.
+        with w.generate("Hello world", max_tokens=16) as again:
+            for _ in again:
+                pass
+        assert np.array_equal(again.tokens, expected)
+        assert w.pid is not None and w.pid != pid
+        assert w.status()["n_loads"] == 1
+
+
+def test_abort_inside_llama_cpp(synth_model_path: Path) -> None:
+    with Worker() as w:
+        w.load(synth_model_path, n_gpu_layers=0, **CTX)
+        pid = w.pid
+        with pytest.raises(WorkerCrashedError) as info:
+            w._debug("abort")
+        err = info.value
+        if POSIX:
+            assert err.signal == signal.SIGABRT
+        else:  # pragma: no cover - Windows: abort() exits with code 3
+            assert err.exit_code == 3
+        # llama.cpp's own words: the assertion ggml_abort printed to stderr, and its log line before it.
+        assert any("GGML_ASSERT" in line for line in err.log_tail)
+        assert "GGML_ASSERT" in str(err) and "invalid logits" in str(err)
+        assert w.tokenize("Hello").size > 0
+        assert w.pid != pid
+
+
+def test_restart_disabled(synth_model_path: Path) -> None:
+    with Worker(restart=False) as w:
+        w.load(synth_model_path, n_gpu_layers=0, **CTX)
+        with pytest.raises(WorkerCrashedError):
+            w._debug("exit", 7)
+        with pytest.raises(WorkerCrashedError) as info:
+            w.tokenize("Hello")
+        assert info.value.exit_code == 7 and info.value.signal is None
+        w.restart()
+        assert w.tokenize("Hello").size > 0
+
+
+# --- lifetime -----------------------------------------------------------------------------------
+
+def test_keep_alive_unloads_the_idle_model(synth_model_path: Path) -> None:
+    with Worker(keep_alive=0.3) as w:
+        w.load(synth_model_path, n_gpu_layers=0, **CTX)
+        first = list(w.generate("Hello", max_tokens=8))
+        deadline = time.monotonic() + 10
+        while w.status()["loaded"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        status = w.status()
+        assert status["loaded"] is False and status["n_loads"] == 1
+        again = list(w.generate("Hello", max_tokens=8))  # loads it again
+        assert [e.token for e in again] == [e.token for e in first]
+        assert w.status()["n_loads"] == 2
+
+
+def test_no_child_outlives_close_or_gc(synth_model_path: Path) -> None:
+    w = Worker()
+    pid = w.pid
+    assert pid is not None and _alive(pid)
+    w.close()
+    assert _wait_gone(pid, 5)
+    w.close()  # idempotent
+    with pytest.raises(pyllama.ClosedError):
+        w.generate("Hello")
+
+    def make() -> int:
+        dropped = Worker()
+        dropped.load(synth_model_path, n_gpu_layers=0, **CTX)
+        assert dropped.pid is not None
+        return dropped.pid
+
+    pid = make()
+    gc.collect()
+    assert _wait_gone(pid, 10)
+
+
+_HOST = textwrap.dedent("""
+    import os, sys, threading, time
+    import pyllama
+
+    made = {}
+
+    def make():
+        made["w"] = w = pyllama.Worker()
+        w.load(sys.argv[1], n_gpu_layers=0, n_ctx=128, n_threads=1)
+
+    if sys.argv[2] == "thread":  # no PR_SET_PDEATHSIG: started from a thread that then exits
+        t = threading.Thread(target=make)
+        t.start()
+        t.join()
+    else:
+        make()
+    extra = 0
+    if sys.argv[3] == "fork":  # a fork that inherits the host's end of the pipe: EOF never comes
+        extra = os.fork()
+        if extra == 0:
+            time.sleep(60)
+            os._exit(0)
+    print(made["w"].pid, extra, flush=True)
+    time.sleep(60)
+""")
+
+
+@pytest.mark.skipif(not POSIX, reason="SIGKILL and fork are POSIX")
+@pytest.mark.parametrize("where,fork", [("main", "nofork"), ("thread", "fork")])
+def test_no_child_outlives_a_killed_host(synth_model_path: Path, where: str, fork: str) -> None:
+    host = subprocess.Popen([sys.executable, "-c", _HOST, str(synth_model_path), where, fork],
+                            stdout=subprocess.PIPE, text=True)
+    extra = 0
+    try:
+        assert host.stdout is not None
+        line = host.stdout.readline().split()
+        child, extra = int(line[0]), int(line[1])
+        assert _alive(child)
+        host.kill()
+        host.wait(10)
+        assert _wait_gone(child, 10), "the worker child outlived its killed host"
+    finally:
+        if host.poll() is None:
+            host.kill()
+        if extra:
+            try:
+                os.kill(extra, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
