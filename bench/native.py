@@ -14,6 +14,11 @@ runs beside another build on a shared machine.
     python bench/native.py --flags    # print the CMake flags that would be used
     python bench/native.py --no-lock  # the caller already holds the build lock
                                       # (or set PYLLAMA_BUILD_LOCK_HELD=1, e.g. around a --native run)
+    python bench/native.py --server   # also llama-server (bench/serve.py --compare), only when asked
+
+``llama-server`` is built into the same tree on request only (its own stamp), with
+the web UI off and nothing downloaded (``LLAMA_BUILD_UI=OFF``,
+``LLAMA_USE_PREBUILT_UI=OFF``); the tools' stamp and flags are unchanged by it.
 
 From Python: ``native_tool("llama-bench") -> Path``.
 """
@@ -41,7 +46,11 @@ BUILD_DIR = ROOT / "build" / "native"
 STAMP = BUILD_DIR / "pyllama-native.stamp"
 LOCK_PATH = Path(os.environ.get("PYLLAMA_BUILD_LOCK", "/tmp/pyllama-build.lock"))
 
-TOOLS = ("llama-bench", "llama-batched-bench", "llama-simple")
+TOOLS = ("llama-bench", "llama-batched-bench", "llama-simple", "rpc-server")
+SERVER_TOOL = "llama-server"
+SERVER_STAMP = BUILD_DIR / "pyllama-native-server.stamp"
+# llama-server without its web UI: nothing is built with npm and nothing is fetched.
+_SERVER_FLAGS = ("-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF")
 
 # Bump when the way flags are derived changes, so old stamps stop matching.
 _RECIPE = 2
@@ -134,6 +143,13 @@ def _pyllama_cmake_cache(info: dict[str, Any]) -> dict[str, str]:
     return out
 
 
+def server_flags(flags: list[str]) -> list[str]:
+    """``flags`` with llama-server switched on (and its UI off)."""
+    out = [f for f in flags if not f.startswith(("-DLLAMA_BUILD_SERVER=", "-DLLAMA_BUILD_UI=",
+                                                  "-DLLAMA_USE_PREBUILT_UI="))]
+    return out + list(_SERVER_FLAGS)
+
+
 def cmake_flags(info: dict[str, Any] | None = None) -> list[str]:
     """The CMake definitions that reproduce pyllama's library build for the standalone tools."""
     info = pyllama_build_info() if info is None else info
@@ -145,6 +161,8 @@ def cmake_flags(info: dict[str, Any] | None = None) -> list[str]:
         f"-DCMAKE_BUILD_TYPE={info.get('build_type') or 'Release'}",
         "-DBUILD_SHARED_LIBS=ON",
         "-DGGML_BACKEND_DL=ON",
+        # as in pyllama's build: the RPC backend, and rpc-server for `pyllama bench -rpc --native`
+        "-DGGML_RPC=ON", "-DGGML_RPC_RDMA=OFF",
         f"-DGGML_NATIVE={'ON' if str(info.get('ggml_native', 'OFF')).upper() == 'ON' else 'OFF'}",
         *_BACKEND_OPTIONS[backend],
         # the tools need llama-common; nothing that fetches or serves
@@ -176,10 +194,10 @@ def cmake_flags(info: dict[str, Any] | None = None) -> list[str]:
     return flags + extra
 
 
-def _stamp_text(flags: list[str]) -> str:
+def _stamp_text(flags: list[str], tools: tuple[str, ...] = TOOLS) -> str:
     pin = read_pin()
     payload = {"recipe": _RECIPE, "pin": pin.get("upstream_commit"), "sha256": pin.get("sha256"),
-               "flags": flags, "tools": list(TOOLS)}
+               "flags": flags, "tools": list(tools)}
     return json.dumps(payload, indent=1, sort_keys=True) + "\n"
 
 
@@ -269,6 +287,53 @@ def build(*, force: bool = False, lock: bool = True, quiet: bool = False, jobs: 
     return bin_dir()
 
 
+def server_is_current(flags: list[str] | None = None) -> bool:
+    sflags = server_flags(cmake_flags() if flags is None else flags)
+    return (SERVER_STAMP.is_file() and SERVER_STAMP.read_text() == _stamp_text(sflags, (SERVER_TOOL,))
+            and _exe(SERVER_TOOL).is_file())
+
+
+def build_server(*, force: bool = False, lock: bool = True, quiet: bool = False, jobs: int | None = None) -> Path:
+    """Build ``llama-server`` into the same tree (reconfigured with the server on); return its path."""
+    if not (VENDOR / "CMakeLists.txt").is_file():
+        raise NativeBuildError("vendor/llama.cpp is missing: run `python tools/vendor.py`")
+    if not (VENDOR / "tools" / "server" / "CMakeLists.txt").is_file():
+        raise NativeBuildError("vendor/llama.cpp/tools/server is missing (an sdist leaves tools/ out)")
+    flags = server_flags(cmake_flags())
+    if not force and server_is_current():
+        return _exe(SERVER_TOOL)
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        raise NativeBuildError("cmake not found on PATH")
+    with build_lock(lock):
+        if not force and server_is_current():
+            return _exe(SERVER_TOOL)
+        BUILD_DIR.mkdir(parents=True, exist_ok=True)
+        SERVER_STAMP.unlink(missing_ok=True)
+        gen = ["-G", "Ninja"] if shutil.which("ninja") and not (BUILD_DIR / "Makefile").exists() else []
+        _run([cmake, "-S", str(VENDOR), "-B", str(BUILD_DIR), *gen, *flags], quiet)
+        cmd = [cmake, "--build", str(BUILD_DIR), "--config", "Release", "--target", SERVER_TOOL,
+               *_backend_targets()]
+        if jobs:
+            cmd += ["--parallel", str(jobs)]
+        _run(cmd, quiet)
+        if not _exe(SERVER_TOOL).is_file():
+            raise NativeBuildError(f"build finished but {SERVER_TOOL} is missing in {bin_dir()}")
+        SERVER_STAMP.write_text(_stamp_text(flags, (SERVER_TOOL,)))
+    return _exe(SERVER_TOOL)
+
+
+def server_tool() -> Path:
+    """The built ``llama-server`` (never builds: that takes minutes; run ``bench/native.py --server``)."""
+    path = _exe(SERVER_TOOL)
+    if not path.is_file():
+        raise NativeBuildError(f"{path} does not exist; build it with `python bench/native.py --server`")
+    if not server_is_current():
+        print(f"native: warning: {path} was built from other flags or another pin; rebuild with "
+              "`python bench/native.py --server`", file=sys.stderr)
+    return path
+
+
 def native_tool(name: str, *, build_if_needed: bool = True) -> Path:
     """The path of a native llama.cpp tool (``llama-bench``, ...), building the set if needed."""
     if name not in TOOLS:
@@ -287,11 +352,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true", help="reconfigure and rebuild even if the stamp matches")
     ap.add_argument("--no-lock", action="store_true", help="do not take the build lock (the caller holds it)")
     ap.add_argument("-j", "--jobs", type=int, default=None)
+    ap.add_argument("--build", action="store_true", help="build (the default action; kept for clarity)")
+    ap.add_argument("--server", action="store_true", help="build llama-server only (for bench/serve.py --compare)")
     args = ap.parse_args(argv)
     if args.flags:
-        print("\n".join(cmake_flags()))
+        print("\n".join(server_flags(cmake_flags()) if args.server else cmake_flags()))
         return 0
     try:
+        if args.server:
+            print(build_server(force=args.force, lock=not args.no_lock, jobs=args.jobs))
+            return 0
         build(force=args.force, lock=not args.no_lock, jobs=args.jobs)
     except NativeBuildError as exc:
         print(f"native: {exc}", file=sys.stderr)

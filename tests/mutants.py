@@ -35,7 +35,7 @@ _SCALAR = {U8: "<B", I8: "<b", U16: "<H", I16: "<h", U32: "<I", I32: "<i", F32: 
 U64_MAX = 2**64 - 1
 I64_MAX = 2**63 - 1
 
-# The base model: small enough that ~250 loads take seconds, big enough to have every section.
+# The base model: small enough that hundreds of loads take seconds, big enough to have every section.
 BASE_PARAMS = dict(n_layer=1, n_embd=32, n_head=4, n_head_kv=2, n_ff=64, n_ctx_train=128, seed=1234)
 ARCH = "llama"
 
@@ -324,7 +324,7 @@ def _tensor_mutants(g: Gguf) -> Iterator[tuple[str, Gguf]]:
     yield each("tensor:shape-wrong", setter(norm, ne=[g.tensors[norm].ne[0] * 2]))
     for t in (4, 5, 36, 39, 40, 255, 2**31):  # removed (Q4_2, Q4_3, ...) and unknown types
         yield each(f"tensor:type={t}", setter(norm, ggml_type=t))
-    yield each("tensor:type=q8_0-on-odd-row", setter(norm, ggml_type=8))  # Q8_0 with 32 % blck mismatch
+    yield each("tensor:type=q8_0-over-f32-data", setter(norm, ggml_type=8))  # sizes no longer match the data
     yield each("tensor:offset-past-end", setter(last, offset=len(g.data) + 4096))
     yield each("tensor:offset-2^63", setter(last, offset=2**63))
     yield each("tensor:offset-u64max", setter(last, offset=U64_MAX))
@@ -360,7 +360,7 @@ def _kv_mutants(g: Gguf) -> Iterator[tuple[str, Gguf]]:
     """Metadata mutants: alignment, types, tokenizer arrays and hyper-parameters."""
     a = ARCH
     # Alignment: 0 and non-powers of two are refused by gguf; a huge one by the loader.
-    for v in (0, 3, 48, 2**31):
+    for v in (0, 1, 3, 16, 48, 2**31):
         m = _set(g, "general.alignment", U32, v)
         if v and v < 1 << 20:
             m.alignment = v
@@ -417,6 +417,7 @@ def _kv_mutants(g: Gguf) -> Iterator[tuple[str, Gguf]]:
     yield "expert_count=1000000", _set(g, f"{a}.expert_count", U32, 1_000_000)
     yield "expert_used>expert_count", _set(_set(g, f"{a}.expert_count", U32, 2), f"{a}.expert_used_count", U32, 3)
     yield "expert_used-without-experts", _set(g, f"{a}.expert_used_count", U32, 2)
+    yield "expert_used-bool-array", _set(g, f"{a}.expert_used_count", ARR, (BOOL, [True]))  # read as 1
     yield "expert_count-without-tensors", _set(_set(g, f"{a}.expert_count", U32, 4),
                                                f"{a}.expert_used_count", U32, 2)
     yield "nextn_predict_layers>block_count", _set(g, f"{a}.nextn_predict_layers", U32, 5)
@@ -520,7 +521,7 @@ def random_mutants(base: bytes, n: int, seed: int) -> Iterator[tuple[str, bytes]
     parsing happens); the data section only holds weights.
     """
     rng = random.Random(seed)
-    meta_end = parse(base).data and len(base) - len(parse(base).data)
+    meta_end = len(base) - len(parse(base).data)  # where the tensor data starts
     for i in range(n):
         buf = bytearray(base)
         kind = rng.choice(("flip", "byte", "u64", "multi"))
@@ -539,6 +540,57 @@ def random_mutants(base: bytes, n: int, seed: int) -> Iterator[tuple[str, bytes]
             for _ in range(rng.randrange(2, 16)):
                 buf[rng.randrange(limit)] = rng.randrange(256)
         yield f"random-{seed}-{i}-{kind}", bytes(buf)
+
+
+def _known_keys() -> list[str]:
+    """Metadata keys llama.cpp reads (from the vendored llama-arch.cpp when present)."""
+    src = Path(__file__).parent.parent / "vendor" / "llama.cpp" / "src" / "llama-arch.cpp"
+    keys = ["%s.block_count", "%s.context_length", "%s.embedding_length", "%s.feed_forward_length",
+            "%s.attention.head_count", "%s.attention.head_count_kv", "%s.rope.dimension_count",
+            "%s.expert_count", "%s.expert_used_count", "tokenizer.ggml.bos_token_id"]
+    if src.exists():
+        import re
+
+        keys = sorted(set(re.findall(r'"((?:%s|tokenizer|general)\.[a-z0-9_.]+)"', src.read_text())))
+    return [k.replace("%s", ARCH) for k in keys]
+
+
+def semantic_mutants(g: Gguf, n: int, seed: int) -> Iterator[tuple[str, bytes]]:
+    """``n`` seeded mutants that set 1-3 metadata keys llama.cpp reads to random typed values."""
+    rng = random.Random(seed)
+    keys = _known_keys()
+    ints = (0, 1, 2, 3, 7, 64, 255, 256, 511, 512, 513, 1024, 2**16, 2**31 - 1, 2**31, 2**32 - 1)
+    floats = (0.0, -0.0, 1.0, -1.0, 1e-30, 1e30, float("nan"), float("inf"), float("-inf"))
+
+    def value() -> tuple[int, Any]:
+        kind = rng.randrange(6)
+        if kind == 0:
+            return U32, rng.choice(ints)
+        if kind == 1:
+            return I32, rng.choice((-1, -(2**31), 0, 1, 2**31 - 1))
+        if kind == 2:
+            return F32, rng.choice(floats)
+        if kind == 3:
+            return BOOL, rng.random() < 0.5
+        if kind == 4:
+            return STR, rng.choice((b"", b"none", b"linear", b"yarn", b"llama", b"gpt2", b"x" * 300))
+        etype = rng.choice((U32, I32, F32, BOOL))
+        count = rng.choice((0, 1, 2, 600))
+        if etype == F32:
+            return ARR, (etype, [rng.choice(floats) for _ in range(count)])
+        if etype == BOOL:
+            return ARR, (etype, [rng.random() < 0.5 for _ in range(count)])
+        return ARR, (etype, [rng.choice(ints) % 2**31 for _ in range(count)])
+
+    for i in range(n):
+        m = g
+        names = []
+        for _ in range(rng.randrange(1, 4)):
+            key = rng.choice(keys)
+            vtype, v = value()
+            m = _set(m, key, vtype, v)
+            names.append(key.split(".")[-1])
+        yield f"semantic-{seed}-{i}-{'+'.join(names)}"[:100], serialize(m)
 
 
 def write_corpus(directory: Path, *, n_random: int = 0, seed: int = 0) -> list[Path]:

@@ -157,7 +157,8 @@ def test_two_turns_reuse_the_kv_cache_and_a_session_round_trips(chat_env: dict[s
 
 @pytest.mark.parametrize("isolate", [False, True], ids=["in-process", "isolate"])
 def test_ctrl_c_stops_an_answer_and_the_next_prompt_works(chat_env: dict[str, str], isolate: bool) -> None:
-    with _chat(chat_env, "-n", "-1", *(["--isolate"] if isolate else [])) as term:
+    # -n 200: the answer is still streaming when Ctrl-C comes (it takes seconds), and the next one ends.
+    with _chat(chat_env, "-n", "200", *(["--isolate"] if isolate else [])) as term:
         term.expect(PROMPT)
         term.send(b"Write a very long story about a dragon who learns to cook. Make it at least ten paragraphs.\r")
         term.expect(re.compile(rb"\n\s*\S"))  # the answer has started streaming

@@ -237,6 +237,48 @@ def test_json_schema_through_the_template(starter: pyllama.Model, fmt: ChatForma
     jsonschema.validate(value, schema)
 
 
+THINK_TEMPLATE = """{%- for message in messages -%}
+{%- if message.role == 'assistant' -%}
+<|im_start|>assistant
+{% if message.reasoning_content %}<think>
+{{ message.reasoning_content }}
+</think>
+
+{% endif %}{{ message.content }}<|im_end|>
+{% else -%}
+<|im_start|>{{ message.role }}
+{{ message.content }}<|im_end|>
+{% endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+<|im_start|>assistant
+{% if enable_thinking is defined and not enable_thinking %}<think>
+
+</think>
+
+{% endif %}{%- endif -%}
+"""
+
+
+def test_reasoning_is_split_from_the_content(model: pyllama.Model) -> None:
+    hello = [{"role": "user", "content": "hi"}]
+    reply = "<think>\nLet me see.\n</think>\n\nHello!"
+    with ChatFormat(model, template=THINK_TEMPLATE) as f:
+        cp = f.apply(hello)
+        assert cp.supports_thinking and cp.thinking_start_tag == "<think>" and cp.thinking_end_tags == ["</think>"]
+        msg = cp.parse(reply)
+        assert msg["content"] == "Hello!" and msg["reasoning_content"].strip() == "Let me see."
+        assert cp.parse("<think>\nLet me", partial=True)["reasoning_content"] == "Let me"
+        assert f.apply(hello, reasoning_format="none").parse(reply)["content"] == reply
+        off = f.apply(hello, enable_thinking=False)
+        assert off.prompt.endswith("<think>\n\n</think>\n\n")
+        assert off.parse("Hello!")["content"] == "Hello!"
+        # earlier reasoning goes back into the history as the template renders it
+        history = [*hello, {"role": "assistant", "content": "Hello!", "reasoning_content": "Greet back."},
+                   {"role": "user", "content": "bye"}]
+        assert "<think>\nGreet back.\n</think>" in f.apply(history).prompt
+
+
 # --- errors: clear exceptions, never a crash --------------------------------------------------
 
 

@@ -7,6 +7,7 @@ regression fails its test instead of killing the test run.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -18,15 +19,17 @@ import numpy as np
 import pytest
 
 import pyllama
-from pyllama.context import MAX_THREADS, default_threads
+from pyllama.context import MAX_THREADS
 
 PROMPT = "Hello world, the people of the world"
 
 
 def _in_child(model_path: Path, body: str) -> None:
     """Run ``body`` (with ``m`` the model) in a fresh interpreter; it must exit normally."""
-    code = "import pyllama\nm = pyllama.Model(%r, n_gpu_layers=0)\n" % str(model_path) + textwrap.dedent(body)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    code = ("import sys\nsys.path.insert(0, %r)\nimport pyllama\nm = pyllama.Model(%r, n_gpu_layers=0)\n"
+            % (str(Path(__file__).parent), str(model_path)) + textwrap.dedent(body))
+    env = {**os.environ, "GGML_NO_BACKTRACE": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, f"child exited with {proc.returncode}:\n{proc.stderr[-3000:]}"
 
 
@@ -70,7 +73,7 @@ def test_thread_counts_of_the_wrong_type_are_refused(model: pyllama.Model, bad: 
 
 
 def test_thread_counts_in_range_work_even_above_the_cpu_count(model: pyllama.Model) -> None:
-    n = default_threads() + 2  # allowed (llama.cpp allows it), only slower
+    n = len(os.sched_getaffinity(0)) + 2 if hasattr(os, "sched_getaffinity") else 64  # allowed, only slower
     with model.context(n_ctx=64, n_threads=n, n_threads_batch=1) as ctx:
         assert (ctx.n_threads, ctx.n_threads_batch) == (n, 1)
         ctx.evaluate(model.tokenize(PROMPT))
@@ -118,6 +121,86 @@ def test_token_ids_outside_the_vocabulary_are_refused(model: pyllama.Model, toke
             ctx.decode(pyllama.Batch.from_tokens([1, token]))
         with pytest.raises(pyllama.TokenizationError):
             pyllama.generate_text(ctx, [1, token])
+
+
+def test_stream_decoder_and_sampler_accept_check_their_tokens(synth_model_path: Path) -> None:
+    # Before: std::out_of_range / a grammar's runtime_error escaped llama.cpp's C API (std::terminate),
+    # and a decoder outliving its model read freed memory.
+    _in_child(synth_model_path, """
+        import synth
+        for call in (lambda: pyllama.StreamDecoder(m.vocab).push(10**6),
+                     lambda: pyllama.SamplerChain([pyllama.Grammar('root ::= "a"'), pyllama.Greedy()], m).accept(10**6),
+                     lambda: pyllama.SamplerChain([pyllama.Grammar('root ::= "a"'), pyllama.Greedy()], m).accept(5)):
+            try:
+                call()
+            except (pyllama.TokenizationError, pyllama.SamplerError):
+                pass
+    """)
+    import synth
+
+    v = synth.build_vocab()
+    with pyllama.Model(synth_model_path, n_gpu_layers=0) as m:
+        dec = pyllama.StreamDecoder(m.vocab)
+        for bad in (-1, 10**6, 2**31):
+            with pytest.raises(pyllama.TokenizationError):
+                dec.push(bad)
+        assert dec.push(v.id_of("a")) == "a"
+        with pyllama.SamplerChain([pyllama.Grammar('root ::= "a" "b"'), pyllama.Greedy()], m) as chain:
+            with pytest.raises(pyllama.TokenizationError):
+                chain.accept(10**6)
+            with pytest.raises(pyllama.SamplerError, match="not allowed by the grammar"):
+                chain.accept(v.id_of("b"))
+            chain.accept(v.id_of("a"))
+            with pytest.raises(pyllama.SamplerError, match="not allowed by the grammar"):
+                chain.accept(v.id_of("a"))
+            chain.accept(v.id_of("b"))
+            chain.accept(synth.EOS_ID)  # the grammar is complete: end of generation is allowed
+    with pytest.raises(pyllama.ClosedError):
+        dec.push(v.id_of("a"))
+
+
+BAD_GRAMMARS = [  # each killed the process before (std::terminate, SIGSEGV, or a parser that never returns)
+    ({"grammar": "root ::= [z-a]"}, "allows no token"),
+    ({"grammar": "root ::= <[999999]>"}, "allows no token"),
+    ({"grammar": 'root ::= "a"{5,2}'}, "maximum is below the minimum"),
+    ({"grammar": "root ::= " + "(" * 20000 + '"a"' + ")" * 20000}, "deeper than"),
+    ({"grammar": 'root ::= "a"', "trigger_patterns": ["(("]}, "not a valid regular expression"),
+    ({"grammar": 'root ::= "a"', "trigger_patterns": ["(?P<x>a)"]}, "not ECMAScript"),
+]
+
+
+def test_grammars_llama_cpp_cannot_survive_are_refused(synth_model_path: Path) -> None:
+    _in_child(synth_model_path, """
+        import sys
+        sys.path.insert(0, %r)
+        from test_misuse import BAD_GRAMMARS
+        ctx = m.context(n_ctx=64, n_threads=1)
+        for kw, _ in BAD_GRAMMARS:
+            try:
+                pyllama.generate_text(ctx, "hello", sampler=[pyllama.Grammar(**kw), pyllama.Greedy()], max_tokens=4)
+            except pyllama.SamplerError:
+                pass
+    """ % str(Path(__file__).parent))
+    with pyllama.Model(synth_model_path, n_gpu_layers=0) as m, m.context(n_ctx=64, n_threads=1) as ctx:
+        for kw, message in BAD_GRAMMARS:
+            with pytest.raises(pyllama.SamplerError, match=message):
+                pyllama.SamplerChain([pyllama.Grammar(**kw), pyllama.Greedy()], m)
+        # Literal text that looks like the refused constructs is fine, and so are ECMAScript triggers.
+        ok = pyllama.Grammar('root ::= "{5,2}" | "(((" [a-z]? | "x"{2,5}  # ((( in a comment', trigger_patterns=["(?:a|b)+"])
+        with pyllama.SamplerChain([ok, pyllama.Greedy()], m) as chain:
+            ctx.evaluate(m.tokenize("hello"))
+            chain.sample(ctx)
+
+
+@pytest.mark.parametrize("tokens", [[1.5, 2.7], np.array([1.0]), [True, False], np.array([2**32 + 1], dtype=np.int64),
+                                    np.array([2**31], dtype=np.uint32), [2**70], ["1"]])
+def test_token_arrays_are_never_cast_silently(model: pyllama.Model, tokens: Any) -> None:
+    # Before: 1.5 became token 1 and 2**32 + 1 token 1, and the generation went on with them.
+    with pytest.raises(pyllama.TokenizationError):
+        model.detokenize(tokens)
+    with model.context(n_ctx=64, n_threads=1) as ctx:
+        with pytest.raises(pyllama.TokenizationError):
+            pyllama.generate_text(ctx, tokens, max_tokens=2)
 
 
 def test_positions_and_output_rows_are_checked(model: pyllama.Model) -> None:
@@ -198,3 +281,67 @@ def test_concurrent_generations_on_one_context_raise_busy_or_match_serial(model:
             else:
                 assert r == serial
         assert any(isinstance(r, pyllama.BusyError) for r in results) or all(r == serial for r in results)
+
+
+# --- one model, many threads (issue 11, item 5) -------------------------------------------------------------
+def test_threads_with_their_own_contexts_match_the_serial_run(synth_model_path: Path) -> None:
+    prompts = [f"{w} world, the people" for w in ("Hello", "Bonjour", "Hallo", "the", "a", "we", "people", "café")]
+    with pyllama.Model(synth_model_path, n_gpu_layers=0) as model:
+        def run(prompt: str, ctx: pyllama.Context) -> list[int]:
+            with pyllama.generate(ctx, prompt, max_tokens=12) as gen:
+                for _ in gen:
+                    pass
+                return gen.tokens.tolist()
+
+        with model.context(n_ctx=128, n_threads=1) as ctx:
+            serial = [run(p, ctx) for p in prompts]
+        got: dict[int, list[list[int]]] = {}
+        errors: list[BaseException] = []
+
+        def worker(k: int) -> None:
+            try:
+                with model.context(n_ctx=128, n_threads=1) as c:
+                    got[k] = [run(prompts[k], c) for _ in range(5)]
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        for k in range(len(prompts)):
+            assert got[k] == [serial[k]] * 5
+
+
+def test_closing_the_model_while_threads_generate_gives_clean_errors(synth_model_path: Path) -> None:
+    _in_child(synth_model_path, """
+        import threading, time
+        from pyllama.errors import LlamaError
+        outcomes = []
+        started = threading.Barrier(5)
+
+        def worker():
+            try:
+                ctx = m.context(n_ctx=512, n_threads=1)
+                started.wait()
+                for _ in range(50):
+                    ctx.kv.clear()
+                    pyllama.generate_text(ctx, "Hello world", max_tokens=200)
+                outcomes.append("done")
+            except (LlamaError, ValueError) as exc:
+                outcomes.append(type(exc).__name__)
+
+        threads = [threading.Thread(target=worker) for _ in range(4)]
+        for t in threads:
+            t.start()
+        started.wait()
+        time.sleep(0.2)
+        m.close()
+        for t in threads:
+            t.join(60)
+        assert not any(t.is_alive() for t in threads), "a generation did not stop after the model closed"
+        assert len(outcomes) == 4 and "done" not in outcomes, outcomes
+        print(outcomes)
+    """)

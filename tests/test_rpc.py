@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -74,6 +76,8 @@ if mode == "split":
         keepalive = [(s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
                       s.getsockopt(socket.IPPROTO_TCP, getattr(socket, "TCP_USER_TIMEOUT", socket.TCP_NODELAY)))
                      for s in conns]
+        for s in conns:
+            s.close()  # dup()s: left open they would keep the connections alive past the model
     out(first=first, again=again, servers=rpc.servers(), devices=devices(), tokens=tokens, log=log,
         keepalive=keepalive)
 elif mode == "stream":
@@ -97,14 +101,33 @@ elif mode == "lost-between-uses":
 """
 
 
+_lines: dict[int, queue.Queue[str]] = {}
+
+
 def _client(args: dict[str, Any], **popen: Any) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-c", CLIENT, json.dumps(args)], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-c", CLIENT, json.dumps(args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **popen)
+    q: queue.Queue[str] = queue.Queue()
+    _lines[proc.pid] = q
+    stdout = proc.stdout
+    assert stdout is not None
+
+    def pump() -> None:
+        for line in iter(stdout.readline, ""):
+            q.put(line)
+        q.put("")  # the end
+
+    threading.Thread(target=pump, daemon=True).start()
+    return proc
 
 
-def _read_json(proc: subprocess.Popen[str]) -> dict[str, Any]:
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
+def _read_json(proc: subprocess.Popen[str], timeout: float = CHILD_TIMEOUT) -> dict[str, Any]:
+    """The client's next line, within ``timeout`` (a hung client fails the test, it never hangs it)."""
+    try:
+        line = _lines[proc.pid].get(timeout=timeout)
+    except queue.Empty:
+        proc.kill()
+        raise AssertionError(f"no output from the client within {timeout}s") from None
     if not line:
         proc.wait(30)
         raise AssertionError(f"client ended ({proc.returncode}) without output:\n{proc.stderr.read()[-3000:]}"
@@ -275,7 +298,8 @@ def test_server_killed_mid_generation(starter_model_path: Path, local_tokens: li
     server = pyllama.rpc_server(device="CPU", threads=1)
     port = server.port
     proc = _client({"mode": "stream", "model": str(starter_model_path), "servers": [server.endpoint],
-                    "prompt": PROMPT, "n": 100_000, "stream": True})
+                    "prompt": PROMPT, "n": 100_000, "stream": True},
+                   env={**os.environ, "GGML_NO_BACKTRACE": "1"})  # no debugger attach: the abort is prompt
     try:
         assert _read_json(proc) == {"loaded": True}
         for _ in range(3):
@@ -330,6 +354,23 @@ def test_server_lost_between_uses_then_restarted(starter_model_path: Path, local
         server.close()
     assert back["tokens"] == local_tokens
     assert all(d["memory_total"] > 0 for d in back["devices"] if d["endpoint"] == ep)
+
+
+@pytest.mark.starter
+def test_server_tensor_cache(tmp_path: Path, starter_model_path: Path, local_tokens: list[int]) -> None:
+    cache = tmp_path / "rpc-cache"
+    with pyllama.rpc_server(device="CPU", threads=1, cache=cache) as server:
+        for _ in range(2):  # the second client finds the large tensors in the cache
+            proc = _client({"mode": "split", "model": str(starter_model_path), "servers": [server.endpoint],
+                            "prompt": PROMPT, "n": N_TOKENS})
+            try:
+                res = _read_json(proc)
+                assert proc.wait(CHILD_TIMEOUT) == 0
+            finally:
+                proc.kill()
+            assert res["tokens"] == local_tokens
+            files = list(cache.iterdir())
+            assert files and all(re.fullmatch(r"[0-9a-f]{16}", f.name) for f in files)
 
 
 @pytest.mark.starter

@@ -33,7 +33,10 @@ PROMPTS = ["Hello world the", "Le café est très", "the cat and the dog", "you 
 
 @pytest.fixture(scope="module")
 def server(synth_model_path: Path) -> Iterator[RemoteServer]:
-    with RemoteServer(synth_model_path, "--slots", "4", "-c", "256", "--alias", ALIAS, "--max-queue", "16") as srv:
+    # small batches: prompts are prefilled in chunks; a tiny keep-alive interval: every stream that waits
+    # for its first token gets SSE comments, which the clients of every other test must ignore
+    with RemoteServer(synth_model_path, "--slots", "4", "-c", "256", "--alias", ALIAS, "--max-queue", "16",
+                      "-b", "32", "-ub", "32", "--keepalive", "0.001") as srv:
         yield srv
 
 
@@ -171,11 +174,30 @@ def test_bad_requests_are_4xx_and_server_keeps_serving(server: RemoteServer) -> 
     assert_error(post(server.url_for("v1", "embeddings"), json={"input": []}), 400)
     assert_error(httpx.get(server.url_for("v1", "nothing")), 404)
     assert_error(httpx.get(chat), 405)
+    fmt = {"type": "json_schema", "json_schema": {"name": "a", "schema": {
+        "type": "object", "properties": {"a": {"type": "boolean"}}, "required": ["a"], "additionalProperties": False}}}
+    assert_error(post(comp, json={"prompt": "x", "response_format": fmt, "ignore_eos": True}), 400,
+                 message="ignore_eos")
+    # a ban of the end-of-generation tokens stays finite: the finished grammar can still end the reply
+    done = post(comp, json={"prompt": "x", "max_tokens": 40, "temperature": 0, "response_format": fmt,
+                            "logit_bias": {"2": -100, "260": -100}})
+    assert done.status_code == 200 and json.loads(done.json()["choices"][0]["text"]) in ({"a": True}, {"a": False})
     # nothing above reached the engine as a failure: the server still serves
     ok = post(comp, json={"prompt": "Hello", "max_tokens": 3, "temperature": 0})
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
     m = metrics(server)
     assert not any(k.startswith("pyllama_http_requests_total") and 'status="5' in k for k in m)
+
+
+def test_keepalive_before_first_token(server: RemoteServer) -> None:
+    body = {"prompt": "the cat and the dog " * 30, "max_tokens": 3, "stream": True, "temperature": 0}
+    with httpx.Client(timeout=30) as http, http.stream("POST", server.url_for("v1", "completions"), json=body) as r:
+        assert r.status_code == 200, r.read()
+        lines = [line for line in r.iter_lines() if line]
+    first_data = next(i for i, line in enumerate(lines) if line.startswith("data: {"))
+    assert first_data > 0 and all(line == ": keep-alive" for line in lines[:first_data]), lines[:5]
+    assert lines[-1] == "data: [DONE]"
+    assert sum(line.startswith("data: {") for line in lines) == 4  # 3 tokens and the finish chunk
 
 
 def test_embeddings(client: openai.OpenAI, server: RemoteServer) -> None:
@@ -272,17 +294,67 @@ def test_api_key_busy_and_graceful_shutdown(synth_model_path: Path) -> None:
     assert "Traceback" not in log, log
 
 
-def test_sigterm_exits_cleanly(synth_model_path: Path) -> None:
-    srv = RemoteServer(synth_model_path, "-c", "128").start()
-    try:
-        r = httpx.post(srv.url_for("v1", "completions"), json={"prompt": "hi", "max_tokens": 2}, timeout=30)
-        assert r.status_code == 200
-    finally:
+def test_sigterm_exits_cleanly_with_a_stream_in_flight(synth_model_path: Path) -> None:
+    srv = RemoteServer(synth_model_path, "-c", "512", "--shutdown-timeout", "1").start()
+    got: list[str] = []
+
+    def stream() -> None:
+        body = {"prompt": "the cat", "max_tokens": 500, "ignore_eos": True, "stream": True, "logprobs": 20}
+        try:
+            with httpx.stream("POST", srv.url_for("v1", "completions"), json=body, timeout=60) as r:
+                for line in r.iter_lines():
+                    got.append(line)
+        except httpx.HTTPError:
+            got.append("<cut>")
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(stream)
+        deadline = time.monotonic() + 30
+        while not any(line.startswith("data: {") for line in got):
+            assert time.monotonic() < deadline and not fut.done(), got[:3]
+            time.sleep(0.01)
+        t0 = time.monotonic()
         code = srv.stop()
+        fut.result(timeout=30)
     log = srv.log_tail()
     # uvicorn re-raises the signal after its graceful shutdown, so the exit status is "terminated by SIGTERM"
     assert code in (0, -15), log
+    assert time.monotonic() - t0 < 15
     assert "Application shutdown complete" in log and "Traceback" not in log, log
+    # the cut stream ended with an OpenAI error event, then [DONE]
+    lines = [line for line in got if line]
+    assert lines[-1] == "data: [DONE]" and "shutting down" in lines[-2], lines[-3:]
+
+
+def test_health_is_503_while_loading(synth_model_path: Path) -> None:
+    """With a loader, the app answers /health 503 {"status": "loading"} until the engine exists."""
+    import threading
+
+    from starlette.testclient import TestClient
+
+    from pyllama.engine import Engine
+    from pyllama.server import create_app
+
+    release = threading.Event()
+
+    def loader() -> Engine:
+        release.wait(30)
+        return Engine(pyllama.Model(synth_model_path), n_slots=1, n_ctx=64)
+
+    app = create_app(loader, model_name="m")
+    with TestClient(app) as http:
+        r = http.get("/health")
+        assert (r.status_code, r.json()) == (503, {"status": "loading"})
+        r = http.post("/v1/completions", json={"prompt": "hi"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "loading" and r.headers["Retry-After"]
+        release.set()
+        deadline = time.monotonic() + 30
+        while http.get("/health").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
+        engine = app.state.server.engine
+    assert engine.closed  # the app owned what its loader built: closed at shutdown
 
 
 def test_loading_model_failure_exits(tmp_path: Path) -> None:
@@ -292,6 +364,8 @@ def test_loading_model_failure_exits(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="exited with 1"):
         srv.start()
     srv.stop()
+    assert "could not load" in srv.log_tail()
+    srv.log_path.unlink()
 
 
 def test_stream_error_frame_shape() -> None:
@@ -302,3 +376,25 @@ def test_stream_error_frame_shape() -> None:
     frame = sse.frame(api_error(pyllama.DecodeError("llama_decode: failed with code -3", -3)).body())
     payload = json.loads(frame.decode().removeprefix("data: "))
     assert payload["error"]["type"] == "server_error" and "code -3" in payload["error"]["message"]
+
+
+def test_mountable_in_another_app(synth_model_path: Path) -> None:
+    """create_app over an engine the caller owns, mounted under a prefix of another ASGI app."""
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+    from starlette.testclient import TestClient
+
+    from pyllama.engine import Engine
+    from pyllama.server import create_app
+
+    with pyllama.Model(synth_model_path) as model, Engine(model, n_slots=2, n_ctx=128) as engine:
+        parent = Starlette(routes=[Mount("/llm", app=create_app(engine, model_name="m", api_key="k"))])
+        auth = {"Authorization": "Bearer k"}
+        with TestClient(parent) as http:
+            assert http.get("/llm/health").json() == {"status": "ok"}
+            assert http.get("/llm/v1/models").status_code == 401
+            r = http.post("/llm/v1/completions", json={"model": "m", "prompt": "Hello", "max_tokens": 4}, headers=auth)
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+            text = http.get("/llm/metrics", headers=auth).text
+            assert 'pyllama_http_requests_total{endpoint="/v1/completions",status="200"} 1' in text
+        assert not engine.closed  # the caller's engine outlives the app

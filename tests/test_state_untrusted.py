@@ -79,7 +79,7 @@ _CHILD = textwrap.dedent("""
 
 def _run_child(model_path: Path, corpus: Path) -> dict[str, str]:
     proc = subprocess.run([sys.executable, "-c", _CHILD, str(model_path), str(corpus)], capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, env={**os.environ, "GGML_NO_BACKTRACE": "1"})
     assert proc.returncode == 0, f"child died ({proc.returncode}):\n{proc.stderr[-3000:]}"
     result: dict[str, str] = json.loads(proc.stdout.strip().splitlines()[-1])
     return result
@@ -149,24 +149,24 @@ def test_mutated_llama_cpp_state_never_crashes(saved: dict[str, bytes], synth_mo
 
 def test_state_from_another_shape_is_refused(saved: dict[str, bytes], synth_model_path: Path, tmp_path: Path) -> None:
     with pyllama.Model(synth_model_path) as m:
-        with m.context(n_ctx=64, n_seq_max=2, type_k="f32") as ctx:
+        with m.context(n_ctx=64, n_seq_max=2, type_k="f32", n_threads=1) as ctx:
             with pytest.raises(pyllama.StateError, match="K cache type"):
                 ctx.state.load(saved["bytes"])
-        with m.context(n_ctx=64, n_seq_max=1) as ctx:
+        with m.context(n_ctx=64, n_seq_max=1, n_threads=1) as ctx:
             with pytest.raises(pyllama.StateError, match="n_seq_max"):
                 ctx.state.load(saved["bytes"])
             with pytest.raises(pyllama.StateError, match="n_seq_max"):  # llama.cpp: one KV stream per sequence
                 ctx.state.load_seq(saved["seq_bytes"], 0)
-        with m.context(n_ctx=1024, n_seq_max=2) as big:  # 512 cells per sequence
+        with m.context(n_ctx=1024, n_seq_max=2, n_threads=1) as big:  # 512 cells per sequence
             big.decode(pyllama.Batch.from_tokens(m.tokenize(PROMPT), 400))
             far = big.state.save_seq(0)
-        with m.context(n_ctx=512, n_seq_max=2) as ctx:  # 256 cells per sequence
+        with m.context(n_ctx=512, n_seq_max=2, n_threads=1) as ctx:  # 256 cells per sequence
             with pytest.raises(pyllama.StateError, match="positions up to 4"):
                 ctx.state.load_seq(far, 0)
             with pytest.raises(pyllama.StateError, match="whole-context"):
                 ctx.state.load_seq(saved["bytes"], 0)
     other_path = synth.write_llama_model(tmp_path / "other.gguf", n_embd=32, n_ff=64)
-    with pyllama.Model(other_path) as other, other.context(n_ctx=64, n_seq_max=2) as ctx:
+    with pyllama.Model(other_path) as other, other.context(n_ctx=64, n_seq_max=2, n_threads=1) as ctx:
         with pytest.raises(pyllama.StateError, match="parameter count|embedding size"):
             ctx.state.load(saved["bytes"])
 
@@ -174,7 +174,7 @@ def test_state_from_another_shape_is_refused(saved: dict[str, bytes], synth_mode
 def test_llama_cpp_session_files_still_load(saved: dict[str, bytes], synth_model_path: Path, tmp_path: Path) -> None:
     (tmp_path / "s").write_bytes(saved["llama_file"])
     (tmp_path / "q").write_bytes(saved["llama_seq_file"])
-    with pyllama.Model(synth_model_path) as m, m.context(n_ctx=64, n_seq_max=2) as ctx:
+    with pyllama.Model(synth_model_path) as m, m.context(n_ctx=64, n_seq_max=2, n_threads=1) as ctx:
         toks = m.tokenize(PROMPT)
         assert np.array_equal(ctx.state.load_file(tmp_path / "s"), toks)
         assert np.array_equal(ctx.state.load_seq_file(tmp_path / "q", 1), toks)

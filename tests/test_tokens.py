@@ -80,3 +80,16 @@ def test_invalid_token_ids(model: pyllama.Model) -> None:
         model.vocab.token_to_piece(-5)
     with pytest.raises(pyllama.TokenizationError):
         model.vocab.is_eog(590)
+
+
+def test_tokenize_many_in_threads_equals_serial(model) -> None:  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(1)
+    words = ["alpha", "beta", " gamma", "δέλτα", "🙂", "\n", "x" * 7]
+    docs = ["".join(rng.choice(words, size=int(rng.integers(1, 6000)))) for _ in range(23)] + ["", "a"]
+    serial = [model.vocab.tokenize(d) for d in docs]
+    for n in (1, 2, 4):
+        got = model.vocab.tokenize_many(docs, n_threads=n)
+        assert len(got) == len(docs)
+        assert all(np.array_equal(a, b) for a, b in zip(serial, got))
+    with pytest.raises(ValueError):
+        model.vocab.tokenize_many(docs, n_threads=0)

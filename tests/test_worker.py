@@ -379,12 +379,13 @@ _HOST = textwrap.dedent("""
             time.sleep(60)
             os._exit(0)
     print(made["w"].pid, extra, flush=True)
-    time.sleep(60)
+    if sys.argv[3] != "exit":  # "exit": leave without closing the worker; interpreter exit must stop it
+        time.sleep(60)
 """)
 
 
 @pytest.mark.skipif(not POSIX, reason="SIGKILL and fork are POSIX")
-@pytest.mark.parametrize("where,fork", [("main", "nofork"), ("thread", "fork")])
+@pytest.mark.parametrize("where,fork", [("main", "nofork"), ("thread", "fork"), ("main", "exit")])
 def test_no_child_outlives_a_killed_host(synth_model_path: Path, where: str, fork: str) -> None:
     host = subprocess.Popen([sys.executable, "-c", _HOST, str(synth_model_path), where, fork],
                             stdout=subprocess.PIPE, text=True)
@@ -393,9 +394,10 @@ def test_no_child_outlives_a_killed_host(synth_model_path: Path, where: str, for
         assert host.stdout is not None
         line = host.stdout.readline().split()
         child, extra = int(line[0]), int(line[1])
-        assert _alive(child)
-        host.kill()
-        host.wait(10)
+        if fork != "exit":
+            assert _alive(child)
+            host.kill()
+        assert host.wait(20) in (0, -signal.SIGKILL)
         assert _wait_gone(child, 10), "the worker child outlived its killed host"
     finally:
         if host.poll() is None:
@@ -405,3 +407,28 @@ def test_no_child_outlives_a_killed_host(synth_model_path: Path, where: str, for
                 os.kill(extra, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_a_child_that_cannot_start_reports_why() -> None:
+    with Worker(env={"PYTHONHOME": os.devnull}) as w:  # the interpreter cannot even find its stdlib
+        with pytest.raises(WorkerCrashedError) as info:
+            w.status()
+    err = info.value
+    assert err.exit_code not in (None, 0) and err.log_tail
+    assert any("Python" in line or "encodings" in line for line in err.log_tail)
+
+
+def test_logprobs_and_stop_strings_match_in_process(worker: Worker, model: pyllama.Model) -> None:
+    options: dict[str, Any] = {"max_tokens": 12, "logprobs": True, "top_logprobs": 3, "reuse_prefix": False}
+    with model.context(**CTX) as ctx, pyllama.generate(ctx, "Hello world", **options) as local:
+        expected = list(local)
+    with worker.generate("Hello world", **options) as gen:
+        got = list(gen)
+    assert [(e.token, e.text) for e in got] == [(e.token, e.text) for e in expected]
+    for a, b in zip(got, expected):
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
+        assert [t for t, _ in a.top_logprobs or []] == [t for t, _ in b.top_logprobs or []]
+    stop = next(e.text.strip() for e in expected[3:] if e.text.strip())
+    with worker.generate("Hello world", max_tokens=12, stop=[stop], reuse_prefix=False) as gen:
+        list(gen)
+    assert gen.finish_reason == "stop" and stop not in gen.text

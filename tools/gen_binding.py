@@ -46,7 +46,8 @@ PROC_HEADERS = {"ggml-rpc.h": ("GGML_RPC_", "RPC_PROTO_")}
 # Defined in libpyllama-common (src/native/*.cpp: llama.cpp's common/ helpers
 # behind C entry points); the module links against it. The chat and JSON-schema
 # entry points take and return JSON text (malloc'ed, freed by pyllama_free_string).
-COMMON_DECLS = """int32_t pyllama_fit_params(const char * path_model, struct llama_model_params * mparams,
+COMMON_DECLS = """int32_t pyllama_cpu_get_num_math(void);
+int32_t pyllama_fit_params(const char * path_model, struct llama_model_params * mparams,
                            struct llama_context_params * cparams, float * tensor_split,
                            struct llama_model_tensor_buft_override * tensor_buft_overrides,
                            size_t * margins, uint32_t n_ctx_min, int32_t log_level);

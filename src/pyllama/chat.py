@@ -16,7 +16,7 @@ from ._handle import Handle
 from .errors import TemplateError
 from .generate import Generation, TokenEvent
 from .grammar import PrefilledGrammar, _call
-from .sampling import Greedy, Sampler
+from .sampling import Greedy, Sampler, default_chain
 
 if TYPE_CHECKING:
     from .context import Context
@@ -234,6 +234,10 @@ class ChatFormat(Handle):
         text = generate_text(ctx, cp.prompt, sampler=[cp.grammar_sampler(), Greedy()],
                              stop=cp.additional_stops)
         message = cp.parse(text)       # {"role", "content", "tool_calls", ...}
+
+    ``template`` is a Jinja template, or "chatml" / "gemma". A GGUF without a
+    template gets its family's format where pyllama knows it (Gemma), else ChatML
+    (llama-server's fallback). Tool calls need a template that renders them.
     """
 
     _kind = "chat format"
@@ -246,6 +250,8 @@ class ChatFormat(Handle):
                 _log.warning("the model has no chat template; using ChatML (as llama-server); pass template=")
         if template is not None and not template.strip():
             raise TemplateError("template= is empty")
+        if template is not None:
+            template = _FALLBACK_JINJA.get(template, template)  # a llama.cpp template name we know
         err = ffi.new("char **")
         ptr = lib.pyllama_chat_templates_init(model._p(), template.encode() if template is not None else ffi.NULL,
                                               err)
@@ -417,7 +423,8 @@ class ChatSession:
         if gs is not None:
             sampler = options.get("sampler")
             if sampler is None:
-                options["sampler"] = [gs, Greedy()]
+                seed = options.get("seed")  # as generate(): a seed alone means llama.cpp's default chain
+                options["sampler"] = [gs, *(default_chain(seed=seed) if seed is not None else [Greedy()])]
             elif isinstance(sampler, Sequence) and all(isinstance(s, Sampler) for s in sampler):
                 options["sampler"] = [gs, *sampler]
             else:

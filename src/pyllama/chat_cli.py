@@ -59,7 +59,7 @@ class _Local:
         from .chat import ChatSession
         from .model import Model
 
-        self.model: Model = Model(path, n_gpu_layers=args.ngl)
+        self.model: Model = Model(path, n_gpu_layers=args.ngl, rpc=args.rpc or ())
         try:
             self.ctx: Context = self.model.context(n_ctx=args.ctx, n_threads=args.threads,
                                                    n_threads_batch=args.threads)
@@ -105,14 +105,19 @@ class _Local:
         ctx, seq = self.ctx, self.session.seq_id
         if state:
             ctx.state.load_seq(state, seq)  # checks the model and context shape first
-            import numpy as np
+            span = ctx.kv.pos_range(seq)
+            if span is not None and span[0] == 0 and span[1] + 1 == len(tokens):
+                import numpy as np
 
-            ctx._seq_tokens.set(seq, np.asarray(tokens, dtype=np.int32))  # so the next turn reuses them
+                ctx._seq_tokens.set(seq, np.asarray(tokens, dtype=np.int32))  # so the next turn reuses them
+            else:  # the token list does not describe the restored cache: the next turn starts over
+                ctx.kv.remove(seq)
+                tokens = []
         else:
             ctx.kv.remove(seq)
             ctx._seq_tokens.forget(seq)
         self.session.messages = messages
-        return len(tokens) if state else 0
+        return len(tokens)
 
     def close(self) -> None:
         self.ctx.close()
@@ -134,6 +139,13 @@ class _LocalTurn:
             gen.close()
             self.finish_reason = gen.finish_reason
             self.messages.append({"role": "assistant", "content": gen.text})
+            ctx, seq = gen.ctx, gen.seq_id
+            if gen.n_generated and ctx.cached_tokens(seq) is None:
+                # Ctrl-C inside a decode makes the context forget what the sequence holds; the
+                # whole prompt was evaluated before the first token, so keep that much for the next turn.
+                n = int(gen.prompt_tokens.size)
+                ctx.kv.remove(seq, n, -1)
+                ctx._seq_tokens.set(seq, gen.prompt_tokens)
 
 
 class _Isolated:
@@ -145,7 +157,7 @@ class _Isolated:
         self.worker: Worker = Worker()
         try:
             info = self.worker.load(path, n_gpu_layers=args.ngl, n_ctx=args.ctx, n_threads=args.threads,
-                                    n_threads_batch=args.threads)
+                                    n_threads_batch=args.threads, rpc=args.rpc or ())
         except BaseException:
             self.worker.close()
             raise
@@ -322,7 +334,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
         return 1
     try:
         if interactive:
-            return _interactive(backend, args.verbose)
+            try:
+                return _interactive(backend, args.verbose)
+            except KeyboardInterrupt:  # a Ctrl-C that lands between two prompts: quitting is what it asks
+                print()
+                return 0
         for message in messages:
             if not _answer(backend, message, sys.stdout, args.verbose):
                 return 130
@@ -337,7 +353,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def register(subparsers: Any) -> None:
     """Add ``pyllama chat`` to the command line's subcommands."""
     c = subparsers.add_parser("chat", help="interactive chat with a model (its chat template, streaming)",
-                              description=__doc__.split("\n\n")[0] if __doc__ else None)
+                              description="Chat with a model on its chat template, streaming the answers; the "
+                                          "conversation stays in the KV cache between turns.")
     c.add_argument("model", nargs="?", help="GGUF file or model reference (default: the starter model)")
     c.add_argument("-s", "--system", default=None, help="system prompt")
     c.add_argument("-p", "--prompt", action="append", default=None,
@@ -349,6 +366,8 @@ def register(subparsers: Any) -> None:
     c.add_argument("--min-p", type=float, default=0.05)
     c.add_argument("--seed", type=int, default=None)
     c.add_argument("-t", "--threads", type=int, default=None)
+    c.add_argument("--rpc", default=None, metavar="HOST:PORT,...",
+                   help="add ggml RPC servers' devices (pyllama rpc-server); best with --isolate")
     c.add_argument("-c", "--ctx", type=int, default=4096, help="context size in tokens")
     c.add_argument("-ngl", "--n-gpu-layers", dest="ngl", default="auto")
     c.add_argument("--isolate", action="store_true", help="run the model in a worker process (pyllama.Worker)")

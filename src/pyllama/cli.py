@@ -86,17 +86,20 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from .context import thread_choice
     from .devices import backends, build_info, devices, supports_gpu_offload, system_info, unavailable_backends
 
     if args.what == "fit":
         return cmd_fit(args)
 
+    threads = thread_choice()
     info: dict[str, Any] = {"build": build_info(), "backends": backends(),
+                            "default_threads": {"n_threads": threads.n_threads, "reason": threads.reason},
                             "devices": [d.as_dict() for d in devices()],
                             "system_info": system_info(), "gpu_offload": supports_gpu_offload()}
     what = args.what
     if what == "build":
-        data: Any = {k: info[k] for k in ("build", "backends", "system_info")}
+        data: Any = {k: info[k] for k in ("build", "backends", "default_threads", "system_info")}
     elif what == "devices":
         data = info["devices"]
     else:  # gpu
@@ -115,6 +118,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             print(f"CPU features: {' '.join(b['cpu_features'])}")
         print(f"compiler: {b.get('c_compiler', '')}  {b.get('system', '')}  {b.get('build_type', '')}")
         print(f"loaded backends: {', '.join(info['backends'])}")
+        threads = thread_choice()
+        print(f"default threads: {threads.n_threads} ({threads.reason})")
         print(info["system_info"])
         return 0
     devs = data if what == "devices" else data["devices"]
@@ -126,6 +131,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for d in devs:
         mem = f"{_fmt_bytes(d['memory_free'])} free / {_fmt_bytes(d['memory_total'])}" if d["memory_total"] else ""
         print(f"[{d['index']}] {d['name']:<10} {d['type']:<6} {d['backend']:<8} {d['description']}  {mem}")
+    if what == "devices":
+        print(f"default CPU threads: {threads.n_threads} ({threads.reason})")
     return 0
 
 

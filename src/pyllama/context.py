@@ -80,8 +80,42 @@ def set_memory_params(p: Any, *, n_ctx: object, n_batch: int = 2048, n_ubatch: i
     p.swa_full = swa_full
 
 
-def default_threads() -> int:
-    """The CPUs this process may run on (llama.cpp's own default of 4 oversubscribes small machines)."""
+@dataclass(frozen=True)
+class ThreadChoice:
+    """The default thread count for a context, and why."""
+
+    n_threads: int
+    reason: str
+
+
+def thread_choice(model: Model | None = None) -> ThreadChoice:
+    """What a context uses when ``n_threads`` is not given.
+
+    llama.cpp's own tools take ``cpu_get_num_math()`` (physical performance
+    cores: no SMT siblings, no efficiency cores on hybrid CPUs); pyllama asks
+    that same code, caps it by the CPUs this process may run on (affinity,
+    containers), and uses at most 2 when every layer of ``model`` sits on a GPU,
+    where the CPU only feeds the device.
+    """
+    allowed = _allowed_cpus()
+    math = int(lib.pyllama_cpu_get_num_math())
+    if math < 1:
+        n, why = allowed, f"{allowed} CPUs this process may use (llama.cpp's core count failed)"
+    elif math <= allowed:
+        n, why = math, f"llama.cpp's cpu_get_num_math: {math} physical performance cores"
+    else:
+        n, why = allowed, f"{allowed} CPUs this process may use (of {math} physical performance cores)"
+    if model is not None and model.fully_offloaded and n > 2:
+        n, why = 2, f"every layer is on a GPU: 2 threads feed it ({why} otherwise)"
+    return ThreadChoice(n, why)
+
+
+def default_threads(model: Model | None = None) -> int:
+    """The default thread count (see :func:`thread_choice`)."""
+    return thread_choice(model).n_threads
+
+
+def _allowed_cpus() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # macOS, Windows
@@ -98,14 +132,14 @@ def check_threads(name: str, n: object) -> int:
     """Validate a thread count: an int in [1, MAX_THREADS].
 
     0 and negative counts are refused (llama.cpp gives them no meaning). Counts
-    above the CPUs this process may use (:func:`default_threads`) are allowed,
+    above the CPUs this process may use (its affinity mask) are allowed,
     as llama.cpp allows them, but only slow ggml down: its workers spin at
     barriers, so oversubscribed threads wait for each other.
     """
     if not isinstance(n, int) or isinstance(n, bool):
         raise TypeError(f"{name} must be an int, not {type(n).__name__}")
     if not 1 <= n <= MAX_THREADS:
-        raise ValueError(f"{name} must be in [1, {MAX_THREADS}] (this process may use {default_threads()} CPUs), "
+        raise ValueError(f"{name} must be in [1, {MAX_THREADS}] (this process may use {_allowed_cpus()} CPUs), "
                          f"not {n}")
     return n
 
@@ -194,7 +228,7 @@ class Context(Handle):
                                    ("rope_scaling", _ROPE_SCALING, rope_scaling)):
             if value not in table:
                 raise ValueError(f"{name} must be one of {[k for k in table if k]}, not {value!r}")
-        threads = default_threads() if n_threads is None else check_threads("n_threads", n_threads)
+        threads = default_threads(model) if n_threads is None else check_threads("n_threads", n_threads)
         p.n_threads = threads
         p.n_threads_batch = threads if n_threads_batch is None else check_threads("n_threads_batch", n_threads_batch)
         p.op_offload = op_offload
@@ -587,4 +621,4 @@ def _view(ptr: Any, n: int) -> npt.NDArray[np.float32]:
     return arr
 
 
-__all__ = ["Context", "PerfContext", "ggml_type", "default_threads", "check_threads", "MAX_THREADS"]
+__all__ = ["Context", "PerfContext", "ggml_type", "default_threads", "thread_choice", "ThreadChoice", "check_threads", "MAX_THREADS"]

@@ -8,15 +8,17 @@ llama.cpp's own GGUF parser (``gguf_init_from_file``, metadata only) before
 for exactly those cases.
 
 Each check names the vendored llama.cpp line it guards (``GUARDS`` lists them
-all), so that moving the pin shows which checks still apply: when a line no
-longer asserts, its check can go. ``tests/test_malformed.py`` loads a corpus of
-malformed files that hits every check.
+all, and a test verifies each line still asserts), so that moving the pin shows
+which checks still apply: when a line no longer asserts, its check can go.
+``tests/test_malformed.py`` loads a corpus of malformed files that hits every check.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from ._ffi import ffi, lib
@@ -27,21 +29,52 @@ LLAMA_MAX_LAYERS = 512
 LLAMA_MAX_EXPERTS = 1024
 # vendor/llama.cpp/src/llama-model.cpp:1034 (LLAMA_ROPE_SCALING_TYPES)
 ROPE_SCALING_TYPES = ("none", "linear", "yarn", "longrope")
-TOKEN_TYPE_BYTE = 6  # LLAMA_TOKEN_TYPE_BYTE in llama.h
+TOKEN_TYPE_BYTE = int(lib.LLAMA_TOKEN_TYPE_BYTE)
 
-#: check name -> the vendored llama.cpp source line it guards (the assert it would otherwise hit).
-GUARDS: dict[str, str] = {
-    "block_count": "src/llama-model.cpp:1328 GGML_ASSERT(hparams.n_layer_all > 0 && hparams.n_layer_all <= LLAMA_MAX_LAYERS)",
-    "nextn_predict_layers": "src/llama-model.cpp:1330 GGML_ASSERT(hparams.n_layer_nextn <= hparams.n_layer_all)",
-    "wavtokenizer_blocks": "src/llama-model.cpp:1354-1355 GGML_ASSERT(hparams.posnet/convnext.n_layer <= hparams.n_layer_all)",
-    "experts": "src/llama-model.cpp:1361-1373 GGML_ASSERT(n_expert <= LLAMA_MAX_EXPERTS, n_expert_used <= n_expert, groups ...)",
-    "rope_scaling_type": "src/llama-model.cpp:1420 GGML_ASSERT(hparams.rope_scaling_type_train != LLAMA_ROPE_SCALING_TYPE_UNSPECIFIED)",
-    "norm_epsilon": "ggml/src/ggml-cpu/ops.cpp:4026,4132,4502 GGML_ASSERT(eps >= 0.0f) (at the first decode)",
-    "unique_tokens": "src/llama-vocab.cpp:2544 GGML_ASSERT(id_to_token.size() == token_to_id.size())",
-    "wpm_byte_tokens": "src/llama-vocab.cpp:3207 GGML_ABORT in token_to_byte for WPM, reached by the piece cache (:3058)",
-    "no_vocab": "src/llama-vocab.cpp:3158-3215,3422 GGML_ASSERT(type != LLAMA_VOCAB_TYPE_NONE) on every token call",
-    "spm_byte_fallback": "src/llama-vocab.cpp:4014 token_to_id.at() throws through llama_tokenize (std::terminate) "
-                         "from resegment (:193) when an SPM vocabulary cannot spell a byte (checked per tokenize call)",
+
+@dataclass(frozen=True)
+class Guard:
+    """One check and the vendored llama.cpp line it guards (``source`` text must be on ``path:line``)."""
+
+    path: str  # relative to vendor/llama.cpp
+    line: int
+    source: str  # the asserting code on that line
+    why: str
+
+
+#: check name -> the llama.cpp line it guards. tests/test_malformed.py verifies each line still holds
+#: its assert: when a pin bump moves or drops one, that test names the check to revisit.
+GUARDS: dict[str, Guard] = {
+    "block_count": Guard("src/llama-model.cpp", 1328,
+                         "GGML_ASSERT(hparams.n_layer_all > 0 && hparams.n_layer_all <= LLAMA_MAX_LAYERS);",
+                         "<arch>.block_count 0 or above LLAMA_MAX_LAYERS"),
+    "nextn_predict_layers": Guard("src/llama-model.cpp", 1330,
+                                  "GGML_ASSERT(hparams.n_layer_nextn <= hparams.n_layer_all);",
+                                  "nextn_predict_layers above block_count"),
+    "wavtokenizer_blocks": Guard("src/llama-model.cpp", 1354,
+                                 "GGML_ASSERT(hparams.posnet.n_layer   <= hparams.n_layer_all);",
+                                 "posnet/convnext block counts above block_count (:1354-1355)"),
+    "experts": Guard("src/llama-model.cpp", 1361, "GGML_ASSERT(hparams.n_expert <= LLAMA_MAX_EXPERTS);",
+                     "expert counts and groups inconsistent (:1361-1373)"),
+    "rope_scaling_type": Guard("src/llama-model.cpp", 1420,
+                               "GGML_ASSERT(hparams.rope_scaling_type_train != LLAMA_ROPE_SCALING_TYPE_UNSPECIFIED);",
+                               "unknown rope.scaling.type"),
+    "norm_epsilon": Guard("ggml/src/ggml-cpu/ops.cpp", 4132, "GGML_ASSERT(eps >= 0.0f);",
+                          "negative or NaN norm epsilon, at the first decode (also :4026, :4502)"),
+    "unique_tokens": Guard("src/llama-vocab.cpp", 2544, "GGML_ASSERT(id_to_token.size() == token_to_id.size());",
+                           "a token repeated in tokenizer.ggml.tokens (as C strings: cut at NUL)"),
+    "wpm_byte_tokens": Guard("src/llama-vocab.cpp", 3207, 'GGML_ABORT("fatal error");',
+                             "WordPiece ('bert') vocabulary with byte tokens: token_to_byte aborts while the "
+                             "piece cache is built"),
+    "no_vocab": Guard("src/llama-vocab.cpp", 3422,
+                      'GGML_ASSERT(tokenizer && "Tokenizer not initialized. Call llama_vocab::init_tokenizer() first.");',
+                      "no vocabulary (tokenizer.ggml.model none/no_vocab): every token call asserts"),
+    "tensor_alignment": Guard("ggml/src/ggml-backend.cpp", 2527,
+                              'GGML_ASSERT((uintptr_t)ptr % TENSOR_ALIGNMENT == 0 && "buffer pointer must be aligned");',
+                              "tensor data not 32-byte aligned in the file (general.alignment 1..16) with mmap"),
+    "spm_byte_fallback": Guard("src/llama-vocab.cpp", 4014, "return pimpl->token_to_id.at(buf2);",
+                               "SPM vocabulary without a byte token: std::out_of_range escapes llama_tokenize "
+                               "(std::terminate); checked per tokenize call by ByteFallbackGuard"),
 }
 
 _INT_TYPES = {
@@ -69,7 +102,7 @@ class _Meta:
         i = self._id(key)
         if i < 0 or lib.gguf_get_kv_type(self._ctx, i) != lib.GGUF_TYPE_STRING:
             return None
-        return ffi.string(lib.gguf_get_val_str(self._ctx, i)).decode("utf-8", "replace")
+        return str(ffi.string(lib.gguf_get_val_str(self._ctx, i)).decode("utf-8", "replace"))
 
     def _scalar(self, i: int, types: Mapping[int, str]) -> float | int | None:
         t = int(lib.gguf_get_kv_type(self._ctx, i))
@@ -107,6 +140,10 @@ class _Meta:
         if i < 0 or lib.gguf_get_kv_type(self._ctx, i) != lib.GGUF_TYPE_ARRAY:
             return None
         t = int(lib.gguf_get_arr_type(self._ctx, i))
+        if t == lib.GGUF_TYPE_BOOL:  # llama-model-loader.cpp get_arr reads bool arrays as 0/1 integers
+            n = int(lib.gguf_get_arr_n(self._ctx, i))
+            flags = ffi.cast("int8_t *", lib.gguf_get_arr_data(self._ctx, i))
+            return [int(flags[k] != 0) for k in range(n)]
         if t not in _INT_TYPES:
             return None
         n = int(lib.gguf_get_arr_n(self._ctx, i))
@@ -123,10 +160,6 @@ class _Meta:
         n = int(lib.gguf_get_arr_n(self._ctx, i))
         get, ctx = lib.gguf_get_arr_str, self._ctx
         return [ffi.string(get(ctx, i, k)) for k in range(n)]
-
-    def keys(self) -> list[str]:
-        n = int(lib.gguf_get_n_kv(self._ctx))
-        return [ffi.string(lib.gguf_get_key(self._ctx, k)).decode("utf-8", "replace") for k in range(n)]
 
 
 def _check_hparams(m: _Meta, arch: str) -> None:
@@ -171,12 +204,11 @@ def _check_hparams(m: _Meta, arch: str) -> None:
     if scaling is not None and scaling not in ROPE_SCALING_TYPES:
         raise ModelLoadError(f"{arch}.rope.scaling.type = {scaling!r}: must be one of {', '.join(ROPE_SCALING_TYPES)}")
 
-    prefix = f"{arch}."
-    for key in m.keys():
-        if key.startswith(prefix) and (key.endswith("_epsilon") or key.endswith("_eps")):
-            eps = m.real(key)
-            if eps is not None and not eps >= 0.0:  # NaN fails this too
-                raise ModelLoadError(f"{key} = {eps}: a normalisation epsilon must be >= 0")
+    for name in ("layer_norm_epsilon", "layer_norm_rms_epsilon", "group_norm_epsilon"):  # ggml's norm ops
+        key = f"{arch}.attention.{name}"
+        eps = m.real(key)
+        if eps is not None and not eps >= 0.0:  # NaN fails this too
+            raise ModelLoadError(f"{key} = {eps}: a normalisation epsilon must be >= 0")
 
 
 class ByteFallbackGuard:
@@ -205,6 +237,20 @@ class ByteFallbackGuard:
                                         "llama.cpp cannot tokenize this text")
 
 
+TENSOR_ALIGNMENT = 32  # ggml/src/ggml-impl.h:44
+
+
+def _check_tensor_alignment(ctx: Any) -> None:
+    # Mapped in place, a tensor's data must start TENSOR_ALIGNMENT-aligned in the file.
+    base = int(lib.gguf_get_data_offset(ctx))
+    for t in range(int(lib.gguf_get_n_tensors(ctx))):
+        offset = base + int(lib.gguf_get_tensor_offset(ctx, t))
+        if offset % TENSOR_ALIGNMENT:
+            name = ffi.string(lib.gguf_get_tensor_name(ctx, t)).decode("utf-8", "replace")
+            raise ModelLoadError(f"tensor {name!r} starts at file offset {offset}, not {TENSOR_ALIGNMENT}-byte aligned "
+                                 "(general.alignment?): it cannot be mapped; load with use_mmap=False")
+
+
 def _check_vocab(m: _Meta) -> ByteFallbackGuard | None:
     model = m.string("tokenizer.ggml.model")
     if model in ("none", "no_vocab"):
@@ -213,14 +259,17 @@ def _check_vocab(m: _Meta) -> ByteFallbackGuard | None:
     tokens = m.str_array("tokenizer.ggml.tokens")
     if tokens is None:
         return None  # llama.cpp reports a missing or mistyped token list itself
-    # llama-vocab.cpp:2517 renames empty tokens before indexing them.
-    seen: dict[bytes, int] = {}
-    for i, t in enumerate(tokens):
-        text = t or f"[EMPTY_{i}]".encode()
-        j = seen.setdefault(text, i)
-        if j != i:
-            raise ModelLoadError(f"tokenizer.ggml.tokens: tokens {j} and {i} are both {text!r}; "
-                                 "a vocabulary must not repeat a token")
+    texts = set(tokens)
+    if b"" in texts:  # llama-vocab.cpp:2514 renames empty tokens before indexing them
+        tokens = [t or f"[EMPTY_{i}]".encode() for i, t in enumerate(tokens)]
+        texts = set(tokens)
+    if len(texts) != len(tokens):
+        seen: dict[bytes, int] = {}
+        for i, text in enumerate(tokens):
+            j = seen.setdefault(text, i)
+            if j != i:
+                raise ModelLoadError(f"tokenizer.ggml.tokens: tokens {j} and {i} are both {text!r}; "
+                                     "a vocabulary must not repeat a token")
     if model == "bert":
         types = m.int_array("tokenizer.ggml.token_type")
         if types is not None and TOKEN_TYPE_BYTE in types[: len(tokens)]:
@@ -228,23 +277,47 @@ def _check_vocab(m: _Meta) -> ByteFallbackGuard | None:
             raise ModelLoadError(f"tokenizer.ggml.model = 'bert' (WordPiece) but token {i} is a byte token, "
                                  "which WordPiece vocabularies do not have (a SentencePiece vocabulary?)")
     if model == "llama":
-        texts = frozenset(seen)
         missing = frozenset(b for b in range(256)
                             if f"<0x{b:02X}>".encode() not in texts and bytes([b]) not in texts)
         if missing:
-            return ByteFallbackGuard(missing, texts)
+            return ByteFallbackGuard(missing, frozenset(texts))
     return None
 
 
-def check_model_file(path: str | os.PathLike[str], *, vocab_only: bool = False,
+def check_model_file(path: str | os.PathLike[str], *, vocab_only: bool = False, mapped: bool = True,
                      overrides: Mapping[str, object] | None = None) -> ByteFallbackGuard | None:
     """Raise ModelLoadError where llama.cpp would assert while loading (or first running) ``path``.
 
     ``overrides`` are the ``kv_overrides`` the model is loaded with (they replace
-    file values). Files llama.cpp's GGUF parser refuses are refused here too.
+    file values); ``mapped`` says whether the weights may be memory-mapped. Files llama.cpp's GGUF parser refuses are refused here too.
     Everything else is left to llama.cpp's own validation. Returns the guard
     that tokenization of this model needs (None for almost every model).
     """
+    try:
+        st = os.stat(path)
+        key: tuple[object, ...] | None = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
+                                          vocab_only, mapped, repr(sorted((overrides or {}).items())))
+    except OSError:
+        key = None
+    with _CACHE_LOCK:
+        if key in _CACHE:
+            return _CACHE[key]
+    guard = _check(path, vocab_only, mapped, overrides)
+    if key is not None:
+        with _CACHE_LOCK:
+            if len(_CACHE) >= 32:
+                _CACHE.pop(next(iter(_CACHE)))
+            _CACHE[key] = guard
+    return guard
+
+
+# Files that passed, by identity: reloading a model (a server, a test loop) reads its metadata once.
+_CACHE: dict[object, ByteFallbackGuard | None] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def _check(path: str | os.PathLike[str], vocab_only: bool, mapped: bool,
+           overrides: Mapping[str, object] | None) -> ByteFallbackGuard | None:
     params = ffi.new("struct gguf_init_params *")
     params.no_alloc = True
     params.ctx = ffi.NULL
@@ -257,6 +330,8 @@ def check_model_file(path: str | os.PathLike[str], *, vocab_only: bool = False,
         arch = m.string("general.architecture")
         if arch is not None and not vocab_only and arch != "clip":  # llama-model.cpp:1317 skips hparams there
             _check_hparams(m, arch)
+        if mapped and not vocab_only:
+            _check_tensor_alignment(ctx)
         return _check_vocab(m)
     except ModelLoadError as exc:
         raise ModelLoadError(f"{os.fspath(path)}: {exc}") from None
@@ -264,4 +339,4 @@ def check_model_file(path: str | os.PathLike[str], *, vocab_only: bool = False,
         lib.gguf_free(ctx)
 
 
-__all__ = ["check_model_file", "ByteFallbackGuard", "GUARDS", "LLAMA_MAX_LAYERS", "LLAMA_MAX_EXPERTS"]
+__all__ = ["check_model_file", "ByteFallbackGuard", "Guard", "GUARDS", "LLAMA_MAX_LAYERS", "LLAMA_MAX_EXPERTS"]

@@ -33,6 +33,8 @@ logger = logging.getLogger("pyllama")
 
 _SPLIT_MODES = {"none": 0, "layer": 1, "row": 2, "tensor": 3}
 _KV_TAGS = {int: 0, float: 1, bool: 2, str: 3}
+# Load modes that read the weights into allocated buffers instead of mapping the file.
+_UNMAPPED_LOAD_MODES = (lib.LLAMA_LOAD_MODE_NONE, lib.LLAMA_LOAD_MODE_MLOCK, lib.LLAMA_LOAD_MODE_DIRECT_IO)
 
 
 class Metadata(Mapping[str, str]):
@@ -125,7 +127,7 @@ class Model(Handle):
             raise ModelLoadError(f"model file not found: {self.path}")
         # Before the device list is built: the servers' devices join it. Every
         # server the load may touch is checked first (ggml aborts on one it cannot reach).
-        from .rpc import harden_connections, prepare_model
+        from .rpc import note_model, prepare_model
 
         prepare_model(rpc, None if devices is None else [d.name if isinstance(d, Device) else d for d in devices])
         params = lib.llama_model_default_params()
@@ -167,7 +169,8 @@ class Model(Handle):
             keep.append(ov)
             params.kv_overrides = ov
         # Metadata llama.cpp would assert on (abort the process) instead of refusing: see gguf_check.
-        byte_guard = check_model_file(self.path, vocab_only=vocab_only, overrides=kv_overrides)
+        byte_guard = check_model_file(self.path, vocab_only=vocab_only, overrides=kv_overrides,
+                                      mapped=int(params.load_mode) not in _UNMAPPED_LOAD_MODES)
         # Last, so the fit sees every other setting (devices, split mode, overrides).
         self.fit = _resolve_gpu_layers(n_gpu_layers, self.path, params, keep, fit_margin_mib, fit_min_ctx,
                                        fit_context)
@@ -194,7 +197,7 @@ class Model(Handle):
                 "enable logging for 'pyllama.llama' for its reason"
             )
         super().__init__(ptr, lib.llama_model_free)
-        harden_connections()  # the load opened ggml's connections to the servers it uses
+        note_model(self)  # the load opened ggml's connections to the servers it uses
         self.n_gpu_layers = int(params.n_gpu_layers)
         self._children: weakref.WeakSet[Any] = weakref.WeakSet()
         self._lock = threading.Lock()
@@ -233,6 +236,15 @@ class Model(Handle):
         buf = ffi.new("char[]", 1 << 16)
         n = lib.llama_model_meta_val_str(self._p(), key.encode(), buf, len(buf))
         return ffi.string(buf, n).decode("utf-8", "replace") if n >= 0 else default
+
+    @property
+    def fully_offloaded(self) -> bool:
+        """Whether every layer (and the output) was offloaded to a GPU device."""
+        if self.n_gpu_layers >= 0 and self.n_gpu_layers <= self.n_layer:
+            return False
+        from .devices import devices
+
+        return any(d.type in ("gpu", "igpu") for d in devices())
 
     @property
     def architecture(self) -> str:

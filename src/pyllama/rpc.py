@@ -167,26 +167,31 @@ def _client_sockets(endpoints: Iterable[str]) -> dict[str, list[socket.socket]]:
     d = _fd_dir()
     if not wanted or d is None:
         return out
-    for name in os.listdir(d):
-        try:
-            fd = os.dup(int(name))
-        except (ValueError, OSError):
-            continue
-        try:
-            s = socket.socket(fileno=fd)
-        except OSError:
-            os.close(fd)
-            continue
-        try:
-            if socket.getdefaulttimeout() is not None:
-                s.settimeout(None)  # the flag is shared with ggml's descriptor: keep it blocking
-            peer = s.getpeername() if s.family == socket.AF_INET and s.type == socket.SOCK_STREAM else None
-        except OSError:
-            peer = None
-        if peer is not None and tuple(peer) in wanted:
-            out.setdefault(wanted[tuple(peer)], []).append(s)
-        else:
-            s.close()
+    # A socket object made with a default timeout set would switch the descriptor,
+    # shared with ggml's, to non-blocking: ggml's next read would fail and abort.
+    default_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(None)
+    try:
+        for name in os.listdir(d):
+            try:
+                fd = os.dup(int(name))
+            except (ValueError, OSError):
+                continue
+            try:
+                s = socket.socket(fileno=fd)
+            except OSError:
+                os.close(fd)
+                continue
+            try:
+                peer = s.getpeername() if s.family == socket.AF_INET and s.type == socket.SOCK_STREAM else None
+            except OSError:
+                peer = None
+            if peer is not None and tuple(peer) in wanted:
+                out.setdefault(wanted[tuple(peer)], []).append(s)
+            else:
+                s.close()
+    finally:
+        socket.setdefaulttimeout(default_timeout)
     return out
 
 
@@ -237,6 +242,10 @@ def ensure_reachable(endpoints: Iterable[str], *, timeout: float = CONNECT_TIMEO
     wait behind our own session.
     """
     eps = list(endpoints)
+    if _fd_dir() is None and len(_users):
+        # ggml's connections cannot be seen here (Windows): a handshake would wait
+        # behind the session a loaded model holds, so servers in use are trusted.
+        eps = [ep for ep in eps if ep not in _added]
     live = _client_sockets(eps)
     try:
         for ep in eps:
@@ -256,6 +265,14 @@ def ensure_reachable(endpoints: Iterable[str], *, timeout: float = CONNECT_TIMEO
 # --- the client: adding servers -------------------------------------------------------
 _added: dict[str, list[str]] = {}  # canonical endpoint -> its device names, in order
 _add_lock = threading.Lock()
+_users: weakref.WeakSet[Any] = weakref.WeakSet()  # models loaded while servers were added
+
+
+def note_model(model: Any) -> None:
+    """For :class:`pyllama.Model`: a model loaded now may hold connections to the added servers."""
+    if _added:
+        _users.add(model)
+        harden_connections()
 
 
 def _proc(name: str) -> Any:
@@ -344,8 +361,9 @@ def serve(*, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, devices: Sequen
     """Run ggml's RPC server in this process until a signal ends it (the C loop never returns).
 
     SIGINT and SIGTERM get their default action: the process ends at once and
-    its OS reclaims everything (the server keeps no state worth saving, except
-    the cache, see :func:`serve_main`).
+    its OS reclaims everything; the server keeps no state but the ``cache``
+    directory, where ggml writes each received tensor in place (a server killed
+    mid-write can leave a short file there: clear the directory after a crash).
     """
     from ._ffi import ffi, lib
 
@@ -435,7 +453,8 @@ def register(subparsers: Any) -> None:
                    help="device(s) to serve, comma-separated: CPU, Vulkan0, CUDA0, ... (default: every GPU, else CPU)")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: half the logical CPUs)")
     p.add_argument("--cache", default=None, metavar="DIR",
-                   help="keep received tensors in DIR, so a client reloading a model sends only hashes")
+                   help="keep received tensors in DIR, so a client reloading a model sends only hashes "
+                        "(ggml trusts these files unchecked: clear DIR after a crash)")
     p.add_argument("--exit-with-parent", type=int, default=0, help=argparse.SUPPRESS)
     p.set_defaults(func=serve_main)
 

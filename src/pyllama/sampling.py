@@ -13,7 +13,9 @@ on a chain that leaves no selection, so pyllama refuses to build one.
 from __future__ import annotations
 
 import copy
+import re
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
@@ -22,7 +24,7 @@ import numpy.typing as npt
 
 from ._ffi import ffi, lib
 from ._handle import Handle
-from .errors import SamplerError
+from .errors import SamplerError, TokenizationError
 
 if TYPE_CHECKING:
     from .context import Context
@@ -210,8 +212,17 @@ class Grammar(Sampler):
 
     def _create(self, model: Model | None) -> Any:
         vp = _vocab(model, "grammar")
+        _check_gbnf(self.grammar)
+        for pat in self.trigger_patterns:
+            _check_trigger_pattern(pat)
         if not self.trigger_patterns and not self.trigger_tokens:
             p = lib.llama_sampler_init_grammar(vp, self.grammar.encode(), self.root.encode())
+            if p != ffi.NULL and not _allows_any_token(p, vp, model, self.grammar, self.root):
+                lib.llama_sampler_free(p)
+                # Sampling would pick a token the grammar refuses, and accepting it throws through
+                # llama.cpp's C API (std::terminate).
+                raise SamplerError("the grammar allows no token to start with (an empty character class, "
+                                   "a token reference outside the vocabulary?)")
         else:
             pats = [ffi.new("char[]", s.encode()) for s in self.trigger_patterns]
             parr = ffi.new("const char *[]", pats or [ffi.NULL])
@@ -220,6 +231,71 @@ class Grammar(Sampler):
                 vp, self.grammar.encode(), self.root.encode(), parr, len(pats),
                 ffi.from_buffer("llama_token[]", toks), toks.size)
         return _ptr(p, "grammar (GBNF parse error? see the 'pyllama.llama' log)")
+
+
+# llama-grammar.cpp parses nested groups recursively (about 20,000 levels overflow an 8 MiB
+# stack: SIGSEGV) and loops for ever on a repetition {m,n} with n < m. It reports every other
+# error itself. Strings, character classes and comments are skipped; what is left is checked.
+_GBNF_MAX_NESTING = 1000
+_GBNF_SCAN = re.compile(r'"(?:\\.|[^"\\])*"|\[(?:\\.|[^\]\\])*\]|#[^\n]*|[(){]')
+_GBNF_REPEAT = re.compile(r"\{\s*(\d+)\s*,\s*(\d+)\s*\}")
+# What std::regex (ECMAScript), which compiles trigger patterns, throws on though Python's re accepts it.
+_NOT_ECMASCRIPT = re.compile(r"\(\?(?![:=!])|\\[AZz]|\{,|(?<!\\)[*+?}][+]")
+
+
+# Grammars known to allow a first token, per model: the check costs one grammar pass over the
+# vocabulary (tens of ms for 262k tokens), which a server repeating one schema pays once.
+_GRAMMARS_OK: weakref.WeakKeyDictionary[Any, set[tuple[str, str]]] = weakref.WeakKeyDictionary()
+_GRAMMARS_LOCK = threading.Lock()
+
+
+def _allows_any_token(smpl: Any, vp: Any, model: Any, grammar: str, root: str) -> bool:
+    """Whether a grammar sampler leaves any token of the vocabulary possible (applied once, at creation)."""
+    with _GRAMMARS_LOCK:
+        known = _GRAMMARS_OK.setdefault(model, set())
+        if (grammar, root) in known:
+            return True
+    n = int(lib.llama_vocab_n_tokens(vp))
+    cand = np.zeros(n, dtype=TOKEN_DATA)
+    cand["id"] = np.arange(n, dtype=np.int32)
+    arr = ffi.new("llama_token_data_array *")
+    arr.data = ffi.cast("llama_token_data *", ffi.from_buffer(cand))
+    arr.size, arr.selected, arr.sorted = n, -1, False
+    lib.llama_sampler_apply(smpl, arr)
+    ok = bool(np.isfinite(cand["logit"]).any())
+    if ok:
+        with _GRAMMARS_LOCK:
+            if len(known) < 256:
+                known.add((grammar, root))
+    return ok
+
+
+def _check_gbnf(text: str) -> None:
+    depth = 0
+    for m in _GBNF_SCAN.finditer(text):
+        c = m.group()
+        if c == "(":
+            depth += 1
+            if depth > _GBNF_MAX_NESTING:
+                raise SamplerError(f"grammar nests groups deeper than {_GBNF_MAX_NESTING} levels")
+        elif c == ")":
+            depth -= 1
+        elif c == "{":
+            rep = _GBNF_REPEAT.match(text, m.start())
+            if rep is not None and int(rep.group(2)) < int(rep.group(1)):
+                raise SamplerError(f"grammar repetition {rep.group()}: the maximum is below the minimum")
+
+
+def _check_trigger_pattern(pattern: str) -> None:
+    # std::regex throws std::regex_error through llama.cpp's C API (std::terminate) on a bad pattern.
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise SamplerError(f"trigger pattern {pattern!r} is not a valid regular expression: {exc}") from None
+    bad = _NOT_ECMASCRIPT.search(pattern)
+    if bad is not None:
+        raise SamplerError(f"trigger pattern {pattern!r}: {bad.group()!r} is not ECMAScript regex syntax "
+                           "(llama.cpp compiles trigger patterns with std::regex)")
 
 
 @dataclass(frozen=True)
@@ -521,7 +597,22 @@ class SamplerChain(Handle):
         return tok
 
     def accept(self, token: int) -> None:
-        lib.llama_sampler_accept(self._p(), token)
+        # llama.cpp's grammar and DRY samplers throw std::out_of_range through the C API
+        # (std::terminate) for an id outside the vocabulary: check it here.
+        n_vocab = self.model.vocab.n_tokens if self.model is not None else 2**31
+        if not 0 <= int(token) < n_vocab:
+            raise TokenizationError(f"token id {int(token)} is outside the vocabulary [0, {n_vocab})")
+        chain = self._p()
+        # A grammar throws (std::terminate) when it accepts a token it does not allow: ask it first,
+        # by applying it to a one-candidate array (a disallowed token's logit becomes -inf).
+        for i, spec in enumerate(self.specs):
+            if isinstance(spec, Grammar):
+                cand = ffi.new("llama_token_data *", {"id": int(token), "logit": 0.0, "p": 0.0})
+                arr = ffi.new("llama_token_data_array *", {"data": cand, "size": 1, "selected": -1, "sorted": False})
+                lib.llama_sampler_apply(lib.llama_sampler_chain_get(chain, i), arr)
+                if cand.logit == float("-inf"):
+                    raise SamplerError(f"token {int(token)} is not allowed by the grammar at this point")
+        lib.llama_sampler_accept(chain, token)
 
     def reset(self) -> None:
         lib.llama_sampler_reset(self._p())

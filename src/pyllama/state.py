@@ -184,6 +184,10 @@ class State:
             raise StateError(f"llama.cpp could not restore the {what}: different model or context shape, "
                              "or no room in the KV cache (see the 'pyllama.llama' log)")
         if n != len(payload):
+            if kind == KIND_CONTEXT:  # nothing half-trusted stays
+                ctx.kv.clear()
+            else:
+                ctx.kv.remove(seq_id)
             raise StateError(f"state has {len(payload) - n} bytes after its end (corrupted or not a state)")
 
     def _load(self, data: bytes | bytearray | memoryview, kind: int, seq_id: int) -> TokenArray:
@@ -276,7 +280,8 @@ class State:
         if kind == KIND_SEQUENCE:  # the in-memory format starts with llama.cpp's io magic and a sequence id
             payload = memoryview(struct.pack("<Ii", _SEQ_IO_MAGIC, seq_id) + bytes(payload))
         self._restore(payload, kind, seq_id)
-        return toks.copy()
+        out: TokenArray = toks.copy()
+        return out
 
 
 def _read(path: Path) -> bytes:

@@ -8,18 +8,36 @@ import numpy as np
 import numpy.typing as npt
 
 from ._ffi import ffi, lib
-from .errors import TokenizationError
+from .errors import ClosedError, TokenizationError
 
 if TYPE_CHECKING:
     from .gguf_check import ByteFallbackGuard
     from .model import Model
 
 TokenArray = npt.NDArray[np.int32]
+_MAX_TEXT_BYTES = 2**31 - 3  # room for BOS and EOS in an int32 token count
+
+# Below this many bytes per thread a thread pool costs more than it saves.
+_PARALLEL_MIN_BYTES = 16384
 
 
 def as_tokens(tokens: Iterable[int] | npt.ArrayLike) -> TokenArray:
-    """A C-contiguous int32 array of token ids (no copy when it already is one)."""
-    arr = np.ascontiguousarray(tokens, dtype=np.int32)
+    """A C-contiguous int32 array of token ids (no copy when it already is one).
+
+    Anything but integers in int32's range is refused: a cast would silently turn
+    ``1.5`` into token 1 and ``2**32`` into token 0.
+    """
+    if isinstance(tokens, np.ndarray) and tokens.dtype == np.int32:
+        arr = np.ascontiguousarray(tokens)
+    else:
+        src = np.asarray(tokens)
+        if src.size and src.dtype.kind not in "iu":
+            raise TokenizationError(f"token ids must be integers, not {src.dtype} values")
+        if src.size and src.dtype.itemsize >= 4 and src.dtype != np.int32:
+            lo, hi = int(src.min()), int(src.max())
+            if lo < -(2**31) or hi >= 2**31:
+                raise TokenizationError(f"token id {lo if lo < -(2**31) else hi} does not fit a 32-bit token id")
+        arr = np.ascontiguousarray(src, dtype=np.int32)
     if arr.ndim != 1:
         raise TokenizationError(f"expected a 1-D sequence of token ids, got shape {arr.shape}")
     return arr
@@ -148,6 +166,8 @@ class Vocab:
         """
         data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
         vp = self._v()
+        if len(data) > _MAX_TEXT_BYTES:  # llama_tokenize takes int32 lengths
+            raise TokenizationError(f"text of {len(data)} bytes is too long to tokenize (at most {_MAX_TEXT_BYTES})")
         if self._byte_guard is not None:
             self._byte_guard.check(data)
         # A token covers at least one byte, plus BOS/EOS: one call suffices almost always.
@@ -165,17 +185,49 @@ class Vocab:
         return out[:n]
 
     def tokenize_many(self, texts: Sequence[str | bytes], *, add_special: bool = True,
-                      parse_special: bool = False) -> list[TokenArray]:
-        """Tokenize several texts (one native call each; arrays, no Python lists of ids)."""
-        return [self.tokenize(t, add_special=add_special, parse_special=parse_special) for t in texts]
+                      parse_special: bool = False, n_threads: int | None = None) -> list[TokenArray]:
+        """Tokenize several texts across threads (the GIL is released inside ``llama_tokenize``).
+
+        Results are in order and identical to tokenizing each text alone.
+        ``n_threads`` defaults to the context default (:func:`pyllama.context.thread_choice`);
+        small batches run on the calling thread, where a pool would cost more than it saves.
+        """
+        items = list(texts)
+        if n_threads is None:
+            from .context import default_threads
+
+            n_threads = default_threads()
+        if n_threads < 1:
+            raise ValueError("n_threads must be >= 1")
+        total = sum(len(t) for t in items)
+        n = min(n_threads, len(items), max(1, total // _PARALLEL_MIN_BYTES))
+        if n <= 1:
+            return [self.tokenize(t, add_special=add_special, parse_special=parse_special) for t in items]
+        # Contiguous shares of similar byte counts, one per thread: one task each, no per-text overhead.
+        bounds = np.searchsorted(np.cumsum([len(t) for t in items]), np.linspace(0, total, n + 1)[1:-1])
+        shares = np.split(np.arange(len(items)), bounds)
+
+        def run(idx: npt.NDArray[np.intp]) -> list[TokenArray]:
+            return [self.tokenize(items[i], add_special=add_special, parse_special=parse_special) for i in idx]
+
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=n, thread_name_prefix="pyllama-tokenize") as pool:
+            return [arr for part in pool.map(run, shares) for arr in part]
 
     def token_to_piece(self, token: int, *, special: bool = False, lstrip: int = 0) -> bytes:
         """The bytes of one token (may be part of a UTF-8 character)."""
         return self._piece(self._check(token), special, lstrip, ffi.new("char[]", 256))
 
     def _piece(self, token: int, special: bool, lstrip: int, buf: Any) -> bytes:
-        # Unchecked id (callers validated it). ``buf`` is a char[256] owned by the
-        # caller, so threads streaming on one model never share a scratch buffer.
+        # ``buf`` is a char[256] owned by the caller, so threads streaming on one model never
+        # share a scratch buffer. Two scalar checks per token: llama.cpp throws std::out_of_range
+        # through its C API for an id outside the vocabulary (std::terminate), and the vocabulary
+        # pointer dangles once the model is closed (StreamDecoder is public).
+        if not 0 <= token < self.n_tokens:
+            raise TokenizationError(f"token id {token} is outside the vocabulary [0, {self.n_tokens})")
+        if self._model._ptr is None:
+            raise ClosedError("this model is closed")
         n = lib.llama_token_to_piece(self._vp, token, buf, 256, lstrip, special)
         if n < 0:
             big = ffi.new("char[]", -n)
@@ -194,8 +246,10 @@ class Vocab:
         arr = as_tokens(tokens)
         self.check_tokens(arr)
         vp = self._v()
+        if arr.size > 2**31 - 1:  # llama_detokenize takes int32 counts
+            raise TokenizationError(f"{arr.size} tokens are too many to detokenize at once")
         ptr = ffi.from_buffer("llama_token[]", arr)
-        cap = max(64, arr.size * 8)
+        cap = min(max(64, arr.size * 8), 2**31 - 1)
         buf = ffi.new("char[]", cap)
         n = lib.llama_detokenize(vp, ptr, arr.size, buf, cap, remove_special, unparse_special)
         if n < 0:

@@ -123,6 +123,9 @@ class _Server:
         self.load_error: BaseException | None = None
         self.on_load_error: list[Callable[[BaseException], None]] = []
         self._load_thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._active: set[EngineRequest] = set()
+        self.closing = False
 
     # --- lifecycle -------------------------------------------------------------------------
     def _default_name(self) -> str:
@@ -141,9 +144,14 @@ class _Server:
         assert self.loader is not None
         try:
             engine = self.loader()
-            if self.model_name == "pyllama":
-                self.model_name = Path(str(engine.model.path)).name
-            self._adopt(engine)
+            try:
+                if self.model_name == "pyllama":
+                    self.model_name = Path(str(engine.model.path)).name
+                self._adopt(engine)
+            except BaseException:
+                engine.close()
+                engine.model.close()
+                raise
             log.info("model loaded: %s (%d slots of %d tokens)", self.model_name, engine.n_slots, engine.n_ctx_slot)
         except BaseException as exc:  # noqa: BLE001 - reported through /health and the callbacks
             self.load_error = exc
@@ -151,8 +159,30 @@ class _Server:
             for cb in self.on_load_error:
                 cb(exc)
 
+    def shutdown_soon(self, grace: float) -> None:
+        """Refuse new requests now and cancel those in flight after ``grace`` seconds.
+
+        Safe from a signal handler or another thread. Streams cut this way end
+        with an error event, so the HTTP server's own graceful shutdown finds
+        every connection finished instead of killing tasks mid-response.
+        """
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._begin_shutdown, grace)
+
+    def _begin_shutdown(self, grace: float) -> None:
+        if not self.closing:
+            self.closing = True
+            assert self._loop is not None
+            self._loop.call_later(grace, self._cancel_active)
+
+    def _cancel_active(self) -> None:
+        for er in list(self._active):
+            er.cancel()
+
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        self._loop = asyncio.get_running_loop()
         if self.loader is not None and self.engine is None:
             self._load_thread = threading.Thread(target=self._load, name="pyllama-load", daemon=True)
             self._load_thread.start()
@@ -169,6 +199,8 @@ class _Server:
                 await asyncio.to_thread(engine.model.close)
 
     def require_engine(self) -> Engine:
+        if self.closing:
+            raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
         if self.engine is not None:
             return self.engine
         if self.load_error is not None:
@@ -198,6 +230,7 @@ class _Server:
         pending: asyncio.Future[TokenEvent] | None = None
         gaps: list[float] = []
         last: float | None = None
+        self._active.add(er)
         try:
             if keepalive:
                 pending = asyncio.ensure_future(it.__anext__())
@@ -210,6 +243,7 @@ class _Server:
                 try:
                     ev = fut.result()
                 except StopAsyncIteration:
+                    self._check_cut(er)
                     return
                 last = time.perf_counter()
                 yield ev
@@ -217,6 +251,7 @@ class _Server:
                 try:
                     ev = await it.__anext__()
                 except StopAsyncIteration:
+                    self._check_cut(er)
                     return
                 if ev.token >= 0:
                     now = time.perf_counter()
@@ -225,6 +260,7 @@ class _Server:
                     last = now
                 yield ev
         finally:
+            self._active.discard(er)
             if pending is not None and not pending.done():
                 pending.cancel()
             if er.finish_reason is None:
@@ -235,6 +271,11 @@ class _Server:
                 m.observe(m.e2e, time.perf_counter() - er.t_submit)
             if gaps:
                 m.observe_many(m.itl, gaps)
+
+    def _check_cut(self, er: EngineRequest) -> None:
+        if er.finish_reason == "cancelled" and self.closing:
+            raise APIError(503, "the server is shutting down: the request was cut short", type="server_error",
+                           code="shutting_down")
 
     async def collect(self, request: Request, er: EngineRequest) -> list[TokenEvent] | None:
         """All events of a non-streamed request; None when the client disconnected (which cancels it)."""

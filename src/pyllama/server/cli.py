@@ -11,6 +11,7 @@ import ipaddress
 import logging
 import os
 import sys
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -115,16 +116,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return 1
     app = create_app(lambda: _loader(args, path), api_key=args.api_key or None, model_name=args.alias,
                      keepalive_s=args.keepalive, chat_template=template)
+    state = app.state.server
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            # requests in flight get --shutdown-timeout to finish, then end with an error event
+            state.shutdown_soon(args.shutdown_timeout)
+            super().handle_exit(sig, frame)
+
+    # uvicorn's own deadline is the backstop: by then our requests have ended themselves
     config = uvicorn.Config(app, host=args.host, port=args.port, lifespan="on", log_level="info",
-                            access_log=False, timeout_graceful_shutdown=args.shutdown_timeout)
-    server = uvicorn.Server(config)
+                            access_log=False, timeout_graceful_shutdown=args.shutdown_timeout + 5)
+    server = Server(config)
     failed: list[BaseException] = []
 
     def on_load_error(exc: BaseException) -> None:
         failed.append(exc)
         server.should_exit = True
 
-    app.state.server.on_load_error.append(on_load_error)
+    state.on_load_error.append(on_load_error)
     server.run()  # handles SIGINT/SIGTERM: stops accepting, lets requests finish, then closes the engine
     if failed:
         print(f"pyllama serve: could not load {path}: {failed[0]}", file=sys.stderr)

@@ -46,8 +46,9 @@ def logit_bias(raw: dict[str, float], n_vocab: int) -> dict[int, float]:
         if not -100 <= value <= 100 or math.isnan(value):
             raise APIError(400, f"logit_bias value {value} for token {tok} is outside [-100, 100]",
                            param="logit_bias", code="invalid_logit_bias")
-        # -100 bans the token as OpenAI documents ("should result in a ban")
-        out[tok] = -math.inf if value <= -100 else float(value)
+        # Kept finite, -100 still bans in practice; an infinite bias could leave a grammar
+        # no token it allows, and llama.cpp's grammar sampler then aborts the process.
+        out[tok] = float(value)
     return out
 
 
@@ -77,6 +78,11 @@ def sampler_specs(req: SamplingRequest, n_vocab: int, *, grammar: Sampler | None
         last_n = req.repeat_last_n if req.repeat_last_n is not None else DEFAULT_REPEAT_LAST_N
         specs.append(Penalties(last_n=last_n, repeat=repeat, frequency=frequency, presence=presence))
     if grammar is not None:
+        if req.ignore_eos:
+            # The grammar's last allowed token is the end of generation: banning it leaves the
+            # grammar nothing to accept, which llama.cpp answers by aborting the process.
+            raise APIError(400, "ignore_eos cannot be combined with response_format or tools", param="ignore_eos",
+                           code="invalid_value")
         specs.append(grammar)
     temperature = req.temperature if req.temperature is not None else DEFAULT_TEMPERATURE
     if temperature <= 0:

@@ -24,7 +24,8 @@ def pull(ref: str, *, progress: ProgressArg = None, sha256: str | None = None, o
          cache_dir: str | os.PathLike[str] | None = None, read_timeout: float = 30.0, retries: int = 5) -> Path:
     """Download a model into the cache (resuming a partial download) and return the path to load.
 
-    ``ref`` is ``hf:org/repo:QUANT``, ``hf:org/repo/path/file.gguf[@revision]`` or an ``http(s)://`` URL;
+    ``ref`` is ``hf:org/repo:QUANT``, ``hf:org/repo/path/file.gguf[@revision]``, an ``http(s)://`` URL,
+    or ``"starter"`` (the embedded model, from its installed package);
     a split GGUF is fetched as a set and the first part returned. A Hugging Face reference asks the
     Hub for the revision's current commit; a URL already in the cache is not fetched again.
     ``sha256`` adds a checksum the file must match (Hugging Face publishes one for every GGUF; a URL
@@ -34,6 +35,10 @@ def pull(ref: str, *, progress: ProgressArg = None, sha256: str | None = None, o
     ``read_timeout`` is how long a stalled connection is waited for before a retry; ``retries`` is
     the number of consecutive failed attempts without progress tolerated.
     """
+    if ref == "starter":  # the embedded model: assembled from its PyPI package, verified, offline
+        from ..starter import starter_model_path
+
+        return starter_model_path()
     parsed = parse_reference(ref)
     root = cache.store_root(cache_dir)
     if sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
@@ -67,6 +72,8 @@ def pull(ref: str, *, progress: ProgressArg = None, sha256: str | None = None, o
 def resolve(ref: str | os.PathLike[str], *, progress: ProgressArg = None, offline: bool | None = None,
             cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """The local file for a model reference: the cache first, else :func:`pull`. A path is returned as is."""
+    if ref == "starter":
+        return pull("starter")
     if not is_reference(ref):
         return Path(ref)
     parsed = parse_reference(ref)

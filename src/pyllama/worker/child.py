@@ -88,6 +88,7 @@ class Server:
         self._lock = threading.Lock()
         self._current = 0  # the request id being served (0: none)
         self._cancel_current = False
+        self._in_prompt = False  # a generation is evaluating its prompt (cancel may abort the decode)
         self._cancelled: set[int] = set()
         self._handlers: dict[int, Callable[[int, tuple[Any, ...]], None]] = {
             p.LOAD: self._load, p.SPEC: self._spec, p.UNLOAD: self._unload, p.TOKENIZE: self._tokenize,
@@ -124,8 +125,10 @@ class Server:
         with self._lock:
             if rid == self._current:
                 self._cancel_current = True
-                if self.ctx is not None:
-                    self.ctx.abort()  # stops a long prompt evaluation at the next graph node
+                if self._in_prompt and self.ctx is not None:
+                    # Stop a long prompt evaluation at the next graph node. Once tokens flow, the
+                    # loop stops between tokens instead, which keeps the KV cache reusable.
+                    self.ctx.abort()
             else:
                 self._cancelled.add(rid)
 
@@ -222,12 +225,17 @@ class Server:
 
     def _stream(self, rid: int, gen: Generation) -> None:
         send, token_kind = self.send, p.TOKEN
-        with gen:
-            for ev in gen:
-                if self._cancel_current:
-                    return
-                send((token_kind, rid, ev.token, ev.text, ev.index, ev.logprob, ev.top_logprobs))
-            send((p.END, rid, gen.finish_reason, int(gen.prompt_tokens.size), gen.n_prompt_evaluated))
+        self._in_prompt = True
+        try:
+            with gen:
+                for ev in gen:
+                    self._in_prompt = False
+                    if self._cancel_current:
+                        return
+                    send((token_kind, rid, ev.token, ev.text, ev.index, ev.logprob, ev.top_logprobs))
+                send((p.END, rid, gen.finish_reason, int(gen.prompt_tokens.size), gen.n_prompt_evaluated))
+        finally:
+            self._in_prompt = False
 
     def _generate(self, rid: int, msg: tuple[Any, ...]) -> None:
         from ..generate import Generation

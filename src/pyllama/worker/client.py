@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import copy
 import logging
 import os
 import queue
@@ -108,12 +109,19 @@ class _Process:
         self.crash: WorkerCrashedError | None = None
         self.closing = False
         self._ended = threading.Event()
+        # Streams dropped without close() are cancelled from their finalizer, which may run inside
+        # any allocation (also while this thread holds a lock here): it only queues the id, and
+        # this thread sends the CANCEL.
+        self._to_cancel: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        self._cancel_thread = threading.Thread(target=self._cancel_loop, name=f"pyllama-worker-{self.pid}-cancel",
+                                               daemon=True)
         self._stderr_thread = threading.Thread(target=self._read_stderr, name=f"pyllama-worker-{self.pid}-stderr",
                                                daemon=True)
         self._stdout_thread = threading.Thread(target=self._read_stdout, name=f"pyllama-worker-{self.pid}-reader",
                                                daemon=True)
         self._stderr_thread.start()
         self._stdout_thread.start()
+        self._cancel_thread.start()
 
     # --- requests ------------------------------------------------------------------------
     def request(self, kind: int, *args: Any) -> tuple[int, _Inbox]:
@@ -130,6 +138,9 @@ class _Process:
             except OSError:
                 del self._pending[rid]
                 broken = True
+            except BaseException:  # an argument that cannot be pickled: nothing was sent
+                del self._pending[rid]
+                raise
             else:
                 broken = False
         if broken:  # the child is gone: wait for the reader to say how it died
@@ -147,7 +158,7 @@ class _Process:
 
     def _check(self) -> None:
         if self.crash is not None:
-            raise self.crash
+            raise copy.copy(self.crash)  # a fresh instance per caller: threads do not share a traceback
         if self.closing:
             raise ClosedError("the worker is closed")
 
@@ -164,6 +175,17 @@ class _Process:
                     self._writer.send((p.CANCEL, rid))
         except OSError:  # the child is gone: nothing to stop
             pass
+
+    def cancel_later(self, rid: int) -> None:
+        """:meth:`cancel` from a finalizer: never blocks, never takes a lock."""
+        self._to_cancel.put(rid)
+
+    def _cancel_loop(self) -> None:
+        while True:
+            rid = self._to_cancel.get()
+            if rid is None:
+                return
+            self.cancel(rid)
 
     # --- reader threads ----------------------------------------------------------------------
     def _read_stdout(self) -> None:
@@ -210,7 +232,7 @@ class _Process:
             pending = list(self._pending.values())
             self._pending.clear()
         for inbox in pending:
-            inbox.put((p.CRASH, 0, err))
+            inbox.put((p.CRASH, 0, copy.copy(err)))
         self._ended.set()
         if self.crash is not None:
             logger.warning("%s", self.crash)
@@ -238,8 +260,9 @@ class _Process:
         except subprocess.TimeoutExpired:
             self.popen.kill()
             self.popen.wait()
+        self._to_cancel.put(None)
         current = threading.current_thread()
-        for t in (self._stdout_thread, self._stderr_thread):
+        for t in (self._stdout_thread, self._stderr_thread, self._cancel_thread):
             if t is not current:
                 t.join(timeout=5)
 
@@ -282,7 +305,7 @@ class WorkerGeneration:
         self.n_prompt_evaluated = 0
         self._done = False
         self._closed = False
-        self._cancel = weakref.finalize(self, proc.cancel, rid)
+        self._cancel = weakref.finalize(self, proc.cancel_later, rid)
 
     @property
     def tokens(self) -> npt.NDArray[np.int32]:
@@ -347,7 +370,8 @@ class WorkerGeneration:
         self._closed = True
         if not self._done:
             self._done = True
-            self._cancel()  # CANCEL to the child; later tokens of this request are dropped
+            self._cancel.detach()
+            self._proc.cancel(self._rid)  # CANCEL to the child; later tokens of this request are dropped
             if self._on_end is not None:
                 on_end, self._on_end = self._on_end, None
                 on_end(self)
@@ -482,7 +506,7 @@ class Worker:
             raise ValueError("keep_alive must be >= 0 seconds or None (never unload)")
         if log_level.upper() not in _LEVELS:
             raise ValueError(f"log_level must be one of {sorted(_LEVELS)}, not {log_level!r}")
-        self.keep_alive = keep_alive
+        self._keep_alive = keep_alive
         self.restart_on_crash = restart
         self._log_level = log_level.upper()
         self._log_lines = log_lines
@@ -501,7 +525,7 @@ class Worker:
     # --- the process ----------------------------------------------------------------------------
     def _spawn(self) -> _Process:
         cmd = [self._python, "-m", "pyllama.worker.child", "--parent-pid", str(os.getpid()),
-               "--keep-alive", str(-1.0 if self.keep_alive is None else self.keep_alive),
+               "--keep-alive", str(-1.0 if self._keep_alive is None else self._keep_alive),
                "--log-level", self._log_level]
         # Linux delivers PR_SET_PDEATHSIG when the *thread* that started the child exits, so
         # only ask for it from the main thread; the child's parent-pid watchdog covers the rest.
@@ -523,8 +547,8 @@ class Worker:
                 raise ClosedError("the worker is closed")
             proc = self._slot.proc
             if proc is None or proc.crash is not None:
-                if proc is not None and not self.restart_on_crash:
-                    raise proc.crash  # type: ignore[misc]
+                if proc is not None and proc.crash is not None and not self.restart_on_crash:
+                    raise copy.copy(proc.crash)
                 if proc is not None:
                     proc.shutdown(1.0)  # reap it (it is dead already)
                 proc = self._slot.proc = self._spawn()
@@ -568,6 +592,11 @@ class Worker:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def keep_alive(self) -> float | None:
+        """Seconds without a request after which the child unloads the model (None: never)."""
+        return self._keep_alive
 
     def restart(self) -> None:
         """Stop the child (killing it if it does not exit at once) and start a fresh one."""
@@ -614,6 +643,7 @@ class Worker:
         use_extra_bufts: bool = True,
         check_tensors: bool = False,
         kv_overrides: Mapping[str, int | float | bool | str] | None = None,
+        rpc: Sequence[str] | str = (),
         n_ctx: int | Literal["auto"] = "auto",
         n_batch: int = 2048,
         n_ubatch: int = 512,
@@ -631,7 +661,9 @@ class Worker:
     ) -> dict[str, Any]:
         """Load a model in the child (replacing the current one) with one context; returns facts about both.
 
-        ``model`` is anything :class:`pyllama.Model` accepts. The model keywords
+        ``model`` is anything :class:`pyllama.Model` accepts; ``rpc`` servers (see
+        :mod:`pyllama.rpc`) are best used from a worker, since ggml aborts the process
+        that loses one mid-generation: here that is the child. The model keywords
         are :class:`pyllama.Model`'s, the context keywords
         :class:`pyllama.Context`'s. The worker remembers them: a restarted child
         or an idle-unloaded model is loaded again with the same settings.
@@ -643,7 +675,8 @@ class Worker:
                               "devices": None if devices is None else list(devices), "use_mmap": use_mmap,
                               "use_mlock": use_mlock, "use_extra_bufts": use_extra_bufts,
                               "check_tensors": check_tensors,
-                              "kv_overrides": None if kv_overrides is None else dict(kv_overrides)},
+                              "kv_overrides": None if kv_overrides is None else dict(kv_overrides),
+                              "rpc": [r for r in rpc.split(",") if r] if isinstance(rpc, str) else list(rpc)},
             "context_options": {"n_ctx": n_ctx, "n_batch": n_batch, "n_ubatch": n_ubatch, "n_seq_max": n_seq_max,
                                 "n_threads": n_threads, "n_threads_batch": n_threads_batch,
                                 "flash_attn": flash_attn, "type_k": type_k, "type_v": type_v,
