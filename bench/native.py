@@ -46,7 +46,7 @@ BUILD_DIR = ROOT / "build" / "native"
 STAMP = BUILD_DIR / "pyllama-native.stamp"
 LOCK_PATH = Path(os.environ.get("PYLLAMA_BUILD_LOCK", "/tmp/pyllama-build.lock"))
 
-TOOLS = ("llama-bench", "llama-batched-bench", "llama-simple", "rpc-server")
+TOOLS = ("llama-bench", "llama-batched-bench", "llama-simple", "ggml-rpc-server")
 SERVER_TOOL = "llama-server"
 SERVER_STAMP = BUILD_DIR / "pyllama-native-server.stamp"
 # llama-server without its web UI: nothing is built with npm and nothing is fetched.

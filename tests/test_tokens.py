@@ -93,3 +93,26 @@ def test_tokenize_many_in_threads_equals_serial(model) -> None:  # type: ignore[
         assert all(np.array_equal(a, b) for a, b in zip(serial, got))
     with pytest.raises(ValueError):
         model.vocab.tokenize_many(docs, n_threads=0)
+
+
+@pytest.mark.starter
+def test_long_text_in_pieces_gives_the_ids_of_one_call(starter_model_path: Path) -> None:
+    """Texts over 64 KB are tokenized in pieces cut where a newline run starts: same ids as one call."""
+    from pyllama._ffi import ffi, lib
+
+    with pyllama.Model(starter_model_path) as m:
+        v = m.vocab
+        assert v._newline_cuts_exact(False) and v._newline_cuts_exact(True)  # Gemma 3: "\n" is user-defined
+        rng = np.random.default_rng(3)
+        pieces = ["\n", "\n\n", "\n\n\n\n\n", "\r\n", "\t", "  ", "<start_of_turn>", "<end_of_turn>", "<a>",
+                  "word", " héllo", "🙂", "<bos>", "x\n", "\n ", "\n\t"]
+        for trial in range(4):
+            data = "".join(rng.choice(pieces, size=30000)).encode()
+            assert len(data) > 65536
+            for parse_special in (False, True):
+                for add_special in (False, True):
+                    out = np.empty(len(data) + 2, dtype=np.int32)
+                    n = lib.llama_tokenize(v._v(), data, len(data), ffi.from_buffer("llama_token[]", out),
+                                           out.size, add_special, parse_special)
+                    assert np.array_equal(out[:n], v.tokenize(data, add_special=add_special,
+                                                              parse_special=parse_special))

@@ -91,6 +91,26 @@ def test_tg_generate_greedy(benchmark: Any, ctx: pyllama.Context) -> None:
     _record("pyllama.generate (greedy)", benchmark, ctx)
 
 
+def test_tg_agenerate_greedy(benchmark: Any, ctx: pyllama.Context) -> None:
+    """pyllama.agenerate consumed by ``async for`` on one event loop: one producer thread per generation."""
+    import asyncio
+
+    loop = asyncio.new_event_loop()
+
+    async def consume() -> None:
+        async for _ in pyllama.agenerate(ctx, [1], max_tokens=N - 1, reuse_prefix=False):
+            pass
+
+    def run() -> None:
+        ctx.kv.clear()
+        loop.run_until_complete(consume())
+
+    run()
+    benchmark(run)
+    loop.close()
+    _record("pyllama.agenerate (greedy)", benchmark, ctx)
+
+
 def test_tg_c_generate_loop(benchmark: Any, ctx: pyllama.Context) -> None:
     """The same sample + decode loop as pyllama.generate, in C (pyllama_c_generate_loop in the binding)."""
     from pyllama._ffi import ffi

@@ -19,6 +19,9 @@ _MAX_TEXT_BYTES = 2**31 - 3  # room for BOS and EOS in an int32 token count
 
 # Below this many bytes per thread a thread pool costs more than it saves.
 _PARALLEL_MIN_BYTES = 16384
+# Texts longer than this are tokenized in pieces of about _LONG_PIECE bytes (see _tokenize_long).
+_LONG_TEXT = 65536
+_LONG_PIECE = 16384
 
 
 def as_tokens(tokens: Iterable[int] | npt.ArrayLike) -> TokenArray:
@@ -51,6 +54,7 @@ class Vocab:
         self._vp = lib.llama_model_get_vocab(model._p())
         self.n_tokens: int = lib.llama_vocab_n_tokens(self._vp)
         self._add_space_prefix: bool | None = None
+        self._cut_exact: dict[bool, bool] = {}
         self._byte_guard: ByteFallbackGuard | None = None  # set by Model for SPM vocabularies lacking bytes
 
     def _v(self) -> Any:
@@ -170,6 +174,8 @@ class Vocab:
             raise TokenizationError(f"text of {len(data)} bytes is too long to tokenize (at most {_MAX_TEXT_BYTES})")
         if self._byte_guard is not None:
             self._byte_guard.check(data)
+        if len(data) > _LONG_TEXT and self._newline_cuts_exact(parse_special):
+            return self._tokenize_long(data, add_special, parse_special)
         # A token covers at least one byte, plus BOS/EOS: one call suffices almost always.
         out = np.empty(len(data) + 2, dtype=np.int32)
         n = lib.llama_tokenize(vp, data, len(data), ffi.from_buffer("llama_token[]", out), out.size,
@@ -183,6 +189,65 @@ class Vocab:
             if n < 0:
                 raise TokenizationError(f"llama_tokenize failed ({n})")
         return out[:n]
+
+    # --- long texts --------------------------------------------------------------------------------
+    # llama_tokenize first splits the text at every occurrence of a special token
+    # (tokenizer_st_partition in llama-vocab.cpp). For each match it recomputes the
+    # fragment's position in a std::forward_list from the list's head, so a text with
+    # k matches costs O(k^2) there. Vocabularies with "\n" among their user-defined
+    # tokens (Gemma 3's has 165, "\n" and "\n\n" among them) match at every line: a
+    # 1 MB text then tokenizes slower per byte than a 10 KB one. The partition's
+    # matches are the same in a piece of the text as in the whole text wherever no
+    # special token can span the cut, and a cut where a newline run starts is a
+    # fragment boundary in both, so pieces cut there tokenize to exactly the ids of
+    # the whole (see _newline_cuts_exact for when that holds).
+
+    def _newline_cuts_exact(self, parse_special: bool) -> bool:
+        """Whether cutting a text where a newline run starts leaves its tokens unchanged.
+
+        True when "\n" is one of the special tokens the partition uses and every such
+        token that contains a newline is made of newlines only (so none spans the cut).
+        """
+        cached = self._cut_exact.get(parse_special)
+        if cached is None:
+            cached = self._cut_exact[parse_special] = self._compute_cut_exact(parse_special)
+        return cached
+
+    def _compute_cut_exact(self, parse_special: bool) -> bool:
+        if self.type not in ("spm", "bpe") or self._model.meta("tokenizer.ggml.model") not in ("llama", "gpt2"):
+            return False
+        vp = self._v()
+        mask = int(lib.LLAMA_TOKEN_ATTR_USER_DEFINED)
+        if parse_special:
+            mask |= int(lib.LLAMA_TOKEN_ATTR_CONTROL) | int(lib.LLAMA_TOKEN_ATTR_UNKNOWN)
+        get_attr, get_text = lib.llama_vocab_get_attr, lib.llama_vocab_get_text
+        newline_tokens = [text for text in (ffi.string(get_text(vp, t)) for t in range(self.n_tokens)
+                                            if get_attr(vp, t) & mask) if b"\n" in text]
+        return b"\n" in newline_tokens and all(set(t) == {0x0A} for t in newline_tokens)
+
+    def _tokenize_long(self, data: bytes, add_special: bool, parse_special: bool) -> TokenArray:
+        cuts = [0]
+        pos = _LONG_PIECE
+        n = len(data)
+        while pos < n:
+            s = data.find(b"\n", pos)
+            while s > 0 and data[s - 1] == 0x0A:  # inside a newline run: go to the next run's start
+                e = s
+                while e < n and data[e] == 0x0A:
+                    e += 1
+                s = data.find(b"\n", e)
+            if s <= 0:
+                break
+            cuts.append(s)
+            pos = s + _LONG_PIECE
+        cuts.append(n)
+        pieces = [data[a:b] for a, b in zip(cuts, cuts[1:]) if b > a]
+        parts = self.tokenize_many(pieces, add_special=False, parse_special=parse_special)
+        if add_special and self.add_bos and self.bos is not None:
+            parts.insert(0, np.array([self.bos], dtype=np.int32))
+        if add_special and self.add_eos and self.eos is not None:
+            parts.append(np.array([self.eos], dtype=np.int32))
+        return np.concatenate(parts) if parts else np.empty(0, dtype=np.int32)
 
     def tokenize_many(self, texts: Sequence[str | bytes], *, add_special: bool = True,
                       parse_special: bool = False, n_threads: int | None = None) -> list[TokenArray]:
