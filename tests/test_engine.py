@@ -305,3 +305,14 @@ def test_json_schema_output_parses(starter_model_path: Path) -> None:
         assert set(obj) == {"name", "age"} and isinstance(obj["name"], str) and isinstance(obj["age"], int)
     with pytest.raises(ValueError):
         pyllama.stream.build_chain(m, None, grammar="root ::= \"a\"", json_schema=schema)
+
+
+def test_max_queue_zero_serves_free_slots(model: Any) -> None:
+    with Engine(model, n_slots=2, n_ctx=128, n_threads=1, max_queue=0) as engine:
+        a = engine.submit(PROMPTS[0], max_tokens=None, ignore_eos=True)
+        b = engine.submit(PROMPTS[1], max_tokens=None, ignore_eos=True)
+        next(a), next(b)
+        with pytest.raises(EngineBusyError):
+            engine.submit(PROMPTS[2], max_tokens=2)
+        a.cancel()
+        b.cancel()

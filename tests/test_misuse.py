@@ -203,15 +203,26 @@ def test_token_arrays_are_never_cast_silently(model: pyllama.Model, tokens: Any)
             pyllama.generate_text(ctx, tokens, max_tokens=2)
 
 
-@pytest.mark.xfail(strict=False, reason="a grammar that dead-ends mid-generation throws through llama_sampler_sample "
-                   "(std::terminate): needs a try/catch in the native sampling step (tools/gen_binding.py)")
 def test_a_grammar_that_dead_ends_mid_generation_raises(synth_model_path: Path) -> None:
+    # llama.cpp's grammar sampler throws through llama_sampler_sample; pyllama samples through
+    # libpyllama-common's pyllama_sampler_sample, which catches it (src/native/sampling.cpp).
     _in_child(synth_model_path, """
+        from pyllama.engine import Engine
         ctx = m.context(n_ctx=64, n_threads=1)
-        try:
-            pyllama.generate_text(ctx, "Hello", grammar='root ::= "a" [z-a]', max_tokens=8)
-        except pyllama.SamplerError:
-            pass
+        g = 'root ::= "a" [z-a]'
+        for kw in ({}, {"logprobs": True}, {"ignore_eos": True}):  # fused step, Python loop, EOG masking
+            try:
+                pyllama.generate_text(ctx, "Hello", grammar=g, max_tokens=8, **kw)
+                raise SystemExit(f"no SamplerError with {kw}")
+            except pyllama.SamplerError:
+                pass
+        with Engine(m, n_slots=1, n_ctx=64, n_threads=1) as engine:
+            try:
+                engine.submit("Hello", grammar=g, max_tokens=8).result()
+                raise SystemExit("no SamplerError from the engine")
+            except pyllama.SamplerError:
+                pass
+            assert engine.submit("Hello", max_tokens=2).result() is not None  # still serving
     """)
 
 

@@ -117,3 +117,36 @@ def test_seeded_dist_is_reproducible(model: pyllama.Model) -> None:
 def test_invalid_grammar_raises(model: pyllama.Model) -> None:
     with pytest.raises(pyllama.SamplerError):
         pyllama.SamplerChain([S.Grammar("root ::= ((("), S.Greedy()], model)
+
+
+def test_argmax_paths_pick_llamacpp_greedy_token(model) -> None:  # type: ignore[no-untyped-def]
+    """The fused step's SIMD argmax and the engine's numpy argmax choose exactly what llama.cpp's greedy
+    sampler chooses (first maximum; a NaN never chosen over index 0), ties and NaNs included."""
+    import numpy as np
+
+    from pyllama._ffi import ffi, lib
+    from pyllama.stream import SequenceStream
+
+    with model.context(n_ctx=64, n_threads=1) as ctx:
+        ctx.evaluate([1, 5, 9])
+        chain = pyllama.SamplerChain([pyllama.Greedy()], model)
+        stream = SequenceStream(model, [pyllama.Greedy()])
+        p, n_vocab = ctx._p(), model.vocab.n_tokens
+        view = np.frombuffer(ffi.buffer(lib.llama_get_logits_ith(p, -1), n_vocab * 4), dtype=np.float32)
+        out, buf = ffi.new("int32_t[3]"), ffi.new("char[]", 256)
+        rng = np.random.default_rng(0)
+        for trial in range(200):
+            arr = rng.standard_normal(n_vocab).astype(np.float32)
+            if trial % 3 == 0:
+                arr[rng.integers(0, n_vocab, 4)] = arr.max()
+            if trial % 5 == 0:
+                arr[rng.integers(0, n_vocab, 2)] = np.nan
+            if trial % 7 == 0:
+                arr[0] = np.nan
+            view[:] = arr
+            expected = lib.llama_sampler_sample(chain._p(), p, -1)
+            lib.pyllama_fused_step(p, chain._p(), model.vocab._v(), -1, 0, 0, 1, n_vocab, 0, buf, 256, out)
+            assert out[0] == expected, trial
+            assert stream.sample(p, -1) == expected, trial
+        stream.close()
+        chain.close()

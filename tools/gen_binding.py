@@ -47,6 +47,10 @@ PROC_HEADERS = {"ggml-rpc.h": ("GGML_RPC_", "RPC_PROTO_")}
 # behind C entry points); the module links against it. The chat and JSON-schema
 # entry points take and return JSON text (malloc'ed, freed by pyllama_free_string).
 COMMON_DECLS = """int32_t pyllama_cpu_get_num_math(void);
+int32_t pyllama_sampler_sample(struct llama_sampler * smpl, struct llama_context * ctx, int32_t idx,
+                               llama_token * token);
+int32_t pyllama_sampler_accept(struct llama_sampler * smpl, llama_token token);
+const char * pyllama_sampling_error(void);
 int32_t pyllama_fit_params(const char * path_model, struct llama_model_params * mparams,
                            struct llama_context_params * cparams, float * tensor_split,
                            struct llama_model_tensor_buft_override * tensor_buft_overrides,
@@ -70,6 +74,9 @@ char * pyllama_grammar_accept_text(struct llama_sampler * smpl, const struct lla
 C_SOURCE = r"""
 #include <stdint.h>
 #include <time.h>
+#if defined(__SSE2__) || defined(_M_X64)
+#include <emmintrin.h>
+#endif
 #include "llama.h"
 #include "ggml-backend.h"
 #include "gguf.h"
@@ -149,6 +156,72 @@ int32_t pyllama_c_generate_loop(struct llama_context * ctx, struct llama_sampler
     return n;
 }
 
+/* llama.cpp's greedy choice (llama_sampler_greedy: the first index of the
+   largest logit; a NaN is never chosen over index 0) without its candidate
+   array: the maximum with SIMD, then the first index holding it. */
+static int32_t pyllama_argmax_scalar(const float * x, int32_t n) {
+    int32_t best = 0;
+    for (int32_t i = 1; i < n; ++i) {
+        if (x[i] > x[best]) {
+            best = i;
+        }
+    }
+    return best;
+}
+
+static int32_t pyllama_argmax(const float * x, int32_t n) {
+#if defined(__SSE2__) || defined(_M_X64)
+    if (n >= 16) {
+        __m128 m0 = _mm_loadu_ps(x), m1 = m0, m2 = m0, m3 = m0;
+        __m128 nan = _mm_setzero_ps();
+        int32_t i = 0;
+        for (; i + 16 <= n; i += 16) {
+            __m128 a = _mm_loadu_ps(x + i), b = _mm_loadu_ps(x + i + 4);
+            __m128 c = _mm_loadu_ps(x + i + 8), d = _mm_loadu_ps(x + i + 12);
+            nan = _mm_or_ps(nan, _mm_or_ps(_mm_or_ps(_mm_cmpunord_ps(a, a), _mm_cmpunord_ps(b, b)),
+                                           _mm_or_ps(_mm_cmpunord_ps(c, c), _mm_cmpunord_ps(d, d))));
+            m0 = _mm_max_ps(m0, a);
+            m1 = _mm_max_ps(m1, b);
+            m2 = _mm_max_ps(m2, c);
+            m3 = _mm_max_ps(m3, d);
+        }
+        if (_mm_movemask_ps(nan) != 0) {
+            return pyllama_argmax_scalar(x, n);  /* NaNs: keep the scalar rule's exact answer */
+        }
+        float lanes[4];
+        _mm_storeu_ps(lanes, _mm_max_ps(_mm_max_ps(m0, m1), _mm_max_ps(m2, m3)));
+        float mx = lanes[0];
+        for (int32_t k = 1; k < 4; ++k) {
+            mx = lanes[k] > mx ? lanes[k] : mx;
+        }
+        for (; i < n; ++i) {
+            if (x[i] != x[i]) {
+                return pyllama_argmax_scalar(x, n);
+            }
+            mx = x[i] > mx ? x[i] : mx;
+        }
+        /* the first index of the maximum, as the scalar rule finds */
+        __m128 want = _mm_set1_ps(mx);
+        int32_t j = 0;
+        for (; j + 16 <= n; j += 16) {
+            __m128 a = _mm_cmpeq_ps(_mm_loadu_ps(x + j), want), b = _mm_cmpeq_ps(_mm_loadu_ps(x + j + 4), want);
+            __m128 c = _mm_cmpeq_ps(_mm_loadu_ps(x + j + 8), want), d = _mm_cmpeq_ps(_mm_loadu_ps(x + j + 12), want);
+            if (_mm_movemask_ps(_mm_or_ps(_mm_or_ps(a, b), _mm_or_ps(c, d))) != 0) {
+                break;
+            }
+        }
+        for (; j < n; ++j) {
+            if (x[j] == mx) {
+                return j;
+            }
+        }
+    }
+#endif
+    return pyllama_argmax_scalar(x, n);
+}
+
+#define PYLLAMA_STEP_SAMPLER_ERROR (-1000)
+
 /* One token of pyllama.generate in one call (the fused per-token step): decode
    `prev` at `pos` in sequence `seq` (unless prev < 0), take the next token from
    the last logits (argmax when `greedy`, which is llama.cpp's greedy choice,
@@ -174,18 +247,9 @@ int32_t pyllama_fused_step(struct llama_context * ctx, struct llama_sampler * sm
     }
     llama_token next;
     if (greedy) {
-        const float * logits = llama_get_logits_ith(ctx, -1);
-        int32_t best = 0;
-        float best_v = logits[0];
-        for (int32_t i = 1; i < n_vocab; ++i) {
-            if (logits[i] > best_v) {
-                best_v = logits[i];
-                best = i;
-            }
-        }
-        next = best;
-    } else {
-        next = llama_sampler_sample(smpl, ctx, -1);
+        next = pyllama_argmax(llama_get_logits_ith(ctx, -1), n_vocab);
+    } else if (pyllama_sampler_sample(smpl, ctx, -1, &next) != 0) {
+        return PYLLAMA_STEP_SAMPLER_ERROR;  /* a sampler threw: pyllama_sampling_error() */
     }
     out[0] = next;
     out[1] = llama_vocab_is_eog(vocab, next) ? 1 : 0;
@@ -205,6 +269,7 @@ typedef struct pyllama_abort_state {
 } pyllama_abort_state;
 bool pyllama_abort_callback(void * data);
 void pyllama_log_silent(enum ggml_log_level level, const char * text, void * user_data);
+#define PYLLAMA_STEP_SAMPLER_ERROR -1000
 @COMMON_DECLS@int32_t pyllama_c_generate_loop(struct llama_context * ctx, struct llama_sampler * smpl,
                                 int32_t pos0, int32_t n, llama_token * out);
 int32_t pyllama_fused_step(struct llama_context * ctx, struct llama_sampler * smpl,

@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, Mapping, Sequenc
 import numpy as np
 import numpy.typing as npt
 
-from ._ffi import ffi, lib
 from ._channel import END, EventChannel, wake
 from ._ffi import ffi, lib
 from .batch import Batch
-from .errors import BusyError, ClosedError, ContextOverflowError
+from .errors import BusyError, ClosedError, ContextOverflowError, SamplerError
+from .sampling import sampling_error
 from .stream import FinishReason, SamplerArg, SequenceStream, StopMatcher, TokenEvent
 from .vocab import as_tokens
 
@@ -205,11 +205,14 @@ class Generation:
                     tok_arr[0] = prev
                     pos_arr[0] = pos
                 rc = step(ptr, chain_p, vocab_p, prev, pos, seq_id, greedy, n_vocab, decoder._lstrip, buf, cap, out)
+                sampler_failed = rc == lib.PYLLAMA_STEP_SAMPLER_ERROR
                 if prev >= 0:
-                    if rc != 0 or st.interrupted:
+                    if (rc != 0 and not sampler_failed) or st.interrupted:
                         ctx._decode_failed(batch, rc)
                     tracker.append(seq_id, prev)
                     pos += 1
+                if sampler_failed:
+                    raise SamplerError(f"sampling failed: {sampling_error()}")
                 token, n_piece = out[0], out[2]
                 # a piece longer than the buffer (never in practice): ask for it again
                 piece = buffer(buf, n_piece)[:] if n_piece >= 0 else stream.model.vocab._piece(

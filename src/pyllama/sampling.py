@@ -553,6 +553,11 @@ def _raise_custom_errors(chain: Any) -> None:
 
 # --- the chain ----------------------------------------------------------------------------
 
+def sampling_error() -> str:
+    """The message of this thread's last failed sampling call in libpyllama-common."""
+    return str(ffi.string(lib.pyllama_sampling_error()).decode("utf-8", "replace"))
+
+
 class SamplerChain(Handle):
     """A llama.cpp sampler chain built from specs (and custom samplers)."""
 
@@ -576,6 +581,7 @@ class SamplerChain(Handle):
             raise
         super().__init__(chain, lib.llama_sampler_free, model)
         self.specs = tuple(samplers)
+        self._out = ffi.new("llama_token *")
         self._has_custom = any(isinstance(s, CustomSampler) for s in samplers)
         self.model = model
 
@@ -591,10 +597,14 @@ class SamplerChain(Handle):
         chain = self._ptr
         if chain is None:
             self._p()
-        tok = int(lib.llama_sampler_sample(chain, ctx_ptr, i))
+        out = self._out
+        # Through libpyllama-common: a sampler's C++ exception (a grammar with no allowed
+        # token left, say) becomes a SamplerError instead of std::terminate.
+        if lib.pyllama_sampler_sample(chain, ctx_ptr, i, out) != 0:
+            raise SamplerError(f"sampling failed: {sampling_error()}")
         if self._has_custom:
             _raise_custom_errors(chain)
-        return tok
+        return int(out[0])
 
     def accept(self, token: int) -> None:
         # llama.cpp's grammar and DRY samplers throw std::out_of_range through the C API
@@ -612,7 +622,8 @@ class SamplerChain(Handle):
                 lib.llama_sampler_apply(lib.llama_sampler_chain_get(chain, i), arr)
                 if cand.logit == float("-inf"):
                     raise SamplerError(f"token {int(token)} is not allowed by the grammar at this point")
-        lib.llama_sampler_accept(chain, token)
+        if lib.pyllama_sampler_accept(chain, token) != 0:
+            raise SamplerError(f"accepting token {int(token)} failed: {sampling_error()}")
 
     def reset(self) -> None:
         lib.llama_sampler_reset(self._p())

@@ -58,10 +58,12 @@ class StopMatcher:
         if not self.stops:
             return text, False
         buf = self.pending + text
-        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        # The stop string that completes first wins (ties: the one that starts first), as when
+        # text arrives a character at a time: the result does not depend on how text is split.
+        hits = [(i + len(s), i) for s, i in ((s, buf.find(s)) for s in self.stops) if i >= 0]
         if hits:
             self.pending = ""
-            return buf[: min(hits)], True
+            return buf[: min(hits)[1]], True
         keep = 0
         for k in range(min(self._hold, len(buf)), 0, -1):
             tail = buf[-k:]
@@ -163,7 +165,10 @@ class SequenceStream:
     def sample(self, ctx_ptr: Any, row: int) -> int:
         """Sample from the logits of batch ``row`` (which must have logits) and accept the token."""
         if self._argmax:
-            return int(np.argmax(_logits(ctx_ptr, row, self._scratch_size())))
+            logits = _logits(ctx_ptr, row, self._scratch_size())
+            token = int(np.argmax(logits))
+            if logits[token] == logits[token]:  # numpy picks a NaN; llama.cpp's rule never does
+                return token
         if self.ignore_eos:
             return self._sample_without_eog(ctx_ptr, row)
         return self.chain._sample(ctx_ptr, row)

@@ -30,7 +30,7 @@ from ..context import Context, FlashAttn
 from ..errors import ClosedError, ContextOverflowError, LlamaError
 from ..sampling import Sampler
 from ..stream import FinishReason, SequenceStream
-from ..vocab import as_tokens
+from ..vocab import Vocab, as_tokens
 from .request import EngineBusyError, EngineRequest
 from .slots import Slot, choose_slot
 
@@ -97,7 +97,9 @@ class _Core:
             if self.closing:
                 req._stream.close()
                 raise ClosedError("the engine is closed")
-            if len(self.queue) >= self.max_queue:
+            # max_queue counts requests that must wait: those a free slot takes next step do not.
+            free = sum(1 for s in self.slots if s.request is None)
+            if len(self.queue) >= self.max_queue + free:
                 self.c["requests_rejected"] += 1
                 req._stream.close()
                 raise EngineBusyError(f"the engine is busy: {len(self.queue)} requests are queued "
@@ -385,6 +387,39 @@ class _Core:
             self.active.remove(slot)
 
 
+def check_request(vocab: Vocab, prompt: str | bytes | Sequence[int] | npt.NDArray[np.integer[Any]], *,
+                  n_ctx_slot: int, max_tokens: int | None, add_special: bool, parse_special: bool,
+                  context_full: str) -> npt.NDArray[np.int32]:
+    """The prompt's tokens, once the request is known to fit a slot (else ValueError or ContextOverflowError)."""
+    if context_full not in _CONTEXT_FULL:
+        raise ValueError(f"context_full must be one of {_CONTEXT_FULL}, not {context_full!r}")
+    if isinstance(prompt, (str, bytes)):
+        tokens = vocab.tokenize(prompt, add_special=add_special, parse_special=parse_special)
+    else:
+        tokens = as_tokens(prompt)
+        vocab.check_tokens(tokens)
+    if tokens.size == 0:
+        raise ValueError("empty prompt: nothing to condition the generation on")
+    if tokens.size >= n_ctx_slot:
+        raise ContextOverflowError(f"the prompt has {tokens.size} tokens; a slot holds {n_ctx_slot} "
+                                   "(prompt and reply together)")
+    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 0):
+        raise ValueError("max_tokens must be an int >= 0 or None")
+    return tokens
+
+
+def check_embed_request(texts: Sequence[str], *, embeddings: bool) -> list[str]:
+    """``texts`` as a list, once known to be a non-empty list of strings for an engine with embeddings."""
+    if not embeddings:
+        raise ValueError("this engine was created with embeddings=False")
+    if isinstance(texts, str):
+        raise TypeError("embed() takes a sequence of strings")
+    items = list(texts)
+    if not items or not all(isinstance(t, str) for t in items):
+        raise ValueError("embed() needs a non-empty list of strings")
+    return items
+
+
 class Engine:
     """Continuous batching over one model: many concurrent requests, one context, one thread.
 
@@ -443,21 +478,8 @@ class Engine:
         """
         if self._core.closing:
             raise ClosedError("the engine is closed")
-        if context_full not in _CONTEXT_FULL:
-            raise ValueError(f"context_full must be one of {_CONTEXT_FULL}, not {context_full!r}")
-        vocab = self.model.vocab
-        if isinstance(prompt, (str, bytes)):
-            tokens = vocab.tokenize(prompt, add_special=add_special, parse_special=parse_special)
-        else:
-            tokens = as_tokens(prompt)
-            vocab.check_tokens(tokens)
-        if tokens.size == 0:
-            raise ValueError("empty prompt: nothing to condition the generation on")
-        if tokens.size >= self.n_ctx_slot:
-            raise ContextOverflowError(f"the prompt has {tokens.size} tokens; a slot holds {self.n_ctx_slot} "
-                                       "(prompt and reply together)")
-        if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 0):
-            raise ValueError("max_tokens must be an int >= 0 or None")
+        tokens = check_request(self.model.vocab, prompt, n_ctx_slot=self.n_ctx_slot, max_tokens=max_tokens,
+                               add_special=add_special, parse_special=parse_special, context_full=context_full)
         stream = SequenceStream(self.model, list(sampler) if sampler is not None else None,
                                 max_tokens=max_tokens, stop=stop, logprobs=logprobs,
                                 top_logprobs=top_logprobs, ignore_eos=ignore_eos, grammar=grammar,
@@ -508,14 +530,7 @@ class Engine:
         return await asyncio.wrap_future(fut)
 
     def _embed_items(self, texts: Sequence[str]) -> list[str]:
-        if not self.embeddings:
-            raise ValueError("this engine was created with embeddings=False")
-        if isinstance(texts, str):
-            raise TypeError("embed() takes a sequence of strings")
-        items = list(texts)
-        if not items or not all(isinstance(t, str) for t in items):
-            raise ValueError("embed() needs a non-empty list of strings")
-        return items
+        return check_embed_request(texts, embeddings=self.embeddings)
 
     # --- state ----------------------------------------------------------------------------------
     def stats(self) -> EngineStats:

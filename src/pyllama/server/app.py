@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Union
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Union, cast
 
 import numpy as np
 from starlette.applications import Starlette
@@ -105,13 +105,11 @@ class _Server:
 
     def __init__(self, source: EngineSource, *, api_key: str | None, model_name: str | None,
                  keepalive_s: float, chat_template: str | None) -> None:
-        from ..engine import Engine
-
         self.engine: Engine | None = None
         self.loader: Callable[[], Engine] | None = None
         self.chat_template = chat_template
-        if isinstance(source, Engine):
-            self._adopt(source)
+        if hasattr(source, "submit"):  # an Engine, or anything offering its API (e.g. an isolated one)
+            self._adopt(cast("Engine", source))
         else:
             self.loader = source
         self.owns_engine = self.loader is not None

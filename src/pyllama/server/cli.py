@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     from ..engine import Engine
@@ -51,6 +51,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--shutdown-timeout", type=float, default=5.0,
                    help="seconds open requests get to finish on SIGTERM/SIGINT before they are cancelled")
     p.add_argument("--progress", action="store_true", help="show a load progress bar")
+    p.add_argument("--isolate", action="store_true",
+                   help="run the engine in a worker process: a crash there fails the requests in flight, "
+                        "the server stays up and the next request starts a fresh worker")
     p.set_defaults(func=cmd_serve)
 
 
@@ -59,6 +62,8 @@ def _loader(args: argparse.Namespace, path: str) -> Engine:
     from ..model import Model
 
     ngl: Any = args.ngl if args.ngl in ("auto", "all") else int(args.ngl)
+    if getattr(args, "isolate", False):
+        return _isolated_loader(args, path, ngl)
     model = Model(path, n_gpu_layers=ngl, progress=args.progress)
     try:
         n_ctx: Any = args.ctx_size if args.ctx_size == "auto" else int(args.ctx_size)
@@ -69,6 +74,18 @@ def _loader(args: argparse.Namespace, path: str) -> Engine:
     except BaseException:
         model.close()
         raise
+
+
+def _isolated_loader(args: argparse.Namespace, path: str, ngl: Any) -> Engine:
+    from ..worker.engine import IsolatedEngine
+
+    n_ctx: Any = args.ctx_size if args.ctx_size == "auto" else int(args.ctx_size)
+    engine = IsolatedEngine(path, n_gpu_layers=ngl, n_slots=args.slots, n_ctx=n_ctx, n_batch=args.batch_size,
+                            n_ubatch=args.ubatch_size, n_threads=args.threads, n_threads_batch=args.threads_batch,
+                            flash_attn=args.flash_attn, type_k=args.cache_type_k, type_v=args.cache_type_v,
+                            max_queue=args.max_queue, slot_prompt_similarity=args.slot_prompt_similarity,
+                            progress=args.progress)
+    return cast("Engine", engine)  # duck-typed: it offers the Engine API the server uses
 
 
 def _is_loopback(host: str) -> bool:

@@ -2,10 +2,13 @@
 
 See :class:`Worker`. The child is ``python -m pyllama.worker.child``; the
 channel is a pair of pipes carrying length-prefixed pickle frames
-(:mod:`pyllama.worker.protocol`).
+(:mod:`pyllama.worker.protocol`). :class:`IsolatedEngine` runs the serving
+engine there (``pyllama serve --isolate``).
 """
 
 from .client import Worker, WorkerChatSession, WorkerGeneration
+from .engine import IsolatedEngine, IsolatedRequest
 from .errors import WorkerCrashedError, WorkerError
 
-__all__ = ["Worker", "WorkerGeneration", "WorkerChatSession", "WorkerError", "WorkerCrashedError"]
+__all__ = ["Worker", "WorkerGeneration", "WorkerChatSession", "WorkerError", "WorkerCrashedError",
+           "IsolatedEngine", "IsolatedRequest"]

@@ -23,6 +23,7 @@ from .errors import WorkerError
 
 if TYPE_CHECKING:
     from ..context import Context
+    from ..engine import Engine, EngineRequest
     from ..generate import Generation
     from ..model import Model
 
@@ -90,11 +91,14 @@ class Server:
         self._cancel_current = False
         self._in_prompt = False  # a generation is evaluating its prompt (cancel may abort the decode)
         self._cancelled: set[int] = set()
+        self.engine: Engine | None = None  # the serving engine, when the spec has "engine_options"
+        self._engine_requests: dict[int, EngineRequest] = {}
         self._handlers: dict[int, Callable[[int, tuple[Any, ...]], None]] = {
             p.LOAD: self._load, p.SPEC: self._spec, p.UNLOAD: self._unload, p.TOKENIZE: self._tokenize,
             p.DETOKENIZE: self._detokenize, p.GENERATE: self._generate, p.CHAT: self._chat,
             p.EMBED: self._embed, p.TEMPLATE: self._template, p.STATUS: self._status, p.DEBUG: self._debug,
             p.INFO: lambda rid, msg: self.send((p.OK, rid, self._info())),
+            p.ENGINE_SUBMIT: self._engine_submit, p.ENGINE_EMBED: self._engine_embed,
         }
 
     # --- the channel --------------------------------------------------------------------
@@ -113,6 +117,9 @@ class Server:
                     _exit_now(0)
                 if msg[0] == p.CANCEL:
                     self.cancel(msg[1])
+                elif msg[0] == p.ENGINE_STATS:  # answered even while the main thread loads the model
+                    engine = self.engine
+                    self.send((p.OK, msg[1], None if engine is None else engine.stats()))
                 else:
                     self.queue.put(msg)
         except BaseException:  # noqa: BLE001 - a corrupt channel: say why on stderr and stop
@@ -123,7 +130,10 @@ class Server:
 
     def cancel(self, rid: int) -> None:
         with self._lock:
-            if rid == self._current:
+            er = self._engine_requests.get(rid)
+            if er is not None:
+                er.cancel()
+            elif rid == self._current:
                 self._cancel_current = True
                 if self._in_prompt and self.ctx is not None:
                     # Stop a long prompt evaluation at the next graph node. Once tokens flow, the
@@ -167,6 +177,8 @@ class Server:
         if self.model is None or self.ctx is None:
             if self.spec is None:
                 raise WorkerError("no model is loaded: call Worker.load(path) first")
+            if "engine_options" in self.spec:
+                raise WorkerError("this worker serves an engine: only engine requests apply")
             from ..model import Model
 
             model = Model(self.spec["model"], **self.spec["model_options"])
@@ -179,16 +191,41 @@ class Server:
             self.n_loads += 1
         return self.model, self.ctx
 
+    def ensure_engine(self) -> Engine:
+        if self.engine is None:
+            if self.spec is None or "engine_options" not in self.spec:
+                raise WorkerError("no engine is loaded")
+            from ..engine import Engine
+            from ..model import Model
+
+            model = Model(self.spec["model"], **self.spec["model_options"])
+            try:
+                engine = Engine(model, **self.spec["engine_options"])
+            except BaseException:
+                model.close()
+                raise
+            self.model, self.engine = model, engine
+            self.n_loads += 1
+        return self.engine
+
     def unload(self) -> None:
-        ctx, model = self.ctx, self.model
+        ctx, model, engine = self.ctx, self.model, self.engine
         with self._lock:
-            self.ctx = self.model = None
+            self.ctx = self.model = self.engine = None
+        if engine is not None:
+            engine.close()
         if ctx is not None:
             ctx.close()
         if model is not None:
             model.close()
 
     def _info(self) -> dict[str, Any]:
+        if self.spec is not None and "engine_options" in self.spec:
+            engine = self.ensure_engine()
+            return {"pid": os.getpid(), "path": str(engine.model.path), "n_slots": engine.n_slots,
+                    "n_ctx_slot": engine.n_ctx_slot, "n_batch": engine.n_batch, "embeddings": engine.embeddings,
+                    "model_facts": {"n_embd": engine.model.n_embd, "n_ctx_train": engine.model.n_ctx_train,
+                                    "n_params": engine.model.n_params, "size": engine.model.size}}
         model, ctx = self.ensure_loaded()
         return {"path": str(model.path), "description": model.description, "architecture": model.architecture,
                 "n_params": model.n_params, "size": model.size, "n_ctx_train": model.n_ctx_train,
@@ -267,6 +304,40 @@ class Server:
 
         model, _ = self.ensure_loaded()
         self.send((p.OK, rid, apply_template(model, msg[2], add_generation_prompt=msg[3], template=msg[4])))
+
+    # --- the serving engine: requests run concurrently, each forwarded by a thread of its own ------
+    def _engine_submit(self, rid: int, msg: tuple[Any, ...]) -> None:
+        er = self.ensure_engine().submit(msg[2], **msg[3])
+        with self._lock:
+            self._engine_requests[rid] = er
+            if self._cancel_current:  # cancelled while the engine was loading or taking it
+                er.cancel()
+        threading.Thread(target=self._engine_forward, args=(rid, er), name=f"pyllama-engine-fwd-{rid}",
+                         daemon=True).start()
+
+    def _engine_forward(self, rid: int, er: EngineRequest) -> None:
+        send, token_kind = self.send, p.TOKEN
+        try:
+            for ev in er:
+                send((token_kind, rid, ev.token, ev.text, ev.index, ev.logprob, ev.top_logprobs))
+        except Exception as exc:  # noqa: BLE001 - the request's own failure goes back to its caller
+            send((p.ERR, rid, p.encode_error(exc)))
+        else:
+            send((p.END, rid, er.finish_reason, er.n_prompt, er.n_cached))
+        finally:
+            with self._lock:
+                self._engine_requests.pop(rid, None)
+
+    def _engine_embed(self, rid: int, msg: tuple[Any, ...]) -> None:
+        engine = self.ensure_engine()
+
+        def run() -> None:  # off the main thread: submissions keep flowing meanwhile
+            try:
+                self.send((p.OK, rid, engine.embed(msg[2], normalize=msg[3])))
+            except Exception as exc:  # noqa: BLE001
+                self.send((p.ERR, rid, p.encode_error(exc)))
+
+        threading.Thread(target=run, name=f"pyllama-engine-embed-{rid}", daemon=True).start()
 
     def _status(self, rid: int, msg: tuple[Any, ...]) -> None:
         self.send((p.OK, rid, {"pid": os.getpid(), "loaded": self.model is not None, "n_loads": self.n_loads,

@@ -124,9 +124,10 @@ class _Process:
         self._cancel_thread.start()
 
     # --- requests ------------------------------------------------------------------------
-    def request(self, kind: int, *args: Any) -> tuple[int, _Inbox]:
-        """Send a request; its replies arrive in the returned inbox. Raises the crash if the child is dead."""
-        inbox = _Inbox()
+    def request(self, kind: int, *args: Any, inbox: _Inbox | None = None) -> tuple[int, _Inbox]:
+        """Send a request; its replies arrive in the returned inbox (``inbox`` if given: a subclass may
+        handle each reply on the reader thread). Raises the crash if the child is dead."""
+        inbox = inbox if inbox is not None else _Inbox()
         with self._lock:
             self._check()
             rid = self._next_id
@@ -554,11 +555,11 @@ class Worker:
                 proc = self._slot.proc = self._spawn()
             return proc
 
-    def _submit(self, kind: int, *args: Any) -> tuple[_Process, int, _Inbox]:
+    def _submit(self, kind: int, *args: Any, inbox: _Inbox | None = None) -> tuple[_Process, int, _Inbox]:
         for attempt in (0, 1):
             proc = self._process()
             try:
-                rid, inbox = proc.request(kind, *args)
+                rid, inbox = proc.request(kind, *args, inbox=inbox)
                 return proc, rid, inbox
             except WorkerCrashedError:
                 # The request never reached the child (it was dead already): a fresh one may take it.
@@ -683,6 +684,10 @@ class Worker:
                                 "offload_kqv": offload_kqv, "swa_full": swa_full, "kv_unified": kv_unified,
                                 "embeddings": embeddings, "pooling": pooling},
         }
+        return self._load_spec(spec)
+
+    def _load_spec(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """Load ``spec`` in the child now and remember it for restarts."""
         info: dict[str, Any] = self._call(p.LOAD, spec)
         self._spec = spec
         return info

@@ -35,6 +35,10 @@ DEBUG = 11  # private crash hooks for tests
 CANCEL = 12  # (CANCEL, rid): stop request rid; handled at once by the child's reader thread
 SHUTDOWN = 13
 INFO = 14
+# the serving engine in the child (pyllama.worker.engine.IsolatedEngine; LOAD with "engine_options")
+ENGINE_SUBMIT = 15  # (ENGINE_SUBMIT, rid, tokens, options): streams TOKEN... then END or ERR
+ENGINE_STATS = 16  # answered by the child's reader thread: (OK, rid, EngineStats | None)
+ENGINE_EMBED = 17  # (ENGINE_EMBED, rid, texts, normalize): (OK, rid, vectors), off the main thread
 
 # --- child -> host ---------------------------------------------------------------
 OK = 20  # (OK, rid, value)

@@ -1,0 +1,312 @@
+"""The serving engine in a worker process: :class:`IsolatedEngine`, the :class:`pyllama.engine.Engine`
+API that the server uses, with the real engine (and the model's weights) in a child.
+
+The host keeps a vocabulary-only model, so prompts are tokenized and checked
+here and chat templates render here; the child receives token ids and
+streams each request's events back (several requests decode together in its
+engine). If the child dies, every request in flight raises
+:class:`WorkerCrashedError` and the next request starts a fresh child with
+the same settings: the host process, a server included, stays up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal, cast
+
+import numpy as np
+import numpy.typing as npt
+
+from .._channel import wake
+from ..engine import ContextFull, EngineBusyError, EngineRequest, EngineStats
+from ..engine.core import check_embed_request, check_request
+from ..errors import ClosedError
+from ..model import Model
+from ..sampling import Sampler
+from ..stream import FinishReason, TokenEvent
+from . import protocol as p
+from .client import Worker, _Inbox, _Process
+from .errors import WorkerError
+
+if TYPE_CHECKING:
+    from ..stream import SequenceStream
+
+
+class _VocabModel(Model):
+    """The host's vocabulary-only model, reporting the weights' facts (zero in a vocab-only
+    load) as the child's full model gave them."""
+
+    facts: Mapping[str, int] = {}  # replaced (not mutated) once the child has loaded the weights
+
+    @property
+    def n_embd(self) -> int:
+        return self.facts.get("n_embd", 0)
+
+    @property
+    def n_ctx_train(self) -> int:
+        return self.facts.get("n_ctx_train", 0)
+
+    @property
+    def n_params(self) -> int:
+        return self.facts.get("n_params", 0)
+
+    @property
+    def size(self) -> int:
+        return self.facts.get("size", 0)
+
+
+class _Received:
+    """What :class:`EngineRequest` reads from its stream, here the record of the child's events."""
+
+    __slots__ = ("finish_reason", "token_ids", "texts")
+
+    def __init__(self) -> None:
+        self.finish_reason: FinishReason | None = None
+        self.token_ids: list[int] = []
+        self.texts: list[str] = []
+
+    @property
+    def text(self) -> str:
+        return "".join(self.texts)
+
+    @property
+    def tokens(self) -> npt.NDArray[np.int32]:
+        return np.array(self.token_ids, dtype=np.int32)
+
+    @property
+    def n_generated(self) -> int:
+        return len(self.token_ids)
+
+
+class IsolatedRequest(EngineRequest):
+    """A request to an :class:`IsolatedEngine`, used as a :class:`pyllama.engine.EngineRequest`
+    (``for`` or ``async for`` its :class:`TokenEvent` s); :meth:`cancel` stops it in the child."""
+
+    def __init__(self, prompt_tokens: npt.NDArray[np.int32], on_end: Callable[[], None]) -> None:
+        self._received = _Received()
+        super().__init__(prompt_tokens, cast("SequenceStream", self._received), "stop", _stop)
+        self._on_end = on_end
+        self._end_lock = threading.Lock()
+        self._proc: _Process | None = None
+        self._rid = 0
+
+    def _halt(self) -> None:
+        """What :meth:`cancel` does (once): stop the request in the child and end its stream."""
+        if self._proc is not None:
+            self._proc.cancel(self._rid)  # CANCEL to the child; its later replies are dropped
+        self._end("cancelled", None)
+
+    def _take(self, msg: tuple[Any, ...]) -> None:
+        """One reply, on the worker's reader thread: no queue and no thread hop per token."""
+        kind = msg[0]
+        if kind == p.TOKEN:
+            _, _, token, text, index, logprob, top = msg
+            got = self._received
+            if token >= 0:
+                if self.t_first_token is None:
+                    self.t_first_token = time.perf_counter()
+                got.token_ids.append(token)
+            if text:
+                got.texts.append(text)
+            waiter = self._channel.put(TokenEvent(token, text, index, logprob, top))
+            if waiter is not None:  # the consumer's loop is parked on this request
+                wake((waiter,))
+        elif kind == p.END:
+            self.n_cached = msg[4]
+            self._end(msg[2], None)
+        elif kind == p.ERR:
+            self._end(None, p.decode_error(msg[2], WorkerError))
+        else:  # CRASH: WorkerCrashedError, or ClosedError when the engine was closed
+            self._end(None, msg[2])
+
+    def _end(self, reason: FinishReason | None, error: BaseException | None) -> None:
+        with self._end_lock:  # the reader's END and a consumer's cancel may race: the first one counts
+            if self.t_done is not None:
+                return
+            self._received.finish_reason, self.error, self.t_done = reason, error, time.perf_counter()
+        if self._proc is not None:  # else submit() forgets it once the child has taken the request
+            self._proc.done(self._rid)
+        wake((self._channel.close(error),))
+        self._on_end()
+
+
+def _stop(req: EngineRequest) -> None:
+    assert isinstance(req, IsolatedRequest)
+    req._halt()
+
+
+class _Sink(_Inbox):
+    """Hands the worker's replies to one request as they arrive."""
+
+    __slots__ = ("req",)
+
+    def __init__(self, req: IsolatedRequest) -> None:
+        super().__init__()
+        self.req = req
+
+    def put(self, msg: tuple[Any, ...]) -> None:
+        self.req._take(msg)
+
+
+class IsolatedEngine:
+    """An :class:`pyllama.engine.Engine` in a worker process, for servers that must outlive a crash.
+
+    ``model`` is a GGUF path; the keywords are :class:`pyllama.engine.Engine`'s (``n_gpu_layers``
+    :class:`pyllama.Model`'s). ``model`` here is a vocabulary-only model (tokenizer, chat
+    template, metadata). Errors found in the child (a bad grammar) are raised by the request's
+    iterator, not by :meth:`submit`. ``worker_pid`` is the child's process id.
+    """
+
+    def __init__(self, model: str | os.PathLike[str], *, n_gpu_layers: int | Literal["all", "auto"] = "auto",
+                 n_slots: int = 4, n_ctx: int | Literal["auto"] = "auto", n_batch: int = 512, n_ubatch: int = 512,
+                 n_threads: int | None = None, n_threads_batch: int | None = None,
+                 flash_attn: Literal["auto", "on", "off"] | bool = "auto", type_k: str | int = "f16",
+                 type_v: str | int = "f16", max_queue: int = 64, slot_prompt_similarity: float = 0.1,
+                 embeddings: bool = True, log_level: str = "WARNING", progress: bool | None = None) -> None:
+        if not isinstance(n_slots, int) or n_slots < 1:
+            raise ValueError("n_slots must be an int >= 1")
+        if max_queue < 0:
+            raise ValueError("max_queue must be >= 0")
+        self.model = vocab = _VocabModel(model, vocab_only=True, progress=progress)
+        self.max_queue = max_queue
+        self._lock = threading.Condition()
+        self._in_flight = 0
+        self._closed = False
+        try:
+            self._worker = Worker(log_level=log_level, restart=True)
+            spec = {"model": os.fspath(self.model.path), "model_options": {"n_gpu_layers": n_gpu_layers},
+                    "engine_options": {"n_slots": n_slots, "n_ctx": n_ctx, "n_batch": n_batch,
+                                       "n_ubatch": n_ubatch, "n_threads": n_threads,
+                                       "n_threads_batch": n_threads_batch, "flash_attn": flash_attn,
+                                       "type_k": type_k, "type_v": type_v, "max_queue": max_queue,
+                                       "slot_prompt_similarity": slot_prompt_similarity,
+                                       "embeddings": embeddings}}
+            info = self._worker._load_spec(spec)
+        except BaseException:
+            if hasattr(self, "_worker"):
+                self._worker.close()
+            self.model.close()
+            raise
+        vocab.facts = dict(info["model_facts"])
+        self.n_slots: int = info["n_slots"]
+        self.n_ctx_slot: int = info["n_ctx_slot"]
+        self.n_batch: int = info["n_batch"]
+        self.embeddings: bool = info["embeddings"]
+
+    # --- requests -------------------------------------------------------------------------------
+    def submit(self, prompt: str | bytes | Sequence[int] | npt.NDArray[np.integer[Any]], *,
+               max_tokens: int | None = 256, stop: Sequence[str] = (), sampler: Sequence[Sampler] | None = None,
+               logprobs: bool = False, top_logprobs: int = 0, add_special: bool = True,
+               parse_special: bool = True, context_full: ContextFull = "stop",
+               ignore_eos: bool = False, grammar: str | None = None,
+               json_schema: Mapping[str, Any] | str | None = None) -> IsolatedRequest:
+        """Queue a generation in the child, as :meth:`pyllama.engine.Engine.submit` does in process.
+
+        Non-blocking, except that the first request after a crash starts the fresh child.
+        """
+        if self._closed:
+            raise ClosedError("the engine is closed")
+        tokens = check_request(self.model.vocab, prompt, n_ctx_slot=self.n_ctx_slot, max_tokens=max_tokens,
+                               add_special=add_special, parse_special=parse_special, context_full=context_full)
+        options = {"max_tokens": max_tokens, "stop": list(stop),
+                   "sampler": None if sampler is None else list(sampler), "logprobs": logprobs,
+                   "top_logprobs": top_logprobs, "context_full": context_full, "ignore_eos": ignore_eos,
+                   "grammar": grammar, "json_schema": json_schema if isinstance(json_schema, (str, type(None)))
+                   else dict(json_schema)}
+        with self._lock:  # the child's queue bound, counted here so a full queue is a 503 before any byte
+            if self._in_flight >= self.n_slots + self.max_queue:
+                raise EngineBusyError(f"the engine is busy: {self._in_flight} requests are in flight "
+                                      f"(max_queue={self.max_queue})",
+                                      retry_after=1.0 + self._in_flight / self.n_slots)
+            self._in_flight += 1
+        req = IsolatedRequest(tokens, self._request_ended)
+        try:
+            proc, rid, _ = self._worker._submit(p.ENGINE_SUBMIT, tokens, options, inbox=_Sink(req))
+        except BaseException:
+            self._request_ended()
+            raise
+        req._proc, req._rid = proc, rid
+        if req.done:  # it ended before we got here (the reader thread was quicker)
+            proc.done(rid)
+        return req
+
+    def _request_ended(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+            self._lock.notify_all()
+
+    def generate(self, prompt: str | bytes | Sequence[int] | npt.NDArray[np.integer[Any]], *,
+                 max_tokens: int | None = 256, stop: Sequence[str] = (),
+                 sampler: Sequence[Sampler] | None = None) -> str:
+        """Submit and wait: the whole completion as one string."""
+        return self.submit(prompt, max_tokens=max_tokens, stop=stop, sampler=sampler).result()
+
+    # --- tokens and embeddings (tokens on the host's vocabulary) ----------------------------------
+    def tokenize(self, text: str | bytes, *, add_special: bool = True,
+                 parse_special: bool = False) -> npt.NDArray[np.int32]:
+        return self.model.vocab.tokenize(text, add_special=add_special, parse_special=parse_special)
+
+    def detokenize(self, tokens: Sequence[int] | npt.NDArray[np.integer[Any]]) -> str:
+        return self.model.vocab.detokenize(tokens)
+
+    def embed(self, texts: Sequence[str], *, normalize: bool = True) -> npt.NDArray[np.float32]:
+        """Embeddings of ``texts``, shape (len(texts), n_embd), computed in the child."""
+        items = check_embed_request(texts, embeddings=self.embeddings)
+        vectors: npt.NDArray[np.float32] = self._worker._call(p.ENGINE_EMBED, items, normalize)
+        return vectors
+
+    async def aembed(self, texts: Sequence[str], *, normalize: bool = True) -> npt.NDArray[np.float32]:
+        return await asyncio.to_thread(self.embed, texts, normalize=normalize)
+
+    # --- state ----------------------------------------------------------------------------------
+    @property
+    def worker_pid(self) -> int | None:
+        """The child's process id (None while no child runs: after a crash, until the next request)."""
+        return self._worker.pid
+
+    def stats(self) -> EngineStats:
+        """The child engine's counters (they restart from zero with a fresh child)."""
+        stats: EngineStats | None = None
+        if not self._closed and self._worker.pid is not None:  # a scrape never starts a child
+            stats = self._worker._call(p.ENGINE_STATS)
+        if stats is None:  # the fresh child has not loaded its engine yet
+            zero = dict.fromkeys(("busy_slots", "queue_len", "requests_total", "requests_done",
+                                  "requests_cancelled", "requests_failed", "requests_rejected", "steps",
+                                  "batched_steps", "max_requests_in_step", "prompt_tokens",
+                                  "cached_prompt_tokens", "generated_tokens"), 0)
+            stats = EngineStats(n_slots=self.n_slots, **zero)
+        return stats
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self, *, drain: bool = False, timeout: float | None = None) -> None:
+        """Stop the child (with ``drain``, after the requests in flight finish, up to ``timeout``
+        seconds) and free the vocabulary. Requests still running raise :class:`ClosedError`. Idempotent."""
+        self._closed = True
+        if drain:
+            with self._lock:
+                self._lock.wait_for(lambda: self._in_flight == 0, timeout)
+        self._worker.close()
+        self.model.close()
+
+    async def aclose(self, *, drain: bool = False, timeout: float | None = None) -> None:
+        await asyncio.to_thread(self.close, drain=drain, timeout=timeout)
+
+    def __enter__(self) -> IsolatedEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"<pyllama.worker.IsolatedEngine slots={self.n_slots} pid={self.worker_pid}"
+                f"{' closed' if self._closed else ''}>")
+
+
+__all__ = ["IsolatedEngine", "IsolatedRequest"]

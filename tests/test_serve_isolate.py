@@ -1,0 +1,152 @@
+"""`pyllama serve --isolate`: the engine in a worker process; a crash there fails only the requests in
+flight, the server stays up and the next request runs on a fresh worker.
+
+Real server subprocesses on the synthetic model, real HTTP clients, a real SIGKILL of the worker.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server_fixture import RemoteServer
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the worker through /proc")
+
+PROMPT = "the cat sat on"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+
+
+def _workers(parent: int) -> list[int]:
+    """The live ``pyllama.worker.child`` processes whose parent is ``parent``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == parent and fields[0] != "Z" and b"pyllama.worker.child" in cmd:
+            found.append(int(entry))
+    return found
+
+
+def _complete(srv: RemoteServer, **extra: object) -> httpx.Response:
+    body = {"prompt": PROMPT, "max_tokens": 16, "temperature": 0, **extra}
+    return httpx.post(srv.url_for("v1", "completions"), json=body, timeout=60)
+
+
+def test_isolated_server_survives_a_killed_worker(synth_model_path: Path) -> None:
+    args = ("-c", "2048", "--slots", "2")
+    with RemoteServer(synth_model_path, *args) as plain:
+        r = _complete(plain)
+        assert r.status_code == 200, r.text
+        expected = r.json()["choices"][0]["text"]
+    assert expected
+
+    srv = RemoteServer(synth_model_path, *args, "--isolate", stop_timeout=20).start()
+    seen: list[int] = []
+    try:
+        assert srv.proc is not None
+        server_pid = srv.proc.pid
+        r = _complete(srv)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == expected  # the same greedy completion as in process
+        (worker,) = _workers(server_pid)
+        seen.append(worker)
+
+        got: list[str] = []
+
+        def stream() -> None:
+            body = {"prompt": PROMPT, "max_tokens": 2000, "ignore_eos": True, "stream": True, "logprobs": 20,
+                    "temperature": 0}
+            with httpx.stream("POST", srv.url_for("v1", "completions"), json=body, timeout=60) as resp:
+                got.append(f"status {resp.status_code}")
+                for line in resp.iter_lines():
+                    got.append(line)
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            fut = pool.submit(stream)
+            deadline = time.monotonic() + 30
+            while not any(line.startswith("data: {") for line in got):
+                assert time.monotonic() < deadline and not fut.done(), got[:3]
+                time.sleep(0.01)
+            os.kill(worker, signal.SIGKILL)
+            fut.result(timeout=30)
+        lines = [line for line in got if line]
+        assert lines[-1] == "data: [DONE]", lines[-3:]
+        error = json.loads(lines[-2].removeprefix("data: "))["error"]  # the in-band OpenAI error event
+        assert "SIGKILL" in error["message"] and error["code"] == "WorkerCrashedError", error
+        assert not any('"finish_reason": "length"' in line for line in lines)
+
+        assert srv.proc.poll() is None, srv.log_tail()  # the server is still up
+        assert httpx.get(srv.url_for("health"), timeout=10).status_code == 200
+        r = _complete(srv)  # on a fresh worker
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == expected
+        (fresh,) = _workers(server_pid)
+        assert fresh != worker
+        seen.append(fresh)
+        metrics = httpx.get(srv.url_for("metrics"), timeout=10)
+        assert metrics.status_code == 200 and "engine_requests_done_total" in metrics.text
+    finally:
+        code = srv.stop()
+    assert code in (0, -15), srv.log_tail()
+    deadline = time.monotonic() + 10  # the worker exits with its server
+    while any(_alive(pid) for pid in seen) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(pid) for pid in seen), seen
+
+
+def test_isolated_requests_stream_concurrently_and_cancel(synth_model_path: Path) -> None:
+    """The host API directly: two requests in flight at once, a cancel that reaches the child."""
+    import asyncio
+
+    from pyllama.worker import IsolatedEngine
+
+    with IsolatedEngine(synth_model_path, n_slots=2, n_ctx=512, n_threads=1, n_threads_batch=1) as engine:
+        assert engine.model.n_embd > 0 and engine.model.n_ctx_train > 0  # facts of the weights, from the child
+
+        async def both() -> list[str]:
+            async def one(prompt: str) -> str:
+                req = engine.submit(prompt, max_tokens=200, ignore_eos=True)
+                return "".join([ev.text async for ev in req])
+
+            return list(await asyncio.gather(one("the cat"), one("once upon a time")))
+
+        texts = asyncio.run(both())
+        assert all(texts)
+        stats = engine.stats()
+        assert stats.requests_done == 2 and stats.generated_tokens == 400
+        assert stats.max_requests_in_step == 2  # the child decoded both together: it did not serialise them
+
+        req = engine.submit("the cat", max_tokens=400, ignore_eos=True)
+        next(iter(req))
+        req.cancel()
+        assert req.finish_reason == "cancelled"
+        deadline = time.monotonic() + 10
+        while engine.stats().requests_cancelled < 1:  # the child's engine freed the slot
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert texts[0].startswith(engine.generate("the cat", max_tokens=8))  # greedy, after the cancel
+        pid = engine.worker_pid
+        assert pid is not None
+    assert not _alive(pid)
