@@ -398,3 +398,31 @@ def test_bench_rpc_option_maps_to_llama_bench() -> None:
     with pytest.raises(UsageError, match="interleave test"):
         parse_args(["-m", "x.gguf", "-rpc", "127.0.0.1:50052", "--native"])
     assert parse_args(["-m", "x.gguf", "--rpc", "h:1", "--native", "--interleave", "test"]).rpc == "h:1"
+
+
+@pytest.mark.starter
+def test_server_killed_mid_generation_in_a_worker_is_a_clear_error(starter_model_path: Path,
+                                                                   local_tokens: list[int]) -> None:
+    """Through pyllama.Worker, the abort ggml makes of a lost server stays in the child: the app gets
+    WorkerCrashedError naming it, within the stated bound, and the next load on a restarted server works."""
+    bound = rpc.DEAD_PEER_SECONDS + 30
+    server = pyllama.rpc_server(device="CPU", threads=1)
+    port = server.port
+    with pyllama.Worker(restart=True) as worker:
+        worker.load(str(starter_model_path), rpc=[server.endpoint], n_ctx=512, n_threads=1)
+        stream = worker.generate(PROMPT, max_tokens=100_000, ignore_eos=True)
+        it = iter(stream)
+        for _ in range(3):
+            next(it)
+        server.kill()
+        t0 = time.monotonic()
+        with pytest.raises(pyllama.WorkerCrashedError) as info:
+            for _ in it:
+                pass
+        assert time.monotonic() - t0 < bound
+        assert "Remote RPC server crashed" in str(info.value) or "SIGABRT" in str(info.value)
+        server.close()
+        with pyllama.rpc_server(device="CPU", threads=1, port=port) as again:
+            worker.load(str(starter_model_path), rpc=[again.endpoint], n_ctx=256, n_threads=1, flash_attn="off")
+            tokens = [ev.token for ev in worker.generate(PROMPT, max_tokens=N_TOKENS) if ev.token >= 0]
+    assert tokens == local_tokens[: len(tokens)] and len(tokens) == len(local_tokens)

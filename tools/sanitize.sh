@@ -28,7 +28,7 @@ cd "$root"
 bdir=build/asan
 jobs=${SANITIZE_JOBS:-2}
 opt=${SANITIZE_OPT:--O1}
-san="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize=vptr -g1 $opt"
+san="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize=vptr -g1 -DNDEBUG $opt"  # NDEBUG: release semantics (no debug assert())
 log() { echo "sanitize: $*" >&2; }
 export PATH="$root/.venv/bin:$PATH"  # cmake and ninja from the dev venv
 dry=${SANITIZE_DRY:-0}
@@ -38,7 +38,7 @@ if [ "$cpu" = 1 ]; then targets="$targets ggml-cpu"; fi
 
 [ -f vendor/llama.cpp/include/llama.h ] || .venv/bin/python tools/vendor.py
 site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-binding=$(ls "$site"/pyllama/_cffi*.so 2>/dev/null | head -1)
+binding=$(find "$site/pyllama" -maxdepth 1 -name '_cffi*.so' 2>/dev/null | head -n1)
 [ -n "$binding" ] || { log "no installed binding in $site/pyllama: run tools/dev.sh first"; exit 1; }
 
 t0=$(date +%s)
@@ -80,22 +80,25 @@ fi
 vsite=$("$bdir/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 echo "$root/$bdir/pkg" > "$vsite/00-pyllama-asan.pth"
 echo "$site" > "$vsite/zz-pyllama-venv.pth"
-"$bdir/venv/bin/python" -c 'import pyllama, pyllama._ffi as f; print("sanitize: pyllama from", pyllama.__file__, "libs", f.LIB_DIR)'
 
 reports=$bdir/reports
 rm -rf "$reports"
 mkdir -p "$reports"
 export ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=0:log_path=$root/$reports/asan:symbolize=1"
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=0:log_path=$root/$reports/ubsan"
-if [ "$dry" != 1 ]; then export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)"; fi
+if [ "$dry" != 1 ]; then
+  preload="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)"
+  export LD_PRELOAD="$preload"
+fi
 export GGML_NO_BACKTRACE=1
+"$bdir/venv/bin/python" -c 'import pyllama, pyllama._ffi as f; print("sanitize: pyllama from", pyllama.__file__, "libs", f.LIB_DIR)'
 set +e
 "$bdir/venv/bin/python" -m pytest -q -p no:cacheprovider -o addopts="" \
   tests/test_malformed.py tests/test_misuse.py tests/test_state_untrusted.py "$@"
 rc=$?
 set -e
 unset LD_PRELOAD
-n=$(ls "$reports" | wc -l)
+n=$(find "$reports" -mindepth 1 -maxdepth 1 | wc -l)
 log "pytest exit status $rc; $n sanitizer report file(s) in $reports"
 for f in "$reports"/*; do
   [ -f "$f" ] || continue
