@@ -296,11 +296,12 @@ def test_api_key_busy_and_graceful_shutdown(synth_model_path: Path) -> None:
 
 def test_sigterm_exits_cleanly_with_a_stream_in_flight(synth_model_path: Path) -> None:
     # --shutdown-timeout 0: requests in flight are cut at once (a long one is sure to be running)
-    srv = RemoteServer(synth_model_path, "-c", "2048", "--slots", "1", "--shutdown-timeout", "0").start()
+    # 30,000 tokens: seconds of work, so the stream is still running when SIGTERM comes on a loaded machine
+    srv = RemoteServer(synth_model_path, "-c", "32768", "--slots", "1", "--shutdown-timeout", "0").start()
     got: list[str] = []
 
     def stream() -> None:
-        body = {"prompt": "the cat", "max_tokens": 2000, "ignore_eos": True, "stream": True, "logprobs": 20}
+        body = {"prompt": "the cat", "max_tokens": 30000, "ignore_eos": True, "stream": True, "logprobs": 20}
         try:
             with httpx.stream("POST", srv.url_for("v1", "completions"), json=body, timeout=60) as r:
                 for line in r.iter_lines():
