@@ -179,8 +179,10 @@ class Context(Handle):
     ``n_threads`` and ``n_threads_batch`` default to the CPUs this process may
     use; explicit counts must lie in [1, 512] (ggml's limit, :func:`check_threads`).
 
-    One context serialises its own use across threads; separate contexts on one
-    model decode in parallel (the GIL is released inside llama.cpp).
+    One context serialises its own use across threads, and serves one generation
+    at a time: :func:`pyllama.generate` from a second thread raises
+    :class:`~pyllama.BusyError` while another thread generates on it. Separate
+    contexts on one model decode in parallel (the GIL is released inside llama.cpp).
     """
 
     _kind = "context"
