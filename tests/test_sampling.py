@@ -131,6 +131,8 @@ def test_argmax_paths_pick_llamacpp_greedy_token(model) -> None:  # type: ignore
         ctx.evaluate([1, 5, 9])
         chain = pyllama.SamplerChain([pyllama.Greedy()], model)
         stream = SequenceStream(model, [pyllama.Greedy()])
+        no_eog = SequenceStream(model, [pyllama.Greedy()], ignore_eos=True)
+        eog = [t for t in range(model.vocab.n_tokens) if model.vocab.is_eog(t)]
         p, n_vocab = ctx._p(), model.vocab.n_tokens
         view = np.frombuffer(ffi.buffer(lib.llama_get_logits_ith(p, -1), n_vocab * 4), dtype=np.float32)
         out, buf = ffi.new("int32_t[3]"), ffi.new("char[]", 256)
@@ -148,5 +150,14 @@ def test_argmax_paths_pick_llamacpp_greedy_token(model) -> None:  # type: ignore
             lib.pyllama_fused_step(p, chain._p(), model.vocab._v(), -1, 0, 0, 1, n_vocab, 0, buf, 256, out)
             assert out[0] == expected, trial
             assert stream.sample(p, -1) == expected, trial
+            # ignore_eos: greedy over the logits with end-of-generation tokens at -inf
+            masked = arr.copy()
+            masked[eog] = -np.inf
+            view[:] = masked
+            expected_no_eog = lib.llama_sampler_sample(chain._p(), p, -1)
+            view[:] = arr
+            assert no_eog.sample(p, -1) == expected_no_eog, trial
+            assert np.array_equal(view, arr, equal_nan=True)  # the logits are left as they were
         stream.close()
+        no_eog.close()
         chain.close()

@@ -117,7 +117,7 @@ class SequenceStream:
 
     __slots__ = ("model", "chain", "own_chain", "max_tokens", "want_logprobs", "top_logprobs", "ignore_eos",
                  "_stop", "_decoder", "_vocab_p", "_scratch", "_gen", "n_generated", "finish_reason", "text",
-                 "_argmax", "_eog_ids")
+                 "_argmax", "_greedy", "_eog_ids")
 
     def __init__(self, model: Model, sampler: SamplerArg = None, *, seed: int | None = None,
                  max_tokens: int | None = 256, stop: Sequence[str] = (), logprobs: bool = False,
@@ -133,7 +133,8 @@ class SequenceStream:
         self.chain, self.own_chain = build_chain(model, sampler, seed, grammar=grammar, json_schema=json_schema)
         # llama.cpp's greedy sampler builds a vocabulary-sized candidate array per
         # token; argmax over the logits view picks the same token (first maximum).
-        self._argmax = not ignore_eos and self.chain.specs == (Greedy(),)
+        self._greedy = self.chain.specs == (Greedy(),)
+        self._argmax = not ignore_eos and self._greedy
         self.max_tokens = max_tokens
         self.want_logprobs = logprobs or top_logprobs > 0
         self.top_logprobs = top_logprobs
@@ -170,11 +171,32 @@ class SequenceStream:
             if logits[token] == logits[token]:  # numpy picks a NaN; llama.cpp's rule never does
                 return token
         if self.ignore_eos:
+            if self._greedy:
+                return self._argmax_without_eog(ctx_ptr, row)
             return self._sample_without_eog(ctx_ptr, row)
         return self.chain._sample(ctx_ptr, row)
 
     def _scratch_size(self) -> int:
         return int(self.model.vocab.n_tokens)
+
+    def _argmax_without_eog(self, ctx_ptr: Any, row: int) -> int:
+        # Greedy with end-of-generation tokens at -inf: argmax over the view, EOG logits set
+        # aside for the call (the serving benchmark's case: greedy with ignore_eos).
+        if self._eog_ids is None:
+            self._eog_ids = _eog_tokens(self.model)
+        ptr = lib.llama_get_logits_ith(ctx_ptr, row)
+        if ptr == ffi.NULL:
+            raise IndexError(f"no logits for batch row {row}")
+        arr = np.frombuffer(ffi.buffer(ptr, self._scratch_size() * 4), dtype=np.float32)
+        saved = arr[self._eog_ids].copy()
+        arr[self._eog_ids] = -np.inf
+        try:
+            token = int(np.argmax(arr))
+            if arr[token] == arr[token]:
+                return token
+        finally:
+            arr[self._eog_ids] = saved
+        return self._sample_without_eog(ctx_ptr, row)  # a NaN: llama.cpp's own rule
 
     def _sample_without_eog(self, ctx_ptr: Any, row: int) -> int:
         # Like llama-server's ignore_eos: end-of-generation tokens get -inf before sampling.
