@@ -18,12 +18,10 @@
 
 static thread_local std::string g_last_error;
 
-// Sample (and accept) from the logits of row `idx`. Returns 0 and writes the
-// token, or -1 when a sampler threw (pyllama_sampling_error() says what).
-PYLLAMA_SAMPLING_API int32_t pyllama_sampler_sample(struct llama_sampler * smpl, struct llama_context * ctx,
-                                                    int32_t idx, llama_token * token) {
+// Run `fn`; 0 when it returned, -1 when it threw (the message kept for pyllama_sampling_error()).
+template <typename F> static int32_t guarded(F && fn) {
     try {
-        *token = llama_sampler_sample(smpl, ctx, idx);
+        fn();
         return 0;
     } catch (const std::exception & e) {
         g_last_error = e.what();
@@ -33,17 +31,16 @@ PYLLAMA_SAMPLING_API int32_t pyllama_sampler_sample(struct llama_sampler * smpl,
     return -1;
 }
 
+// Sample (and accept) from the logits of row `idx`. Returns 0 and writes the
+// token, or -1 when a sampler threw (pyllama_sampling_error() says what).
+PYLLAMA_SAMPLING_API int32_t pyllama_sampler_sample(struct llama_sampler * smpl, struct llama_context * ctx,
+                                                    int32_t idx, llama_token * token) {
+    return guarded([&] { *token = llama_sampler_sample(smpl, ctx, idx); });
+}
+
 // llama_sampler_accept, likewise.
 PYLLAMA_SAMPLING_API int32_t pyllama_sampler_accept(struct llama_sampler * smpl, llama_token token) {
-    try {
-        llama_sampler_accept(smpl, token);
-        return 0;
-    } catch (const std::exception & e) {
-        g_last_error = e.what();
-    } catch (...) {
-        g_last_error = "unknown exception";
-    }
-    return -1;
+    return guarded([&] { llama_sampler_accept(smpl, token); });
 }
 
 // The message of this thread's last failed pyllama_sampler_* call.

@@ -13,7 +13,7 @@ from ._ffi import ffi, lib
 from .batch import Batch
 from .errors import BusyError, ClosedError, ContextOverflowError, SamplerError
 from .sampling import sampling_error
-from .stream import FinishReason, SamplerArg, SequenceStream, StopMatcher, TokenEvent
+from .stream import FinishReason, SamplerArg, SequenceStream, StopMatcher, StreamResults, TokenEvent
 from .vocab import as_tokens
 
 if TYPE_CHECKING:
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 Prompt = Union[str, bytes, npt.ArrayLike]
 
 
-class Generation:
+class Generation(StreamResults):
     """An iterator of :class:`TokenEvent` and a context manager; see :func:`generate`.
 
     After the stream ends, ``finish_reason`` says why, ``tokens`` holds the
@@ -65,18 +65,6 @@ class Generation:
         self.n_prompt_evaluated = 0
         self._iter: Iterator[TokenEvent] | None = None
         self._closed = False
-
-    @property
-    def tokens(self) -> npt.NDArray[np.int32]:
-        return self._stream.tokens
-
-    @property
-    def n_generated(self) -> int:
-        return self._stream.n_generated
-
-    @property
-    def text(self) -> str:
-        return self._stream.text
 
     @property
     def finish_reason(self) -> FinishReason | None:

@@ -107,6 +107,25 @@ def build_chain(model: Model, sampler: SamplerArg, seed: int | None = None, *, g
     return SamplerChain(specs, model), True
 
 
+class StreamResults:
+    """What a finished or running generation produced, read from its :class:`SequenceStream`
+    (shared by :class:`pyllama.Generation` and the engine's requests)."""
+
+    _stream: SequenceStream
+
+    @property
+    def text(self) -> str:
+        return self._stream.text
+
+    @property
+    def tokens(self) -> npt.NDArray[np.int32]:
+        return self._stream.tokens
+
+    @property
+    def n_generated(self) -> int:
+        return self._stream.n_generated
+
+
 class SequenceStream:
     """The per-sequence state of one generation (see the module docstring).
 
@@ -117,7 +136,7 @@ class SequenceStream:
 
     __slots__ = ("model", "chain", "own_chain", "max_tokens", "want_logprobs", "top_logprobs", "ignore_eos",
                  "_stop", "_decoder", "_vocab_p", "_scratch", "_gen", "n_generated", "finish_reason", "text",
-                 "_argmax", "_greedy", "_eog_ids")
+                 "_argmax", "_greedy", "_eog_ids", "_n_vocab")
 
     def __init__(self, model: Model, sampler: SamplerArg = None, *, seed: int | None = None,
                  max_tokens: int | None = 256, stop: Sequence[str] = (), logprobs: bool = False,
@@ -143,7 +162,7 @@ class SequenceStream:
         self._stop = StopMatcher(stop)
         self._decoder = StreamDecoder(model.vocab, lstrip_first=False)
         self._vocab_p = model.vocab._v()
-        n_vocab = model.vocab.n_tokens
+        n_vocab = self._n_vocab = int(model.vocab.n_tokens)
         self._scratch = np.empty(n_vocab, dtype=np.float32) if (self.want_logprobs or ignore_eos) else None
         self._gen = np.empty(max_tokens if max_tokens is not None and max_tokens > 0 else 256, dtype=np.int32)
         self.n_generated = 0
@@ -166,7 +185,7 @@ class SequenceStream:
     def sample(self, ctx_ptr: Any, row: int) -> int:
         """Sample from the logits of batch ``row`` (which must have logits) and accept the token."""
         if self._argmax:
-            logits = _logits(ctx_ptr, row, self._scratch_size())
+            logits = _logits(ctx_ptr, row, self._n_vocab)
             token = int(np.argmax(logits))
             if logits[token] == logits[token]:  # numpy picks a NaN; llama.cpp's rule never does
                 return token
@@ -176,9 +195,6 @@ class SequenceStream:
             return self._sample_without_eog(ctx_ptr, row)
         return self.chain._sample(ctx_ptr, row)
 
-    def _scratch_size(self) -> int:
-        return int(self.model.vocab.n_tokens)
-
     def _argmax_without_eog(self, ctx_ptr: Any, row: int) -> int:
         # Greedy with end-of-generation tokens at -inf: argmax over the view, EOG logits set
         # aside for the call (the serving benchmark's case: greedy with ignore_eos).
@@ -187,7 +203,7 @@ class SequenceStream:
         ptr = lib.llama_get_logits_ith(ctx_ptr, row)
         if ptr == ffi.NULL:
             raise IndexError(f"no logits for batch row {row}")
-        arr = np.frombuffer(ffi.buffer(ptr, self._scratch_size() * 4), dtype=np.float32)
+        arr = np.frombuffer(ffi.buffer(ptr, self._n_vocab * 4), dtype=np.float32)
         saved = arr[self._eog_ids].copy()
         arr[self._eog_ids] = -np.inf
         try:
@@ -203,7 +219,7 @@ class SequenceStream:
         if self._eog_ids is None:
             self._eog_ids = _eog_tokens(self.model)
         ptr = lib.llama_get_logits_ith(ctx_ptr, row)
-        n = self._scratch_size()
+        n = self._n_vocab
         arr = np.frombuffer(ffi.buffer(ptr, n * 4), dtype=np.float32)
         saved = arr[self._eog_ids].copy()
         arr[self._eog_ids] = -np.inf
@@ -272,7 +288,7 @@ class SequenceStream:
         return None
 
     def _logprobs(self, ctx_ptr: Any, row: int, token: int) -> tuple[float, list[tuple[int, float]] | None]:
-        logits = _logits(ctx_ptr, row, self._scratch_size())
+        logits = _logits(ctx_ptr, row, self._n_vocab)
         s = self._scratch
         assert s is not None
         mx = float(logits.max())
@@ -309,5 +325,5 @@ def _eog_tokens(model: Model) -> npt.NDArray[np.intp]:
     return ids
 
 
-__all__ = ["TokenEvent", "StopMatcher", "SequenceStream", "FinishReason", "SamplerArg", "build_chain",
+__all__ = ["TokenEvent", "StopMatcher", "SequenceStream", "StreamResults", "FinishReason", "SamplerArg", "build_chain",
            "MAX_TOP_LOGPROBS"]

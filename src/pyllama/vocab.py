@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, Sized, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from .model import Model
 
 TokenArray = npt.NDArray[np.int32]
+T = TypeVar("T", bound=Sized)
 _MAX_TEXT_BYTES = 2**31 - 3  # room for BOS and EOS in an int32 token count
 
 # Below this many bytes per thread a thread pool costs more than it saves.
@@ -176,6 +177,11 @@ class Vocab:
             self._byte_guard.check(data)
         if len(data) > _LONG_TEXT and self._newline_cuts_exact(parse_special):
             return self._tokenize_long(data, add_special, parse_special)
+        return self._one_call(vp, data, add_special, parse_special)
+
+    @staticmethod
+    def _one_call(vp: Any, data: bytes, add_special: bool, parse_special: bool) -> TokenArray:
+        """One ``llama_tokenize`` of checked bytes."""
         # A token covers at least one byte, plus BOS/EOS: one call suffices almost always.
         out = np.empty(len(data) + 2, dtype=np.int32)
         n = lib.llama_tokenize(vp, data, len(data), ffi.from_buffer("llama_token[]", out), out.size,
@@ -242,7 +248,8 @@ class Vocab:
             pos = s + _LONG_PIECE
         cuts.append(n)
         pieces = [data[a:b] for a, b in zip(cuts, cuts[1:]) if b > a]
-        parts = self.tokenize_many(pieces, add_special=False, parse_special=parse_special)
+        vp = self._vp  # the text was checked whole: the pieces go straight to llama_tokenize
+        parts = _map_in_threads(lambda piece: self._one_call(vp, piece, False, parse_special), pieces, None)
         if add_special and self.add_bos and self.bos is not None:
             parts.insert(0, np.array([self.bos], dtype=np.int32))
         if add_special and self.add_eos and self.eos is not None:
@@ -258,27 +265,8 @@ class Vocab:
         small batches run on the calling thread, where a pool would cost more than it saves.
         """
         items = list(texts)
-        if n_threads is None:
-            from .context import default_threads
-
-            n_threads = default_threads()
-        if n_threads < 1:
-            raise ValueError("n_threads must be >= 1")
-        total = sum(len(t) for t in items)
-        n = min(n_threads, len(items), max(1, total // _PARALLEL_MIN_BYTES))
-        if n <= 1:
-            return [self.tokenize(t, add_special=add_special, parse_special=parse_special) for t in items]
-        # Contiguous shares of similar byte counts, one per thread: one task each, no per-text overhead.
-        bounds = np.searchsorted(np.cumsum([len(t) for t in items]), np.linspace(0, total, n + 1)[1:-1])
-        shares = np.split(np.arange(len(items)), bounds)
-
-        def run(idx: npt.NDArray[np.intp]) -> list[TokenArray]:
-            return [self.tokenize(items[i], add_special=add_special, parse_special=parse_special) for i in idx]
-
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=n, thread_name_prefix="pyllama-tokenize") as pool:
-            return [arr for part in pool.map(run, shares) for arr in part]
+        return _map_in_threads(lambda text: self.tokenize(text, add_special=add_special, parse_special=parse_special),
+                               items, n_threads)
 
     def token_to_piece(self, token: int, *, special: bool = False, lstrip: int = 0) -> bytes:
         """The bytes of one token (may be part of a UTF-8 character)."""
@@ -333,5 +321,32 @@ class Vocab:
             self._add_space_prefix = bool(toks.size) and self._piece(int(toks[0]), False, 0, ffi.new("char[]", 256)).startswith(b" ")
         return self._add_space_prefix
 
+
+
+
+def _map_in_threads(fn: Callable[[T], TokenArray], items: list[T], n_threads: int | None) -> list[TokenArray]:
+    """``[fn(x) for x in items]`` in order, over contiguous shares of similar byte counts in a thread
+    pool (fn releases the GIL inside llama_tokenize); small batches stay on the calling thread."""
+    if n_threads is None:
+        from .context import default_threads
+
+        n_threads = default_threads()
+    if n_threads < 1:
+        raise ValueError("n_threads must be >= 1")
+    sizes = [len(x) for x in items]
+    total = sum(sizes)
+    n = min(n_threads, len(items), max(1, total // _PARALLEL_MIN_BYTES))
+    if n <= 1:
+        return [fn(x) for x in items]
+    bounds = np.searchsorted(np.cumsum(sizes), np.linspace(0, total, n + 1)[1:-1])
+    shares = np.split(np.arange(len(items)), bounds)
+
+    def run(idx: npt.NDArray[np.intp]) -> list[TokenArray]:
+        return [fn(items[i]) for i in idx]
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=n, thread_name_prefix="pyllama-tokenize") as pool:
+        return [arr for part in pool.map(run, shares) for arr in part]
 
 __all__ = ["Vocab", "TokenArray", "as_tokens"]

@@ -420,7 +420,32 @@ def check_embed_request(texts: Sequence[str], *, embeddings: bool) -> list[str]:
     return items
 
 
-class Engine:
+class EngineFront:
+    """What every engine offers on top of ``submit``: a blocking generate, and tokens on its model's vocabulary
+    (shared by :class:`Engine` and the worker's ``IsolatedEngine``)."""
+
+    model: Model
+
+    def submit(self, prompt: str | bytes | Sequence[int] | npt.NDArray[np.integer[Any]], *,
+               max_tokens: int | None = 256, stop: Sequence[str] = (),
+               sampler: Sequence[Sampler] | None = None) -> EngineRequest:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def generate(self, prompt: str | bytes | Sequence[int] | npt.NDArray[np.integer[Any]], *,
+                 max_tokens: int | None = 256, stop: Sequence[str] = (),
+                 sampler: Sequence[Sampler] | None = None) -> str:
+        """Submit and wait: the whole completion as one string."""
+        return self.submit(prompt, max_tokens=max_tokens, stop=stop, sampler=sampler).result()
+
+    def tokenize(self, text: str | bytes, *, add_special: bool = True,
+                 parse_special: bool = False) -> npt.NDArray[np.int32]:
+        return self.model.vocab.tokenize(text, add_special=add_special, parse_special=parse_special)
+
+    def detokenize(self, tokens: Sequence[int] | npt.NDArray[np.integer[Any]]) -> str:
+        return self.model.vocab.detokenize(tokens)
+
+
+class Engine(EngineFront):
     """Continuous batching over one model: many concurrent requests, one context, one thread.
 
     ``n_ctx`` is the context of one slot (prompt plus generated tokens of one
@@ -488,20 +513,7 @@ class Engine:
         self._core.enqueue(req)
         return req
 
-    def generate(self, prompt: str | bytes | Sequence[int] | npt.NDArray[np.integer[Any]], *,
-                 max_tokens: int | None = 256, stop: Sequence[str] = (),
-                 sampler: Sequence[Sampler] | None = None) -> str:
-        """Submit and wait: the whole completion as one string."""
-        return self.submit(prompt, max_tokens=max_tokens, stop=stop, sampler=sampler).result()
-
-    # --- tokens and embeddings --------------------------------------------------------------------
-    def tokenize(self, text: str | bytes, *, add_special: bool = True,
-                 parse_special: bool = False) -> npt.NDArray[np.int32]:
-        return self.model.vocab.tokenize(text, add_special=add_special, parse_special=parse_special)
-
-    def detokenize(self, tokens: Sequence[int] | npt.NDArray[np.integer[Any]]) -> str:
-        return self.model.vocab.detokenize(tokens)
-
+    # --- embeddings -----------------------------------------------------------------------------------
     def _embed_task(self, texts: list[str], normalize: bool) -> Callable[[], npt.NDArray[np.float32]]:
         core = self._core
         model = self.model
@@ -564,4 +576,4 @@ class Engine:
                 f"{' closed' if self.closed else ''}>")
 
 
-__all__ = ["Engine", "EngineStats", "ContextFull"]
+__all__ = ["Engine", "EngineFront", "EngineStats", "ContextFull"]

@@ -11,7 +11,7 @@ import numpy.typing as npt
 
 from .._channel import END, EventChannel
 from ..errors import LlamaError
-from ..stream import FinishReason, TokenEvent
+from ..stream import FinishReason, StreamResults, TokenEvent
 
 if TYPE_CHECKING:
     from ..stream import SequenceStream
@@ -28,7 +28,7 @@ class EngineBusyError(LlamaError, RuntimeError):
 _ids = itertools.count(1)
 
 
-class EngineRequest:
+class EngineRequest(StreamResults):
     """One generation in the engine: iterate it (``for`` or ``async for``) for :class:`TokenEvent` s.
 
     Leaving an ``async for`` early, the ``with`` block, or :meth:`cancel` frees
@@ -59,18 +59,6 @@ class EngineRequest:
     @property
     def finish_reason(self) -> FinishReason | None:
         return self._stream.finish_reason if self.t_done is not None else None
-
-    @property
-    def text(self) -> str:
-        return self._stream.text
-
-    @property
-    def tokens(self) -> npt.NDArray[np.int32]:
-        return self._stream.tokens
-
-    @property
-    def n_generated(self) -> int:
-        return self._stream.n_generated
 
     @property
     def done(self) -> bool:
