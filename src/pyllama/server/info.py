@@ -1,0 +1,47 @@
+"""The read-only endpoints: ``/health``, ``/metrics`` (Prometheus) and ``/v1/models``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+
+from .responses import json_response
+from .state import ServerState
+
+
+async def health(server: ServerState, request: Request) -> Response:
+    if server.engine is not None:
+        return json_response({"status": "ok"})
+    if server.load_error is not None:
+        return json_response({"status": "error", "message": str(server.load_error)}, 500)
+    return json_response({"status": "loading"}, 503)
+
+
+async def metrics_endpoint(server: ServerState, request: Request) -> Response:
+    stats = server.engine.stats() if server.engine is not None else None
+    text = server.metrics.render(stats, model_name=server.model_name, loaded=server.engine is not None)
+    return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def _model_card(server: ServerState) -> dict[str, Any]:
+    card: dict[str, Any] = {"id": server.model_name, "object": "model", "created": server.created,
+                            "owned_by": "pyllama"}
+    if server.engine is not None:
+        e, m = server.engine, server.engine.model
+        card["meta"] = {"n_slots": e.n_slots, "n_ctx_slot": e.n_ctx_slot, "n_vocab": server.n_vocab,
+                        "n_ctx_train": m.n_ctx_train, "n_embd": m.n_embd, "n_params": m.n_params,
+                        "size": m.size}
+    return card
+
+
+async def models(server: ServerState, request: Request) -> Response:
+    server.require_engine()
+    return json_response({"object": "list", "data": [_model_card(server)]})
+
+
+async def model(server: ServerState, request: Request) -> Response:
+    server.require_engine()
+    server.check_model(request.path_params["model"])
+    return json_response(_model_card(server))

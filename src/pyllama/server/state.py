@@ -1,0 +1,295 @@
+"""The state behind one app: the engine (or its loader), its lifecycle, metrics and request plumbing.
+
+:class:`ServerState` loads or adopts the engine, refuses work while loading or
+shutting down, consumes engine requests (keep-alive ticks, client disconnects,
+latency metrics), shapes logprobs and closes every SSE stream the same way.
+The endpoint modules are functions over it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, AsyncGenerator, AsyncIterator, Callable, Union, cast
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+
+from ..stream import TokenEvent
+from . import sse
+from .chat import ChatPrompter
+from .errors import api_error
+from .metrics import Metrics
+from .protocol import APIError
+
+if TYPE_CHECKING:
+    from ..engine import Engine, EngineRequest
+
+log = logging.getLogger("pyllama.server")
+
+EngineSource = Union["Engine", Callable[[], "Engine"]]
+
+_FINISH = {"eog": "stop", "stop": "stop", "length": "length", "context": "length", "cancelled": "stop"}
+
+
+def finish_reason(er: EngineRequest) -> str:
+    """OpenAI's ``finish_reason`` for how the engine request ended."""
+    return _FINISH.get(er.finish_reason or "stop", "stop")
+
+
+class ServerState:
+    """The state behind one app: the engine (or its loader), metrics and the request handlers."""
+
+    def __init__(self, source: EngineSource, *, api_key: str | None, model_name: str | None,
+                 keepalive_s: float, chat_template: str | None) -> None:
+        self.engine: Engine | None = None
+        self.loader: Callable[[], Engine] | None = None
+        self.chat_template = chat_template
+        if hasattr(source, "submit"):  # an Engine, or anything offering its API (e.g. an isolated one)
+            self._adopt(cast("Engine", source))
+        else:
+            self.loader = source
+        self.owns_engine = self.loader is not None
+        self.api_key = api_key
+        self.model_name = model_name or (self._default_name() if self.engine is not None else "pyllama")
+        self.keepalive_s = keepalive_s
+        self.metrics = Metrics()
+        self.created = int(time.time())
+        self.load_error: BaseException | None = None
+        self.on_load_error: list[Callable[[BaseException], None]] = []
+        self._load_thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._active: set[EngineRequest] = set()
+        self.closing = False
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def _default_name(self) -> str:
+        assert self.engine is not None
+        return Path(str(self.engine.model.path)).name
+
+    def _adopt(self, engine: Engine) -> None:
+        self.prompter = ChatPrompter(engine.model, template=self.chat_template)
+        self.n_vocab = engine.model.vocab.n_tokens
+        self._piece_cache = functools.lru_cache(maxsize=65536)(self._piece_uncached)
+        path = Path(str(engine.model.path))
+        self.model_aliases = {path.name, path.stem, str(path)}
+        self.engine = engine  # last: requests are served from here on
+
+    def _load(self) -> None:
+        assert self.loader is not None
+        try:
+            engine = self.loader()
+            try:
+                if self.model_name == "pyllama":
+                    self.model_name = Path(str(engine.model.path)).name
+                self._adopt(engine)
+            except BaseException:
+                engine.close()
+                engine.model.close()
+                raise
+            log.info("model loaded: %s (%d slots of %d tokens)", self.model_name, engine.n_slots, engine.n_ctx_slot)
+        except BaseException as exc:  # noqa: BLE001 - reported through /health and the callbacks
+            self.load_error = exc
+            log.error("loading the model failed: %s", exc)
+            for cb in self.on_load_error:
+                cb(exc)
+
+    def shutdown_soon(self, grace: float) -> None:
+        """Refuse new requests now and cancel those in flight after ``grace`` seconds.
+
+        Safe from a signal handler or another thread. Streams cut this way end
+        with an error event, so the HTTP server's own graceful shutdown finds
+        every connection finished instead of killing tasks mid-response.
+        """
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._begin_shutdown, grace)
+
+    def _begin_shutdown(self, grace: float) -> None:
+        if not self.closing:
+            self.closing = True
+            assert self._loop is not None
+            self._loop.call_later(grace, self._cancel_active)
+
+    def _cancel_active(self) -> None:
+        for er in list(self._active):
+            er.cancel()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        self._loop = asyncio.get_running_loop()
+        if self.loader is not None and self.engine is None:
+            self._load_thread = threading.Thread(target=self._load, name="pyllama-load", daemon=True)
+            self._load_thread.start()
+        try:
+            yield
+        finally:
+            if self._load_thread is not None:
+                await asyncio.to_thread(self._load_thread.join)  # a load in progress finishes first
+            if self.engine is not None:
+                self.prompter.close()  # ours whoever owns the engine; it holds the model
+            if self.owns_engine and self.engine is not None:
+                engine = self.engine
+                await asyncio.to_thread(engine.close)
+                await asyncio.to_thread(engine.model.close)
+
+    def require_engine(self) -> Engine:
+        if self.closing:
+            raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
+        if self.engine is not None:
+            return self.engine
+        if self.load_error is not None:
+            raise APIError(500, f"the model failed to load: {self.load_error}", type="server_error",
+                           code="load_failed")
+        raise APIError(503, "the model is loading", type="server_error", code="loading", headers={"Retry-After": "1"})
+
+    def check_model(self, name: str | None) -> None:
+        if name is None or name == self.model_name or name in self.model_aliases:
+            return
+        raise APIError(404, f"the model `{name}` does not exist; this server serves `{self.model_name}`",
+                       param="model", code="model_not_found")
+
+    # --- token text for logprobs ------------------------------------------------------------
+    def _piece_uncached(self, token: int) -> bytes:
+        assert self.engine is not None
+        return self.engine.model.vocab.token_to_piece(token, special=True)
+
+    def piece_bytes(self, token: int) -> bytes:
+        """The token's text as raw bytes (cached: a piece may be part of a UTF-8 sequence)."""
+        raw: bytes = self._piece_cache(token)
+        return raw
+
+    def piece(self, token: int) -> tuple[str, list[int]]:
+        raw = self.piece_bytes(token)
+        return raw.decode("utf-8", "replace"), list(raw)
+
+    # --- consuming an engine request ------------------------------------------------------------
+    async def events(self, er: EngineRequest, *, keepalive: bool) -> AsyncIterator[TokenEvent | None]:
+        """The request's events; ``None`` is a keep-alive tick (only before the first event, when asked)."""
+        it = er.__aiter__()
+        pending: asyncio.Future[TokenEvent] | None = None
+        gaps: list[float] = []
+        last: float | None = None
+        self._active.add(er)
+        try:
+            if keepalive:
+                pending = asyncio.ensure_future(it.__anext__())
+                while True:
+                    done, _ = await asyncio.wait((pending,), timeout=self.keepalive_s)
+                    if done:
+                        break
+                    yield None
+                fut, pending = pending, None
+                try:
+                    ev = fut.result()
+                except StopAsyncIteration:
+                    self._check_cut(er)
+                    return
+                last = time.perf_counter()
+                yield ev
+            while True:
+                try:
+                    ev = await it.__anext__()
+                except StopAsyncIteration:
+                    self._check_cut(er)
+                    return
+                if ev.token >= 0:
+                    now = time.perf_counter()
+                    if last is not None:
+                        gaps.append(now - last)
+                    last = now
+                yield ev
+        finally:
+            self._active.discard(er)
+            if pending is not None and not pending.done():
+                pending.cancel()
+            if er.finish_reason is None:
+                er.cancel()
+            m = self.metrics
+            if er.t_first_token is not None:
+                m.observe(m.ttft, er.t_first_token - er.t_submit)
+                m.observe(m.e2e, time.perf_counter() - er.t_submit)
+            if gaps:
+                m.observe_many(m.itl, gaps)
+
+    def _check_cut(self, er: EngineRequest) -> None:
+        if er.finish_reason == "cancelled" and self.closing:
+            raise APIError(503, "the server is shutting down: the request was cut short", type="server_error",
+                           code="shutting_down")
+
+    async def collect(self, request: Request, er: EngineRequest) -> list[TokenEvent] | None:
+        """All events of a non-streamed request; None when the client disconnected (which cancels it)."""
+        async def drain() -> list[TokenEvent]:
+            return [ev async for ev in self.events(er, keepalive=False) if ev is not None]
+
+        async def disconnected() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        work = asyncio.ensure_future(drain())
+        watch = asyncio.ensure_future(disconnected())
+        try:
+            await asyncio.wait((work, watch), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+            if not work.done():
+                er.cancel()
+                work.cancel()
+        if not work.done() or work.cancelled():
+            return None
+        return work.result()
+
+    async def stream(self, er: EngineRequest, rid: str, frames: AsyncGenerator[bytes, None],
+                     usage_base: dict[str, Any] | None) -> AsyncIterator[bytes]:
+        """An SSE stream: ``frames``, the usage chunk (built on ``usage_base``, when given), then ``[DONE]``.
+
+        The status line is sent before the first frame, so a failure midway is
+        reported in-band as an error event in OpenAI's shape.
+        """
+        try:
+            async with contextlib.aclosing(frames):
+                async for frame in frames:
+                    yield frame
+            if usage_base is not None:
+                yield sse.frame({**usage_base, "choices": [], "usage": self.usage(er)})
+        except Exception as exc:  # noqa: BLE001 - the status line is gone: report in-band
+            err = api_error(exc)
+            log.warning("stream %s failed: %s", rid, err.message)
+            yield sse.frame(err.body())
+        yield sse.DONE
+
+    def submit(self, engine: Engine, prompt: Any, **kw: Any) -> EngineRequest:
+        try:
+            return engine.submit(prompt, **kw)
+        except Exception as exc:  # noqa: BLE001 - every refusal becomes a 4xx/503 in OpenAI's shape
+            raise api_error(exc) from None
+
+    def usage(self, er: EngineRequest) -> dict[str, Any]:
+        return {"prompt_tokens": er.n_prompt, "completion_tokens": er.n_generated,
+                "total_tokens": er.n_prompt + er.n_generated,
+                "prompt_tokens_details": {"cached_tokens": er.n_cached}}
+
+    # --- logprobs in the two OpenAI shapes -------------------------------------------------------
+    def chat_logprob(self, ev: TokenEvent) -> dict[str, Any]:
+        text, raw = self.piece(ev.token)
+        tops = []
+        for tok, lp in ev.top_logprobs or ():
+            t, b = self.piece(tok)
+            tops.append({"token": t, "logprob": lp, "bytes": b})
+        return {"token": text, "logprob": ev.logprob, "bytes": raw, "top_logprobs": tops}
+
+    def completion_logprobs(self, evs: list[TokenEvent], offset: int) -> dict[str, Any]:
+        tokens, lps, tops, offsets = [], [], [], []
+        for ev in evs:
+            text, _ = self.piece(ev.token)
+            tokens.append(text)
+            lps.append(ev.logprob)
+            tops.append({self.piece(t)[0]: lp for t, lp in ev.top_logprobs or ()})
+            offsets.append(offset)
+            offset += len(text)
+        return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
