@@ -23,14 +23,15 @@ import numpy.typing as npt
 
 from .._channel import wake
 from ..engine import ContextFull, EngineBusyError, EngineRequest, EngineStats
-from ..engine.core import check_embed_request, check_request
+from ..engine.core import EngineFront, check_embed_request, check_request
 from ..errors import ClosedError
 from ..model import Model
 from ..sampling import Sampler
 from ..stream import FinishReason, TokenEvent
 from . import protocol as p
-from .client import Worker, _Inbox, _Process
+from .client import Worker
 from .errors import WorkerError
+from .process import _Inbox, _Process
 
 if TYPE_CHECKING:
     from ..stream import SequenceStream
@@ -152,7 +153,7 @@ class _Sink(_Inbox):
         self.req._take(msg)
 
 
-class IsolatedEngine:
+class IsolatedEngine(EngineFront):
     """An :class:`pyllama.engine.Engine` in a worker process, for servers that must outlive a crash.
 
     ``model`` is a GGUF path; the keywords are :class:`pyllama.engine.Engine`'s (``n_gpu_layers``
@@ -239,20 +240,7 @@ class IsolatedEngine:
             self._in_flight -= 1
             self._lock.notify_all()
 
-    def generate(self, prompt: str | bytes | Sequence[int] | npt.NDArray[np.integer[Any]], *,
-                 max_tokens: int | None = 256, stop: Sequence[str] = (),
-                 sampler: Sequence[Sampler] | None = None) -> str:
-        """Submit and wait: the whole completion as one string."""
-        return self.submit(prompt, max_tokens=max_tokens, stop=stop, sampler=sampler).result()
-
-    # --- tokens and embeddings (tokens on the host's vocabulary) ----------------------------------
-    def tokenize(self, text: str | bytes, *, add_special: bool = True,
-                 parse_special: bool = False) -> npt.NDArray[np.int32]:
-        return self.model.vocab.tokenize(text, add_special=add_special, parse_special=parse_special)
-
-    def detokenize(self, tokens: Sequence[int] | npt.NDArray[np.integer[Any]]) -> str:
-        return self.model.vocab.detokenize(tokens)
-
+    # --- embeddings (generate, tokenize, detokenize: EngineFront, on the host's vocabulary) -----------
     def embed(self, texts: Sequence[str], *, normalize: bool = True) -> npt.NDArray[np.float32]:
         """Embeddings of ``texts``, shape (len(texts), n_embd), computed in the child."""
         items = check_embed_request(texts, embeddings=self.embeddings)

@@ -1,0 +1,69 @@
+"""A chat session held in the worker: :class:`WorkerChatSession`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from ..sampling import Sampler
+from . import protocol as p
+from .generation import WorkerGeneration, _generation_options
+
+if TYPE_CHECKING:
+    from .client import Worker
+
+
+class WorkerChatSession:
+    """A conversation with the worker's model; see :meth:`Worker.chat`.
+
+    The child keeps the conversation in its KV cache between turns, so each
+    turn evaluates only its new tokens. The messages are kept here too, so a
+    session survives a restarted worker or an idle unload (the next turn then
+    evaluates the whole conversation once). The generation settings are plain
+    attributes, changeable between turns.
+    """
+
+    def __init__(self, worker: Worker, *, system: str | None, template: str | None, seq_id: int,
+                 sampler: Sequence[Sampler] | None, max_tokens: int | None, stop: Sequence[str],
+                 seed: int | None) -> None:
+        self.worker = worker
+        self.template = template
+        self.seq_id = seq_id
+        self.sampler = sampler
+        self.max_tokens = max_tokens
+        self.stop = list(stop)
+        self.seed = seed
+        self.system = system
+        self.messages: list[dict[str, str]] = []
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the conversation (the system prompt stays)."""
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+
+    def stream(self, message: str) -> WorkerGeneration:
+        """Send a user message and stream the reply; the reply joins ``messages`` when the stream ends."""
+        options = _generation_options(sampler=self.sampler, max_tokens=self.max_tokens, stop=self.stop,
+                                      seed=self.seed)
+        history = [*self.messages, {"role": "user", "content": message}]
+        gen = self.worker._stream(p.CHAT, (history, self.template, self.seq_id, options),
+                                  on_end=lambda g: self.messages.append({"role": "assistant", "content": g.text}))
+        self.messages.append(history[-1])
+        return gen
+
+    def ask(self, message: str) -> str:
+        """Send a user message and return the whole reply."""
+        with self.stream(message) as gen:
+            for _ in gen:
+                pass
+            return gen.text
+
+    async def aask(self, message: str) -> str:
+        """:meth:`ask` for asyncio code."""
+        async with self.stream(message) as gen:
+            async for _ in gen:
+                pass
+            return gen.text
+
+
+__all__ = ["WorkerChatSession"]
