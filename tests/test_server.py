@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import re
 import time
@@ -189,17 +190,6 @@ def test_bad_requests_are_4xx_and_server_keeps_serving(server: RemoteServer) -> 
     assert not any(k.startswith("pyllama_http_requests_total") and 'status="5' in k for k in m)
 
 
-def test_keepalive_before_first_token(server: RemoteServer) -> None:
-    body = {"prompt": "the cat and the dog " * 30, "max_tokens": 3, "stream": True, "temperature": 0}
-    with httpx.Client(timeout=30) as http, http.stream("POST", server.url_for("v1", "completions"), json=body) as r:
-        assert r.status_code == 200, r.read()
-        lines = [line for line in r.iter_lines() if line]
-    first_data = next(i for i, line in enumerate(lines) if line.startswith("data: {"))
-    assert first_data > 0 and all(line == ": keep-alive" for line in lines[:first_data]), lines[:5]
-    assert lines[-1] == "data: [DONE]"
-    assert sum(line.startswith("data: {") for line in lines) == 4  # 3 tokens and the finish chunk
-
-
 def test_embeddings(client: openai.OpenAI, server: RemoteServer) -> None:
     e = client.embeddings.create(model=ALIAS, input=["Hello world", "the cat"])  # the client asks for base64
     assert [d.index for d in e.data] == [0, 1] and len(e.data[0].embedding) == 64
@@ -263,8 +253,9 @@ def test_client_disconnect_cancels(server: RemoteServer) -> None:
     assert r2.status_code == 200
 
 
-def test_api_key_busy_and_graceful_shutdown(synth_model_path: Path) -> None:
-    srv = RemoteServer(synth_model_path, "--slots", "1", "-c", "512", "--max-queue", "1", api_key="sekrit")
+def test_api_key_keepalive_busy_and_graceful_shutdown(synth_model_path: Path) -> None:
+    srv = RemoteServer(synth_model_path, "--slots", "1", "-c", "32768", "--max-queue", "1", "--keepalive", "0.001",
+                       api_key="sekrit")
     with srv:
         assert httpx.get(srv.url_for("health")).status_code == 200  # /health needs no key
         for path in ("v1/models", "metrics"):
@@ -277,18 +268,29 @@ def test_api_key_busy_and_graceful_shutdown(synth_model_path: Path) -> None:
         good = openai.OpenAI(base_url=srv.url_for("v1"), api_key="sekrit", max_retries=0)
         assert good.completions.create(model=srv.cmd[4], prompt="hi", max_tokens=2).usage.completion_tokens == 2
 
-        # one slot, a queue of one: of several simultaneous long requests some are turned away with 503 + Retry-After
-        body = {"prompt": "the cat", "max_tokens": 400, "ignore_eos": True, "temperature": 0}
-
-        def post(_: int) -> httpx.Response:
-            return httpx.post(srv.url_for("v1", "completions"), json=body, headers=srv.headers(), timeout=60)
-
-        with concurrent.futures.ThreadPoolExecutor(6) as pool:
-            responses = list(pool.map(post, range(6)))
-        codes = sorted(r.status_code for r in responses)
-        assert 200 in codes and 503 in codes, codes
-        busy = next(r for r in responses if r.status_code == 503)
-        assert int(busy.headers["Retry-After"]) >= 1 and busy.json()["error"]["code"] == "server_busy"
+        # one slot held by a long stream, a queue of one: the next request waits, with SSE keep-alive
+        # comments until its first token; the one after it is turned away with 503 + Retry-After
+        url = srv.url_for("v1", "completions")
+        hold = {"prompt": "a", "max_tokens": 30000, "stream": True, "temperature": 0, "ignore_eos": True}
+        body = {"prompt": "the cat and the dog", "max_tokens": 3, "stream": True, "temperature": 0}
+        with httpx.Client(timeout=30, headers=srv.headers()) as http, contextlib.ExitStack() as stack:
+            blocker = stack.enter_context(http.stream("POST", url, json=hold))
+            assert blocker.status_code == 200
+            held = blocker.iter_lines()  # kept: a dropped line iterator closes the stream
+            assert any(line.startswith("data: {") for line in held)  # it holds the slot
+            waiting = stack.enter_context(http.stream("POST", url, json=body))
+            assert waiting.status_code == 200, waiting.read()
+            lines = waiting.iter_lines()
+            assert next(line for line in lines if line) == ": keep-alive"
+            busy = http.post(url, json={**body, "stream": False})
+            assert_error(busy, 503, code="server_busy")
+            assert int(busy.headers["Retry-After"]) >= 1
+            blocker.close()  # the client goes away: its request is cancelled and the waiting one runs
+            rest = [line for line in lines if line]
+        first_data = next(i for i, line in enumerate(rest) if line.startswith("data: {"))
+        assert all(line == ": keep-alive" for line in rest[:first_data]), rest[:5]
+        assert rest[-1] == "data: [DONE]"
+        assert sum(line.startswith("data: {") for line in rest) == 4  # 3 tokens and the finish chunk
     assert srv.stop() is None  # already stopped by the with block
     log = srv.log_tail()
     assert "Traceback" not in log, log
