@@ -1,7 +1,8 @@
 """Build llama.cpp's own tools from the vendored tree, with pyllama's flags.
 
-The native side of every comparison: ``llama-bench``, ``llama-batched-bench`` and
-``llama-simple`` compiled once from ``vendor/llama.cpp`` with the same CMake
+The native side of every comparison: ``llama-bench``, ``llama-batched-bench``,
+``llama-simple``, ``ggml-rpc-server`` and the speculative examples (``llama-lookup``,
+``llama-speculative-simple``) compiled once from ``vendor/llama.cpp`` with the same CMake
 options as the libraries inside pyllama (backend, CPU instruction sets, loadable
 backends, shared libraries, Release), into ``build/native/``.
 
@@ -46,7 +47,8 @@ BUILD_DIR = ROOT / "build" / "native"
 STAMP = BUILD_DIR / "pyllama-native.stamp"
 LOCK_PATH = Path(os.environ.get("PYLLAMA_BUILD_LOCK", "/tmp/pyllama-build.lock"))
 
-TOOLS = ("llama-bench", "llama-batched-bench", "llama-simple", "ggml-rpc-server")
+TOOLS = ("llama-bench", "llama-batched-bench", "llama-simple", "ggml-rpc-server", "llama-lookup",
+         "llama-speculative-simple")
 SERVER_TOOL = "llama-server"
 SERVER_STAMP = BUILD_DIR / "pyllama-native-server.stamp"
 # llama-server without its web UI: nothing is built with npm and nothing is fetched.

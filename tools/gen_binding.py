@@ -69,6 +69,17 @@ char * pyllama_chat_parse(const char * parser_state, const char * text, size_t n
 char * pyllama_json_schema_to_grammar(const char * schema_json);
 char * pyllama_grammar_accept_text(struct llama_sampler * smpl, const struct llama_vocab * vocab,
                                    const char * text);
+typedef struct pyllama_spec pyllama_spec;
+pyllama_spec * pyllama_spec_init(const char * config, struct llama_context * ctx_tgt,
+                                 struct llama_context * ctx_dft, uint32_t n_seq);
+void pyllama_spec_free(pyllama_spec * s);
+int32_t pyllama_spec_begin(pyllama_spec * s, int32_t seq_id, const llama_token * prompt, int32_t n_prompt);
+int32_t pyllama_spec_draft(pyllama_spec * s, int32_t seq_id, const llama_token * history, int32_t n_history,
+                           llama_token id_last, int32_t n_max, llama_token * out, int32_t cap);
+int32_t pyllama_spec_process(pyllama_spec * s, int32_t seq_id, const llama_token * tokens, int32_t n,
+                             llama_pos pos0);
+int32_t pyllama_spec_accept(pyllama_spec * s, int32_t seq_id, int32_t n_accepted);
+const char * pyllama_spec_error(void);
 """
 
 C_SOURCE = r"""

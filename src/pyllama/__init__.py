@@ -40,6 +40,7 @@ from .kv import KVCache
 from .lora import LoraAdapter
 from .model import Model
 from .parallel import SequenceResult, generate_parallel, generate_parallel_tokens
+from .speculative import SpeculativeStats, Speculator
 from .rpc import RpcError, RpcServer, rpc_server
 from .sampling import (
     DRY,
@@ -77,7 +78,7 @@ __all__ = [
     "unavailable_backends", "UnavailableBackend",
     "Model", "Vocab", "Context", "PerfContext", "Batch", "KVCache", "LoraAdapter", "StreamDecoder",
     "generate", "generate_text", "agenerate", "Generation", "TokenEvent",
-    "generate_parallel", "generate_parallel_tokens", "SequenceResult",
+    "generate_parallel", "generate_parallel_tokens", "SequenceResult", "Speculator", "SpeculativeStats",
     "ChatSession", "ChatFormat", "ChatPrompt", "json_schema_to_grammar", "PrefilledGrammar", "apply_template", "embed", "starter_model_path", "Threadpool",
     "Fit", "DeviceMemory", "fit_params", "memory_projection",
     "SamplerChain", "Sampler", "CustomSampler", "Candidates", "default_chain",

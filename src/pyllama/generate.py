@@ -12,7 +12,9 @@ from ._channel import END, EventChannel, wake
 from ._ffi import ffi, lib
 from .batch import Batch
 from .errors import BusyError, ClosedError, ContextOverflowError, SamplerError
+from . import speculative
 from .sampling import sampling_error
+from .speculative import DraftArg, SpeculativeStats, Speculator
 from .stream import FinishReason, SamplerArg, SequenceStream, StopMatcher, StreamResults, TokenEvent
 from .vocab import as_tokens
 
@@ -35,7 +37,7 @@ class Generation(StreamResults):
                  top_logprobs: int = 0, add_special: bool = True, parse_special: bool = True,
                  context_shift: bool = False, n_keep: int = 0, reuse_prefix: bool = True,
                  ignore_eos: bool = False, grammar: str | None = None,
-                 json_schema: Mapping[str, Any] | str | None = None) -> None:
+                 json_schema: Mapping[str, Any] | str | None = None, draft: DraftArg = None) -> None:
         self.ctx = ctx
         model = ctx.model
         if isinstance(prompt, (str, bytes)):
@@ -51,6 +53,8 @@ class Generation(StreamResults):
             raise ValueError(f"seq_id must lie in [0, {ctx.n_seq_max}) (the context's n_seq_max)")
         if not 0 <= n_keep < ctx.n_ctx_seq:
             raise ValueError(f"n_keep must lie in [0, {ctx.n_ctx_seq})")
+        if draft is not None and context_shift:
+            raise ValueError("speculative decoding (draft=) and context_shift cannot be combined")
         self.prompt_tokens = prompt_tokens
         self._stream = SequenceStream(model, sampler, seed=seed, max_tokens=max_tokens, stop=stop,
                                       logprobs=logprobs, top_logprobs=top_logprobs, ignore_eos=ignore_eos,
@@ -65,6 +69,18 @@ class Generation(StreamResults):
         self.n_prompt_evaluated = 0
         self._iter: Iterator[TokenEvent] | None = None
         self._closed = False
+        # speculative decoding: a speculator passed in is the caller's; one built from a model or name is ours
+        self._spec: Speculator | None = None
+        self._own_spec = False
+        self.speculative: SpeculativeStats | None = None
+        if draft is not None:
+            try:
+                self._spec = draft if isinstance(draft, Speculator) else Speculator(ctx, draft)
+            except BaseException:
+                self._stream.close()
+                raise
+            self._own_spec = not isinstance(draft, Speculator)
+            self.speculative = SpeculativeStats()
 
     @property
     def finish_reason(self) -> FinishReason | None:
@@ -94,6 +110,8 @@ class Generation(StreamResults):
         if self._iter is not None:
             self._iter.close()  # type: ignore[attr-defined]
         self._stream.close()
+        if self._own_spec and self._spec is not None:
+            self._spec.close()
 
     def _shift(self, pos: int) -> int:
         """Make room when the context is full: drop half of what follows the first n_keep tokens."""
@@ -132,6 +150,9 @@ class Generation(StreamResults):
         if stream.max_tokens == 0:
             stream.finish("length")
             return
+        if self._spec is not None:
+            yield from self._speculative(ctx, prompt)
+            return
         if stream.fusable:
             yield from self._fused(ctx, pos)
             return
@@ -161,6 +182,24 @@ class Generation(StreamResults):
         if tail is not None:
             yield tail
 
+
+    def _speculative(self, ctx: Context, prompt: npt.NDArray[np.int32]) -> Iterator[TokenEvent]:
+        """The first token from the prompt's logits, then drafted-and-verified rounds (pyllama.speculative)."""
+        stream = self._stream
+        assert self._spec is not None and self.speculative is not None
+        with ctx._lock:
+            ptr = ctx._ptr
+            if ptr is None:
+                raise ClosedError("the context was closed during generation")
+            token = stream.sample(ptr, -1)
+            ev = stream.push(token, ptr, -1)
+        if ev is not None:
+            yield ev
+        if stream.finish_reason is None:
+            yield from speculative.run(self._spec, ctx, stream, self.seq_id, prompt, token, self.speculative)
+        tail = stream.finish()
+        if tail is not None:
+            yield tail
 
     def _fused(self, ctx: Context, pos: int) -> Iterator[TokenEvent]:
         """The token loop with one C call per token (pyllama_fused_step: decode, sample, EOG, piece)."""
@@ -260,7 +299,9 @@ def generate(ctx: Context, prompt: Prompt, **options: Any) -> Generation:
     ``json_schema`` (output constrained to the schema, through llama.cpp's
     json-schema-to-grammar), ``ignore_eos``, ``seq_id``, ``context_shift`` (drop old tokens instead of stopping when the
     context is full, keeping the first ``n_keep``), ``reuse_prefix`` (evaluate
-    only what the sequence does not already hold). Use as ``with generate(...)
+    only what the sequence does not already hold), ``draft`` (speculative
+    decoding: a draft :class:`~pyllama.Model`, ``"ngram"`` for prompt lookup, or
+    a :class:`~pyllama.Speculator` to reuse; statistics in ``gen.speculative``). Use as ``with generate(...)
     as gen: for ev in gen: ...``.
     """
     return Generation(ctx, prompt, **options)
