@@ -112,6 +112,18 @@ def test_greedy_tokens_equal_in_process(worker: Worker, synth_model_path: Path) 
     assert [ev.index for ev in events if ev.token >= 0] == list(range(len(expected)))
 
 
+def test_speculative_generation_in_the_worker(worker: Worker, synth_model_path: Path) -> None:
+    prompt = "the cat and the dog and the cat and the dog"
+    expected, _ = _in_process_tokens(synth_model_path, prompt, 80, **CTX)
+    with worker.generate(prompt, max_tokens=80, draft="ngram") as gen:
+        list(gen)
+    assert np.array_equal(gen.tokens, expected)
+    with pytest.raises(ValueError, match="draft"):
+        list(worker.generate(prompt, max_tokens=4, draft="lookahead"))
+    with pytest.raises(TypeError):
+        worker.generate(prompt, draft=object())  # type: ignore[arg-type]
+
+
 def test_tokens_and_template_equal_in_process(worker: Worker, model: pyllama.Model) -> None:
     text = "Hello world, le café"
     toks = worker.tokenize(text)

@@ -286,11 +286,13 @@ class Worker:
                  stop: Sequence[str] = (), seed: int | None = None, seq_id: int = 0, logprobs: bool = False,
                  top_logprobs: int = 0, add_special: bool = True, parse_special: bool = True,
                  context_shift: bool = False, n_keep: int = 0, reuse_prefix: bool = True,
-                 ignore_eos: bool = False) -> WorkerGeneration:
+                 ignore_eos: bool = False, draft: str | None = None) -> WorkerGeneration:
         """Stream a completion of ``prompt``, as :func:`pyllama.generate` does in process.
 
         The options are :func:`pyllama.generate`'s; ``sampler`` is a list of
-        sampler specs (a :class:`pyllama.SamplerChain` cannot cross processes).
+        sampler specs (a :class:`pyllama.SamplerChain` cannot cross processes)
+        and ``draft`` names an n-gram drafter (``"ngram"`` or one of
+        :data:`pyllama.speculative.NGRAM_TYPES`) for speculative decoding.
         Iterate the result with ``for`` or ``async for``; errors (an empty
         prompt, a prompt longer than the context) are raised by the iteration.
         """
@@ -306,6 +308,11 @@ class Worker:
                                       logprobs=logprobs, top_logprobs=top_logprobs, add_special=add_special,
                                       parse_special=parse_special, context_shift=context_shift, n_keep=n_keep,
                                       reuse_prefix=reuse_prefix, ignore_eos=ignore_eos)
+        if draft is not None:
+            if not isinstance(draft, str):
+                raise TypeError("a worker drafts with an n-gram drafter named by a string (a Model lives in this "
+                                "process)")
+            options["draft"] = draft
         return self._stream(p.GENERATE, (sent, options))
 
     def chat(self, *, system: str | None = None, template: str | None = None, seq_id: int = 0,
