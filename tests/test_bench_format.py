@@ -151,5 +151,22 @@ def test_native_comparison_records(synth_model_path: Path, capsys: pytest.Captur
                 assert py[k] == nat[k], k
 
 
+def test_sampled_generation_against_the_c_loop(synth_model_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--sampling: tg tests sample every token (one record per mode); --native pairs them with the C loop."""
+    capsys.readouterr()
+    rc = main(["-m", str(synth_model_path), "-p", "0", "-n", "8", "-r", "2", "-t", "1", "-o", "jsonl",
+               "--sampling", "host,argmax,backend", "--native"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    recs = [json.loads(line) for line in out.splitlines()]
+    assert [(r["binding"], r["sampling"]) for r in recs] == [
+        (b, m) for m in ("host", "argmax", "backend") for b in ("pyllama", "llama.cpp C loop")]
+    for py, c in zip(recs[::2], recs[1::2]):
+        assert py["n_gen"] == c["n_gen"] == 8 and len(py["samples_ns"]) == len(c["samples_ns"]) == 2
+        ratios = [a / b for a, b in zip(py["samples_ts"], c["samples_ts"])]
+        assert py["native_ratio_min"] == pytest.approx(min(ratios))
+    assert main(["-m", str(synth_model_path), "--sampling", "gpu"]) == 1
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-v"]))

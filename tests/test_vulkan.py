@@ -144,6 +144,15 @@ def test_greedy_generation_matches_cpu(visible_devices: str, synth_model_path: P
     assert worst <= LOGIT_ATOL, f"logits differ by up to {worst:.3g} (> {LOGIT_ATOL})"
 
 
+def test_argmax_and_backend_sampling_match_cpu_greedy(visible_devices: str, synth_model_path: Path) -> None:
+    """Greedy tokens chosen on the host, by argmax over the logits, and inside the Vulkan graph all equal the CPU's."""
+    res = _run_child("sampling", str(synth_model_path), visible=visible_devices or None)
+    want = res["cpu_host"]
+    assert len(want) == N_PREDICT
+    for key in ("vulkan_host", "vulkan_argmax", "vulkan_backend", "vulkan_parallel_backend"):
+        assert res[key] == want, (key, res)
+
+
 def test_auto_offload_uses_llama_cpp_fit(visible_devices: str, synth_model_path: Path) -> None:
     """n_gpu_layers="auto" on a real Vulkan device: llama.cpp's fit decides, pyllama applies it."""
     roomy = _run_child("fit", str(synth_model_path), "1024", visible=visible_devices or None)
@@ -322,6 +331,24 @@ def _child_fit(model_path: str, margin_mib: str) -> dict[str, Any]:
     }
 
 
+def _child_sampling(model_path: str) -> dict[str, Any]:
+    import pyllama
+
+    out: dict[str, Any] = {}
+    with pyllama.Model(model_path, n_gpu_layers=0) as cpu, cpu.context(n_ctx=256, n_threads=2) as ctx:
+        with pyllama.generate(ctx, PROMPT, max_tokens=N_PREDICT, sampling="host") as gen:
+            list(gen)
+        out["cpu_host"] = gen.tokens.tolist()
+    with pyllama.Model(model_path, n_gpu_layers="all") as vk, vk.context(n_ctx=256, n_threads=2) as ctx:
+        for mode in ("host", "argmax", "backend"):
+            with pyllama.generate(ctx, PROMPT, max_tokens=N_PREDICT, sampling=mode, reuse_prefix=False) as gen:
+                list(gen)
+            out[f"vulkan_{mode}"] = gen.tokens.tolist()
+        parallel = pyllama.generate_parallel_tokens(ctx, [PROMPT], max_tokens=N_PREDICT, sampling="backend")
+        out["vulkan_parallel_backend"] = parallel[0].tokens
+    return out
+
+
 def _child_main(argv: list[str]) -> int:
     mode = argv[0]
     if mode == "devices":
@@ -330,6 +357,8 @@ def _child_main(argv: list[str]) -> int:
         result = _child_generate(argv[1], argv[2])
     elif mode == "fit":
         result = _child_fit(argv[1], argv[2])
+    elif mode == "sampling":
+        result = _child_sampling(argv[1])
     else:
         raise SystemExit(f"unknown child mode {mode!r}")
     print(json.dumps(result))

@@ -141,11 +141,15 @@ void pyllama_log_silent(enum ggml_log_level level, const char * text, void * use
 
 /* libpyllama-common (src/native/*.cpp): llama.cpp's common/ helpers behind a C ABI. */
 @COMMON_DECLS@
+static int32_t pyllama_argmax(const float * x, int32_t n);
+
 /* The C baseline of pyllama.generate's loop, for measuring the binding's
    per-token overhead in one process: sample from the last logits, decode the
-   token at the next position, n times (the last token is sampled, not decoded). */
+   token at the next position, n times (the last token is sampled, not decoded).
+   smpl NULL: the greedy token by pyllama_argmax instead of a sampler. */
 int32_t pyllama_c_generate_loop(struct llama_context * ctx, struct llama_sampler * smpl,
                                 int32_t pos0, int32_t n, llama_token * out) {
+    const int32_t n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(llama_get_model(ctx)));
     llama_token tok = 0;
     llama_pos pos = pos0;
     llama_seq_id seq = 0;
@@ -154,7 +158,8 @@ int32_t pyllama_c_generate_loop(struct llama_context * ctx, struct llama_sampler
     int8_t want = 1;
     struct llama_batch b = { 1, &tok, NULL, &pos, &n_seq, &seqs, &want };
     for (int32_t i = 0; i < n; ++i) {
-        tok = llama_sampler_sample(smpl, ctx, -1);
+        tok = smpl != NULL ? llama_sampler_sample(smpl, ctx, -1)
+                           : pyllama_argmax(llama_get_logits_ith(ctx, -1), n_vocab);
         out[i] = tok;
         if (i + 1 == n) {
             break;

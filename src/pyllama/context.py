@@ -280,6 +280,8 @@ class Context(Handle):
         self._loras: dict[Any, float] = {}
         # Tokens each sequence holds in the KV cache, for prefix reuse (absent = unknown).
         self._seq_tokens = _Tracker(self.n_ctx)
+        # Sampler chains attached for backend sampling, by sequence: held here so none is freed while attached.
+        self._backend_samplers: dict[int, Any] = {}
         model._adopt(self)
 
     # --- lifetime ------------------------------------------------------------------
@@ -361,6 +363,29 @@ class Context(Handle):
         self._validate(batch)
         self._invalidate_tracking(batch)
         self._decode(batch)
+
+    def _attach_sampler(self, seq_id: int, chain: Any) -> None:
+        """Run ``chain`` (a SamplerChain) inside the graph for ``seq_id`` (llama_set_sampler); None detaches."""
+        with self._lock:
+            current = self._backend_samplers.get(seq_id)
+            if current is chain:
+                return
+            ptr = self._p()
+            if chain is None:
+                lib.llama_set_sampler(ptr, seq_id, ffi.NULL)
+                del self._backend_samplers[seq_id]
+                return
+            if not lib.llama_set_sampler(ptr, seq_id, chain._p()):
+                self._backend_samplers.pop(seq_id, None)
+                raise ValueError("llama.cpp cannot run this sampler chain inside the graph here "
+                                 "(see the 'pyllama.llama' log): use sampling='host'")
+            self._backend_samplers[seq_id] = chain
+
+    def _detach_sampler(self, seq_id: int, chain: Any) -> None:
+        """Detach ``chain`` from ``seq_id`` if it is the one attached (a closed context has none)."""
+        with self._lock:
+            if self._ptr is not None and self._backend_samplers.get(seq_id) is chain:
+                self._attach_sampler(seq_id, None)
 
     def _decode(self, batch: Batch) -> None:
         with self._lock:

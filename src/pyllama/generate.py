@@ -15,7 +15,7 @@ from .errors import BusyError, ClosedError, ContextOverflowError, SamplerError
 from . import speculative
 from .sampling import sampling_error
 from .speculative import DraftArg, SpeculativeStats, Speculator
-from .stream import FinishReason, SamplerArg, SequenceStream, StopMatcher, StreamResults, TokenEvent
+from .stream import FinishReason, SamplerArg, Sampling, SequenceStream, StopMatcher, StreamResults, TokenEvent
 from .vocab import as_tokens
 
 if TYPE_CHECKING:
@@ -37,7 +37,8 @@ class Generation(StreamResults):
                  top_logprobs: int = 0, add_special: bool = True, parse_special: bool = True,
                  context_shift: bool = False, n_keep: int = 0, reuse_prefix: bool = True,
                  ignore_eos: bool = False, grammar: str | None = None,
-                 json_schema: Mapping[str, Any] | str | None = None, draft: DraftArg = None) -> None:
+                 json_schema: Mapping[str, Any] | str | None = None, draft: DraftArg = None,
+                 sampling: Sampling = "auto") -> None:
         self.ctx = ctx
         model = ctx.model
         if isinstance(prompt, (str, bytes)):
@@ -55,10 +56,12 @@ class Generation(StreamResults):
             raise ValueError(f"n_keep must lie in [0, {ctx.n_ctx_seq})")
         if draft is not None and context_shift:
             raise ValueError("speculative decoding (draft=) and context_shift cannot be combined")
+        if draft is not None and sampling == "backend":
+            raise ValueError("speculative decoding samples its draft rows on the host: use sampling='auto' or 'host'")
         self.prompt_tokens = prompt_tokens
         self._stream = SequenceStream(model, sampler, seed=seed, max_tokens=max_tokens, stop=stop,
                                       logprobs=logprobs, top_logprobs=top_logprobs, ignore_eos=ignore_eos,
-                                      grammar=grammar, json_schema=json_schema)
+                                      grammar=grammar, json_schema=json_schema, sampling=sampling)
         self.sampler = self._stream.chain
         self.max_tokens = max_tokens
         self.seq_id = seq_id
@@ -126,9 +129,15 @@ class Generation(StreamResults):
     def _run(self) -> Iterator[TokenEvent]:
         ctx = self.ctx
         release = _claim(ctx)
+        stream = self._stream
+        backend = stream.sampling == "backend"
         try:
+            # a chain attached by an earlier, unfinished generation on this sequence goes
+            ctx._attach_sampler(self.seq_id, stream.chain if backend else None)
             yield from self._loop(ctx)
         finally:
+            if backend:
+                ctx._detach_sampler(self.seq_id, stream.chain)
             release()
 
     def _loop(self, ctx: Context) -> Iterator[TokenEvent]:
@@ -301,7 +310,10 @@ def generate(ctx: Context, prompt: Prompt, **options: Any) -> Generation:
     context is full, keeping the first ``n_keep``), ``reuse_prefix`` (evaluate
     only what the sequence does not already hold), ``draft`` (speculative
     decoding: a draft :class:`~pyllama.Model`, ``"ngram"`` for prompt lookup, or
-    a :class:`~pyllama.Speculator` to reuse; statistics in ``gen.speculative``). Use as ``with generate(...)
+    a :class:`~pyllama.Speculator` to reuse; statistics in ``gen.speculative``),
+    ``sampling`` (where tokens are chosen: ``"auto"``, ``"host"``,
+    ``"argmax"`` or ``"backend"``: in the compute graph, llama.cpp's
+    experimental backend sampling; see :data:`pyllama.stream.Sampling`). Use as ``with generate(...)
     as gen: for ev in gen: ...``.
     """
     return Generation(ctx, prompt, **options)

@@ -11,7 +11,7 @@ from .batch import Batch
 from .errors import ContextOverflowError
 from .generate import Prompt
 from .sampling import Greedy
-from .stream import SamplerArg, SequenceStream, TokenEvent
+from .stream import SamplerArg, Sampling, SequenceStream, TokenEvent
 from .vocab import as_tokens
 
 if TYPE_CHECKING:
@@ -35,10 +35,12 @@ class ParallelEvent:
 
 def generate_parallel(ctx: Context, prompts: Sequence[Prompt], *, samplers: Sequence[SamplerArg] | None = None,
                       max_tokens: int = 128, stop: Sequence[str] = (),
-                      results: list[SequenceResult] | None = None) -> Iterator[ParallelEvent]:
+                      results: list[SequenceResult] | None = None,
+                      sampling: Sampling = "auto") -> Iterator[ParallelEvent]:
     """Generate for every prompt at once: sequence ``i`` uses KV sequence ``i`` and ``samplers[i]``
     (greedy when None). Each step decodes one batch holding the next token of every live sequence.
-    Pass a ``results`` list to collect per-sequence tokens, text and finish reasons.
+    Pass a ``results`` list to collect per-sequence tokens, text and finish reasons; ``sampling``
+    is :func:`pyllama.generate`'s.
     """
     n = len(prompts)
     if n == 0:
@@ -57,7 +59,9 @@ def generate_parallel(ctx: Context, prompts: Sequence[Prompt], *, samplers: Sequ
         for i in range(n):
             s = samplers[i] if samplers is not None else None
             streams.append(SequenceStream(model, s if s is not None else [Greedy()], max_tokens=max_tokens,
-                                          stop=stop))
+                                          stop=stop, sampling=sampling))
+        for i, st in enumerate(streams):  # backend sampling: each sequence's chain in the graph; else none
+            ctx._attach_sampler(i, st.chain if sampling == "backend" else None)
         out = results if results is not None else []
         out[:] = [SequenceResult() for _ in range(n)]
         # Prompts: each evaluated into its own sequence (chunked by n_batch).
@@ -106,7 +110,9 @@ def generate_parallel(ctx: Context, prompts: Sequence[Prompt], *, samplers: Sequ
                 out[i].text += tail.text
                 yield ParallelEvent(i, tail)
     finally:
-        for st in streams:
+        for i, st in enumerate(streams):
+            if sampling == "backend":
+                ctx._detach_sampler(i, st.chain)
             st.close()
 
 

@@ -26,6 +26,13 @@ if TYPE_CHECKING:
 
 FinishReason = Literal["eog", "length", "stop", "context", "cancelled"]
 SamplerArg = Union[SamplerChain, Sequence[Sampler], None]
+#: Where the next token is chosen: "host" (llama.cpp's samplers on the CPU, as llama-simple does),
+#: "argmax" (greedy only: the first largest logit, over the zero-copy logits view, without llama.cpp's
+#: vocabulary-sized candidate array), "backend" (the chain runs inside the compute graph:
+#: llama_set_sampler) or "auto" (argmax for a plain greedy chain, else host; see bench/backend_sampling.py
+#: for why backend sampling is not chosen on its own).
+Sampling = Literal["auto", "host", "argmax", "backend"]
+SAMPLING_MODES = ("auto", "host", "argmax", "backend")
 
 MAX_TOP_LOGPROBS = 20
 
@@ -136,12 +143,17 @@ class SequenceStream:
 
     __slots__ = ("model", "chain", "own_chain", "max_tokens", "want_logprobs", "top_logprobs", "ignore_eos",
                  "_stop", "_decoder", "_vocab_p", "_scratch", "_gen", "n_generated", "finish_reason", "text",
-                 "_argmax", "_greedy", "_eog_ids", "_n_vocab")
+                 "_argmax", "_greedy", "_eog_ids", "_n_vocab", "sampling")
 
     def __init__(self, model: Model, sampler: SamplerArg = None, *, seed: int | None = None,
                  max_tokens: int | None = 256, stop: Sequence[str] = (), logprobs: bool = False,
                  top_logprobs: int = 0, ignore_eos: bool = False, grammar: str | None = None,
-                 json_schema: Mapping[str, Any] | str | None = None) -> None:
+                 json_schema: Mapping[str, Any] | str | None = None, sampling: Sampling = "auto") -> None:
+        if sampling not in SAMPLING_MODES:
+            raise ValueError(f"sampling must be one of {SAMPLING_MODES}, not {sampling!r}")
+        if sampling == "backend" and (logprobs or top_logprobs or ignore_eos):
+            raise ValueError("backend sampling leaves no host logits to read: it cannot give logprobs or "
+                             "mask end-of-generation tokens (ignore_eos)")
         if max_tokens is not None and max_tokens < 0:
             raise ValueError("max_tokens must be >= 0 or None")
         if not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
@@ -153,7 +165,12 @@ class SequenceStream:
         # llama.cpp's greedy sampler builds a vocabulary-sized candidate array per
         # token; argmax over the logits view picks the same token (first maximum).
         self._greedy = self.chain.specs == (Greedy(),)
-        self._argmax = not ignore_eos and self._greedy
+        if sampling == "argmax" and not self._greedy:
+            if self.own_chain:
+                self.chain.close()
+            raise ValueError("sampling='argmax' is greedy decoding: the chain must be [Greedy()]")
+        self.sampling = sampling
+        self._argmax = not ignore_eos and self._greedy and sampling in ("auto", "argmax")
         self.max_tokens = max_tokens
         self.want_logprobs = logprobs or top_logprobs > 0
         self.top_logprobs = top_logprobs
@@ -190,7 +207,7 @@ class SequenceStream:
             if logits[token] == logits[token]:  # numpy picks a NaN; llama.cpp's rule never does
                 return token
         if self.ignore_eos:
-            if self._greedy:
+            if self._greedy and self.sampling != "host":
                 return self._argmax_without_eog(ctx_ptr, row)
             return self._sample_without_eog(ctx_ptr, row)
         return self.chain._sample(ctx_ptr, row)

@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -125,14 +126,17 @@ def run(params: Params) -> list[tuple[Record, Record | None]]:
             model = models.get(inst)
             test = PyllamaTest(inst, model, depth, rng)
             native_objs: list[dict[str, Any]] = []
+            c_loop: list[int] = []  # a sampled test's reference: llama-simple's loop in C, in this process
             try:
                 rec = test.record(common)
+                if inst.sampling:
+                    rec.extra["sampling"] = inst.sampling
                 if params.delay:
                     time.sleep(params.delay)
                 if not params.no_warmup:
                     progress(idx, "warmup run")
                     test.warmup()
-                per_rep_native = native_exe is not None and params.interleave == "rep"
+                per_rep_native = native_exe is not None and params.interleave == "rep" and not inst.sampling
                 for i in range(params.reps):
                     if per_rep_native and i > 0 and not params.no_warmup:
                         # each native run warms up before its one repetition: so does pyllama
@@ -142,8 +146,19 @@ def run(params: Params) -> list[tuple[Record, Record | None]]:
                     if per_rep_native:
                         progress(idx, f"native run {i + 1}/{params.reps}")
                         native_objs.append(native_once(inst, 1, 0))
+                    elif params.native and inst.sampling:
+                        progress(idx, f"C loop run {i + 1}/{params.reps}")
+                        c_loop.append(test.rep(native=True))
             finally:
                 test.close()
+            if c_loop:
+                extra = {**common, "binding": "llama.cpp C loop", "interleave": "rep", "sampling": inst.sampling}
+                c_rec = replace(rec, samples_ns=c_loop, extra=extra)
+                rec.extra.update(ratio_stats(rec, c_rec))
+                rec.extra["interleave"] = "rep"
+                outputs.test(rec, c_rec)
+                results.append((rec, c_rec))
+                continue
             if native_exe is not None and params.interleave == "test":
                 if params.rpc:
                     models.close()  # an RPC server takes one client at a time: free it for llama-bench

@@ -99,6 +99,9 @@ class Instance:
     fit_min_ctx: int
     prio: int = 0  # --prio: one value for the whole run, not a record field (as in llama-bench)
     rpc: str = ""  # -rpc: RPC servers added for the whole run, not a record field (as in llama-bench)
+    # --sampling: a generation test that samples each token and feeds it back ("host", "argmax",
+    # "backend"); "" is llama-bench's tg (random tokens, no sampling)
+    sampling: str = ""
 
     @property
     def name(self) -> str:
@@ -109,6 +112,8 @@ class Instance:
             s = f"tg{self.n_gen}"
         else:
             s = f"pp{self.n_prompt}+tg{self.n_gen}"
+        if self.sampling:
+            s += f" {self.sampling}"
         return s + (f" @ d{self.n_depth}" if self.n_depth > 0 else "")
 
     def model_key(self) -> tuple[object, ...]:
@@ -199,6 +204,7 @@ class Params:
     native: bool = False
     native_bin: str | None = None
     interleave: str = "rep"
+    sampling: list[str] = field(default_factory=list)  # [] : llama-bench's tg only
     label: str | None = None
     save: str | None = None
     seed: int = 0
@@ -253,7 +259,9 @@ class Params:
                                                         repack=rpk, fit_target=0, fit_min_ctx=0,
                                                         prio=self.prio, rpc=self.rpc)
                                                     out += [replace(base, n_prompt=p) for p in self.n_prompt if p]
-                                                    out += [replace(base, n_gen=g) for g in self.n_gen if g]
+                                                    out += [replace(base, n_gen=g, sampling=sm)
+                                                            for g in self.n_gen if g
+                                                            for sm in (self.sampling or [""])]
                                                     out += [replace(base, n_prompt=p, n_gen=g)
                                                             for p, g in self.n_pg if p or g]
         return out
@@ -425,6 +433,11 @@ pyllama options:
   --native-bin <path>       the llama-bench executable (default: $PYLLAMA_NATIVE_BENCH, or the
                             checkout's build/native, built by bench/native.py)
   --interleave <rep|test>   alternate pyllama and native every repetition (default) or every test
+  --sampling <modes>        tg tests become end-to-end generation: each token is sampled (greedy)
+                            and fed back; modes host (llama.cpp's sampler on the CPU), argmax
+                            (pyllama's argmax over the logits) and backend (the sampler inside the
+                            graph); with --native the reference is llama-simple's loop in C, run
+                            in this process on the same context
   --label <name>            machine label stored in every record (default: the host name)
   --save <file.jsonl>       also append every record, as JSON lines, to this file
   --seed <n>                seed of the random tokens (default: 0)
@@ -542,6 +555,9 @@ def parse_args(argv: list[str]) -> Params:
                 p.native_bin = value()
             elif arg == "--interleave":
                 p.interleave = _choice(("rep", "test"), "interleave mode")(value())
+            elif arg == "--sampling":
+                for mode in value().split(","):
+                    p.sampling.append(_choice(("host", "argmax", "backend"), "sampling mode")(mode))
             elif arg == "--label":
                 p.label = value()
             elif arg == "--save":

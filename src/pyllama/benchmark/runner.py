@@ -35,6 +35,7 @@ import numpy as np
 import numpy.typing as npt
 
 import pyllama
+from pyllama._ffi import ffi, lib
 from pyllama.errors import StateError
 from pyllama.rpc import servers as rpc_servers
 
@@ -240,6 +241,17 @@ class PyllamaTest:
         self.batch = pyllama.Batch(max(1, min(self.inst.n_batch, max(self.inst.n_prompt, self.inst.n_depth, 1))))
         self.batch1 = pyllama.Batch(1)
         self.ctx.kv.clear(data=False)
+        self.chain: pyllama.SamplerChain | None = None
+        if self.inst.sampling:
+            self.chain = pyllama.SamplerChain([pyllama.Greedy()], self.model)
+            if self.inst.sampling == "backend":
+                try:
+                    self.ctx._attach_sampler(0, self.chain)
+                except ValueError as exc:
+                    self.close()
+                    raise BenchError(str(exc)) from None
+            self._step_out = ffi.new("int32_t[3]")
+            self._piece = ffi.new("char[]", 256)
 
     def record(self, extra: dict[str, Any]) -> Record:
         cpu, gpu, backends = _devices_info()
@@ -284,13 +296,50 @@ class PyllamaTest:
             pos += 1
         return pos
 
+    def _gen_sampled(self, first: int, n: int, pos: int) -> int:
+        """n tokens as pyllama.generate's fused step takes them: decode the previous token, then choose
+        the next (host: llama.cpp's greedy sampler; argmax: over the logits view; backend: read the
+        token the graph chose); the chosen token is the next input. End of generation is ignored."""
+        ctx = self.ctx
+        assert self.chain is not None
+        step, out, piece = lib.pyllama_fused_step, self._step_out, self._piece
+        ctx_p, chain_p, vocab_p = ctx._p(), self.chain._p(), self.model.vocab._v()
+        greedy = 1 if self.inst.sampling == "argmax" else 0
+        n_vocab = self.n_vocab
+        tok = first
+        for _ in range(n):
+            rc = step(ctx_p, chain_p, vocab_p, tok, pos, 0, greedy, n_vocab, 0, piece, 256, out)
+            if rc != 0:
+                raise BenchError(f"decode or sampling failed ({rc})")
+            tok = out[0]
+            pos += 1
+        ctx.synchronize()
+        return pos
+
+    def _gen_sampled_native(self, first: int, n: int, pos: int) -> int:
+        """The same n tokens through llama-simple's loop in C (pyllama_c_generate_loop)."""
+        ctx = self.ctx
+        assert self.chain is not None
+        self.batch1.clear().add(np.array([first], dtype=np.int32), pos, 0, logits="all")
+        ctx.decode(self.batch1)
+        out = np.empty(n, dtype=np.int32)
+        chain_p = ffi.NULL if self.inst.sampling == "argmax" else self.chain._p()
+        got = lib.pyllama_c_generate_loop(ctx._p(), chain_p, pos + 1, n, ffi.from_buffer("llama_token[]", out))
+        if got != n:
+            raise BenchError(f"the C loop failed at token {-got}")
+        ctx.synchronize()
+        return pos + n
+
     def warmup(self) -> None:
         self.ctx.kv.clear(data=False)
         pos = 0
         if self.inst.n_prompt > 0:
             pos = self._prompt(self._prompt_chunks(self.inst.n_prompt), pos)
         if self.inst.n_gen > 0:
-            self._gen(self._gen_tokens(1), pos)
+            if self.inst.sampling:
+                self._gen_sampled(int(self._gen_tokens(1)[0]), 1, pos)
+            else:
+                self._gen(self._gen_tokens(1), pos)
 
     def _fill_depth(self) -> None:
         d, cache = self.inst.n_depth, self.depth_cache
@@ -303,8 +352,8 @@ class PyllamaTest:
         self._prompt(self._prompt_chunks(d), 0)
         cache.depth, cache.data = d, self.ctx.state.save_seq(0)
 
-    def rep(self) -> int:
-        """One timed repetition; returns nanoseconds."""
+    def rep(self, native: bool = False) -> int:
+        """One timed repetition; returns nanoseconds. ``native``: a sampled test's tokens through the C loop."""
         inst = self.inst
         self.ctx.kv.clear(data=False)
         if inst.n_depth > 0:
@@ -316,13 +365,20 @@ class PyllamaTest:
         if chunks:
             pos = self._prompt(chunks, pos)
         if gen is not None:
-            self._gen(gen, pos)
+            if not inst.sampling:
+                self._gen(gen, pos)
+            elif native:
+                self._gen_sampled_native(int(gen[0]), inst.n_gen, pos)
+            else:
+                self._gen_sampled(int(gen[0]), inst.n_gen, pos)
         return time.perf_counter_ns() - t0
 
     def close(self) -> None:
         # llama-bench's order: the context first, so the pool is freed at once (not kept for the context)
         self.ctx.close()
         self.pool.close()
+        if self.chain is not None:
+            self.chain.close()
 
 
 __all__ = ["BenchError", "ModelCache", "DepthCache", "PyllamaTest", "model_kwargs", "context_kwargs",
