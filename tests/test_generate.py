@@ -98,6 +98,18 @@ def test_parallel_sequences_match_sequential(model: pyllama.Model) -> None:
         assert res.finish_reason == "length"
 
 
+def test_parallel_prompts_share_batches_across_chunk_boundaries(model: pyllama.Model) -> None:
+    # n_batch 8: prompts of 3..20 tokens are prefilled together, split across decodes mid-prompt
+    prompts = ["Hello world the cat and the dog and the cat sat", "a b", "Le café est très bon et chaud",
+               "We have a"]
+    with model.context(n_ctx=1024, n_seq_max=len(prompts), n_batch=8, n_ubatch=8) as ctx:
+        results = pyllama.generate_parallel_tokens(ctx, prompts, max_tokens=12, ignore_eos=True)
+    for prompt, res in zip(prompts, results):
+        with model.context(n_ctx=256) as ctx:
+            seq = [e.token for e in pyllama.generate(ctx, prompt, max_tokens=12, ignore_eos=True) if e.token >= 0]
+        assert res.tokens == seq and len(seq) == 12, prompt
+
+
 def test_two_threads_two_contexts_match_sequential(model: pyllama.Model) -> None:
     prompts = ["Hello world the", "Le café est très"]
 

@@ -35,12 +35,12 @@ class ParallelEvent:
 
 def generate_parallel(ctx: Context, prompts: Sequence[Prompt], *, samplers: Sequence[SamplerArg] | None = None,
                       max_tokens: int = 128, stop: Sequence[str] = (),
-                      results: list[SequenceResult] | None = None,
+                      results: list[SequenceResult] | None = None, ignore_eos: bool = False,
                       sampling: Sampling = "auto") -> Iterator[ParallelEvent]:
     """Generate for every prompt at once: sequence ``i`` uses KV sequence ``i`` and ``samplers[i]``
     (greedy when None). Each step decodes one batch holding the next token of every live sequence.
-    Pass a ``results`` list to collect per-sequence tokens, text and finish reasons; ``sampling``
-    is :func:`pyllama.generate`'s.
+    Pass a ``results`` list to collect per-sequence tokens, text and finish reasons; ``ignore_eos``
+    and ``sampling`` are :func:`pyllama.generate`'s.
     """
     n = len(prompts)
     if n == 0:
@@ -59,19 +59,45 @@ def generate_parallel(ctx: Context, prompts: Sequence[Prompt], *, samplers: Sequ
         for i in range(n):
             s = samplers[i] if samplers is not None else None
             streams.append(SequenceStream(model, s if s is not None else [Greedy()], max_tokens=max_tokens,
-                                          stop=stop, sampling=sampling))
+                                          stop=stop, ignore_eos=ignore_eos, sampling=sampling))
         for i, st in enumerate(streams):  # backend sampling: each sequence's chain in the graph; else none
             ctx._attach_sampler(i, st.chain if sampling == "backend" else None)
         out = results if results is not None else []
         out[:] = [SequenceResult() for _ in range(n)]
-        # Prompts: each evaluated into its own sequence (chunked by n_batch).
+        # Prompts: all of them in shared batches of up to n_batch tokens (as llama-batched-bench
+        # prefills), each sequence's first token sampled from its last prompt row right after the
+        # decode that holds it (the next decode overwrites the logits).
         rows = np.zeros(n, dtype=np.intp)
         pending = np.zeros(n, dtype=np.int32)
         for i, t in enumerate(toks):
+            model.vocab.check_tokens(t)
             ctx.kv.remove(i)
-            ctx.evaluate(t, seq_id=i, reuse_prefix=False)
-            # Sample now: the next prompt's evaluation overwrites these logits.
-            pending[i] = streams[i].sample(ctx._p(), -1)
+        batch = Batch(min(ctx.n_batch, sum(t.size for t in toks)))
+        ends: list[tuple[int, int]] = []  # (sequence, batch row of its last prompt token)
+
+        def prefill() -> None:
+            ctx._decode(batch)
+            ptr = ctx._p()
+            for seq, row in ends:
+                pending[seq] = streams[seq].sample(ptr, row)
+            ends.clear()
+            batch.clear()
+
+        for i, t in enumerate(toks):
+            off = 0
+            while off < t.size:
+                piece = t[off:off + batch.capacity - batch.n_tokens]
+                last = off + piece.size == t.size
+                if last:
+                    ends.append((i, batch.n_tokens + piece.size - 1))
+                batch.add(piece, off, i, logits="last" if last else "none")
+                off += piece.size
+                if batch.n_tokens == batch.capacity:
+                    prefill()
+        if batch.n_tokens:
+            prefill()
+        for i in range(n):
+            ctx._seq_tokens.forget(i)
         pos = np.array([t.size for t in toks], dtype=np.int32)
         live = list(range(n))
         batch = Batch(n)
