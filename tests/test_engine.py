@@ -316,3 +316,38 @@ def test_max_queue_zero_serves_free_slots(model: Any) -> None:
             engine.submit(PROMPTS[2], max_tokens=2)
         a.cancel()
         b.cancel()
+
+
+@pytest.mark.parametrize("draft", ["ngram", "ngram-mod"])
+def test_speculative_engine_streams_equal_alone_runs(model: Any, draft: str) -> None:
+    """An n-gram drafter in the engine: concurrent requests get the tokens of their plain runs alone,
+    the drafts are verified in the shared batch, and the counters say how many were kept."""
+    n = 80
+    prompts = PROMPTS[:6]
+    expected = [alone_tokens(model, p, n) for p in prompts]
+    with Engine(model, n_slots=4, n_ctx=256, n_threads=1, draft=draft, n_draft=8) as engine:
+        reqs = [engine.submit(p, max_tokens=n, ignore_eos=True) for p in prompts]
+        results = [[ev.token for ev in r if ev.token >= 0] for r in reqs]
+        # limits and stops hold inside an accepted draft
+        short = engine.submit(prompts[0], max_tokens=37, ignore_eos=True)
+        short.result()
+        assert short.n_generated == 37
+        lp = [ev for ev in engine.submit(prompts[1], max_tokens=40, ignore_eos=True, logprobs=True) if ev.token >= 0]
+        stats = engine.stats()
+    for i, req in enumerate(reqs):
+        assert req.finish_reason == "length"
+        assert results[i] == expected[i].tolist(), f"stream {i} differs from its run alone"
+    assert [ev.token for ev in lp] == expected[1][:40].tolist() and all(ev.logprob is not None for ev in lp)
+    assert stats.draft_tokens > 0 and 0 < stats.draft_accepted_tokens <= stats.draft_tokens, stats
+    # alone on one slot, accepted drafts save decodes: fewer steps than tokens (plain: 1 + 79 decodes)
+    with Engine(model, n_slots=1, n_ctx=256, n_threads=1, draft=draft, n_draft=8) as engine:
+        assert engine.submit(prompts[2], max_tokens=n, ignore_eos=True).result() is not None
+        one = engine.stats()
+    assert one.generated_tokens == n and one.steps < n, one
+
+
+def test_speculative_engine_refuses_a_model_drafter(model: Any) -> None:
+    with pytest.raises(TypeError):
+        Engine(model, n_slots=1, n_ctx=64, draft=model)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="draft must be"):
+        Engine(model, n_slots=1, n_ctx=64, draft="lookahead")

@@ -402,3 +402,15 @@ def test_mountable_in_another_app(synth_model_path: Path) -> None:
             text = http.get("/llm/metrics", headers=auth).text
             assert 'pyllama_http_requests_total{endpoint="/v1/completions",status="200"} 1' in text
         assert not engine.closed  # the caller's engine outlives the app
+
+
+def test_speculative_server_answers_as_the_plain_one(server: RemoteServer, synth_model_path: Path) -> None:
+    body = {"prompt": "the cat and the dog and the cat and the dog", "max_tokens": 60, "temperature": 0,
+            "ignore_eos": True}
+    want = httpx.post(server.url_for("v1", "completions"), json=body, timeout=60).json()["choices"][0]["text"]
+    with RemoteServer(synth_model_path, "--slots", "2", "-c", "256", "--draft", "ngram", "--draft-max", "8") as spec:
+        got = httpx.post(spec.url_for("v1", "completions"), json=body, timeout=60).json()["choices"][0]["text"]
+        m = metrics(spec)
+    assert got == want
+    assert m["pyllama_draft_tokens_total"] > 0 and 0 < m["pyllama_draft_tokens_accepted_total"] <= m[
+        "pyllama_draft_tokens_total"]

@@ -137,6 +137,13 @@ class Speculator(Handle):
             raise LlamaError(f"speculative {what} failed: {message}")
         return rc
 
+    def _begin(self, seq_id: int, prompt: npt.NDArray[np.int32]) -> None:
+        self._check(lib.pyllama_spec_begin(self._p(), seq_id, ffi.from_buffer("llama_token[]", prompt),
+                                           prompt.size), "begin")
+
+    def _accept(self, seq_id: int, n_accepted: int) -> None:
+        self._check(lib.pyllama_spec_accept(self._p(), seq_id, n_accepted), "accept")
+
     def _draft(self, seq_id: int, history: npt.NDArray[np.int32], id_last: int, n_max: int) -> int:
         """Draft up to ``n_max`` tokens after ``id_last`` (at position len(history)); they land in ``_out``."""
         dctx = self.draft_context
@@ -178,8 +185,7 @@ def run(spec: Speculator, ctx: Context, stream: SequenceStream, seq_id: int, pro
     history = np.empty(n_ctx_seq + 1, dtype=np.int32)
     pos = int(prompt.size)
     history[:pos] = prompt
-    spec._check(lib.pyllama_spec_begin(spec._p(), seq_id, ffi.from_buffer("llama_token[]", history), pos),
-                "begin")
+    spec._begin(seq_id, history[:pos])
     batch = Batch(spec.n_max + 1)
     batch.seq_id[:, 0] = seq_id
     batch.logits[:] = 1
@@ -232,7 +238,7 @@ def run(spec: Speculator, ctx: Context, stream: SequenceStream, seq_id: int, pro
                 stats.n_drafts += 1
                 stats.n_drafted += n_draft
                 stats.n_accepted += n_accepted
-                spec._check(lib.pyllama_spec_accept(spec._p(), seq_id, n_accepted), "accept")
+                spec._accept(seq_id, n_accepted)
             # the cache keeps id_last and the accepted draft tokens; the rest of the batch goes
             n_kept = n_accepted + 1
             kept = tok_arr[:n_kept]

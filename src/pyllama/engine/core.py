@@ -29,6 +29,7 @@ from ..batch import Batch
 from ..context import Context, FlashAttn
 from ..errors import ClosedError, ContextOverflowError, LlamaError
 from ..sampling import Sampler
+from ..speculative import Speculator
 from ..stream import FinishReason, SequenceStream
 from ..vocab import Vocab, as_tokens
 from .request import EngineBusyError, EngineRequest
@@ -59,6 +60,8 @@ class EngineStats:
     prompt_tokens: int  # prompt tokens evaluated
     cached_prompt_tokens: int  # prompt tokens reused from a slot's KV cache
     generated_tokens: int
+    draft_tokens: int = 0  # speculative decoding: tokens drafted and verified
+    draft_accepted_tokens: int = 0  # of them, the ones the model agreed with (emitted without a decode of their own)
 
 
 class _Core:
@@ -66,9 +69,10 @@ class _Core:
     dropping the Engine, not the thread's reference, decides when it shuts down)."""
 
     def __init__(self, model: Model, ctx: Context, n_slots: int, n_ctx_slot: int, max_queue: int,
-                 similarity: float) -> None:
+                 similarity: float, spec: Speculator | None = None) -> None:
         self.model = model
         self.ctx = ctx
+        self.spec = spec
         self.n_ctx_slot = n_ctx_slot
         self.max_queue = max_queue
         self.similarity = similarity
@@ -86,7 +90,8 @@ class _Core:
         self.embed_ctx: Context | None = None
         self.c = dict.fromkeys(("requests_total", "requests_done", "requests_cancelled", "requests_failed",
                                 "requests_rejected", "steps", "batched_steps", "max_requests_in_step",
-                                "prompt_tokens", "cached_prompt_tokens", "generated_tokens"), 0)
+                                "prompt_tokens", "cached_prompt_tokens", "generated_tokens", "draft_tokens",
+                                "draft_accepted_tokens"), 0)
         self.waiters: list[Waiter | None] = []
         self.thread = threading.Thread(target=self._run, name="pyllama-engine", daemon=True)
         self.thread.start()
@@ -159,6 +164,8 @@ class _Core:
             self.closed = True
         if self.embed_ctx is not None:
             self.embed_ctx.close()
+        if self.spec is not None:
+            self.spec.close()
         self.ctx.close()
 
     # --- the engine thread ------------------------------------------------------------------------
@@ -243,6 +250,13 @@ class _Core:
             slot.state = "prefill"
             req.n_cached = keep
             req.t_start = time.perf_counter()
+            if self.spec is not None:
+                try:
+                    self.spec._begin(slot.id, req.prompt_tokens)
+                except LlamaError as exc:
+                    self.active.append(slot)
+                    self._fail(slot, exc)
+                    continue
             self.c["cached_prompt_tokens"] += keep
             self.active.append(slot)
 
@@ -250,18 +264,20 @@ class _Core:
         batch = self.batch
         tok, pos, seq, logits = batch.token, batch.pos, batch.seq_id, batch.logits
         n = 0
-        rows: list[tuple[Slot, int]] = []  # (slot, batch row whose logits it samples)
-        gens: list[Slot] = []  # slots decoding their last sampled token
+        # (slot, batch row whose logits it samples, draft tokens in the rows after it)
+        rows: list[tuple[Slot, int, int]] = []
         chunks: list[tuple[Slot, int]] = []  # (slot, prompt tokens in this batch)
-        for slot in list(self.active):
-            if slot.state != "generate":
-                continue
+        gens = [s for s in self.active if s.state == "generate"]
+        spec = self.spec
+        for i, slot in enumerate(gens):
             if slot.pos >= self.n_ctx_slot and not self._context_full(slot):
                 continue
             tok[n], pos[n], seq[n, 0], logits[n] = slot.last_token, slot.pos, slot.id, 1
-            rows.append((slot, n))
-            gens.append(slot)
-            n += 1
+            n_draft = 0
+            if spec is not None:
+                n_draft = self._draft(slot, n, batch.capacity - n - (len(gens) - i))
+            rows.append((slot, n, n_draft))
+            n += 1 + n_draft
         budget = batch.capacity - n
         for slot in self.active:
             if slot.state != "prefill" or budget <= 0:
@@ -276,7 +292,7 @@ class _Core:
             logits[n:end] = 0
             if slot.prefill + k == req.n_prompt:
                 logits[end - 1] = 1
-                rows.append((slot, end - 1))
+                rows.append((slot, end - 1, -1))
             chunks.append((slot, k))
             n = end
             budget -= k
@@ -287,19 +303,16 @@ class _Core:
         try:
             self.ctx._decode(batch)
         except LlamaError as exc:
-            for slot in {id(s): s for s, _ in rows + chunks}.values():
+            for slot in {id(s): s for s in [r[0] for r in rows] + [c[0] for c in chunks]}.values():
                 self._fail(slot, exc)
             return
         c = self.c
         c["steps"] += 1
-        n_req = len(gens) + len(chunks)
+        n_req = sum(1 for r in rows if r[2] >= 0) + len(chunks)
         if n_req >= 2:
             c["batched_steps"] += 1
         if n_req > c["max_requests_in_step"]:
             c["max_requests_in_step"] = n_req
-        for slot in gens:
-            slot.append(slot.last_token)
-            slot.pos += 1
         for slot, k in chunks:
             req = slot.request
             assert req is not None
@@ -311,27 +324,63 @@ class _Core:
                 slot.pos = req.n_prompt
         ptr = self.ctx._ptr
         now = time.perf_counter()
-        for slot, row in rows:
+        mem = lib.llama_get_memory(ptr)
+        for slot, row, n_draft in rows:
             req = slot.request
             assert req is not None
             stream = req._stream
             n_before = stream.n_generated
+            r = 0  # rows row..row+r-1 sampled their draft token: accepted
             try:
-                token = stream.sample(ptr, row)
-                ev = stream.push(token, ptr, row)
+                while True:
+                    token = stream.sample(ptr, row + r)
+                    ev = stream.push(token, ptr, row + r)
+                    if ev is not None:
+                        self.waiters.append(req._channel.put(ev))
+                    if stream.finish_reason is not None or r >= n_draft or token != tok[row + 1 + r]:
+                        break
+                    r += 1
+                if n_draft >= 0:  # a generating slot: its last token and the accepted draft stay cached
+                    slot.append(tok[row:row + 1 + r])
+                    slot.pos += 1 + r
+                    if r < n_draft:
+                        lib.llama_memory_seq_rm(mem, slot.id, slot.pos, -1)
+                    if spec is not None:
+                        spec._accept(slot.id, r)
+                        c["draft_tokens"] += n_draft
+                        c["draft_accepted_tokens"] += r
             except Exception as exc:
                 self._fail(slot, exc)
                 continue
             if req.t_first_token is None:
                 req.t_first_token = now
             c["generated_tokens"] += stream.n_generated - n_before
-            if ev is not None:
-                self.waiters.append(req._channel.put(ev))
             if stream.finish_reason is not None:
                 self._release(slot)
                 self._finish(req, None)
             else:
                 slot.last_token = token
+
+    def _draft(self, slot: Slot, row: int, room: int) -> int:
+        """Draft after the slot's last token into the batch rows after ``row``; returns how many."""
+        spec = self.spec
+        req = slot.request
+        assert spec is not None and req is not None
+        stream = req._stream
+        n_max = min(spec.n_max, room, self.n_ctx_slot - slot.pos - 1)
+        if stream.max_tokens is not None:
+            n_max = min(n_max, stream.max_tokens - stream.n_generated - 1)
+        if n_max <= 0:
+            return 0
+        k = spec._draft(slot.id, slot.tokens, slot.last_token, n_max)
+        if k:
+            b = self.batch
+            end = row + 1 + k
+            b.token[row + 1:end] = spec._out[:k]
+            b.pos[row + 1:end] = np.arange(slot.pos + 1, slot.pos + 1 + k, dtype=np.int32)
+            b.seq_id[row + 1:end, 0] = slot.id
+            b.logits[row + 1:end] = 1
+        return k
 
     def _context_full(self, slot: Slot) -> bool:
         """Handle a slot whose sequence reached n_ctx_slot; True when it may continue."""
@@ -451,14 +500,17 @@ class Engine(EngineFront):
     ``n_ctx`` is the context of one slot (prompt plus generated tokens of one
     request); the context holds ``n_slots`` of them in one unified KV cache.
     ``n_batch`` bounds the tokens of one step (generating tokens plus prompt
-    chunks). Use as a context manager or call :meth:`close`.
+    chunks). ``draft`` turns on speculative decoding with an n-gram drafter
+    (``"ngram"`` or one of :data:`pyllama.speculative.NGRAM_TYPES`; at most
+    ``n_draft`` tokens per request and step, verified in the same batch).
+    Use as a context manager or call :meth:`close`.
     """
 
     def __init__(self, model: Model, *, n_slots: int = 4, n_ctx: int | Literal["auto"] = "auto",
                  n_batch: int = 512, n_ubatch: int = 512, n_threads: int | None = None,
                  n_threads_batch: int | None = None, flash_attn: FlashAttn = "auto", type_k: str | int = "f16",
                  type_v: str | int = "f16", max_queue: int = 64, slot_prompt_similarity: float = 0.1,
-                 embeddings: bool = True) -> None:
+                 embeddings: bool = True, draft: str | None = None, n_draft: int = 16) -> None:
         if not isinstance(n_slots, int) or n_slots < 1:
             raise ValueError("n_slots must be an int >= 1")
         if max_queue < 0:
@@ -473,16 +525,24 @@ class Engine(EngineFront):
             n_ctx_slot = n_ctx
         else:
             raise ValueError(f"n_ctx must be 'auto' or an int >= 8 (tokens per slot), not {n_ctx!r}")
+        if draft is not None and not isinstance(draft, str):
+            raise TypeError("the engine drafts with an n-gram drafter named by a string ('ngram', ...)")
         ctx = Context(model, n_ctx=n_ctx_slot * n_slots, n_batch=n_batch, n_ubatch=n_ubatch, n_seq_max=n_slots,
                       n_threads=n_threads, n_threads_batch=n_threads_batch, flash_attn=flash_attn,
                       type_k=type_k, type_v=type_v, kv_unified=True)
+        try:
+            spec = Speculator(ctx, draft, n_max=n_draft) if draft is not None else None
+        except BaseException:
+            ctx.close()
+            raise
         self.model = model
         self.n_slots = n_slots
         self.n_ctx_slot = min(n_ctx_slot, ctx.n_ctx_seq)
         self.n_batch = ctx.n_batch
         self.embeddings = embeddings
         self._n_threads = n_threads
-        self._core = _Core(model, ctx, n_slots, self.n_ctx_slot, max_queue, slot_prompt_similarity)
+        self.draft = draft
+        self._core = _Core(model, ctx, n_slots, self.n_ctx_slot, max_queue, slot_prompt_similarity, spec)
         self._finalizer = weakref.finalize(self, self._core.shutdown)
 
     # --- requests -------------------------------------------------------------------------------

@@ -40,6 +40,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("-ngl", "--n-gpu-layers", dest="ngl", default="auto")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot (then 503)")
     p.add_argument("--slot-prompt-similarity", type=float, default=0.1)
+    p.add_argument("--draft", default=None, metavar="DRAFTER",
+                   help="speculative decoding with an n-gram drafter: ngram (prompt lookup), or one of "
+                        "llama.cpp's ngram-cache, ngram-simple, ngram-map-k, ngram-map-k4v, ngram-mod")
+    p.add_argument("--draft-max", type=int, default=16, help="most draft tokens per request and step")
     p.add_argument("--api-key", default=os.environ.get("PYLLAMA_API_KEY"),
                    help="require `Authorization: Bearer KEY` on every endpoint but /health "
                         "(default: $PYLLAMA_API_KEY)")
@@ -70,7 +74,7 @@ def _loader(args: argparse.Namespace, path: str) -> Engine:
         return Engine(model, n_slots=args.slots, n_ctx=n_ctx, n_batch=args.batch_size, n_ubatch=args.ubatch_size,
                       n_threads=args.threads, n_threads_batch=args.threads_batch, flash_attn=args.flash_attn,
                       type_k=args.cache_type_k, type_v=args.cache_type_v, max_queue=args.max_queue,
-                      slot_prompt_similarity=args.slot_prompt_similarity)
+                      slot_prompt_similarity=args.slot_prompt_similarity, draft=args.draft, n_draft=args.draft_max)
     except BaseException:
         model.close()
         raise
@@ -84,7 +88,7 @@ def _isolated_loader(args: argparse.Namespace, path: str, ngl: Any) -> Engine:
                             n_ubatch=args.ubatch_size, n_threads=args.threads, n_threads_batch=args.threads_batch,
                             flash_attn=args.flash_attn, type_k=args.cache_type_k, type_v=args.cache_type_v,
                             max_queue=args.max_queue, slot_prompt_similarity=args.slot_prompt_similarity,
-                            progress=args.progress)
+                            draft=args.draft, n_draft=args.draft_max, progress=args.progress)
     return cast("Engine", engine)  # duck-typed: it offers the Engine API the server uses
 
 
@@ -116,6 +120,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return 1
     if args.slots < 1:
         print("pyllama serve: --slots must be >= 1", file=sys.stderr)
+        return 2
+    from ..speculative import NGRAM_TYPES
+
+    if args.draft is not None and args.draft not in ("ngram", *NGRAM_TYPES):
+        print(f"pyllama serve: --draft must be ngram or one of {', '.join(NGRAM_TYPES)}", file=sys.stderr)
         return 2
     if args.api_key is None and not _is_loopback(args.host):
         print(f"pyllama serve: warning: listening on {args.host} without --api-key: anyone who can reach it "

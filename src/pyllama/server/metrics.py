@@ -63,6 +63,9 @@ _ENGINE = {
     "prompt_tokens": ("prompt_tokens_total", "counter", "Prompt tokens of submitted requests."),
     "cached_prompt_tokens": ("prompt_tokens_cached_total", "counter", "Prompt tokens reused from a slot's cache."),
     "generated_tokens": ("generation_tokens_total", "counter", "Tokens generated."),
+    "draft_tokens": ("draft_tokens_total", "counter", "Speculative decoding: draft tokens verified."),
+    "draft_accepted_tokens": ("draft_tokens_accepted_total", "counter",
+                              "Speculative decoding: draft tokens the model agreed with."),
 }
 
 

@@ -167,7 +167,8 @@ class IsolatedEngine(EngineFront):
                  n_threads: int | None = None, n_threads_batch: int | None = None,
                  flash_attn: Literal["auto", "on", "off"] | bool = "auto", type_k: str | int = "f16",
                  type_v: str | int = "f16", max_queue: int = 64, slot_prompt_similarity: float = 0.1,
-                 embeddings: bool = True, log_level: str = "WARNING", progress: bool | None = None) -> None:
+                 embeddings: bool = True, draft: str | None = None, n_draft: int = 16, log_level: str = "WARNING",
+                 progress: bool | None = None) -> None:
         if not isinstance(n_slots, int) or n_slots < 1:
             raise ValueError("n_slots must be an int >= 1")
         if max_queue < 0:
@@ -185,7 +186,7 @@ class IsolatedEngine(EngineFront):
                                        "n_threads_batch": n_threads_batch, "flash_attn": flash_attn,
                                        "type_k": type_k, "type_v": type_v, "max_queue": max_queue,
                                        "slot_prompt_similarity": slot_prompt_similarity,
-                                       "embeddings": embeddings}}
+                                       "embeddings": embeddings, "draft": draft, "n_draft": n_draft}}
             info = self._worker._load_spec(spec)
         except BaseException:
             if hasattr(self, "_worker"):
@@ -265,7 +266,8 @@ class IsolatedEngine(EngineFront):
             zero = dict.fromkeys(("busy_slots", "queue_len", "requests_total", "requests_done",
                                   "requests_cancelled", "requests_failed", "requests_rejected", "steps",
                                   "batched_steps", "max_requests_in_step", "prompt_tokens",
-                                  "cached_prompt_tokens", "generated_tokens"), 0)
+                                  "cached_prompt_tokens", "generated_tokens", "draft_tokens",
+                                  "draft_accepted_tokens"), 0)
             stats = EngineStats(n_slots=self.n_slots, **zero)
         return stats
 
