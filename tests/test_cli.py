@@ -38,6 +38,22 @@ def test_run_greedy_matches_api(synth_model_path: Path) -> None:
     assert out.stdout == expected + "\n"
 
 
+def test_run_speculative_matches_plain(synth_model_path: Path, tmp_path: Path) -> None:
+    import synth
+
+    args = ["run", str(synth_model_path), "-p", "the cat and the dog and the cat", "-n", "60", "--temp", "0",
+            "-t", "1", "-c", "512"]
+    plain = _run(*args)
+    draft_model = synth.write_llama_model(tmp_path / "draft.gguf", dtype="q8_0")
+    for draft in ("ngram", str(draft_model)):
+        out = _run(*args, "--draft", draft, "--draft-max", "6", "-v")
+        assert out.returncode == 0, out.stderr
+        assert out.stdout == plain.stdout
+        assert "drafts:" in out.stderr
+    bad = _run(*args, "--draft", "lookahead")
+    assert bad.returncode != 0 and "--draft" in bad.stderr
+
+
 def test_run_bad_model_is_a_clear_error(tmp_path: Path) -> None:
     out = _run("run", str(tmp_path / "missing.gguf"), "-p", "x")
     assert out.returncode != 0 and "not found" in out.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Any, Sequence
 
@@ -34,22 +35,51 @@ def cmd_run(args: argparse.Namespace) -> int:
         with model.context(n_ctx=args.ctx, n_threads=args.threads, n_batch=args.batch,
                            flash_attn=args.flash_attn) as ctx:
             out = sys.stdout
-            with Generation(ctx, args.prompt, sampler=sampler, max_tokens=args.n_predict, stop=args.stop,
-                            parse_special=False) as gen:
-                try:
-                    for ev in gen:
-                        out.write(ev.text)
-                        out.flush()
-                except KeyboardInterrupt:
-                    out.write("\n")
-                    return 130
+            spec = _speculator(ctx, args) if args.draft else None
+            try:
+                with Generation(ctx, args.prompt, sampler=sampler, max_tokens=args.n_predict, stop=args.stop,
+                                parse_special=False, draft=spec) as gen:
+                    try:
+                        for ev in gen:
+                            out.write(ev.text)
+                            out.flush()
+                    except KeyboardInterrupt:
+                        out.write("\n")
+                        return 130
+            finally:
+                if spec is not None:
+                    spec.close()
+                    if spec.draft_model is not None:
+                        spec.draft_model.close()
             out.write("\n")
             if args.verbose:
                 perf = ctx.perf()
                 print(f"prompt: {perf.n_p_eval} tokens, {perf.prompt_tokens_per_second:.1f} t/s; "
                       f"generation: {perf.n_eval} tokens, {perf.tokens_per_second:.1f} t/s; "
                       f"finish: {gen.finish_reason}", file=sys.stderr)
+                st = gen.speculative
+                if st is not None:
+                    print(f"drafts: {st.n_drafts}, drafted {st.n_drafted} tokens, accepted {st.n_accepted} "
+                          f"({st.acceptance_rate:.1%})", file=sys.stderr)
     return 0
+
+
+def _speculator(ctx: Any, args: argparse.Namespace) -> Any:
+    """A Speculator for ``--draft``: an n-gram drafter by name, else a draft model's file."""
+    from .model import Model
+    from .speculative import NGRAM_TYPES, Speculator
+
+    if args.draft == "ngram" or args.draft in NGRAM_TYPES:
+        return Speculator(ctx, args.draft, n_max=args.draft_max)
+    if not os.path.isfile(args.draft):
+        raise SystemExit(f"--draft: neither an n-gram drafter ({', '.join(NGRAM_TYPES)}) nor a model file: "
+                         f"{args.draft}")
+    draft_model = Model(args.draft, n_gpu_layers=args.ngl, progress=args.progress)
+    try:
+        return Speculator(ctx, draft_model, n_max=args.draft_max)
+    except BaseException:
+        draft_model.close()
+        raise
 
 
 def _fmt_bytes(n: int) -> str:
@@ -165,6 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-ngl", "--n-gpu-layers", dest="ngl", default="auto")
     r.add_argument("-fa", "--flash-attn", default="auto", choices=["auto", "on", "off"])
     r.add_argument("--stop", action="append", default=[])
+    r.add_argument("--draft", default=None, metavar="DRAFTER|MODEL",
+                   help="speculative decoding: 'ngram' (prompt lookup), another n-gram drafter "
+                        "(pyllama.speculative.NGRAM_TYPES), or a smaller GGUF model of the same vocabulary")
+    r.add_argument("--draft-max", type=int, default=16, help="most tokens per draft")
     r.add_argument("--progress", action="store_true", help="show a load progress bar")
     r.add_argument("--rpc", default=None, metavar="HOST:PORT,...", help="add ggml RPC servers' devices (pyllama rpc-server)")
     r.add_argument("-v", "--verbose", action="store_true", help="print timings to stderr")
