@@ -39,6 +39,8 @@ def test_name(r: dict[str, Any]) -> str:
     """llama-bench's test label (pp512, tg128, pp512+tg128, `` @ d4096``)."""
     p, g, d = int(r.get("n_prompt", 0)), int(r.get("n_gen", 0)), int(r.get("n_depth", 0))
     s = f"pp{p}" if g == 0 else f"tg{g}" if p == 0 else f"pp{p}+tg{g}"
+    if r.get("sampling"):  # pyllama bench --sampling: generation with every token sampled
+        s += f" {r['sampling']}"
     return s + (f" @ d{d}" if d else "")
 
 
@@ -122,7 +124,9 @@ def build_rows(records: list[dict[str, Any]]) -> list[Row]:
         row = Row(machine=str(r["machine"]), device=device_label(r), backend=backend, model=model_label(r),
                   threads=str(r.get("n_threads", "")) if cpu_only else "", settings=_settings(r))
         row = rows.setdefault(row.key, row)
-        row.tests[test_name(r)][str(r["binding"])] = r  # later records replace earlier ones
+        # a sampled test's reference is llama-simple's loop in C: the native column for that test
+        binding = "llama.cpp" if str(r["binding"]).startswith("llama.cpp") else str(r["binding"])
+        row.tests[test_name(r)][binding] = r  # later records replace earlier ones
     return sorted(rows.values(), key=lambda x: x.key)
 
 
@@ -197,14 +201,49 @@ def _row_label(row: Row) -> str:
     return f"{label}\n{row.model}"
 
 
+SAMPLING = ("host", "argmax", "backend")
+
+
+def _plot_sampling(rows: list[Row], labels: list[str], tests: list[str], out: Path, height: float) -> Path:
+    """sampling.png: generation with every token sampled, per way of sampling (pyllama and the C loop)."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(tests), figsize=(4.5 * len(tests), height), squeeze=False)
+    for ax, t in zip(axes[0], tests):
+        ys = list(range(len(rows)))
+        for off, binding, color, name in ((-0.2, "pyllama", "#1f77b4", "pyllama"),
+                                          (0.2, "llama.cpp", "#aaaaaa", "C loop (llama-simple's)")):
+            vals = [float(r.tests.get(t, {}).get(binding, {}).get("avg_ts", math.nan)) for r in rows]
+            errs = [float(r.tests.get(t, {}).get(binding, {}).get("stddev_ts", 0.0)) for r in rows]
+            ax.barh([y + off for y in ys], vals, height=0.4, xerr=errs, color=color, label=name)
+        ax.set_yticks(ys)
+        ax.set_yticklabels(labels if ax is axes[0][0] else [""] * len(rows), fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("tokens / s")
+        ax.set_title(t)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][0].legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    p = out / "sampling.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return p
+
+
 def plot(rows: list[Row], out: Path) -> list[Path]:
-    """throughput.png (t/s per test, pyllama and native) and ratio.png (pyllama/native with spread)."""
+    """throughput.png (t/s per test, pyllama and native), sampling.png (sampled generation, when
+    measured) and ratio.png (pyllama/native with spread)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     written: list[Path] = []
+    sampled = _tests_sorted({t for r in rows for t in r.tests if t.split(" @")[0].split(" ")[-1] in SAMPLING})
+    if sampled:
+        srows = [r for r in rows if any(t in r.tests for t in sampled)]
+        written.append(_plot_sampling(srows, [_row_label(r) for r in srows], sampled, out,
+                                      max(2.5, 0.8 * len(srows) + 1.5)))
     rows = [r for r in rows if any(t in r.tests for t in SUMMARY_TESTS)]
     if not rows:
         return written

@@ -95,6 +95,28 @@ def test_table_and_plots(render: ModuleType, results: Path, tmp_path: Path) -> N
     assert "![ratio](ratio.png)" in md and "![throughput](throughput.png)" in md
 
 
+def test_sampled_generation_rows_and_plot(render: ModuleType, tmp_path: Path) -> None:
+    d = tmp_path / "r"
+    d.mkdir()
+    recs = []
+    for mode, py, c in (("host", 76.0, 77.0), ("argmax", 80.0, 80.5), ("backend", 72.0, 71.0)):
+        a = _rec("pyllama", 0, 128, [py], machine="vm", ratio=(py / c, py / c - 0.01, py / c + 0.01))
+        b = _rec("llama.cpp C loop", 0, 128, [c], machine="vm")
+        a["sampling"] = b["sampling"] = mode
+        recs += [a, b]
+    recs.append(_rec("pyllama", 0, 128, [81.0], machine="vm"))  # llama-bench's tg128, no sampling
+    (d / "vm.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    out = tmp_path / "out"
+    md = render.render(d, out)
+    detail = md.split("## Every test")[1]
+    for mode, py, c in (("host", "76.00", "77.00"), ("argmax", "80.00", "80.50"), ("backend", "72.00", "71.00")):
+        line = next(x for x in detail.splitlines() if f"| tg128 {mode} |" in x)
+        assert f"| {py} ± 1.50 | {c} ± 1.50 |" in line, line
+    assert "| tg128 | 81.00 ± 1.50 | — |" in detail  # the plain tg128 is its own row
+    assert (out / "sampling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![sampling](sampling.png)" in md
+
+
 def test_plain_llama_bench_jsonl_is_accepted(render: ModuleType, tmp_path: Path) -> None:
     d = tmp_path / "r"
     d.mkdir()
