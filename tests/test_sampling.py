@@ -147,7 +147,7 @@ def test_argmax_paths_pick_llamacpp_greedy_token(model) -> None:  # type: ignore
                 arr[0] = np.nan
             view[:] = arr
             expected = lib.llama_sampler_sample(chain._p(), p, -1)
-            lib.pyllama_fused_step(p, chain._p(), model.vocab._v(), -1, 0, 0, 1, n_vocab, 0, buf, 256, out)
+            lib.pyllama_fused_step(p, chain._p(), model.vocab._v(), -1, 0, 0, 1, n_vocab, 0, buf, 256, out, ffi.NULL)
             assert out[0] == expected, trial
             assert stream.sample(p, -1) == expected, trial
             # ignore_eos: greedy over the logits with end-of-generation tokens at -inf

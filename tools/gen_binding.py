@@ -242,13 +242,18 @@ static int32_t pyllama_argmax(const float * x, int32_t n) {
    `prev` at `pos` in sequence `seq` (unless prev < 0), take the next token from
    the last logits (argmax when `greedy`, which is llama.cpp's greedy choice,
    first maximum, without its vocabulary-sized candidate array; else the
-   sampler chain), say whether it ends generation, and write its piece.
+   sampler chain), say whether it ends generation, and write its piece. `st`
+   (the context's abort state, or NULL) is re-armed before the decode.
    out = {token, is_eog, n_piece}. Returns llama_decode's code (0: success). */
 int32_t pyllama_fused_step(struct llama_context * ctx, struct llama_sampler * smpl,
                            const struct llama_vocab * vocab, llama_token prev, llama_pos pos,
                            llama_seq_id seq, int32_t greedy, int32_t n_vocab, int32_t lstrip,
-                           char * piece, int32_t piece_cap, int32_t * out) {
+                           char * piece, int32_t piece_cap, int32_t * out, pyllama_abort_state * st) {
     if (prev >= 0) {
+        if (st != NULL) {  /* what Context._arm_abort does before each decode */
+            st->flag = 0;
+            st->interrupted = 0;
+        }
         llama_token tok = prev;
         llama_pos p = pos;
         llama_seq_id s = seq;
@@ -291,7 +296,7 @@ void pyllama_log_silent(enum ggml_log_level level, const char * text, void * use
 int32_t pyllama_fused_step(struct llama_context * ctx, struct llama_sampler * smpl,
                            const struct llama_vocab * vocab, llama_token prev, llama_pos pos,
                            llama_seq_id seq, int32_t greedy, int32_t n_vocab, int32_t lstrip,
-                           char * piece, int32_t piece_cap, int32_t * out);
+                           char * piece, int32_t piece_cap, int32_t * out, pyllama_abort_state * st);
 
 extern "Python" void _pyllama_log(enum ggml_log_level, const char *, void *);
 extern "Python" bool _pyllama_progress(float, void *);

@@ -231,19 +231,19 @@ class Generation(StreamResults):
         n_ctx_seq = ctx.n_ctx_seq
         lock = ctx._lock
         prev = -1
+        st = ctx._arm_abort()  # re-armed in C before each decode (check_signals: this thread's)
         while True:
             with lock:  # a close() from another thread cannot free the context mid-step
                 ptr = ctx._ptr
                 if ptr is None:
                     raise ClosedError("the context was closed during generation")
-                if prev >= 0:
-                    st = ctx._arm_abort()
-                    tok_arr[0] = prev
-                    pos_arr[0] = pos
-                rc = step(ptr, chain_p, vocab_p, prev, pos, seq_id, greedy, n_vocab, decoder._lstrip, buf, cap, out)
+                rc = step(ptr, chain_p, vocab_p, prev, pos, seq_id, greedy, n_vocab, decoder._lstrip, buf, cap, out,
+                          st)
                 sampler_failed = rc == lib.PYLLAMA_STEP_SAMPLER_ERROR
                 if prev >= 0:
                     if (rc != 0 and not sampler_failed) or st.interrupted:
+                        tok_arr[0] = prev
+                        pos_arr[0] = pos
                         ctx._decode_failed(batch, rc)
                     tracker.append(seq_id, prev)
                     pos += 1

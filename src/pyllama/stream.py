@@ -142,7 +142,7 @@ class SequenceStream:
     """
 
     __slots__ = ("model", "chain", "own_chain", "max_tokens", "want_logprobs", "top_logprobs", "ignore_eos",
-                 "_stop", "_decoder", "_vocab_p", "_scratch", "_gen", "n_generated", "finish_reason", "text",
+                 "_stop", "_decoder", "_vocab_p", "_scratch", "_gen", "n_generated", "finish_reason", "_parts",
                  "_argmax", "_greedy", "_eog_ids", "_n_vocab", "sampling")
 
     def __init__(self, model: Model, sampler: SamplerArg = None, *, seed: int | None = None,
@@ -184,11 +184,19 @@ class SequenceStream:
         self._gen = np.empty(max_tokens if max_tokens is not None and max_tokens > 0 else 256, dtype=np.int32)
         self.n_generated = 0
         self.finish_reason: FinishReason | None = None
-        self.text = ""
+        self._parts: list[str] = []  # the emitted text, joined on demand (no copy of it per token)
 
     @property
     def tokens(self) -> npt.NDArray[np.int32]:
         return self._gen[: self.n_generated]
+
+    @property
+    def text(self) -> str:
+        """The text emitted so far."""
+        parts = self._parts
+        if len(parts) > 1:
+            parts[:] = ["".join(parts)]
+        return parts[0] if parts else ""
 
     @property
     def done(self) -> bool:
@@ -283,7 +291,7 @@ class SequenceStream:
             logprob, top = self._logprobs(ctx_ptr, row, token)
         text, stopped = self._stop.feed(piece_text)
         if text:
-            self.text += text
+            self._parts.append(text)
         if stopped:
             self.finish_reason = "stop"
         elif self.max_tokens is not None and self.n_generated >= self.max_tokens:
@@ -300,7 +308,7 @@ class SequenceStream:
             return None  # text from the stop string on is never emitted
         tail = self._stop.flush() + self._decoder.flush()
         if tail:
-            self.text += tail
+            self._parts.append(tail)
             return TokenEvent(-1, tail, self.n_generated, None)
         return None
 

@@ -307,8 +307,9 @@ class PyllamaTest:
         greedy = 1 if self.inst.sampling == "argmax" else 0
         n_vocab = self.n_vocab
         tok = first
+        st = ctx._arm_abort()
         for _ in range(n):
-            rc = step(ctx_p, chain_p, vocab_p, tok, pos, 0, greedy, n_vocab, 0, piece, 256, out)
+            rc = step(ctx_p, chain_p, vocab_p, tok, pos, 0, greedy, n_vocab, 0, piece, 256, out, st)
             if rc != 0:
                 raise BenchError(f"decode or sampling failed ({rc})")
             tok = out[0]
