@@ -318,26 +318,47 @@ def test_max_queue_zero_serves_free_slots(model: Any) -> None:
         b.cancel()
 
 
+def alone_tokens_and_margins(model: Any, prompt: Any, n: int) -> tuple[list[int], list[float]]:
+    """Greedy tokens alone, and each step's log-probability margin between the best two tokens."""
+    with model.context(n_ctx=256, n_threads=1) as ctx:
+        with pyllama.generate(ctx, prompt, max_tokens=n, ignore_eos=True, top_logprobs=2) as gen:
+            evs = [ev for ev in gen if ev.token >= 0]
+    return [ev.token for ev in evs], [ev.top_logprobs[0][1] - ev.top_logprobs[1][1] for ev in evs]
+
+
+def agree_until_a_near_tie(got: list[int], want: list[int], margins: list[float], tie: float = 0.01) -> int:
+    """Tokens must match up to the first step whose best two candidates are nearly tied: a batch of another
+    shape (several rows per sequence, other requests beside it) rounds differently and may flip a near tie.
+    Returns how many tokens were compared."""
+    n = next((i for i, m in enumerate(margins) if m < tie), len(margins))
+    assert got[:n] == want[:n]
+    return n
+
+
 @pytest.mark.parametrize("draft", ["ngram", "ngram-mod"])
 def test_speculative_engine_streams_equal_alone_runs(model: Any, draft: str) -> None:
-    """An n-gram drafter in the engine: concurrent requests get the tokens of their plain runs alone,
-    the drafts are verified in the shared batch, and the counters say how many were kept."""
+    """An n-gram drafter in the engine: concurrent requests get the tokens of their plain runs alone
+    (up to a near tie, where the shape of a verification batch may decide), the drafts are verified in the
+    shared batch, and the counters say how many were kept."""
     n = 80
     prompts = PROMPTS[:6]
-    expected = [alone_tokens(model, p, n) for p in prompts]
+    alone = [alone_tokens_and_margins(model, p, n) for p in prompts]
     with Engine(model, n_slots=4, n_ctx=256, n_threads=1, draft=draft, n_draft=8) as engine:
         reqs = [engine.submit(p, max_tokens=n, ignore_eos=True) for p in prompts]
         results = [[ev.token for ev in r if ev.token >= 0] for r in reqs]
-        # limits and stops hold inside an accepted draft
+        # limits hold inside an accepted draft
         short = engine.submit(prompts[0], max_tokens=37, ignore_eos=True)
         short.result()
         assert short.n_generated == 37
         lp = [ev for ev in engine.submit(prompts[1], max_tokens=40, ignore_eos=True, logprobs=True) if ev.token >= 0]
         stats = engine.stats()
+    compared = 0
     for i, req in enumerate(reqs):
-        assert req.finish_reason == "length"
-        assert results[i] == expected[i].tolist(), f"stream {i} differs from its run alone"
-    assert [ev.token for ev in lp] == expected[1][:40].tolist() and all(ev.logprob is not None for ev in lp)
+        assert req.finish_reason == "length" and len(results[i]) == n
+        compared += agree_until_a_near_tie(results[i], *alone[i])
+    assert compared >= 2 * n, compared  # a good part of the output was compared
+    agree_until_a_near_tie([ev.token for ev in lp], alone[1][0][:40], alone[1][1][:40])
+    assert all(ev.logprob is not None for ev in lp)
     assert stats.draft_tokens > 0 and 0 < stats.draft_accepted_tokens <= stats.draft_tokens, stats
     # alone on one slot, accepted drafts save decodes: fewer steps than tokens (plain: 1 + 79 decodes)
     with Engine(model, n_slots=1, n_ctx=256, n_threads=1, draft=draft, n_draft=8) as engine:

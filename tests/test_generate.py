@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from pathlib import Path
 
@@ -84,6 +85,31 @@ def test_async_generation_does_not_block_the_loop(model: pyllama.Model) -> None:
     with model.context(n_ctx=256) as ctx:
         sync = [e.token for e in pyllama.generate(ctx, "Hello world", max_tokens=8) if e.token >= 0]
     assert toks == sync and ticks > len(toks)
+
+
+@pytest.mark.parametrize("draft, ignore_eos", [(None, False), (None, True), ("ngram", False)])
+def test_async_events_arrive_while_generation_runs(model: pyllama.Model, draft: str | None,
+                                                   ignore_eos: bool) -> None:
+    """Each event reaches the loop as the next decode starts, not at the end: the first one arrives while
+    the generation is far from done, and leaving the iteration then stops it."""
+    prompt = "the cat and the dog and the cat and the dog and the cat"
+    n = 3000
+
+    async def main(ctx: pyllama.Context) -> tuple[int, int]:
+        agen = pyllama.agenerate(ctx, prompt, max_tokens=n, ignore_eos=ignore_eos, draft=draft, reuse_prefix=False)
+        at_first = -1
+        async with contextlib.aclosing(agen):  # closing it joins the producer
+            async for _ in agen:
+                cached = ctx.cached_tokens(0)
+                at_first = 0 if cached is None else int(cached.size)
+                break
+        cached = ctx.cached_tokens(0)
+        return at_first, (0 if cached is None else int(cached.size))
+
+    with model.context(n_ctx=4096) as ctx:
+        n_prompt = model.tokenize(prompt, parse_special=True).size
+        at_first, at_end = asyncio.run(main(ctx))
+    assert n_prompt <= at_first <= at_end < n_prompt + n - 1, (n_prompt, at_first, at_end)
 
 
 def test_parallel_sequences_match_sequential(model: pyllama.Model) -> None:

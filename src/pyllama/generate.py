@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, Mapping, Sequence, Union
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterator, Mapping, Sequence, Union
 
 import numpy as np
 import numpy.typing as npt
 
-from ._channel import END, EventChannel, wake
+from ._channel import END, EventChannel, Waiter, wake
 from ._ffi import ffi, lib
 from .batch import Batch
 from .errors import BusyError, ClosedError, ContextOverflowError, SamplerError
@@ -72,6 +72,8 @@ class Generation(StreamResults):
         self.n_prompt_evaluated = 0
         self._iter: Iterator[TokenEvent] | None = None
         self._closed = False
+        # called right before each token's decode (agenerate: wake the consumer then, see there)
+        self._before_decode: Callable[[], None] | None = None
         # speculative decoding: a speculator passed in is the caller's; one built from a model or name is ours
         self._spec: Speculator | None = None
         self._own_spec = False
@@ -184,6 +186,8 @@ class Generation(StreamResults):
                 tracker.forget(self.seq_id)
             tok_arr[0] = token
             pos_arr[0] = pos
+            if self._before_decode is not None:
+                self._before_decode()
             ctx._decode(batch)
             tracker.append(self.seq_id, token)
             pos += 1
@@ -205,7 +209,8 @@ class Generation(StreamResults):
         if ev is not None:
             yield ev
         if stream.finish_reason is None:
-            yield from speculative.run(self._spec, ctx, stream, self.seq_id, prompt, token, self.speculative)
+            yield from speculative.run(self._spec, ctx, stream, self.seq_id, prompt, token, self.speculative,
+                                       self._before_decode)
         tail = stream.finish()
         if tail is not None:
             yield tail
@@ -232,7 +237,10 @@ class Generation(StreamResults):
         lock = ctx._lock
         prev = -1
         st = ctx._arm_abort()  # re-armed in C before each decode (check_signals: this thread's)
+        before = self._before_decode
         while True:
+            if before is not None:
+                before()
             with lock:  # a close() from another thread cannot free the context mid-step
                 ptr = ctx._ptr
                 if ptr is None:
@@ -331,28 +339,38 @@ async def agenerate(ctx: Context, prompt: Prompt, **options: Any) -> AsyncIterat
     """Async iterator of :class:`TokenEvent` (options as :func:`generate`).
 
     One producer thread runs the generation; events reach the event loop
-    through a channel that wakes it only when the consumer is waiting, so the
-    loop never blocks on llama.cpp and no thread hop is paid per token.
+    through a channel that wakes it only when the consumer is waiting, and
+    only as the next decode starts (the loop runs while llama.cpp does, not
+    while the producer needs the GIL), so the loop never blocks on llama.cpp.
     Leaving the iteration early stops the generation after the current token.
     """
     gen = Generation(ctx, prompt, **options)
     chan: EventChannel[TokenEvent] = EventChannel()
     stop = threading.Event()
+    held: list[Waiter | None] = []
+
+    def deliver() -> None:
+        # Wake the consumer only as the next decode starts: its event loop then takes the GIL
+        # while llama.cpp runs without it, instead of holding it while this thread needs it.
+        if held:
+            wake(held)
+            held.clear()
+
+    gen._before_decode = deliver
 
     def produce() -> None:
         error: BaseException | None = None
         try:
             for ev in gen:
-                w = chan.put(ev)
-                if w is not None:
-                    wake((w,))
+                held.append(chan.put(ev))
                 if stop.is_set():
                     break
         except BaseException as exc:  # delivered to the consumer
             error = exc
         finally:
             gen.close()
-            wake((chan.close(error),))
+            held.append(chan.close(error))
+            deliver()
 
     producer = threading.Thread(target=produce, name="pyllama-agenerate", daemon=True)
     producer.start()

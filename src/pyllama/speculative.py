@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -167,12 +167,14 @@ def _draft_context(ctx: Context, draft: Model, n_max: int) -> Context:
 
 
 def run(spec: Speculator, ctx: Context, stream: SequenceStream, seq_id: int, prompt: npt.NDArray[np.int32],
-        first: int, stats: SpeculativeStats) -> Iterator[TokenEvent]:
+        first: int, stats: SpeculativeStats,
+        before_decode: Callable[[], None] | None = None) -> Iterator[TokenEvent]:
     """Generate after ``prompt`` (which ``ctx`` holds for ``seq_id``) and its sampled token ``first``.
 
     Each round drafts after the last token, decodes [last, draft...] on the
     target (and lets the drafter see it), samples the rows in order while the
     draft agrees, emits what was sampled and drops the rest from the caches.
+    ``before_decode`` runs right before each target decode.
     """
     if spec.closed:
         raise ClosedError("this speculator is closed")
@@ -212,6 +214,8 @@ def run(spec: Speculator, ctx: Context, stream: SequenceStream, seq_id: int, pro
             tok_arr[1:n_draft + 1] = out[:n_draft]
             pos_arr[:n_draft + 1] = np.arange(pos, pos + n_draft + 1, dtype=np.int32)
             batch._struct.n_tokens = n_draft + 1
+            if before_decode is not None:
+                before_decode()
             ctx._decode(batch)
             if dctx is not None and n_draft:
                 st = dctx._arm_abort()

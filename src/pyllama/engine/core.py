@@ -183,6 +183,8 @@ class _Core:
                     self.queue.clear()
             for req in cancels:
                 self._cancel(req)
+            if tasks:
+                self._flush_waiters()  # a task (embeddings) may take long: deliver what is ready first
             for task in tasks:
                 task()
             if stop:
@@ -207,7 +209,8 @@ class _Core:
                     for slot in list(self.active):
                         if slot.request is not None:
                             self._fail(slot, exc)
-            self._flush_waiters()
+            if not self.active:  # else the next step delivers this one's events as its decode starts
+                self._flush_waiters()
 
     def _flush_waiters(self) -> None:
         if self.waiters:
@@ -296,6 +299,9 @@ class _Core:
             chunks.append((slot, k))
             n = end
             budget -= k
+        # The events of the previous step go out now, as this decode starts: the event loops that
+        # consume them take the GIL while llama.cpp runs without it, not while this thread needs it.
+        self._flush_waiters()
         if n == 0:
             return
         batch.n_seq_id[:n] = 1
