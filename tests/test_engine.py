@@ -372,3 +372,28 @@ def test_speculative_engine_refuses_a_model_drafter(model: Any) -> None:
         Engine(model, n_slots=1, n_ctx=64, draft=model)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="draft must be"):
         Engine(model, n_slots=1, n_ctx=64, draft="lookahead")
+
+
+def test_backend_sampling_per_request(model: Any) -> None:
+    """Requests that sample in the graph beside requests sampled on the host: every stream equals its greedy
+    run alone (up to a near tie), each backend chain is attached to its slot only while the request runs, and a
+    drafting engine leaves backend-sampled requests undrafted."""
+    n = 40
+    prompts = PROMPTS[:6]
+    alone = [alone_tokens_and_margins(model, p, n) for p in prompts]
+    for draft in (None, "ngram"):
+        with Engine(model, n_slots=4, n_ctx=256, n_threads=1, draft=draft, n_draft=4) as engine:
+            reqs = [engine.submit(p, max_tokens=n, sampling="backend" if i % 2 else "host")
+                    for i, p in enumerate(prompts)]
+            results = [[ev.token for ev in r if ev.token >= 0] for r in reqs]
+            attached = dict(engine._core.ctx._backend_samplers)
+        for i, res in enumerate(results):
+            agree_until_a_near_tie(res, alone[i][0][:len(res)], alone[i][1][:len(res)])
+        assert attached == {}
+    with Engine(model, n_slots=2, n_ctx=256, n_threads=1, draft="ngram", n_draft=4) as engine:
+        for p in prompts[:2]:
+            engine.submit(p, max_tokens=n, sampling="backend").result()
+        assert engine.stats().draft_tokens == 0
+    with Engine(model, n_slots=1, n_ctx=64, n_threads=1) as engine:
+        with pytest.raises(ValueError, match="logprobs"):
+            engine.submit(PROMPTS[0], sampling="backend", logprobs=True)

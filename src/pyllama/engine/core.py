@@ -30,7 +30,7 @@ from ..context import Context, FlashAttn
 from ..errors import ClosedError, ContextOverflowError, LlamaError
 from ..sampling import Sampler
 from ..speculative import Speculator
-from ..stream import FinishReason, SequenceStream
+from ..stream import FinishReason, Sampling, SequenceStream
 from ..vocab import Vocab, as_tokens
 from .request import EngineBusyError, EngineRequest
 from .slots import Slot, choose_slot
@@ -253,6 +253,13 @@ class _Core:
             slot.state = "prefill"
             req.n_cached = keep
             req.t_start = time.perf_counter()
+            stream = req._stream
+            try:  # backend sampling: this request's chain in the graph for its slot (else none there)
+                self.ctx._attach_sampler(slot.id, stream.chain if stream.sampling == "backend" else None)
+            except ValueError as exc:
+                self.active.append(slot)
+                self._fail(slot, exc)
+                continue
             if self.spec is not None:
                 try:
                     self.spec._begin(slot.id, req.prompt_tokens)
@@ -373,6 +380,8 @@ class _Core:
         req = slot.request
         assert spec is not None and req is not None
         stream = req._stream
+        if stream.sampling == "backend":  # rows sampled in the graph are not verified one after another
+            return 0
         n_max = min(spec.n_max, room, self.n_ctx_slot - slot.pos - 1)
         if stream.max_tokens is not None:
             n_max = min(n_max, stream.max_tokens - stream.n_generated - 1)
@@ -437,6 +446,9 @@ class _Core:
         req._stream.close()
 
     def _release(self, slot: Slot) -> None:
+        req = slot.request
+        if req is not None and req._stream.sampling == "backend":
+            self.ctx._detach_sampler(slot.id, req._stream.chain)  # before the request frees its chain
         slot.release()
         if slot in self.active:
             self.active.remove(slot)
@@ -557,11 +569,13 @@ class Engine(EngineFront):
                logprobs: bool = False, top_logprobs: int = 0, add_special: bool = True,
                parse_special: bool = True, context_full: ContextFull = "stop",
                ignore_eos: bool = False, grammar: str | None = None,
-               json_schema: Mapping[str, Any] | str | None = None) -> EngineRequest:
+               json_schema: Mapping[str, Any] | str | None = None, sampling: Sampling = "auto") -> EngineRequest:
         """Queue a generation; iterate the returned request for its token events.
 
         Thread-safe and non-blocking. ``sampler`` is a list of pyllama sampler specs
-        (None: greedy); ``grammar`` (GBNF) or ``json_schema`` constrain it.
+        (None: greedy); ``grammar`` (GBNF) or ``json_schema`` constrain it; ``sampling``
+        is :func:`pyllama.generate`'s (``"backend"``: the chain runs in the graph for
+        this request's slot, and its tokens are not drafted).
         ``context_full`` says what happens when prompt plus reply reach the
         slot's context: finish with reason ``"context"``, raise
         :class:`ContextOverflowError`, or ``"shift"`` out the older half.
@@ -574,7 +588,7 @@ class Engine(EngineFront):
         stream = SequenceStream(self.model, list(sampler) if sampler is not None else None,
                                 max_tokens=max_tokens, stop=stop, logprobs=logprobs,
                                 top_logprobs=top_logprobs, ignore_eos=ignore_eos, grammar=grammar,
-                                json_schema=json_schema)
+                                json_schema=json_schema, sampling=sampling)
         req = EngineRequest(tokens, stream, context_full, self._core.cancel)
         self._core.enqueue(req)
         return req

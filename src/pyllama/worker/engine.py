@@ -27,7 +27,7 @@ from ..engine.core import EngineFront, check_embed_request, check_request
 from ..errors import ClosedError
 from ..model import Model
 from ..sampling import Sampler
-from ..stream import FinishReason, TokenEvent
+from ..stream import FinishReason, Sampling, TokenEvent
 from . import protocol as p
 from .client import Worker
 from .errors import WorkerError
@@ -205,7 +205,7 @@ class IsolatedEngine(EngineFront):
                logprobs: bool = False, top_logprobs: int = 0, add_special: bool = True,
                parse_special: bool = True, context_full: ContextFull = "stop",
                ignore_eos: bool = False, grammar: str | None = None,
-               json_schema: Mapping[str, Any] | str | None = None) -> IsolatedRequest:
+               json_schema: Mapping[str, Any] | str | None = None, sampling: Sampling = "auto") -> IsolatedRequest:
         """Queue a generation in the child, as :meth:`pyllama.engine.Engine.submit` does in process.
 
         Non-blocking, except that the first request after a crash starts the fresh child.
@@ -218,7 +218,7 @@ class IsolatedEngine(EngineFront):
                    "sampler": None if sampler is None else list(sampler), "logprobs": logprobs,
                    "top_logprobs": top_logprobs, "context_full": context_full, "ignore_eos": ignore_eos,
                    "grammar": grammar, "json_schema": json_schema if isinstance(json_schema, (str, type(None)))
-                   else dict(json_schema)}
+                   else dict(json_schema), "sampling": sampling}
         with self._lock:  # the child's queue bound, counted here so a full queue is a 503 before any byte
             if self._in_flight >= self.n_slots + self.max_queue:
                 raise EngineBusyError(f"the engine is busy: {self._in_flight} requests are in flight "
