@@ -27,7 +27,7 @@ import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_RESULTS = HERE / "results"
@@ -204,18 +204,21 @@ def _row_label(row: Row) -> str:
 SAMPLING = ("host", "argmax", "backend")
 
 
-def _plot_sampling(rows: list[Row], labels: list[str], tests: list[str], out: Path, height: float) -> Path:
-    """sampling.png: generation with every token sampled, per way of sampling (pyllama and the C loop)."""
+def _bars(rows: list[Row], tests: Sequence[str], out: Path, name: str, native_label: str) -> Path:
+    """One horizontal bar chart per test: pyllama's t/s and the native reference's, a row per configuration."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(tests), figsize=(4.5 * len(tests), height), squeeze=False)
+    labels = [_row_label(r) for r in rows]
+    height = max(2.5, 0.8 * len(rows) + 1.5)
+    width = 6 if len(tests) <= 2 else 4.5
+    fig, axes = plt.subplots(1, len(tests), figsize=(width * len(tests), height), squeeze=False)
     for ax, t in zip(axes[0], tests):
         ys = list(range(len(rows)))
-        for off, binding, color, name in ((-0.2, "pyllama", "#1f77b4", "pyllama"),
-                                          (0.2, "llama.cpp", "#aaaaaa", "C loop (llama-simple's)")):
+        for off, binding, color, label in ((-0.2, "pyllama", "#1f77b4", "pyllama"),
+                                           (0.2, "llama.cpp", "#aaaaaa", native_label)):
             vals = [float(r.tests.get(t, {}).get(binding, {}).get("avg_ts", math.nan)) for r in rows]
             errs = [float(r.tests.get(t, {}).get(binding, {}).get("stddev_ts", 0.0)) for r in rows]
-            ax.barh([y + off for y in ys], vals, height=0.4, xerr=errs, color=color, label=name)
+            ax.barh([y + off for y in ys], vals, height=0.4, xerr=errs, color=color, label=label)
         ax.set_yticks(ys)
         ax.set_yticklabels(labels if ax is axes[0][0] else [""] * len(rows), fontsize=8)
         ax.invert_yaxis()
@@ -224,7 +227,7 @@ def _plot_sampling(rows: list[Row], labels: list[str], tests: list[str], out: Pa
         ax.grid(axis="x", alpha=0.3)
     axes[0][0].legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    p = out / "sampling.png"
+    p = out / name
     fig.savefig(p, dpi=110)
     plt.close(fig)
     return p
@@ -239,37 +242,17 @@ def plot(rows: list[Row], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written: list[Path] = []
+    # sampling.png: generation with every token sampled (pyllama bench --sampling), against the C loop
     sampled = _tests_sorted({t for r in rows for t in r.tests if t.split(" @")[0].split(" ")[-1] in SAMPLING})
     if sampled:
         srows = [r for r in rows if any(t in r.tests for t in sampled)]
-        written.append(_plot_sampling(srows, [_row_label(r) for r in srows], sampled, out,
-                                      max(2.5, 0.8 * len(srows) + 1.5)))
+        written.append(_bars(srows, sampled, out, "sampling.png", "C loop (llama-simple's)"))
     rows = [r for r in rows if any(t in r.tests for t in SUMMARY_TESTS)]
     if not rows:
         return written
     labels = [_row_label(r) for r in rows]
     height = max(2.5, 0.8 * len(rows) + 1.5)
-
-    fig, axes = plt.subplots(1, len(SUMMARY_TESTS), figsize=(6 * len(SUMMARY_TESTS), height), squeeze=False)
-    for ax, t in zip(axes[0], SUMMARY_TESTS):
-        ys = list(range(len(rows)))
-        for off, binding, color in ((-0.2, "pyllama", "#1f77b4"), (0.2, "llama.cpp", "#aaaaaa")):
-            vals = [float(r.tests.get(t, {}).get(binding, {}).get("avg_ts", math.nan)) for r in rows]
-            errs = [float(r.tests.get(t, {}).get(binding, {}).get("stddev_ts", 0.0)) for r in rows]
-            ax.barh([y + off for y in ys], vals, height=0.4, xerr=errs, color=color,
-                    label="pyllama" if binding == "pyllama" else "llama.cpp (native)")
-        ax.set_yticks(ys)
-        ax.set_yticklabels(labels if ax is axes[0][0] else [""] * len(rows), fontsize=8)
-        ax.invert_yaxis()
-        ax.set_xlabel("tokens / s")
-        ax.set_title(t)
-        ax.grid(axis="x", alpha=0.3)
-    axes[0][0].legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    p = out / "throughput.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    written.append(p)
+    written.append(_bars(rows, SUMMARY_TESTS, out, "throughput.png", "llama.cpp (native)"))
 
     have_ratio = any(r.tests.get(t, {}).get("pyllama", {}).get("native_ratio") is not None
                      for r in rows for t in SUMMARY_TESTS)
