@@ -160,6 +160,7 @@ class LlamaParams:
     n_ctx_train: int = 512
     seed: int = 1234
     dtype: str = "f32"  # "f32", "f16", "q8_0" or "q4_0" for the block matrices; norms are always f32
+    n_vocab: int = 0  # 0: the synthetic vocabulary as it is; more: padded with plain tokens to this size
 
     @property
     def head_dim(self) -> int:
@@ -253,6 +254,14 @@ def _write_model(path: PathLike, params: LlamaParams, *, name: str, pooling: ggu
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     vocab = build_vocab()
+    if params.n_vocab:  # a large vocabulary (a real model's 262,144 logits) of pieces no text produces
+        if params.n_vocab < len(vocab.tokens):
+            raise ValueError(f"n_vocab must be 0 or at least {len(vocab.tokens)}")
+        extra = params.n_vocab - len(vocab.tokens)
+        low = min(vocab.scores) - 1.0
+        vocab = Vocab(tokens=vocab.tokens + [f"<pad{i}>" for i in range(extra)],
+                      scores=vocab.scores + [low - i for i in range(extra)],
+                      types=vocab.types + [int(gguf.TokenType.NORMAL)] * extra)
     w = gguf.GGUFWriter(tmp, "llama")
 
     w.add_name(name)
@@ -304,9 +313,12 @@ def write_llama_model(
     n_ctx_train: int = 512,
     seed: int = 1234,
     dtype: str = "f32",
+    n_vocab: int = 0,
 ) -> Path:
-    """Write a tiny causal "llama" model with a real SentencePiece vocabulary; returns ``path``."""
-    params = LlamaParams(n_layer, n_embd, n_head, n_head_kv, n_ff, n_ctx_train, seed, dtype)
+    """Write a tiny causal "llama" model with a real SentencePiece vocabulary; returns ``path``.
+
+    ``n_vocab`` pads the vocabulary to that many tokens (a real model's logits row, for benchmarks)."""
+    params = LlamaParams(n_layer, n_embd, n_head, n_head_kv, n_ff, n_ctx_train, seed, dtype, n_vocab)
     return _write_model(path, params, name="pyllama-synth-llama", pooling=None)
 
 
@@ -401,6 +413,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--n-ff", type=int, default=LlamaParams.n_ff)
     parser.add_argument("--n-ctx-train", type=int, default=LlamaParams.n_ctx_train)
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="f32")
+    parser.add_argument("--n-vocab", type=int, default=0, help="pad the vocabulary to this size (--kind llama)")
     parser.add_argument("--rank", type=int, default=4, help="LoRA rank (--kind lora)")
     parser.add_argument("--seed", type=int, help="default: 1234 llama, 4321 embedding, 99 lora")
     args = parser.parse_args(argv)
@@ -414,8 +427,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         embedding = args.kind == "embedding"
         seed = (4321 if embedding else 1234) if args.seed is None else args.seed
         writer = write_embedding_model if embedding else write_llama_model
+        extra = {} if embedding else {"n_vocab": args.n_vocab}
         out = writer(
             args.out,
+            **extra,
             n_layer=args.n_layer,
             n_embd=args.n_embd,
             n_head=args.n_head,

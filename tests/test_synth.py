@@ -239,3 +239,15 @@ def test_cli_writes_each_kind(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 def test_starter_model_fixture_loads(starter_model_path: Path) -> None:
     with load_model(starter_model_path) as model:
         assert lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(model)) > 100_000
+
+
+def test_padded_vocabulary_keeps_the_synthetic_tokens(tmp_path: Path, synth_model_path: Path) -> None:
+    import pyllama
+
+    path = synth.write_llama_model(tmp_path / "big.gguf", n_vocab=5000)
+    with pyllama.Model(path) as big, pyllama.Model(synth_model_path) as small:
+        assert big.vocab.n_tokens == 5000
+        text = "Hello world, schön"
+        assert np.array_equal(big.tokenize(text), small.tokenize(text))  # the pads are never produced
+    with pytest.raises(ValueError, match="n_vocab"):
+        synth.write_llama_model(tmp_path / "bad.gguf", n_vocab=10)
