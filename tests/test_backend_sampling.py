@@ -76,3 +76,25 @@ def test_bad_sampling_requests_are_refused(model: pyllama.Model) -> None:
         with pytest.raises(ValueError, match="draft"):
             pyllama.generate(ctx, PROMPT, sampling="backend", draft="ngram")
         assert tokens(ctx, max_tokens=5).size == 5
+
+
+def test_auto_samples_in_the_graph_only_where_it_measured_faster(model: pyllama.Model) -> None:
+    from pyllama.stream import SequenceStream, backend_sampling_pays
+
+    assert backend_sampling_pays(["CUDA"], True)
+    assert not backend_sampling_pays(["CUDA"], False)  # layers on the CPU: the CPU's scalar argmax
+    assert not backend_sampling_pays(["Vulkan"], True) and not backend_sampling_pays(["CUDA", "Vulkan"], True)
+    assert not backend_sampling_pays([], True)
+    with model.context(n_ctx=64) as ctx:
+        assert not ctx._backend_sampling_pays  # this build's CPU
+    # where it pays, "auto" takes it for the streams it can serve, and only for those
+    greedy = SequenceStream(model, None)
+    greedy.prefer_backend()
+    assert greedy.sampling == "backend"
+    for stream in (SequenceStream(model, None, logprobs=True), SequenceStream(model, None, ignore_eos=True),
+                   SequenceStream(model, [pyllama.TopK(5), pyllama.Dist(1)]), SequenceStream(model, None,
+                                                                                               sampling="argmax")):
+        stream.prefer_backend()
+        assert stream.sampling != "backend"
+        stream.close()
+    greedy.close()

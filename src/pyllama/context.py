@@ -364,6 +364,18 @@ class Context(Handle):
         self._invalidate_tracking(batch)
         self._decode(batch)
 
+    @property
+    def _backend_sampling_pays(self) -> bool:
+        """Whether sampling="auto" runs a greedy chain in the graph here (see pyllama.stream)."""
+        pays = self.__dict__.get("_pays")
+        if pays is None:
+            from .devices import devices
+            from .stream import backend_sampling_pays
+
+            gpus = [d.backend for d in devices() if d.type in ("gpu", "igpu")]
+            pays = self.__dict__["_pays"] = backend_sampling_pays(gpus, self.model.fully_offloaded)
+        return bool(pays)
+
     def _attach_sampler(self, seq_id: int, chain: Any) -> None:
         """Run ``chain`` (a SamplerChain) inside the graph for ``seq_id`` (llama_set_sampler); None detaches."""
         with self._lock:

@@ -62,6 +62,8 @@ class Generation(StreamResults):
         self._stream = SequenceStream(model, sampler, seed=seed, max_tokens=max_tokens, stop=stop,
                                       logprobs=logprobs, top_logprobs=top_logprobs, ignore_eos=ignore_eos,
                                       grammar=grammar, json_schema=json_schema, sampling=sampling)
+        if draft is None and ctx._backend_sampling_pays:
+            self._stream.prefer_backend()
         self.sampler = self._stream.chain
         self.max_tokens = max_tokens
         self.seq_id = seq_id

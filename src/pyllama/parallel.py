@@ -60,8 +60,11 @@ def generate_parallel(ctx: Context, prompts: Sequence[Prompt], *, samplers: Sequ
             s = samplers[i] if samplers is not None else None
             streams.append(SequenceStream(model, s if s is not None else [Greedy()], max_tokens=max_tokens,
                                           stop=stop, ignore_eos=ignore_eos, sampling=sampling))
+        if ctx._backend_sampling_pays:
+            for st in streams:
+                st.prefer_backend()
         for i, st in enumerate(streams):  # backend sampling: each sequence's chain in the graph; else none
-            ctx._attach_sampler(i, st.chain if sampling == "backend" else None)
+            ctx._attach_sampler(i, st.chain if st.sampling == "backend" else None)
         out = results if results is not None else []
         out[:] = [SequenceResult() for _ in range(n)]
         # Prompts: all of them in shared batches of up to n_batch tokens (as llama-batched-bench
@@ -137,7 +140,7 @@ def generate_parallel(ctx: Context, prompts: Sequence[Prompt], *, samplers: Sequ
                 yield ParallelEvent(i, tail)
     finally:
         for i, st in enumerate(streams):
-            if sampling == "backend":
+            if st.sampling == "backend":
                 ctx._detach_sampler(i, st.chain)
             st.close()
 

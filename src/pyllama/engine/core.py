@@ -589,6 +589,8 @@ class Engine(EngineFront):
                                 max_tokens=max_tokens, stop=stop, logprobs=logprobs,
                                 top_logprobs=top_logprobs, ignore_eos=ignore_eos, grammar=grammar,
                                 json_schema=json_schema, sampling=sampling)
+        if self._core.spec is None and self._core.ctx._backend_sampling_pays:
+            stream.prefer_backend()
         req = EngineRequest(tokens, stream, context_full, self._core.cancel)
         self._core.enqueue(req)
         return req
