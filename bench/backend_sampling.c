@@ -5,7 +5,11 @@
  *
  *   cc -O2 bench/backend_sampling.c -I vendor/llama.cpp/include -I vendor/llama.cpp/ggml/include \
  *      -L BUILD/bin -lllama -lggml -lggml-base -Wl,-rpath,BUILD/bin -o backend_sampling
- *   ./backend_sampling MODEL.gguf [n_tokens=128] [rounds=5] [n_gpu_layers=99] [n_threads=2]
+ *   ./backend_sampling MODEL.gguf [n_tokens=128] [rounds=5] [n_gpu_layers=99] [n_threads=2] [cycles]
+ *
+ * With "cycles" it instead attaches a fresh greedy chain to one context for each round, generates, detaches
+ * and frees it (what pyllama does per generation), and checks the tokens stay the host's. Loadable backends
+ * are looked for where GGML_BACKEND_DIR points, else beside the executable.
  */
 #include "ggml-backend.h"
 #include "llama.h"
@@ -61,8 +65,14 @@ int main(int argc, char ** argv) {
     const int rounds = argc > 3 ? atoi(argv[3]) : 5;
     const int ngl = argc > 4 ? atoi(argv[4]) : 99;
     const int n_threads = argc > 5 ? atoi(argv[5]) : 2;
+    const int cycles = argc > 6 && strcmp(argv[6], "cycles") == 0;
     llama_backend_init();
-    ggml_backend_load_all(); /* a build with loadable backends (GGML_BACKEND_DL) finds them here */
+    const char * backend_dir = getenv("GGML_BACKEND_DIR");
+    if (backend_dir != NULL) {
+        ggml_backend_load_all_from_path(backend_dir);
+    } else {
+        ggml_backend_load_all(); /* a build with loadable backends (GGML_BACKEND_DL) finds them here */
+    }
     struct llama_model_params mp = llama_model_default_params();
     mp.n_gpu_layers = ngl;
     struct llama_model * model = llama_model_load_from_file(argv[1], mp);
@@ -93,6 +103,41 @@ int main(int argc, char ** argv) {
             fprintf(stderr, "cannot create a context\n");
             return 1;
         }
+    }
+    if (cycles) {
+        /* the host's greedy tokens, then attach / generate / detach / free on ctx[2], round after round */
+        llama_token * want = malloc(sizeof(llama_token) * (size_t) n);
+        llama_token * got = malloc(sizeof(llama_token) * (size_t) n);
+        int ok = 1;
+        for (int r = -1; r < rounds && ok; ++r) {
+            struct llama_context * c = r < 0 ? ctx[0] : ctx[2];
+            struct llama_sampler * sm = llama_sampler_chain_init(llama_sampler_chain_default_params());
+            llama_sampler_chain_add(sm, llama_sampler_init_greedy());
+            if (r >= 0 && !llama_set_sampler(c, 0, sm)) {
+                fprintf(stderr, "llama_set_sampler refused\n");
+                return 1;
+            }
+            llama_memory_clear(llama_get_memory(c), true);
+            if (llama_decode(c, llama_batch_get_one(prompt, n_prompt - 1)) != 0) {
+                return 1;
+            }
+            llama_pos pos = n_prompt - 1;
+            llama_token tok = prompt[n_prompt - 1];
+            for (int i = 0; i < n; ++i) {
+                if (decode_one(c, tok, pos++) != 0) {
+                    return 1;
+                }
+                tok = llama_sampler_sample(sm, c, -1);
+                (r < 0 ? want : got)[i] = tok;
+            }
+            if (r >= 0) {
+                llama_set_sampler(c, 0, NULL);
+                ok = memcmp(want, got, sizeof(llama_token) * (size_t) n) == 0;
+            }
+            llama_sampler_free(sm);
+        }
+        printf("%d attach/generate/detach/free cycles on one context: %s\n", rounds, ok ? "tokens as the host's" : "TOKENS DIFFER");
+        return ok ? 0 : 3;
     }
     if (!llama_set_sampler(ctx[2], 0, chain[2])) {
         fprintf(stderr, "llama_set_sampler refused the greedy chain here\n");

@@ -63,6 +63,23 @@ def test_an_abandoned_backend_generation_does_not_sample_for_the_next(model: pyl
         gen.close()
 
 
+def test_a_chain_is_attached_to_the_graph_once(model: pyllama.Model) -> None:
+    # llama.cpp initialises a chain's graph part once and asserts on a second time: refused before that
+    with model.context(n_ctx=256) as ctx, pyllama.SamplerChain([pyllama.Greedy()], model) as chain:
+        first = tokens(ctx, max_tokens=8, sampler=chain, sampling="backend")
+        with pytest.raises(ValueError, match="backend sampling once"):
+            tokens(ctx, max_tokens=8, sampler=chain, sampling="backend")
+        # llama.cpp's chain, initialised for the graph, would assert sampling on the host: refused too
+        with pytest.raises(ValueError, match="backend sampling once"):
+            tokens(ctx, max_tokens=8, sampler=chain, sampling="host")
+        with pytest.raises(ValueError, match="already attached"):
+            ctx._attach_sampler(0, chain)
+        with pytest.raises(ValueError, match="backend sampling"):
+            chain.sample(ctx)
+        assert np.array_equal(tokens(ctx, max_tokens=8), first)  # the context is fine
+        assert not ctx._backend_samplers and not ctx._backend_sampling_unsafe
+
+
 def test_bad_sampling_requests_are_refused(model: pyllama.Model) -> None:
     with model.context(n_ctx=256) as ctx:
         with pytest.raises(ValueError, match="sampling must be"):

@@ -144,13 +144,16 @@ def test_greedy_generation_matches_cpu(visible_devices: str, synth_model_path: P
     assert worst <= LOGIT_ATOL, f"logits differ by up to {worst:.3g} (> {LOGIT_ATOL})"
 
 
-def test_argmax_and_backend_sampling_match_cpu_greedy(visible_devices: str, synth_model_path: Path) -> None:
-    """Greedy tokens chosen on the host, by argmax over the logits, and inside the Vulkan graph all equal the CPU's."""
+def test_argmax_and_host_sampling_match_cpu_greedy(visible_devices: str, synth_model_path: Path) -> None:
+    """Greedy tokens chosen on the host and by argmax over the logits on Vulkan equal the CPU's; sampling in the
+    Vulkan graph is refused with the reason (llama.cpp's Vulkan backend corrupts memory when chains are attached
+    and detached: bench/backend_sampling.c 'cycles' crashed 3 of 6 runs on lavapipe), and nothing is lost."""
     res = _run_child("sampling", str(synth_model_path), visible=visible_devices or None)
     want = res["cpu_host"]
     assert len(want) == N_PREDICT
-    for key in ("vulkan_host", "vulkan_argmax", "vulkan_backend", "vulkan_parallel_backend"):
+    for key in ("vulkan_host", "vulkan_argmax", "vulkan_auto", "vulkan_parallel_argmax", "after_refusal"):
         assert res[key] == want, (key, res)
+    assert "Vulkan" in res["backend_refused"], res
 
 
 def test_auto_offload_uses_llama_cpp_fit(visible_devices: str, synth_model_path: Path) -> None:
@@ -340,12 +343,19 @@ def _child_sampling(model_path: str) -> dict[str, Any]:
             list(gen)
         out["cpu_host"] = gen.tokens.tolist()
     with pyllama.Model(model_path, n_gpu_layers="all") as vk, vk.context(n_ctx=256, n_threads=2) as ctx:
-        for mode in ("host", "argmax", "backend"):
+        for mode in ("host", "argmax", "auto"):
             with pyllama.generate(ctx, PROMPT, max_tokens=N_PREDICT, sampling=mode, reuse_prefix=False) as gen:
                 list(gen)
             out[f"vulkan_{mode}"] = gen.tokens.tolist()
-        parallel = pyllama.generate_parallel_tokens(ctx, [PROMPT], max_tokens=N_PREDICT, sampling="backend")
-        out["vulkan_parallel_backend"] = parallel[0].tokens
+        parallel = pyllama.generate_parallel_tokens(ctx, [PROMPT], max_tokens=N_PREDICT, sampling="argmax")
+        out["vulkan_parallel_argmax"] = parallel[0].tokens
+        # refused: attaching and detaching chains corrupts memory in llama.cpp's Vulkan backend
+        try:
+            list(pyllama.generate(ctx, PROMPT, max_tokens=2, sampling="backend"))
+            out["backend_refused"] = ""
+        except ValueError as exc:
+            out["backend_refused"] = str(exc)
+        out["after_refusal"] = [e.token for e in pyllama.generate(ctx, PROMPT, max_tokens=N_PREDICT) if e.token >= 0]
     return out
 
 

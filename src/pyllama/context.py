@@ -376,6 +376,17 @@ class Context(Handle):
             pays = self.__dict__["_pays"] = backend_sampling_pays(gpus, self.model.fully_offloaded)
         return bool(pays)
 
+    @property
+    def _backend_sampling_unsafe(self) -> bool:
+        """Whether the graph's sampler would run on a backend where attaching chains is not safe (Vulkan)."""
+        unsafe = self.__dict__.get("_unsafe")
+        if unsafe is None:
+            from .devices import devices
+
+            unsafe = self.__dict__["_unsafe"] = self.model.fully_offloaded and any(
+                d.backend == "Vulkan" for d in devices() if d.type in ("gpu", "igpu"))
+        return bool(unsafe)
+
     def _attach_sampler(self, seq_id: int, chain: Any) -> None:
         """Run ``chain`` (a SamplerChain) inside the graph for ``seq_id`` (llama_set_sampler); None detaches."""
         with self._lock:
@@ -387,6 +398,15 @@ class Context(Handle):
                 lib.llama_set_sampler(ptr, seq_id, ffi.NULL)
                 del self._backend_samplers[seq_id]
                 return
+            if getattr(chain, "_backend_bound", False):
+                # llama.cpp initialises a chain's graph part once (GGML_ASSERT on a second time)
+                raise ValueError("this SamplerChain was already attached for backend sampling once: pass sampler "
+                                 "specs (a list) so that each generation builds its own chain")
+            if self._backend_sampling_unsafe:
+                raise ValueError("backend sampling is disabled on Vulkan: attaching and detaching sampler chains "
+                                 "corrupts memory in llama.cpp's Vulkan backend (bench/backend_sampling.c "
+                                 "'cycles' crashes there); use sampling='argmax' or 'host'")
+            chain._backend_bound = True
             if not lib.llama_set_sampler(ptr, seq_id, chain._p()):
                 self._backend_samplers.pop(seq_id, None)
                 raise ValueError("llama.cpp cannot run this sampler chain inside the graph here "

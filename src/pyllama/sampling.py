@@ -588,6 +588,10 @@ class SamplerChain(Handle):
     def sample(self, ctx: Context, i: int = -1) -> int:
         """Sample a token from the logits of batch row ``i`` and accept it into the chain's history."""
         cp = ctx._p()
+        if getattr(self, "_backend_bound", False) and all(c is not self for c in ctx._backend_samplers.values()):
+            # initialised for the graph once, llama.cpp's chain asserts when it samples on the host
+            raise ValueError("this SamplerChain was attached for backend sampling and samples only where it is "
+                             "attached")
         if lib.llama_get_logits_ith(cp, i) == ffi.NULL:  # llama.cpp would assert
             raise IndexError(f"no logits for batch row {i}")
         return self._sample(cp, i)

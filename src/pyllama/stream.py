@@ -36,8 +36,9 @@ SAMPLING_MODES = ("auto", "host", "argmax", "backend")
 
 #: GPU backends on which choosing the greedy token inside the graph measured faster than on the host:
 #: CUDA (bench/backend_sampling.c on an H200, a 262,144-token vocabulary: 1134 µs per token against
-#: 1444 with argmax over the copied logits and 1564 with llama.cpp's host sampler). On the CPU it is
-#: slower (ggml-cpu's argmax runs on one thread, scalar); on Vulkan (lavapipe) it made no difference.
+#: 1444 with argmax over the copied logits and 1564 with llama.cpp's host sampler; and 12 runs of its
+#: attach/generate/detach cycles, what pyllama does per generation, all clean). On the CPU it is slower
+#: (ggml-cpu's argmax runs on one thread, scalar); on Vulkan it is refused (those cycles corrupt memory).
 BACKEND_SAMPLING_FASTER = frozenset({"CUDA"})
 
 
@@ -177,6 +178,10 @@ class SequenceStream:
         # llama.cpp's greedy sampler builds a vocabulary-sized candidate array per
         # token; argmax over the logits view picks the same token (first maximum).
         self._greedy = self.chain.specs == (Greedy(),)
+        if getattr(self.chain, "_backend_bound", False):
+            # llama.cpp's chain, once initialised for the graph, asserts when it samples on the host
+            raise ValueError("this SamplerChain was attached for backend sampling once and can only be used there:"
+                             " pass sampler specs (a list) so that each generation builds its own chain")
         if sampling == "argmax" and not self._greedy:
             if self.own_chain:
                 self.chain.close()
