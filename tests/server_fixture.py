@@ -13,6 +13,8 @@ no orphan process survives a test.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import os
 import signal
 import socket
@@ -21,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -117,3 +120,27 @@ class RemoteServer:
 
 
 __all__ = ["RemoteServer", "free_port"]
+
+
+@contextlib.contextmanager
+def stream_in_background(url: str, body: dict[str, Any], *, wait_s: float = 30.0) -> Iterator[list[str]]:
+    """POST a streaming ``body`` from a thread; yields its SSE lines (growing as they arrive) once the first
+    token event came, and joins the thread on exit. A connection cut by the server appends ``"<cut>"``."""
+    got: list[str] = []
+
+    def stream() -> None:
+        try:
+            with httpx.stream("POST", url, json=body, timeout=60) as r:
+                for line in r.iter_lines():
+                    got.append(line)
+        except httpx.HTTPError:
+            got.append("<cut>")
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(stream)
+        deadline = time.monotonic() + wait_s
+        while not any(line.startswith("data: {") for line in got):
+            assert time.monotonic() < deadline and not fut.done(), got[:3]
+            time.sleep(0.01)
+        yield got
+        fut.result(timeout=30)

@@ -136,6 +136,17 @@ def _read_json(proc: subprocess.Popen[str], timeout: float = CHILD_TIMEOUT) -> d
     return obj
 
 
+def _split_run(model: Path, servers: list[str]) -> dict[str, Any]:
+    """A client that loads ``model`` split over ``servers`` and generates: its one result line (it must exit 0)."""
+    proc = _client({"mode": "split", "model": str(model), "servers": servers, "prompt": PROMPT, "n": N_TOKENS})
+    try:
+        res = _read_json(proc)
+        assert proc.wait(CHILD_TIMEOUT) == 0
+    finally:
+        proc.kill()
+    return res
+
+
 @pytest.fixture(scope="module")
 def servers() -> Iterator[list[pyllama.RpcServer]]:
     with pyllama.rpc_server(device="CPU", threads=1) as a, pyllama.rpc_server(device="CPU", threads=1) as b:
@@ -269,13 +280,7 @@ def test_silent_server_times_out() -> None:
 def test_model_split_across_two_servers(servers: list[pyllama.RpcServer], starter_model_path: Path,
                                         local_tokens: list[int]) -> None:
     eps = [s.endpoint for s in servers]
-    proc = _client({"mode": "split", "model": str(starter_model_path), "servers": eps, "prompt": PROMPT,
-                    "n": N_TOKENS})
-    try:
-        res = _read_json(proc)
-        assert proc.wait(CHILD_TIMEOUT) == 0
-    finally:
-        proc.kill()
+    res = _split_run(starter_model_path, eps)
     assert res["servers"] == eps
     assert len(res["first"]) == 2 and res["again"] == res["first"]  # added once, aliases included
     remote = [d for d in res["devices"] if d["backend"] == "RPC"]
@@ -318,13 +323,7 @@ def test_server_killed_mid_generation(starter_model_path: Path, local_tokens: li
     assert elapsed < bound
     # A fresh client on a restarted server works.
     with pyllama.rpc_server(device="CPU", threads=1, port=port) as again:
-        proc = _client({"mode": "split", "model": str(starter_model_path), "servers": [again.endpoint],
-                        "prompt": PROMPT, "n": N_TOKENS})
-        try:
-            res = _read_json(proc)
-            assert proc.wait(CHILD_TIMEOUT) == 0
-        finally:
-            proc.kill()
+        res = _split_run(starter_model_path, [again.endpoint])
     assert res["tokens"] == local_tokens
 
 
@@ -361,13 +360,7 @@ def test_server_tensor_cache(tmp_path: Path, starter_model_path: Path, local_tok
     cache = tmp_path / "rpc-cache"
     with pyllama.rpc_server(device="CPU", threads=1, cache=cache) as server:
         for _ in range(2):  # the second client finds the large tensors in the cache
-            proc = _client({"mode": "split", "model": str(starter_model_path), "servers": [server.endpoint],
-                            "prompt": PROMPT, "n": N_TOKENS})
-            try:
-                res = _read_json(proc)
-                assert proc.wait(CHILD_TIMEOUT) == 0
-            finally:
-                proc.kill()
+            res = _split_run(starter_model_path, [server.endpoint])
             assert res["tokens"] == local_tokens
             files = list(cache.iterdir())
             assert files and all(re.fullmatch(r"[0-9a-f]{16}", f.name) for f in files)

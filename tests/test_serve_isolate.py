@@ -6,7 +6,6 @@ Real server subprocesses on the synthetic model, real HTTP clients, a real SIGKI
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import os
 import signal
@@ -17,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server_fixture import RemoteServer
+from server_fixture import RemoteServer, stream_in_background
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the worker through /proc")
 
@@ -73,24 +72,10 @@ def test_isolated_server_survives_a_killed_worker(synth_model_path: Path) -> Non
         (worker,) = _workers(server_pid)
         seen.append(worker)
 
-        got: list[str] = []
-
-        def stream() -> None:
-            body = {"prompt": PROMPT, "max_tokens": 2000, "ignore_eos": True, "stream": True, "logprobs": 20,
-                    "temperature": 0}
-            with httpx.stream("POST", srv.url_for("v1", "completions"), json=body, timeout=60) as resp:
-                got.append(f"status {resp.status_code}")
-                for line in resp.iter_lines():
-                    got.append(line)
-
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            fut = pool.submit(stream)
-            deadline = time.monotonic() + 30
-            while not any(line.startswith("data: {") for line in got):
-                assert time.monotonic() < deadline and not fut.done(), got[:3]
-                time.sleep(0.01)
+        body = {"prompt": PROMPT, "max_tokens": 2000, "ignore_eos": True, "stream": True, "logprobs": 20,
+                "temperature": 0}
+        with stream_in_background(srv.url_for("v1", "completions"), body) as got:
             os.kill(worker, signal.SIGKILL)
-            fut.result(timeout=30)
         lines = [line for line in got if line]
         assert lines[-1] == "data: [DONE]", lines[-3:]
         error = json.loads(lines[-2].removeprefix("data: "))["error"]  # the in-band OpenAI error event

@@ -9,7 +9,6 @@ prompt decoded alone.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import json
 import re
@@ -25,7 +24,7 @@ pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
 import pyllama  # noqa: E402
-from server_fixture import RemoteServer  # noqa: E402
+from server_fixture import RemoteServer, stream_in_background  # noqa: E402
 
 ALIAS = "synth"
 PROMPTS = ["Hello world the", "Le café est très", "the cat and the dog", "you can have it",
@@ -300,26 +299,10 @@ def test_sigterm_exits_cleanly_with_a_stream_in_flight(synth_model_path: Path) -
     # --shutdown-timeout 0: requests in flight are cut at once (a long one is sure to be running)
     # 30,000 tokens: seconds of work, so the stream is still running when SIGTERM comes on a loaded machine
     srv = RemoteServer(synth_model_path, "-c", "32768", "--slots", "1", "--shutdown-timeout", "0").start()
-    got: list[str] = []
-
-    def stream() -> None:
-        body = {"prompt": "the cat", "max_tokens": 30000, "ignore_eos": True, "stream": True, "logprobs": 20}
-        try:
-            with httpx.stream("POST", srv.url_for("v1", "completions"), json=body, timeout=60) as r:
-                for line in r.iter_lines():
-                    got.append(line)
-        except httpx.HTTPError:
-            got.append("<cut>")
-
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        fut = pool.submit(stream)
-        deadline = time.monotonic() + 30
-        while not any(line.startswith("data: {") for line in got):
-            assert time.monotonic() < deadline and not fut.done(), got[:3]
-            time.sleep(0.01)
+    body = {"prompt": "the cat", "max_tokens": 30000, "ignore_eos": True, "stream": True, "logprobs": 20}
+    with stream_in_background(srv.url_for("v1", "completions"), body) as got:
         t0 = time.monotonic()
         code = srv.stop()
-        fut.result(timeout=30)
     log = srv.log_tail()
     # uvicorn re-raises the signal after its graceful shutdown, so the exit status is "terminated by SIGTERM"
     assert code in (0, -15), log

@@ -364,28 +364,28 @@ class Context(Handle):
         self._invalidate_tracking(batch)
         self._decode(batch)
 
+    def _output_gpu_backends(self) -> list[str]:
+        """The GPU backends the graph's sampler would run on: none unless every layer is offloaded."""
+        found = self.__dict__.get("_out_gpus")
+        if found is None:
+            from .devices import devices
+
+            found = self.__dict__["_out_gpus"] = (
+                [d.backend for d in devices() if d.type in ("gpu", "igpu")] if self.model.fully_offloaded else [])
+        return list(found)
+
     @property
     def _backend_sampling_pays(self) -> bool:
         """Whether sampling="auto" runs a greedy chain in the graph here (see pyllama.stream)."""
-        pays = self.__dict__.get("_pays")
-        if pays is None:
-            from .devices import devices
-            from .stream import backend_sampling_pays
+        from .stream import backend_sampling_pays
 
-            gpus = [d.backend for d in devices() if d.type in ("gpu", "igpu")]
-            pays = self.__dict__["_pays"] = backend_sampling_pays(gpus, self.model.fully_offloaded)
-        return bool(pays)
+        gpus = self._output_gpu_backends()
+        return backend_sampling_pays(gpus, bool(gpus))
 
     @property
     def _backend_sampling_unsafe(self) -> bool:
-        """Whether the graph's sampler would run on a backend where attaching chains is not safe (Vulkan)."""
-        unsafe = self.__dict__.get("_unsafe")
-        if unsafe is None:
-            from .devices import devices
-
-            unsafe = self.__dict__["_unsafe"] = self.model.fully_offloaded and any(
-                d.backend == "Vulkan" for d in devices() if d.type in ("gpu", "igpu"))
-        return bool(unsafe)
+        """Whether the graph's sampler would run where attaching chains is not safe (Vulkan)."""
+        return "Vulkan" in self._output_gpu_backends()
 
     def _attach_sampler(self, seq_id: int, chain: Any) -> None:
         """Run ``chain`` (a SamplerChain) inside the graph for ``seq_id`` (llama_set_sampler); None detaches."""

@@ -166,6 +166,26 @@ def _draft_context(ctx: Context, draft: Model, n_max: int) -> Context:
                    flash_attn=ctx.flash_attn, kv_unified=unified)
 
 
+def verify(stream: SequenceStream, ctx_ptr: Any, row: int,
+           draft: npt.NDArray[np.int32]) -> tuple[list[TokenEvent], int, int]:
+    """Sample batch rows ``row``, ``row + 1``, ... with the stream's own chain while each sampled token is
+    the draft's (row ``row + i`` holds the logits after draft token ``i - 1``); stop at the first other token,
+    at the end of the draft or when the stream finishes. Returns the events, how many draft tokens were
+    accepted and the last sampled token."""
+    sample, push = stream.sample, stream.push
+    events: list[TokenEvent] = []
+    n = len(draft)
+    i = 0
+    while True:
+        token = sample(ctx_ptr, row + i)
+        ev = push(token, ctx_ptr, row + i)
+        if ev is not None:
+            events.append(ev)
+        if stream.finish_reason is not None or i == n or token != draft[i]:
+            return events, i, token
+        i += 1
+
+
 def run(spec: Speculator, ctx: Context, stream: SequenceStream, seq_id: int, prompt: npt.NDArray[np.int32],
         first: int, stats: SpeculativeStats,
         before_decode: Callable[[], None] | None = None) -> Iterator[TokenEvent]:
@@ -195,7 +215,6 @@ def run(spec: Speculator, ctx: Context, stream: SequenceStream, seq_id: int, pro
     out = spec._out
     tracker = ctx._seq_tokens
     dtracker = dctx._seq_tokens if dctx is not None else None
-    sample, push = stream.sample, stream.push
     lock = ctx._lock
     id_last = first
     while True:
@@ -226,18 +245,7 @@ def run(spec: Speculator, ctx: Context, stream: SequenceStream, seq_id: int, pro
                 if rc != 0:
                     raise DecodeError("the draft model failed to decode the verified batch: "
                                       + ffi.string(lib.pyllama_spec_error()).decode("utf-8", "replace"), rc)
-            ptr = ctx._ptr
-            events: list[TokenEvent] = []
-            row = 0  # rows 0..row-1 sampled their draft token: accepted
-            while True:
-                token = sample(ptr, row)
-                ev = push(token, ptr, row)
-                if ev is not None:
-                    events.append(ev)
-                if stream.finish_reason is not None or row == n_draft or token != out[row]:
-                    break
-                row += 1
-            n_accepted = row
+            events, n_accepted, token = verify(stream, ctx._ptr, 0, out[:n_draft])
             if n_draft:
                 stats.n_drafts += 1
                 stats.n_drafted += n_draft
@@ -252,9 +260,10 @@ def run(spec: Speculator, ctx: Context, stream: SequenceStream, seq_id: int, pro
                 if dtracker is not None:
                     dtracker.append(seq_id, int(t))
             pos += n_kept
-            ctx.kv.remove(seq_id, pos, -1)
-            if dctx is not None:
-                dctx.kv.remove(seq_id, pos, -1)
+            if n_accepted < n_draft:  # rejected draft tokens sit in the caches after pos
+                ctx.kv.remove(seq_id, pos, -1)
+                if dctx is not None:
+                    dctx.kv.remove(seq_id, pos, -1)
             id_last = token
         yield from events
         if stream.finish_reason is not None:

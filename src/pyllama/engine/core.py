@@ -17,7 +17,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Sequence
 
 import numpy as np
@@ -29,7 +29,7 @@ from ..batch import Batch
 from ..context import Context, FlashAttn
 from ..errors import ClosedError, ContextOverflowError, LlamaError
 from ..sampling import Sampler
-from ..speculative import Speculator
+from ..speculative import Speculator, verify
 from ..stream import FinishReason, Sampling, SequenceStream
 from ..vocab import Vocab, as_tokens
 from .request import EngineBusyError, EngineRequest
@@ -64,6 +64,10 @@ class EngineStats:
     draft_accepted_tokens: int = 0  # of them, the ones the model agreed with (emitted without a decode of their own)
 
 
+#: The engine's counters: every EngineStats field but the live gauges.
+COUNTERS = tuple(f.name for f in fields(EngineStats) if f.name not in ("n_slots", "busy_slots", "queue_len"))
+
+
 class _Core:
     """The engine's state and thread; the public :class:`Engine` is a thin owner of it (so that
     dropping the Engine, not the thread's reference, decides when it shuts down)."""
@@ -88,10 +92,7 @@ class _Core:
         self.drain = False
         self.closed = False
         self.embed_ctx: Context | None = None
-        self.c = dict.fromkeys(("requests_total", "requests_done", "requests_cancelled", "requests_failed",
-                                "requests_rejected", "steps", "batched_steps", "max_requests_in_step",
-                                "prompt_tokens", "cached_prompt_tokens", "generated_tokens", "draft_tokens",
-                                "draft_accepted_tokens"), 0)
+        self.c = dict.fromkeys(COUNTERS, 0)
         self.waiters: list[Waiter | None] = []
         self.thread = threading.Thread(target=self._run, name="pyllama-engine", daemon=True)
         self.thread.start()
@@ -343,16 +344,11 @@ class _Core:
             assert req is not None
             stream = req._stream
             n_before = stream.n_generated
-            r = 0  # rows row..row+r-1 sampled their draft token: accepted
             try:
-                while True:
-                    token = stream.sample(ptr, row + r)
-                    ev = stream.push(token, ptr, row + r)
-                    if ev is not None:
-                        self.waiters.append(req._channel.put(ev))
-                    if stream.finish_reason is not None or r >= n_draft or token != tok[row + 1 + r]:
-                        break
-                    r += 1
+                # r draft tokens accepted (a slot's last prompt row, n_draft -1, has none)
+                events, r, token = verify(stream, ptr, row, tok[row + 1:row + 1 + max(n_draft, 0)])
+                for ev in events:
+                    self.waiters.append(req._channel.put(ev))
                 if n_draft >= 0:  # a generating slot: its last token and the accepted draft stay cached
                     slot.append(tok[row:row + 1 + r])
                     slot.pos += 1 + r
@@ -511,6 +507,16 @@ class EngineFront:
     def detokenize(self, tokens: Sequence[int] | npt.NDArray[np.integer[Any]]) -> str:
         return self.model.vocab.detokenize(tokens)
 
+    def close(self, *, drain: bool = False, timeout: float | None = None) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    async def aclose(self, *, drain: bool = False, timeout: float | None = None) -> None:
+        """:meth:`close` without blocking the event loop."""
+        await asyncio.to_thread(self.close, drain=drain, timeout=timeout)
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 class Engine(EngineFront):
     """Continuous batching over one model: many concurrent requests, one context, one thread.
@@ -643,14 +649,8 @@ class Engine(EngineFront):
         self._core.shutdown(drain=drain, timeout=timeout)
         self._finalizer.detach()
 
-    async def aclose(self, *, drain: bool = False, timeout: float | None = None) -> None:
-        await asyncio.to_thread(self.close, drain=drain, timeout=timeout)
-
     def __enter__(self) -> Engine:
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         s = self.stats()

@@ -23,7 +23,7 @@ import numpy.typing as npt
 
 from .._channel import wake
 from ..engine import ContextFull, EngineBusyError, EngineRequest, EngineStats
-from ..engine.core import EngineFront, check_embed_request, check_request
+from ..engine.core import COUNTERS, EngineFront, check_embed_request, check_request
 from ..errors import ClosedError
 from ..model import Model
 from ..sampling import Sampler
@@ -263,11 +263,7 @@ class IsolatedEngine(EngineFront):
         if not self._closed and self._worker.pid is not None:  # a scrape never starts a child
             stats = self._worker._call(p.ENGINE_STATS)
         if stats is None:  # the fresh child has not loaded its engine yet
-            zero = dict.fromkeys(("busy_slots", "queue_len", "requests_total", "requests_done",
-                                  "requests_cancelled", "requests_failed", "requests_rejected", "steps",
-                                  "batched_steps", "max_requests_in_step", "prompt_tokens",
-                                  "cached_prompt_tokens", "generated_tokens", "draft_tokens",
-                                  "draft_accepted_tokens"), 0)
+            zero = dict.fromkeys(("busy_slots", "queue_len", *COUNTERS), 0)
             stats = EngineStats(n_slots=self.n_slots, **zero)
         return stats
 
@@ -285,14 +281,8 @@ class IsolatedEngine(EngineFront):
         self._worker.close()
         self.model.close()
 
-    async def aclose(self, *, drain: bool = False, timeout: float | None = None) -> None:
-        await asyncio.to_thread(self.close, drain=drain, timeout=timeout)
-
     def __enter__(self) -> IsolatedEngine:
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return (f"<pyllama.worker.IsolatedEngine slots={self.n_slots} pid={self.worker_pid}"
