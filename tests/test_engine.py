@@ -360,6 +360,11 @@ def test_speculative_engine_streams_equal_alone_runs(model: Any, draft: str) -> 
     agree_until_a_near_tie([ev.token for ev in lp], alone[1][0][:40], alone[1][1][:40])
     assert all(ev.logprob is not None for ev in lp)
     assert stats.draft_tokens > 0 and 0 < stats.draft_accepted_tokens <= stats.draft_tokens, stats
+    # per request: what the engine counted, split by request (the short and logprobs ones too)
+    per_req = [r.speculative for r in [*reqs, short]]
+    assert all(s is not None and s.n_accepted <= s.n_drafted for s in per_req)
+    assert sum(s.n_drafted for s in per_req if s is not None) <= stats.draft_tokens
+    assert sum(s.n_accepted for s in per_req if s is not None) > 0
     # alone on one slot, accepted drafts save decodes: fewer steps than tokens (plain: 1 + 79 decodes)
     with Engine(model, n_slots=1, n_ctx=256, n_threads=1, draft=draft, n_draft=8) as engine:
         assert engine.submit(prompts[2], max_tokens=n, ignore_eos=True).result() is not None
@@ -395,5 +400,32 @@ def test_backend_sampling_per_request(model: Any) -> None:
             engine.submit(p, max_tokens=n, sampling="backend").result()
         assert engine.stats().draft_tokens == 0
     with Engine(model, n_slots=1, n_ctx=64, n_threads=1) as engine:
+        assert engine.submit(PROMPTS[0], max_tokens=4).result() is not None
+        assert engine.submit(PROMPTS[0], max_tokens=4).speculative is None  # no drafter, no statistics
+    with Engine(model, n_slots=1, n_ctx=64, n_threads=1) as engine:
         with pytest.raises(ValueError, match="logprobs"):
             engine.submit(PROMPTS[0], sampling="backend", logprobs=True)
+
+
+@pytest.mark.parametrize("mode", ["backend", "argmax", "host"])
+def test_engine_default_sampling_mode(model: Any, mode: str) -> None:
+    """The engine's ``sampling`` is every request's default: greedy requests keep their greedy tokens, and a
+    request the mode cannot serve (logprobs with "backend", a seeded chain with "argmax") takes "auto"
+    instead of failing; a mode asked for by the request itself is still checked."""
+    n = 24
+    alone = alone_tokens_and_margins(model, PROMPTS[0], n)
+    with Engine(model, n_slots=2, n_ctx=128, n_threads=1, sampling=mode) as engine:  # type: ignore[arg-type]
+        req = engine.submit(PROMPTS[0], max_tokens=n)
+        toks = [ev.token for ev in req if ev.token >= 0]
+        assert req._stream.sampling == mode
+        lp = engine.submit(PROMPTS[0], max_tokens=4, logprobs=True)
+        assert all(ev.logprob is not None for ev in lp if ev.token >= 0)
+        seeded = engine.submit(PROMPTS[0], max_tokens=4, sampler=[pyllama.TopK(5), pyllama.Dist(seed=1)])
+        assert seeded.result() is not None and seeded.n_generated == 4
+        if mode != "host":
+            with pytest.raises(ValueError):
+                engine.submit(PROMPTS[0], max_tokens=4, logprobs=True, sampler=[pyllama.TopK(5), pyllama.Dist(1)],
+                              sampling="argmax")
+    agree_until_a_near_tie(toks, alone[0][:len(toks)], alone[1][:len(toks)])
+    with pytest.raises(ValueError, match="sampling must be"):
+        Engine(model, n_slots=1, n_ctx=64, sampling="gpu")  # type: ignore[arg-type]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,23 @@ def test_events_and_whole_text(model: pyllama.Model) -> None:
         assert all(p is not None and p <= 0 for p in lp)
         with pytest.raises(pyllama.ClosedError):
             iter(gen)
+
+
+@pytest.mark.parametrize("max_tokens", [30, 3])
+@pytest.mark.parametrize("logprobs", [False, True])
+def test_characters_split_across_tokens_are_held_back(model: pyllama.Model, max_tokens: int, logprobs: bool) -> None:
+    """A character made of byte-fallback tokens is emitted whole by the token that completes it, in
+    the fused step's C hold-back as in the stream decoder; one cut off by max_tokens ends as U+FFFD."""
+    with model.context(n_ctx=256) as ctx:
+        with pyllama.generate(ctx, "Hello", max_tokens=max_tokens, grammar='root ::= "é🙂aé"',
+                              logprobs=logprobs) as gen:
+            events = list(gen)
+    dec = pyllama.StreamDecoder(model.vocab, lstrip_first=False)
+    expected = [dec.push(int(t)) for t in gen.tokens]
+    assert [e.text for e in events if e.token >= 0] == expected
+    assert "" in expected  # the emoji's first bytes were held back
+    assert gen.text == "".join(expected) + dec.flush() == "".join(e.text for e in events)
+    assert gen.text.endswith("\ufffd") == (max_tokens == 3)
 
 
 def test_stop_string_split_across_tokens_is_not_emitted(model: pyllama.Model) -> None:
@@ -110,6 +128,35 @@ def test_async_events_arrive_while_generation_runs(model: pyllama.Model, draft: 
         n_prompt = model.tokenize(prompt, parse_special=True).size
         at_first, at_end = asyncio.run(main(ctx))
     assert n_prompt <= at_first <= at_end < n_prompt + n - 1, (n_prompt, at_first, at_end)
+
+
+def test_async_delivery_coalesces_without_changing_events(model: pyllama.Model,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Coalesced delivery (events of fast tokens handed over together) and per-token wake-ups give the same
+    events; the producer thread is reused by the next generation and ends once idle."""
+    from pyllama import _producers
+
+    monkeypatch.setattr(_producers, "IDLE_S", 0.3)
+
+    async def events(ctx: pyllama.Context, max_delay: float) -> list[tuple[int, str]]:
+        return [(ev.token, ev.text) async for ev in
+                pyllama.agenerate(ctx, "Hello world", max_tokens=40, max_delay=max_delay, reuse_prefix=False)]
+
+    def producers() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "pyllama-producer"]
+
+    with model.context(n_ctx=256) as ctx:
+        with pyllama.generate(ctx, "Hello world", max_tokens=40, reuse_prefix=False) as gen:
+            expected = [(ev.token, ev.text) for ev in gen]
+        for delay in (0.0, 0.001, 10.0):
+            assert asyncio.run(events(ctx, delay)) == expected, delay
+        assert len(producers()) == 1  # one thread served the three generations
+        with pytest.raises(ValueError, match="max_delay"):
+            asyncio.run(events(ctx, -1.0))
+    deadline = time.monotonic() + 10
+    while producers() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not producers()
 
 
 def test_parallel_sequences_match_sequential(model: pyllama.Model) -> None:

@@ -16,6 +16,9 @@ byte fallback, ``add_space_prefix``, ChatML control tokens):
 3. For any token ids ``t`` of the vocabulary: a :class:`StreamDecoder` fed ``t``
    one token at a time (then flushed) gives ``detokenize(t)``, never a partial
    character in between.
+3b. For any bytes cut into any pieces: holding back what ``pyllama_utf8_complete`` (the fused
+   generation step's rule) leaves and decoding the rest of each piece at once gives exactly what
+   Python's incremental utf-8 decoder gives, piece by piece.
 4. For any text ``T``, stop strings ``S`` and split of ``T`` into chunks fed to
    :class:`StopMatcher`: the emitted text is ``T`` cut before the earliest
    occurrence of any stop string (what matching on the whole text gives), and a
@@ -101,6 +104,34 @@ def test_stream_decoder_equals_one_shot_detokenize(model: pyllama.Model, data: s
     assert text == model.detokenize(tokens, unparse_special=special)
     # Never half a character: each part is complete text on its own.
     assert all("\ufffd" not in p or "\ufffd" in text for p in parts)
+
+
+# Bytes near character boundaries: every lead byte kind, continuation bytes at the edges of their ranges.
+_utf8_bytes = st.lists(st.sampled_from([0x41, 0x80, 0x8F, 0x90, 0x9F, 0xA0, 0xBF, 0xC0, 0xC2, 0xDF, 0xE0, 0xE1,
+                                        0xED, 0xEF, 0xF0, 0xF3, 0xF4, 0xF5, 0xFF]), max_size=24).map(bytes)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(data=_utf8_bytes, cuts=st.lists(st.integers(0, 24), max_size=8))
+@example(data="é🙂".encode(), cuts=[1, 3, 4])
+def test_fused_step_utf8_hold_back_equals_incremental_decoding(data: bytes, cuts: list[int]) -> None:
+    import codecs
+
+    from pyllama._ffi import lib
+
+    bounds = sorted({0, len(data), *(c for c in cuts if c <= len(data))})
+    pieces = [data[a:b] for a, b in zip(bounds, bounds[1:])]
+    dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    expected = [dec.decode(p) for p in pieces] + [dec.decode(b"", final=True)]
+    held, got = b"", []
+    for p in pieces:
+        buf = held + p
+        whole = lib.pyllama_utf8_complete(buf, len(buf))
+        assert 0 <= len(buf) - whole <= 3
+        got.append(buf[:whole].decode("utf-8", "replace"))
+        held = buf[whole:]
+    got.append(held.decode("utf-8", "replace"))
+    assert got == expected
 
 
 def _reference(text: str, stops: list[str]) -> tuple[str, bool]:

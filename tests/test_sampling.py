@@ -135,7 +135,8 @@ def test_argmax_paths_pick_llamacpp_greedy_token(model) -> None:  # type: ignore
         eog = [t for t in range(model.vocab.n_tokens) if model.vocab.is_eog(t)]
         p, n_vocab = ctx._p(), model.vocab.n_tokens
         view = np.frombuffer(ffi.buffer(lib.llama_get_logits_ith(p, -1), n_vocab * 4), dtype=np.float32)
-        out, buf = ffi.new("int32_t[3]"), ffi.new("char[]", 256)
+        step = ffi.new("pyllama_step *")
+        step.smpl, step.vocab, step.greedy, step.n_vocab = chain._p(), model.vocab._v(), 1, n_vocab
         rng = np.random.default_rng(0)
         for trial in range(200):
             arr = rng.standard_normal(n_vocab).astype(np.float32)
@@ -147,8 +148,10 @@ def test_argmax_paths_pick_llamacpp_greedy_token(model) -> None:  # type: ignore
                 arr[0] = np.nan
             view[:] = arr
             expected = lib.llama_sampler_sample(chain._p(), p, -1)
-            lib.pyllama_fused_step(p, chain._p(), model.vocab._v(), -1, 0, 0, 1, n_vocab, 0, buf, 256, out, ffi.NULL)
-            assert out[0] == expected, trial
+            step.prev = -1
+            got = lib.pyllama_step_next(p, step)
+            assert step.prev == expected, trial
+            assert got == (lib.PYLLAMA_STEP_EOG if model.vocab.is_eog(expected) else expected), trial
             assert stream.sample(p, -1) == expected, trial
             # ignore_eos: greedy over the logits with end-of-generation tokens at -inf
             masked = arr.copy()

@@ -116,8 +116,14 @@ def test_speculative_generation_in_the_worker(worker: Worker, synth_model_path: 
     prompt = "the cat and the dog and the cat and the dog"
     expected, _ = _in_process_tokens(synth_model_path, prompt, 80, **CTX)
     with worker.generate(prompt, max_tokens=80, draft="ngram") as gen:
+        assert gen.speculative is None  # known once the generation ends
         list(gen)
     assert np.array_equal(gen.tokens, expected)
+    st = gen.speculative
+    assert st is not None and 0 < st.n_accepted <= st.n_drafted and st.n_drafts > 0, st
+    with worker.generate(prompt, max_tokens=4) as plain:
+        list(plain)
+    assert plain.speculative is None
     with pytest.raises(ValueError, match="draft"):
         list(worker.generate(prompt, max_tokens=4, draft="lookahead"))
     with pytest.raises(TypeError):

@@ -82,8 +82,37 @@ int32_t pyllama_spec_accept(pyllama_spec * s, int32_t seq_id, int32_t n_accepted
 const char * pyllama_spec_error(void);
 """
 
+# The types C_SOURCE defines and C_CDEF declares: written once.
+SHARED_TYPES = """\
+typedef struct pyllama_abort_state {
+    volatile int32_t flag;        /* set by ctx.abort() from any thread */
+    volatile int32_t interrupted; /* set when a pending SIGINT asked to stop */
+    int32_t check_signals;        /* poll Python's signal handlers (main thread only) */
+    int64_t next_check_ns;
+} pyllama_abort_state;
+/* The state of pyllama_step_next between tokens of one generation (see there). */
+typedef struct pyllama_step {
+    struct llama_sampler * smpl;      /* the chain (unused when greedy) */
+    const struct llama_vocab * vocab;
+    pyllama_abort_state * st;         /* the context's abort state, or NULL */
+    llama_token prev;                 /* to decode first (< 0: none); then the token chosen */
+    llama_pos pos;                    /* where prev goes */
+    llama_pos n_ctx_seq;              /* a sequence's cells: no decode at or past it */
+    llama_seq_id seq;
+    int32_t greedy;                   /* argmax instead of the chain */
+    int32_t n_vocab;
+    int32_t lstrip;                   /* strip the leading space of the next piece */
+    int32_t rc;                       /* why the last step failed */
+    int32_t n_piece;                  /* bytes of whole characters in piece; negative: -needed (did not fit) */
+    int32_t n_pending;                /* bytes of a character still incomplete, held for the next piece */
+    char pending[4];
+    char piece[256];
+} pyllama_step;
+"""
+
 C_SOURCE = r"""
 #include <stdint.h>
+#include <string.h>
 #include <time.h>
 #if defined(__SSE2__) || defined(_M_X64)
 #include <emmintrin.h>
@@ -98,13 +127,7 @@ static const char PYLLAMA_BUILD_INFO[] = @BUILD_INFO@;
 const char * pyllama_binding_version(void) { return PYLLAMA_BINDING_VERSION; }
 const char * pyllama_build_info(void) { return PYLLAMA_BUILD_INFO; }
 
-typedef struct pyllama_abort_state {
-    volatile int32_t flag;        /* set by ctx.abort() from any thread */
-    volatile int32_t interrupted; /* set when a pending SIGINT asked to stop */
-    int32_t check_signals;        /* poll Python's signal handlers (main thread only) */
-    int64_t next_check_ns;
-} pyllama_abort_state;
-
+@SHARED_TYPES@
 static int64_t pyllama_now_ns(void) {
     struct timespec ts;
     timespec_get(&ts, TIME_UTC);
@@ -239,64 +262,122 @@ static int32_t pyllama_argmax(const float * x, int32_t n) {
 #define PYLLAMA_STEP_SAMPLER_ERROR (-1000)
 
 /* One token of pyllama.generate in one call (the fused per-token step): decode
-   `prev` at `pos` in sequence `seq` (unless prev < 0), take the next token from
-   the last logits (argmax when `greedy`, which is llama.cpp's greedy choice,
-   first maximum, without its vocabulary-sized candidate array; else the
-   sampler chain), say whether it ends generation, and write its piece. `st`
-   (the context's abort state, or NULL) is re-armed before the decode.
-   out = {token, is_eog, n_piece}. Returns llama_decode's code (0: success). */
-int32_t pyllama_fused_step(struct llama_context * ctx, struct llama_sampler * smpl,
-                           const struct llama_vocab * vocab, llama_token prev, llama_pos pos,
-                           llama_seq_id seq, int32_t greedy, int32_t n_vocab, int32_t lstrip,
-                           char * piece, int32_t piece_cap, int32_t * out, pyllama_abort_state * st) {
-    if (prev >= 0) {
+   s->prev at s->pos in sequence s->seq (unless prev < 0), take the next token
+   from the last logits (argmax when s->greedy, which is llama.cpp's greedy
+   choice, first maximum, without its vocabulary-sized candidate array; else the
+   sampler chain), and write its piece. s->st (the context's abort state, or
+   NULL) is re-armed before the decode; a successful decode advances s->pos.
+   Returns the token (>= 0, with s->n_piece bytes of piece, negative when the
+   piece did not fit: -needed), or
+     PYLLAMA_STEP_EOG      the token (in s->prev) ends generation;
+     PYLLAMA_STEP_FULL     s->pos reached s->n_ctx_seq: nothing was done;
+     PYLLAMA_STEP_FAILED   s->rc says why: llama_decode's code (0 with
+                           st->interrupted: a Ctrl-C at the graph's last node)
+                           or PYLLAMA_STEP_SAMPLER_ERROR (the decode succeeded). */
+/* The length of the longest prefix of buf[0..n) that does not end inside a character: the bytes
+   after it are what Python's incremental utf-8 decoder holds back (a lead byte followed by fewer
+   continuation bytes than it needs, each in the range CPython accepts at its place); anything else,
+   valid or not, is decoded (or replaced) at once. */
+int32_t pyllama_utf8_complete(const char * buf, int32_t n) {
+    const unsigned char * b = (const unsigned char *) buf;
+    for (int32_t back = 1; back <= 3 && back <= n; ++back) {
+        unsigned char c = b[n - back];
+        if ((c & 0xC0) == 0x80) {
+            continue;  /* a continuation byte: its lead is further back */
+        }
+        int32_t need = (c >= 0xC2 && c <= 0xDF) ? 2 : (c >= 0xE0 && c <= 0xEF) ? 3 : (c >= 0xF0 && c <= 0xF4) ? 4 : 1;
+        if (need <= back) {
+            return n;
+        }
+        for (int32_t k = 1; k < back; ++k) {
+            unsigned char cc = b[n - back + k];
+            unsigned char lo = 0x80, hi = 0xBF;
+            if (k == 1) {
+                if (c == 0xE0) lo = 0xA0;  /* (CPython holds ED A0..BF back too: a surrogate, replaced once whole) */
+                else if (c == 0xF0) lo = 0x90;
+                else if (c == 0xF4) hi = 0x8F;
+            }
+            if (cc < lo || cc > hi) {
+                return n;  /* not a prefix of any character: replaced now */
+            }
+        }
+        return n - back;
+    }
+    return n;
+}
+
+#define PYLLAMA_STEP_FAILED (-1)
+#define PYLLAMA_STEP_EOG (-2)
+#define PYLLAMA_STEP_FULL (-3)
+int32_t pyllama_step_next(struct llama_context * ctx, pyllama_step * s) {
+    if (s->prev >= 0) {
+        if (s->pos >= s->n_ctx_seq) {
+            return PYLLAMA_STEP_FULL;
+        }
+        pyllama_abort_state * st = s->st;
         if (st != NULL) {  /* what Context._arm_abort does before each decode */
             st->flag = 0;
             st->interrupted = 0;
         }
-        llama_token tok = prev;
-        llama_pos p = pos;
-        llama_seq_id s = seq;
-        llama_seq_id * seqs = &s;
+        llama_token tok = s->prev;
+        llama_pos p = s->pos;
+        llama_seq_id seq = s->seq;
+        llama_seq_id * seqs = &seq;
         int32_t n_seq = 1;
         int8_t want = 1;
         struct llama_batch b = { 1, &tok, NULL, &p, &n_seq, &seqs, &want };
         int32_t rc = llama_decode(ctx, b);
-        if (rc != 0) {
-            return rc;
+        if (rc != 0 || (st != NULL && st->interrupted)) {
+            s->rc = rc;
+            return PYLLAMA_STEP_FAILED;
         }
+        s->pos++;
     }
     llama_token next;
-    if (greedy) {
-        next = pyllama_argmax(llama_get_logits_ith(ctx, -1), n_vocab);
-    } else if (pyllama_sampler_sample(smpl, ctx, -1, &next) != 0) {
-        return PYLLAMA_STEP_SAMPLER_ERROR;  /* a sampler threw: pyllama_sampling_error() */
+    if (s->greedy) {
+        next = pyllama_argmax(llama_get_logits_ith(ctx, -1), s->n_vocab);
+    } else if (pyllama_sampler_sample(s->smpl, ctx, -1, &next) != 0) {
+        s->rc = PYLLAMA_STEP_SAMPLER_ERROR;  /* a sampler threw: pyllama_sampling_error() */
+        return PYLLAMA_STEP_FAILED;
     }
-    out[0] = next;
-    out[1] = llama_vocab_is_eog(vocab, next) ? 1 : 0;
-    out[2] = out[1] ? 0 : llama_token_to_piece(vocab, next, piece, piece_cap, lstrip, false);
-    return 0;
+    s->prev = next;
+    if (llama_vocab_is_eog(s->vocab, next)) {
+        s->n_piece = 0;
+        return PYLLAMA_STEP_EOG;
+    }
+    /* the piece after the bytes held back, then the end of an incomplete character held back again:
+       what is left decodes on its own, exactly as Python's incremental utf-8 decoder would emit it */
+    int32_t held = s->n_pending;
+    memcpy(s->piece, s->pending, (size_t) held);
+    int32_t n = llama_token_to_piece(s->vocab, next, s->piece + held, (int32_t) sizeof(s->piece) - held,
+                                     s->lstrip, false);
+    if (n < 0) {
+        s->n_piece = n;  /* the caller asks for the piece again, with lstrip, and clears it */
+        return next;
+    }
+    s->lstrip = 0;
+    n += held;
+    int32_t whole = pyllama_utf8_complete(s->piece, n);
+    s->n_pending = n - whole;
+    memcpy(s->pending, s->piece + whole, (size_t) (n - whole));
+    s->n_piece = whole;
+    return next;
 }
 """
 
 C_CDEF = """
 const char * pyllama_binding_version(void);
 const char * pyllama_build_info(void);
-typedef struct pyllama_abort_state {
-    volatile int32_t flag;
-    volatile int32_t interrupted;
-    int32_t check_signals;
-    int64_t next_check_ns;
-} pyllama_abort_state;
-bool pyllama_abort_callback(void * data);
+@SHARED_TYPES@bool pyllama_abort_callback(void * data);
 void pyllama_log_silent(enum ggml_log_level level, const char * text, void * user_data);
 #define PYLLAMA_STEP_SAMPLER_ERROR -1000
+#define PYLLAMA_STEP_FAILED -1
+#define PYLLAMA_STEP_EOG -2
+#define PYLLAMA_STEP_FULL -3
 @COMMON_DECLS@int32_t pyllama_c_generate_loop(struct llama_context * ctx, struct llama_sampler * smpl,
                                 int32_t pos0, int32_t n, llama_token * out);
-int32_t pyllama_fused_step(struct llama_context * ctx, struct llama_sampler * smpl,
-                           const struct llama_vocab * vocab, llama_token prev, llama_pos pos,
-                           llama_seq_id seq, int32_t greedy, int32_t n_vocab, int32_t lstrip,
-                           char * piece, int32_t piece_cap, int32_t * out, pyllama_abort_state * st);
+int32_t pyllama_step_next(struct llama_context * ctx, pyllama_step * s);
+int32_t pyllama_utf8_complete(const char * buf, int32_t n);
 
 extern "Python" void _pyllama_log(enum ggml_log_level, const char *, void *);
 extern "Python" bool _pyllama_progress(float, void *);
@@ -483,7 +564,8 @@ def proc_source(include_dirs: list[Path], cc: str) -> str:
 def build_cdef(include_dirs: list[Path], cc: str) -> str:
     decls, _ = collect(include_dirs, cc)
     decls += proc_declarations(include_dirs, cc)
-    return "\n".join(decls + collect_defines(include_dirs)) + "\n" + C_CDEF.replace("@COMMON_DECLS@", COMMON_DECLS)
+    cdef = C_CDEF.replace("@COMMON_DECLS@", COMMON_DECLS).replace("@SHARED_TYPES@", SHARED_TYPES)
+    return "\n".join(decls + collect_defines(include_dirs)) + "\n" + cdef
 
 
 def bound_functions(include_dirs: list[Path], cc: str | None = None) -> list[str]:
@@ -513,6 +595,7 @@ def emit(
     ffi = cffi.FFI()
     ffi.cdef(cdef)
     source = C_SOURCE.replace("@VERSION@", _c_string(version)).replace("@COMMON_DECLS@", COMMON_DECLS)
+    source = source.replace("@SHARED_TYPES@", SHARED_TYPES)
     source += proc_source(include_dirs, cc)
     ffi.set_source("pyllama._cffi", source.replace("@BUILD_INFO@", _c_string(build_info)))
     tmp = out.with_suffix(".tmp.c")

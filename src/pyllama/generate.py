@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import threading
+import time
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterator, Mapping, Sequence, Union
 
 import numpy as np
 import numpy.typing as npt
 
+from . import _producers
 from ._channel import END, EventChannel, Waiter, wake
 from ._ffi import ffi, lib
 from .batch import Batch
@@ -70,7 +72,6 @@ class Generation(StreamResults):
         self.context_shift = context_shift
         self.n_keep = n_keep
         self._reuse = reuse_prefix
-        self._batch = Batch(1)
         self.n_prompt_evaluated = 0
         self._iter: Iterator[TokenEvent] | None = None
         self._closed = False
@@ -149,17 +150,11 @@ class Generation(StreamResults):
         if prompt.size >= ctx.n_ctx_seq:  # context_shift: keep the start and the most recent tokens
             recent = ctx.n_ctx_seq // 2
             prompt = np.concatenate([prompt[: self.n_keep], prompt[-(recent - self.n_keep):]])
+        # the whole prompt in one batch (n_batch allowing), as llama.cpp's tools decode it: a split changes
+        # the logits in their last digits, and near ties decide tokens
         self.n_prompt_evaluated = ctx.evaluate(prompt, seq_id=self.seq_id, reuse_prefix=self._reuse)
         pos = int(prompt.size)
-        tracker = ctx._seq_tokens
-        batch = self._batch
-        tok_arr, pos_arr, logit_arr = batch.token, batch.pos, batch.logits
-        batch.seq_id[0, 0] = self.seq_id
-        logit_arr[0] = 1
-        batch._struct.n_tokens = 1
         stream = self._stream
-        push, sample = stream.push, stream.sample
-        lock = ctx._lock
         if stream.max_tokens == 0:
             stream.finish("length")
             return
@@ -169,6 +164,11 @@ class Generation(StreamResults):
         if stream.fusable:
             yield from self._fused(ctx, pos)
             return
+        tracker = ctx._seq_tokens
+        batch = self._one_token_batch()
+        tok_arr, pos_arr = batch.token, batch.pos
+        push, sample = stream.push, stream.sample
+        lock = ctx._lock
         while True:
             with lock:  # a close() from another thread cannot free the context mid-sample
                 ptr = ctx._ptr
@@ -218,66 +218,133 @@ class Generation(StreamResults):
             yield tail
 
     def _fused(self, ctx: Context, pos: int) -> Iterator[TokenEvent]:
-        """The token loop with one C call per token (pyllama_fused_step: decode, sample, EOG, piece)."""
+        """The token loop with one C call per token (pyllama_step_next: decode, sample, EOG check, piece).
+
+        The first step samples from the prompt's logits; each later one first decodes the token before
+        (at ``pos`` on). Without stop strings or
+        log-probabilities the event is made right here (the common case, kept to a few attribute reads
+        per token); the prefix tracker asks for the decoded tokens when it is used (_Tracker.follow).
+        """
         stream = self._stream
-        chain_p = stream.chain._p()
-        vocab_p = stream._vocab_p
-        greedy = 1 if stream._argmax else 0
-        n_vocab = ctx.n_vocab
-        seq_id = self.seq_id
-        tracker = ctx._seq_tokens
-        batch = self._batch
-        tok_arr, pos_arr = batch.token, batch.pos
-        out = ffi.new("int32_t[3]")
-        cap = 256
-        buf = ffi.new("char[]", cap)
-        step = lib.pyllama_fused_step
-        push_piece = stream.push_piece
-        decoder = stream._decoder
-        buffer = ffi.buffer
-        n_ctx_seq = ctx.n_ctx_seq
+        s = ffi.new("pyllama_step *")
+        s.smpl = stream.chain._p()
+        s.vocab = stream._vocab_p
+        s.prev = -1
+        s.pos = pos
+        s.n_ctx_seq = ctx.n_ctx_seq
+        s.seq = seq_id = self.seq_id
+        s.greedy = 1 if stream._argmax else 0
+        s.n_vocab = ctx.n_vocab
+        s.lstrip = stream._decoder.take_lstrip()
+        s.st = ctx._arm_abort()  # re-armed in C before each decode (check_signals: this thread's)
+        step, unpack, piece = lib.pyllama_step_next, ffi.unpack, s.piece
+        fast = not stream.want_logprobs and not stream._stop.stops
+        limit = stream.max_tokens if stream.max_tokens is not None else -1
+        parts_append = stream._parts.append
         lock = ctx._lock
-        prev = -1
-        st = ctx._arm_abort()  # re-armed in C before each decode (check_signals: this thread's)
         before = self._before_decode
-        while True:
-            if before is not None:
-                before()
-            with lock:  # a close() from another thread cannot free the context mid-step
-                ptr = ctx._ptr
-                if ptr is None:
-                    raise ClosedError("the context was closed during generation")
-                rc = step(ptr, chain_p, vocab_p, prev, pos, seq_id, greedy, n_vocab, decoder._lstrip, buf, cap, out,
-                          st)
-                sampler_failed = rc == lib.PYLLAMA_STEP_SAMPLER_ERROR
-                if prev >= 0:
-                    if (rc != 0 and not sampler_failed) or st.interrupted:
-                        tok_arr[0] = prev
-                        pos_arr[0] = pos
-                        ctx._decode_failed(batch, rc)
-                    tracker.append(seq_id, prev)
-                    pos += 1
-                if sampler_failed:
-                    raise SamplerError(f"sampling failed: {sampling_error()}")
-                token, n_piece = out[0], out[2]
-                # a piece longer than the buffer (never in practice): ask for it again
-                piece = buffer(buf, n_piece)[:] if n_piece >= 0 else stream.model.vocab._piece(
-                    token, False, decoder._lstrip, buf)
-                ev = push_piece(token, out[1] != 0, piece, ptr, -1)
-            if ev is not None:
-                yield ev
-            if stream.finish_reason is not None:
-                break
-            if pos >= n_ctx_seq:
-                if not self.context_shift:
-                    stream.finish("context")
+        n = stream.n_generated
+        out = stream._gen
+        cap = out.size
+        tracker = ctx._seq_tokens
+        recorded = pos  # tokens decoded before this position are in the tracker
+
+        def pending() -> tuple[int, npt.NDArray[np.int32]]:
+            nonlocal recorded
+            start, end = recorded, int(s.pos)
+            if end <= start:
+                return start, _NO_TOKENS
+            recorded = end
+            return start, stream._gen[start - pos: end - pos]
+
+        tracker.follow(seq_id, pending)
+        try:
+            while True:
+                if before is not None:
+                    before()
+                with lock:  # a close() from another thread cannot free the context mid-step
+                    ptr = ctx._ptr
+                    if ptr is None:
+                        raise ClosedError("the context was closed during generation")
+                    tok = step(ptr, s)
+                if tok < 0:
+                    if self._step_ends(ctx, s, tok):
+                        break
+                    continue
+                k = s.n_piece  # whole characters only: the step holds back the start of an incomplete one
+                text = unpack(piece, k).decode("utf-8", "replace") if k >= 0 else _long_piece_text(stream, s, tok)
+                if not fast:
+                    with lock:
+                        ev = stream.accept_text(tok, text, ctx._p(), -1)
+                    if ev is not None:
+                        yield ev
+                    if stream.finish_reason is not None:
+                        break
+                    continue
+                if n == cap:
+                    out = stream._gen = np.concatenate([out, np.empty(cap, dtype=np.int32)])
+                    cap = out.size
+                out[n] = tok
+                n += 1
+                stream.n_generated = n
+                if text:
+                    parts_append(text)
+                if n == limit:
+                    stream.finish_reason = "length"
+                    yield TokenEvent(tok, text, n - 1)
                     break
-                pos = self._shift(pos)
-                tracker.forget(seq_id)
-            prev = token
+                yield TokenEvent(tok, text, n - 1)
+        finally:
+            tracker.unfollow(seq_id)
+        if s.n_pending:  # an incomplete character at the end: the stream's decoder flushes it (U+FFFD)
+            stream._decoder.decode_piece(unpack(s.pending, s.n_pending))
         tail = stream.finish()
         if tail is not None:
             yield tail
+
+    def _step_ends(self, ctx: Context, s: Any, code: int) -> bool:
+        """After a step that chose no token to emit: raise for a failure, finish at end of generation or a
+        full context (True), or make room in the context (False: go on)."""
+        if code == lib.PYLLAMA_STEP_FAILED:
+            with ctx._lock:
+                ctx._p()  # closed meanwhile: ClosedError
+                self._step_failed(ctx, s)
+        stream = self._stream
+        if code == lib.PYLLAMA_STEP_EOG:
+            stream.finish_reason = "eog"
+            return True
+        if not self.context_shift:  # PYLLAMA_STEP_FULL
+            stream.finish("context")
+            return True
+        tracker = ctx._seq_tokens
+        tracker.unfollow(self.seq_id)
+        s.pos = self._shift(s.pos)
+        tracker.forget(self.seq_id)
+        return False
+
+    def _step_failed(self, ctx: Context, s: Any) -> None:
+        """Raise for a failed pyllama_step_next (under the context's lock)."""
+        if s.rc == lib.PYLLAMA_STEP_SAMPLER_ERROR:
+            raise SamplerError(f"sampling failed: {sampling_error()}")
+        batch = self._one_token_batch()
+        batch.token[0] = s.prev
+        batch.pos[0] = s.pos
+        ctx._decode_failed(batch, s.rc)
+
+    def _one_token_batch(self) -> Batch:
+        return Batch(1).add([0], 0, self.seq_id, logits="all")
+
+
+def _long_piece_text(stream: SequenceStream, s: Any, token: int) -> str:
+    """The text of a piece longer than pyllama_step_next's buffer (never in practice), held-back bytes
+    handled as the step handles them."""
+    piece = stream.model.vocab._piece(token, False, s.lstrip, ffi.new("char[]", 256))
+    s.lstrip = 0
+    data: bytes = ffi.unpack(s.pending, s.n_pending) + piece
+    whole = int(lib.pyllama_utf8_complete(data, len(data)))
+    s.n_pending = len(data) - whole
+    ffi.memmove(s.pending, data[whole:], len(data) - whole)
+    return data[:whole].decode("utf-8", "replace")
 
 
 def _claim(ctx: Context) -> Any:
@@ -305,6 +372,7 @@ def _claim(ctx: Context) -> Any:
 
 
 _CLAIM_LOCK = threading.Lock()
+_NO_TOKENS = np.empty(0, dtype=np.int32)
 
 
 def generate(ctx: Context, prompt: Prompt, **options: Any) -> Generation:
@@ -337,45 +405,63 @@ def generate_text(ctx: Context, prompt: Prompt, **options: Any) -> str:
         return gen.text
 
 
-async def agenerate(ctx: Context, prompt: Prompt, **options: Any) -> AsyncIterator[TokenEvent]:
+async def agenerate(ctx: Context, prompt: Prompt, *, max_delay: float = 0.001,
+                    **options: Any) -> AsyncIterator[TokenEvent]:
     """Async iterator of :class:`TokenEvent` (options as :func:`generate`).
 
-    One producer thread runs the generation; events reach the event loop
+    A producer thread (kept for the next generation) runs it; events reach the event loop
     through a channel that wakes it only when the consumer is waiting, and
     only as the next decode starts (the loop runs while llama.cpp does, not
     while the producer needs the GIL), so the loop never blocks on llama.cpp.
+    Waking an event loop costs tens of microseconds of its thread's time, so
+    when tokens come faster than one per ``max_delay`` seconds (default 1 ms)
+    the events of that span are delivered together: each reaches the
+    consumer at most one token's time after it would have (0: wake per token).
     Leaving the iteration early stops the generation after the current token.
     """
+    if max_delay < 0:
+        raise ValueError("max_delay must be >= 0 seconds")
     gen = Generation(ctx, prompt, **options)
     chan: EventChannel[TokenEvent] = EventChannel()
-    stop = threading.Event()
-    held: list[Waiter | None] = []
+    stopping: list[bool] = []  # appended to when the consumer leaves (a list: read per token without a call)
+    held: list[Waiter] = []
+    last_wake = 0.0
+    clock = time.monotonic
 
     def deliver() -> None:
         # Wake the consumer only as the next decode starts: its event loop then takes the GIL
         # while llama.cpp runs without it, instead of holding it while this thread needs it.
+        nonlocal last_wake
         if held:
-            wake(held)
-            held.clear()
+            now = clock()
+            if now - last_wake >= max_delay:
+                last_wake = now
+                wake(held)
+                held.clear()
 
     gen._before_decode = deliver
 
     def produce() -> None:
         error: BaseException | None = None
+        put = chan.put
         try:
             for ev in gen:
-                held.append(chan.put(ev))
-                if stop.is_set():
+                waiter = put(ev)
+                if waiter is not None:
+                    held.append(waiter)
+                if stopping:
                     break
         except BaseException as exc:  # delivered to the consumer
             error = exc
         finally:
             gen.close()
-            held.append(chan.close(error))
-            deliver()
+            waiter = chan.close(error)
+            if waiter is not None:
+                held.append(waiter)
+            wake(held)
+            held.clear()
 
-    producer = threading.Thread(target=produce, name="pyllama-agenerate", daemon=True)
-    producer.start()
+    done = _producers.submit(produce)
     try:
         while True:
             ev = await chan.aget()
@@ -383,9 +469,9 @@ async def agenerate(ctx: Context, prompt: Prompt, **options: Any) -> AsyncIterat
                 return
             yield ev
     finally:
-        stop.set()
+        stopping.append(True)
         # At most one token's decode: afterwards the context is free for the caller again.
-        producer.join()
+        done.wait()
 
 
 __all__ = ["TokenEvent", "Generation", "StopMatcher", "generate", "generate_text", "agenerate"]

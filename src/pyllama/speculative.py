@@ -56,6 +56,15 @@ class SpeculativeStats:
     def acceptance_rate(self) -> float:
         return self.n_accepted / self.n_drafted if self.n_drafted else 0.0
 
+    def add(self, n_drafted: int, n_accepted: int) -> None:
+        """Count one verified draft."""
+        self.n_drafts += 1
+        self.n_drafted += n_drafted
+        self.n_accepted += n_accepted
+
+    def as_tuple(self) -> tuple[int, int, int]:
+        return self.n_drafts, self.n_drafted, self.n_accepted
+
 
 class Speculator(Handle):
     """Drafts tokens for generations on ``ctx``.
@@ -247,9 +256,7 @@ def run(spec: Speculator, ctx: Context, stream: SequenceStream, seq_id: int, pro
                                       + ffi.string(lib.pyllama_spec_error()).decode("utf-8", "replace"), rc)
             events, n_accepted, token = verify(stream, ctx._ptr, 0, out[:n_draft])
             if n_draft:
-                stats.n_drafts += 1
-                stats.n_drafted += n_draft
-                stats.n_accepted += n_accepted
+                stats.add(n_draft, n_accepted)
                 spec._accept(seq_id, n_accepted)
             # the cache keeps id_last and the accepted draft tokens; the rest of the batch goes
             n_kept = n_accepted + 1

@@ -281,15 +281,7 @@ class SequenceStream:
         if not self.ignore_eos and lib.llama_vocab_is_eog(self._vocab_p, token):
             self.finish_reason = "eog"
             return None
-        return self._accept(token, self._decoder.push(token), ctx_ptr, row)
-
-    def push_piece(self, token: int, is_eog: bool, piece: bytes, ctx_ptr: Any = None,
-                   row: int = -1) -> TokenEvent | None:
-        """:meth:`push` for a caller that already knows whether ``token`` ends generation and its piece."""
-        if is_eog and not self.ignore_eos:
-            self.finish_reason = "eog"
-            return None
-        return self._accept(token, self._decoder.push_piece(piece), ctx_ptr, row)
+        return self.accept_text(token, self._decoder.push(token), ctx_ptr, row)
 
     def prefer_backend(self) -> None:
         """Take "auto" to backend sampling when it can serve this stream: a plain greedy chain, no logprobs,
@@ -303,7 +295,8 @@ class SequenceStream:
         """Whether the fused C step can sample for this stream (no Python sampler, no EOG masking)."""
         return not self.ignore_eos and not self.chain._has_custom
 
-    def _accept(self, token: int, piece_text: str, ctx_ptr: Any, row: int) -> TokenEvent | None:
+    def accept_text(self, token: int, piece_text: str, ctx_ptr: Any = None, row: int = -1) -> TokenEvent | None:
+        """:meth:`push` for a token known not to end generation whose text the caller decoded (the fused step)."""
         n = self.n_generated
         if n == self._gen.size:
             self._gen = np.concatenate([self._gen, np.empty(self._gen.size, dtype=np.int32)])

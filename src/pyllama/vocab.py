@@ -140,7 +140,8 @@ class Vocab:
 
     def check_tokens(self, tokens: TokenArray) -> None:
         """Raise TokenizationError unless every id is inside the vocabulary (vectorised)."""
-        if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= self.n_tokens):
+        # one reduction: a negative int32 read as uint32 is >= 2**31, past any vocabulary
+        if tokens.size and int(tokens.view(np.uint32).max()) >= self.n_tokens:
             bad = tokens[(tokens < 0) | (tokens >= self.n_tokens)][0]
             raise TokenizationError(f"token id {int(bad)} is outside the vocabulary [0, {self.n_tokens})")
 

@@ -250,8 +250,12 @@ class PyllamaTest:
                 except ValueError as exc:
                     self.close()
                     raise BenchError(str(exc)) from None
-            self._step_out = ffi.new("int32_t[3]")
-            self._piece = ffi.new("char[]", 256)
+            step = self._step = ffi.new("pyllama_step *")
+            step.smpl = self.chain._p()
+            step.vocab = self.model.vocab._v()
+            step.n_ctx_seq = self.ctx.n_ctx_seq
+            step.greedy = 1 if self.inst.sampling == "argmax" else 0
+            step.n_vocab = self.n_vocab
 
     def record(self, extra: dict[str, Any]) -> Record:
         cpu, gpu, backends = _devices_info()
@@ -301,21 +305,14 @@ class PyllamaTest:
         the next (host: llama.cpp's greedy sampler; argmax: over the logits view; backend: read the
         token the graph chose); the chosen token is the next input. End of generation is ignored."""
         ctx = self.ctx
-        assert self.chain is not None
-        step, out, piece = lib.pyllama_fused_step, self._step_out, self._piece
-        ctx_p, chain_p, vocab_p = ctx._p(), self.chain._p(), self.model.vocab._v()
-        greedy = 1 if self.inst.sampling == "argmax" else 0
-        n_vocab = self.n_vocab
-        tok = first
-        st = ctx._arm_abort()
+        s = self._step
+        s.prev, s.pos, s.st = first, pos, ctx._arm_abort()
+        ctx_p, step = ctx._p(), lib.pyllama_step_next
         for _ in range(n):
-            rc = step(ctx_p, chain_p, vocab_p, tok, pos, 0, greedy, n_vocab, 0, piece, 256, out, st)
-            if rc != 0:
-                raise BenchError(f"decode or sampling failed ({rc})")
-            tok = out[0]
-            pos += 1
+            if step(ctx_p, s) in (lib.PYLLAMA_STEP_FAILED, lib.PYLLAMA_STEP_FULL):
+                raise BenchError(f"decode or sampling failed ({s.rc})")
         ctx.synchronize()
-        return pos
+        return int(s.pos)
 
     def _gen_sampled_native(self, first: int, n: int, pos: int) -> int:
         """The same n tokens through llama-simple's loop in C (pyllama_c_generate_loop)."""

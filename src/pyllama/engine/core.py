@@ -29,8 +29,8 @@ from ..batch import Batch
 from ..context import Context, FlashAttn
 from ..errors import ClosedError, ContextOverflowError, LlamaError
 from ..sampling import Sampler
-from ..speculative import Speculator, verify
-from ..stream import FinishReason, Sampling, SequenceStream
+from ..speculative import SpeculativeStats, Speculator, verify
+from ..stream import SAMPLING_MODES, FinishReason, Sampling, SequenceStream
 from ..vocab import Vocab, as_tokens
 from .request import EngineBusyError, EngineRequest
 from .slots import Slot, choose_slot
@@ -358,6 +358,8 @@ class _Core:
                         spec._accept(slot.id, r)
                         c["draft_tokens"] += n_draft
                         c["draft_accepted_tokens"] += r
+                        if n_draft > 0 and req.speculative is not None:
+                            req.speculative.add(n_draft, r)
             except Exception as exc:
                 self._fail(slot, exc)
                 continue
@@ -527,6 +529,7 @@ class Engine(EngineFront):
     chunks). ``draft`` turns on speculative decoding with an n-gram drafter
     (``"ngram"`` or one of :data:`pyllama.speculative.NGRAM_TYPES`; at most
     ``n_draft`` tokens per request and step, verified in the same batch).
+    ``sampling`` is the requests' default mode (:data:`pyllama.stream.Sampling`).
     Use as a context manager or call :meth:`close`.
     """
 
@@ -534,7 +537,10 @@ class Engine(EngineFront):
                  n_batch: int = 512, n_ubatch: int = 512, n_threads: int | None = None,
                  n_threads_batch: int | None = None, flash_attn: FlashAttn = "auto", type_k: str | int = "f16",
                  type_v: str | int = "f16", max_queue: int = 64, slot_prompt_similarity: float = 0.1,
-                 embeddings: bool = True, draft: str | None = None, n_draft: int = 16) -> None:
+                 embeddings: bool = True, draft: str | None = None, n_draft: int = 16,
+                 sampling: Sampling = "auto") -> None:
+        if sampling not in SAMPLING_MODES:
+            raise ValueError(f"sampling must be one of {SAMPLING_MODES}, not {sampling!r}")
         if not isinstance(n_slots, int) or n_slots < 1:
             raise ValueError("n_slots must be an int >= 1")
         if max_queue < 0:
@@ -555,11 +561,14 @@ class Engine(EngineFront):
                       n_threads=n_threads, n_threads_batch=n_threads_batch, flash_attn=flash_attn,
                       type_k=type_k, type_v=type_v, kv_unified=True)
         try:
+            if sampling == "backend" and ctx._backend_sampling_unsafe:
+                raise ValueError("sampling='backend' is disabled on Vulkan (see Context._attach_sampler)")
             spec = Speculator(ctx, draft, n_max=n_draft) if draft is not None else None
         except BaseException:
             ctx.close()
             raise
         self.model = model
+        self.sampling: Sampling = sampling
         self.n_slots = n_slots
         self.n_ctx_slot = min(n_ctx_slot, ctx.n_ctx_seq)
         self.n_batch = ctx.n_batch
@@ -575,13 +584,16 @@ class Engine(EngineFront):
                logprobs: bool = False, top_logprobs: int = 0, add_special: bool = True,
                parse_special: bool = True, context_full: ContextFull = "stop",
                ignore_eos: bool = False, grammar: str | None = None,
-               json_schema: Mapping[str, Any] | str | None = None, sampling: Sampling = "auto") -> EngineRequest:
+               json_schema: Mapping[str, Any] | str | None = None,
+               sampling: Sampling | None = None) -> EngineRequest:
         """Queue a generation; iterate the returned request for its token events.
 
         Thread-safe and non-blocking. ``sampler`` is a list of pyllama sampler specs
         (None: greedy); ``grammar`` (GBNF) or ``json_schema`` constrain it; ``sampling``
         is :func:`pyllama.generate`'s (``"backend"``: the chain runs in the graph for
-        this request's slot, and its tokens are not drafted).
+        this request's slot, and its tokens are not drafted). None takes the engine's
+        ``sampling``, or "auto" for a request that mode cannot serve (logprobs with
+        "backend", a non-greedy chain with "argmax").
         ``context_full`` says what happens when prompt plus reply reach the
         slot's context: finish with reason ``"context"``, raise
         :class:`ContextOverflowError`, or ``"shift"`` out the older half.
@@ -591,13 +603,24 @@ class Engine(EngineFront):
             raise ClosedError("the engine is closed")
         tokens = check_request(self.model.vocab, prompt, n_ctx_slot=self.n_ctx_slot, max_tokens=max_tokens,
                                add_special=add_special, parse_special=parse_special, context_full=context_full)
-        stream = SequenceStream(self.model, list(sampler) if sampler is not None else None,
-                                max_tokens=max_tokens, stop=stop, logprobs=logprobs,
-                                top_logprobs=top_logprobs, ignore_eos=ignore_eos, grammar=grammar,
-                                json_schema=json_schema, sampling=sampling)
+        mode = self.sampling if sampling is None else sampling
+
+        def stream_for(mode: Sampling) -> SequenceStream:
+            return SequenceStream(self.model, list(sampler) if sampler is not None else None,
+                                  max_tokens=max_tokens, stop=stop, logprobs=logprobs, top_logprobs=top_logprobs,
+                                  ignore_eos=ignore_eos, grammar=grammar, json_schema=json_schema, sampling=mode)
+
+        try:
+            stream = stream_for(mode)
+        except ValueError:
+            if sampling is not None or mode == "auto":
+                raise
+            stream = stream_for("auto")  # the engine's default cannot serve this request
         if self._core.spec is None and self._core.ctx._backend_sampling_pays:
             stream.prefer_backend()
         req = EngineRequest(tokens, stream, context_full, self._core.cancel)
+        if self._core.spec is not None:
+            req.speculative = SpeculativeStats()
         self._core.enqueue(req)
         return req
 

@@ -11,6 +11,7 @@ import numpy.typing as npt
 
 from .._channel import END, EventChannel
 from ..errors import LlamaError
+from ..speculative import SpeculativeStats
 from ..stream import FinishReason, StreamResults, TokenEvent
 
 if TYPE_CHECKING:
@@ -54,6 +55,8 @@ class EngineRequest(StreamResults):
         self.t_first_token: float | None = None
         self.t_done: float | None = None
         self.error: BaseException | None = None
+        #: what the engine's drafter proposed and this request kept (None: no speculative decoding)
+        self.speculative: SpeculativeStats | None = None
 
     # --- results ---------------------------------------------------------------------
     @property

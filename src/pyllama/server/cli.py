@@ -44,6 +44,10 @@ def register(subparsers: Any) -> None:
                    help="speculative decoding with an n-gram drafter: ngram (prompt lookup), or one of "
                         "llama.cpp's ngram-cache, ngram-simple, ngram-map-k, ngram-map-k4v, ngram-mod")
     p.add_argument("--draft-max", type=int, default=16, help="most draft tokens per request and step")
+    p.add_argument("--sampling", default="auto", choices=["auto", "host", "argmax", "backend"],
+                   help="where greedy requests choose their tokens: auto (measured fastest for the backend), host "
+                        "(llama.cpp's sampler), argmax (over the logits), backend (in the compute graph); requests "
+                        "a mode cannot serve (logprobs with backend) take auto")
     p.add_argument("--api-key", default=os.environ.get("PYLLAMA_API_KEY"),
                    help="require `Authorization: Bearer KEY` on every endpoint but /health "
                         "(default: $PYLLAMA_API_KEY)")
@@ -74,7 +78,8 @@ def _loader(args: argparse.Namespace, path: str) -> Engine:
         return Engine(model, n_slots=args.slots, n_ctx=n_ctx, n_batch=args.batch_size, n_ubatch=args.ubatch_size,
                       n_threads=args.threads, n_threads_batch=args.threads_batch, flash_attn=args.flash_attn,
                       type_k=args.cache_type_k, type_v=args.cache_type_v, max_queue=args.max_queue,
-                      slot_prompt_similarity=args.slot_prompt_similarity, draft=args.draft, n_draft=args.draft_max)
+                      slot_prompt_similarity=args.slot_prompt_similarity, draft=args.draft, n_draft=args.draft_max,
+                      sampling=args.sampling)
     except BaseException:
         model.close()
         raise
@@ -88,7 +93,7 @@ def _isolated_loader(args: argparse.Namespace, path: str, ngl: Any) -> Engine:
                             n_ubatch=args.ubatch_size, n_threads=args.threads, n_threads_batch=args.threads_batch,
                             flash_attn=args.flash_attn, type_k=args.cache_type_k, type_v=args.cache_type_v,
                             max_queue=args.max_queue, slot_prompt_similarity=args.slot_prompt_similarity,
-                            draft=args.draft, n_draft=args.draft_max, progress=args.progress)
+                            draft=args.draft, n_draft=args.draft_max, sampling=args.sampling, progress=args.progress)
     return cast("Engine", engine)  # duck-typed: it offers the Engine API the server uses
 
 

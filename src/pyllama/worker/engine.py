@@ -27,6 +27,7 @@ from ..engine.core import COUNTERS, EngineFront, check_embed_request, check_requ
 from ..errors import ClosedError
 from ..model import Model
 from ..sampling import Sampler
+from ..speculative import SpeculativeStats
 from ..stream import FinishReason, Sampling, TokenEvent
 from . import protocol as p
 from .client import Worker
@@ -118,6 +119,8 @@ class IsolatedRequest(EngineRequest):
                 wake((waiter,))
         elif kind == p.END:
             self.n_cached = msg[4]
+            if msg[5] is not None:
+                self.speculative = SpeculativeStats(*msg[5])
             self._end(msg[2], None)
         elif kind == p.ERR:
             self._end(None, p.decode_error(msg[2], WorkerError))
@@ -167,8 +170,8 @@ class IsolatedEngine(EngineFront):
                  n_threads: int | None = None, n_threads_batch: int | None = None,
                  flash_attn: Literal["auto", "on", "off"] | bool = "auto", type_k: str | int = "f16",
                  type_v: str | int = "f16", max_queue: int = 64, slot_prompt_similarity: float = 0.1,
-                 embeddings: bool = True, draft: str | None = None, n_draft: int = 16, log_level: str = "WARNING",
-                 progress: bool | None = None) -> None:
+                 embeddings: bool = True, draft: str | None = None, n_draft: int = 16,
+                 sampling: Sampling = "auto", log_level: str = "WARNING", progress: bool | None = None) -> None:
         if not isinstance(n_slots, int) or n_slots < 1:
             raise ValueError("n_slots must be an int >= 1")
         if max_queue < 0:
@@ -186,7 +189,8 @@ class IsolatedEngine(EngineFront):
                                        "n_threads_batch": n_threads_batch, "flash_attn": flash_attn,
                                        "type_k": type_k, "type_v": type_v, "max_queue": max_queue,
                                        "slot_prompt_similarity": slot_prompt_similarity,
-                                       "embeddings": embeddings, "draft": draft, "n_draft": n_draft}}
+                                       "embeddings": embeddings, "draft": draft, "n_draft": n_draft,
+                                       "sampling": sampling}}
             info = self._worker._load_spec(spec)
         except BaseException:
             if hasattr(self, "_worker"):
@@ -205,7 +209,8 @@ class IsolatedEngine(EngineFront):
                logprobs: bool = False, top_logprobs: int = 0, add_special: bool = True,
                parse_special: bool = True, context_full: ContextFull = "stop",
                ignore_eos: bool = False, grammar: str | None = None,
-               json_schema: Mapping[str, Any] | str | None = None, sampling: Sampling = "auto") -> IsolatedRequest:
+               json_schema: Mapping[str, Any] | str | None = None,
+               sampling: Sampling | None = None) -> IsolatedRequest:
         """Queue a generation in the child, as :meth:`pyllama.engine.Engine.submit` does in process.
 
         Non-blocking, except that the first request after a crash starts the fresh child.

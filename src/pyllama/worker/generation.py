@@ -12,6 +12,7 @@ import numpy.typing as npt
 from ..errors import ClosedError
 from ..generate import TokenEvent
 from ..sampling import Sampler, SamplerChain
+from ..speculative import SpeculativeStats
 from . import protocol as p
 from .errors import WorkerError
 from .process import _Inbox, _Process
@@ -25,8 +26,8 @@ class WorkerGeneration:
     :class:`pyllama.TokenEvent`, and a (sync or async) context manager.
 
     Tokens arrive as the child produces them. After the stream ends,
-    ``finish_reason``, ``tokens``, ``text``, ``n_prompt_tokens`` and
-    ``n_prompt_evaluated`` are set as for :class:`pyllama.Generation`.
+    ``finish_reason``, ``tokens``, ``text``, ``n_prompt_tokens``,
+    ``n_prompt_evaluated`` and ``speculative`` are set as for :class:`pyllama.Generation`.
     ``close()`` (or leaving the ``with`` block, or dropping the object) stops
     the generation in the child. If the worker dies, iteration raises
     :class:`WorkerCrashedError`.
@@ -44,6 +45,8 @@ class WorkerGeneration:
         self.finish_reason: str | None = None
         self.n_prompt_tokens = 0
         self.n_prompt_evaluated = 0
+        #: acceptance statistics of a speculative generation (``draft=``), once it has ended
+        self.speculative: SpeculativeStats | None = None
         self._done = False
         self._closed = False
         self._cancel = weakref.finalize(self, proc.cancel_later, rid)
@@ -74,6 +77,8 @@ class WorkerGeneration:
         self._end()
         if kind == p.END:
             self.finish_reason, self.n_prompt_tokens, self.n_prompt_evaluated = msg[2], msg[3], msg[4]
+            if msg[5] is not None:
+                self.speculative = SpeculativeStats(*msg[5])
             raise StopIteration
         if kind == p.ERR:
             raise p.decode_error(msg[2], WorkerError)
