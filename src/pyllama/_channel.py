@@ -21,7 +21,7 @@ Waiter = tuple[asyncio.AbstractEventLoop, "asyncio.Future[None]"]
 
 
 class EventChannel(Generic[T]):
-    __slots__ = ("_items", "_lock", "_cond", "_done", "_error", "_waiter")
+    __slots__ = ("_items", "_lock", "_cond", "_done", "_error", "_waiter", "_blocked")
 
     def __init__(self) -> None:
         self._items: deque[T] = deque()
@@ -30,6 +30,7 @@ class EventChannel(Generic[T]):
         self._done = False
         self._error: BaseException | None = None
         self._waiter: Waiter | None = None
+        self._blocked = 0  # sync consumers in get(): notify only then (Condition.notify is Python code)
 
     # --- producer ------------------------------------------------------------------
     def put(self, item: T) -> Waiter | None:
@@ -48,7 +49,8 @@ class EventChannel(Generic[T]):
             return self._wake_locked()
 
     def _wake_locked(self) -> Waiter | None:
-        self._cond.notify()
+        if self._blocked:
+            self._cond.notify()
         w, self._waiter = self._waiter, None
         return w
 
@@ -61,8 +63,12 @@ class EventChannel(Generic[T]):
         """The next item (blocking), or :data:`END`; raises the producer's error at the end."""
         with self._lock:
             while not self._items and not self._done:
-                if not self._cond.wait(timeout):
-                    raise TimeoutError("no event within the timeout")
+                self._blocked += 1
+                try:
+                    if not self._cond.wait(timeout):
+                        raise TimeoutError("no event within the timeout")
+                finally:
+                    self._blocked -= 1
             return self._pop_locked()
 
     async def aget(self) -> T:
