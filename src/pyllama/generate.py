@@ -221,9 +221,9 @@ class Generation(StreamResults):
         """The token loop with one C call per token (pyllama_step_next: decode, sample, EOG check, piece).
 
         The first step samples from the prompt's logits; each later one first decodes the token before
-        (at ``pos`` on). Without stop strings or
-        log-probabilities the event is made right here (the common case, kept to a few attribute reads
-        per token); the prefix tracker asks for the decoded tokens when it is used (_Tracker.follow).
+        (at ``pos`` on). Without stop strings or log-probabilities the event is made right here (the
+        common case, a few local operations per token); the context's record of what the sequence holds
+        asks for the decoded tokens when it is used (SeqTokens.follow).
         """
         stream = self._stream
         s = ffi.new("pyllama_step *")

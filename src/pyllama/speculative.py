@@ -62,9 +62,6 @@ class SpeculativeStats:
         self.n_drafted += n_drafted
         self.n_accepted += n_accepted
 
-    def as_tuple(self) -> tuple[int, int, int]:
-        return self.n_drafts, self.n_drafted, self.n_accepted
-
 
 class Speculator(Handle):
     """Drafts tokens for generations on ``ctx``.

@@ -271,7 +271,7 @@ class Server:
                         return
                     send((token_kind, rid, ev.token, ev.text, ev.index, ev.logprob, ev.top_logprobs))
                 send((p.END, rid, gen.finish_reason, int(gen.prompt_tokens.size), gen.n_prompt_evaluated,
-                      None if gen.speculative is None else gen.speculative.as_tuple()))
+                      gen.speculative))
         finally:
             self._in_prompt = False
 
@@ -324,8 +324,7 @@ class Server:
         except Exception as exc:  # noqa: BLE001 - the request's own failure goes back to its caller
             send((p.ERR, rid, p.encode_error(exc)))
         else:
-            send((p.END, rid, er.finish_reason, er.n_prompt, er.n_cached,
-                  None if er.speculative is None else er.speculative.as_tuple()))
+            send((p.END, rid, er.finish_reason, er.n_prompt, er.n_cached, er.speculative))
         finally:
             with self._lock:
                 self._engine_requests.pop(rid, None)

@@ -27,7 +27,6 @@ from ..engine.core import COUNTERS, EngineFront, check_embed_request, check_requ
 from ..errors import ClosedError
 from ..model import Model
 from ..sampling import Sampler
-from ..speculative import SpeculativeStats
 from ..stream import FinishReason, Sampling, TokenEvent
 from . import protocol as p
 from .client import Worker
@@ -118,9 +117,7 @@ class IsolatedRequest(EngineRequest):
             if waiter is not None:  # the consumer's loop is parked on this request
                 wake((waiter,))
         elif kind == p.END:
-            self.n_cached = msg[4]
-            if msg[5] is not None:
-                self.speculative = SpeculativeStats(*msg[5])
+            self.n_cached, self.speculative = msg[4], msg[5]
             self._end(msg[2], None)
         elif kind == p.ERR:
             self._end(None, p.decode_error(msg[2], WorkerError))

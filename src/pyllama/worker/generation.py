@@ -76,9 +76,7 @@ class WorkerGeneration:
             return TokenEvent(token, text, index, logprob, top)
         self._end()
         if kind == p.END:
-            self.finish_reason, self.n_prompt_tokens, self.n_prompt_evaluated = msg[2], msg[3], msg[4]
-            if msg[5] is not None:
-                self.speculative = SpeculativeStats(*msg[5])
+            self.finish_reason, self.n_prompt_tokens, self.n_prompt_evaluated, self.speculative = msg[2:6]
             raise StopIteration
         if kind == p.ERR:
             raise p.decode_error(msg[2], WorkerError)

@@ -44,7 +44,7 @@ ENGINE_EMBED = 17  # (ENGINE_EMBED, rid, texts, normalize): (OK, rid, vectors), 
 OK = 20  # (OK, rid, value)
 ERR = 21  # (ERR, rid, encoded exception)
 TOKEN = 22  # (TOKEN, rid, token, text, index, logprob)
-END = 23  # (END, rid, finish_reason, n_prompt_tokens, n_prompt_evaluated, speculative stats tuple or None)
+END = 23  # (END, rid, finish_reason, n_prompt_tokens, n_prompt_evaluated, SpeculativeStats or None)
 
 # --- host-internal (never on the wire) ----------------------------------------------
 CRASH = 30  # (CRASH, 0, WorkerCrashedError)
