@@ -77,7 +77,7 @@ def test_a_chain_is_attached_to_the_graph_once(model: pyllama.Model) -> None:
         with pytest.raises(ValueError, match="backend sampling"):
             chain.sample(ctx)
         assert np.array_equal(tokens(ctx, max_tokens=8), first)  # the context is fine
-        assert not ctx._backend_samplers and not ctx._backend_sampling_unsafe
+        assert not ctx._backend_samplers and ctx._backend_sampling_refusal is None
 
 
 def test_bad_sampling_requests_are_refused(model: pyllama.Model) -> None:
@@ -93,6 +93,20 @@ def test_bad_sampling_requests_are_refused(model: pyllama.Model) -> None:
         with pytest.raises(ValueError, match="draft"):
             pyllama.generate(ctx, PROMPT, sampling="backend", draft="ngram")
         assert tokens(ctx, max_tokens=5).size == 5
+
+
+def test_lavapipe_before_mesa_25_is_refused_backend_sampling() -> None:
+    from pyllama.stream import LAVAPIPE_DRIVER_ID, driver_blocks_backend_sampling
+
+    for info in ("Mesa 22.3.6", "Mesa 24.3.4 (LLVM 19.1.7)", "Mesa 24.99.0-devel", None, "", "lavapipe"):
+        reason = driver_blocks_backend_sampling(LAVAPIPE_DRIVER_ID, info)
+        assert reason is not None and "Mesa 25.0" in reason, info
+    for info in ("Mesa 25.0.7-2~bpo12+1 (LLVM 15.0.6)", "Mesa 25.1.0", "Mesa 26.0.0-devel (git-1234)"):
+        assert driver_blocks_backend_sampling(LAVAPIPE_DRIVER_ID, info) is None, info
+    # other drivers (RADV = 3, NVIDIA = 4) are not known to break, whatever their version text
+    assert driver_blocks_backend_sampling(3, "Mesa 22.3.6") is None
+    assert driver_blocks_backend_sampling(4, "580.95.05") is None
+    assert driver_blocks_backend_sampling(None, None) is None
 
 
 def test_auto_samples_in_the_graph_only_where_it_measured_faster(model: pyllama.Model) -> None:

@@ -9,7 +9,8 @@
 #    directory build/vulkan, under `flock /tmp/pyllama-build.lock` (ccache on);
 # 3. a fresh venv /tmp/venv-vulkan with that wheel, pytest and gguf;
 # 4. tests/test_vulkan.py there (device listed; greedy tokens on the synthetic
-#    model fully offloaded to Vulkan == CPU), the wheel smoke test with a
+#    model fully offloaded to Vulkan == CPU; host, argmax and backend sampling
+#    == CPU greedy), the wheel smoke test with a
 #    Vulkan device required, and `pyllama inspect gpu --json` (a warning, not
 #    a failure, while the CLI lacks that command).
 set -euo pipefail
@@ -61,7 +62,8 @@ rm -rf "$venv"
 # --- 4. tests ---------------------------------------------------------------------
 # Run from the checkout's tests/ with the installed wheel: src/ is not on sys.path.
 unset LD_LIBRARY_PATH PYTHONPATH
-"$venv/bin/python" -m pytest -p no:cacheprovider tests/test_vulkan.py -v
+# vulkan_deps.sh installed a lavapipe that backend sampling runs on: refusing it is a failure here
+PYLLAMA_REQUIRE_VULKAN_BACKEND_SAMPLING=1 "$venv/bin/python" -m pytest -p no:cacheprovider tests/test_vulkan.py -v
 
 # lavapipe is a CPU-type device: ggml-vulkan lists it only when selected.
 if [ -z "${GGML_VK_VISIBLE_DEVICES:-}" ]; then

@@ -80,6 +80,7 @@ int32_t pyllama_spec_process(pyllama_spec * s, int32_t seq_id, const llama_token
                              llama_pos pos0);
 int32_t pyllama_spec_accept(pyllama_spec * s, int32_t seq_id, int32_t n_accepted);
 const char * pyllama_spec_error(void);
+char * pyllama_vulkan_drivers(void);
 """
 
 # The types C_SOURCE defines and C_CDEF declares: written once.

@@ -10,6 +10,14 @@
 # run time; Debian 12's libvulkan-dev is not needed) and vulkan-tools
 # (vulkaninfo; optional).
 #
+# Debian 12's lavapipe (Mesa 22.3.6) frees memory twice in its queue thread once
+# sampler chains have been attached and detached a few times (pyllama's backend
+# sampling; see pyllama.stream.LAVAPIPE_BACKEND_SAMPLING_FROM), so on Debian 12
+# mesa-vulkan-drivers comes from bookworm-backports (Mesa 25.0), Debian's own
+# suite of newer packages for 12: its apt source is added as
+# /etc/apt/sources.list.d/pyllama-bookworm-backports.sources; backports are
+# never chosen unless asked for by name, so nothing else changes.
+#
 # Debian 12's Vulkan headers (1.3.239) lack VK_EXT_layer_settings, which the
 # vendored ggml-vulkan uses, so the headers come from Debian 13's libvulkan-dev
 # (1.4.x). That one package is fetched with apt's own client into a PRIVATE apt
@@ -58,6 +66,33 @@ if [ ${#missing[@]} -gt 0 ]; then
 else
   log "system packages present: ${required[*]} ${optional[*]}"
 fi
+
+# --- 1b. a lavapipe that survives backend sampling (Mesa >= 25.0) ---------------
+mesa_min=25.0
+mesa_ver=$(dpkg-query -W -f='${Version}' mesa-vulkan-drivers 2>/dev/null || true)
+codename=$(sed -n 's/^VERSION_CODENAME=//p' /etc/os-release 2>/dev/null || true)
+if [ -n "$mesa_ver" ] && dpkg --compare-versions "$mesa_ver" lt "$mesa_min"; then
+  if [ "$codename" = bookworm ]; then
+    bpo=/etc/apt/sources.list.d/pyllama-bookworm-backports.sources
+    if ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+      mirror=$(grep -hoE '^(URIs:|deb)[[:space:]]+(\[[^]]*\][[:space:]]+)?https?://[^[:space:]]+/debian/?([[:space:]]|$)' \
+                 /etc/apt/sources.list.d/*.sources /etc/apt/sources.list 2>/dev/null \
+               | grep -oE 'https?://[^[:space:]]+' | head -n1 || true)
+      log "adding bookworm-backports ($bpo) for lavapipe >= $mesa_min"
+      printf 'Types: deb\nURIs: %s\nSuites: bookworm-backports\nComponents: main\nSigned-By: %s\n' \
+        "${mirror:-http://deb.debian.org/debian}" /usr/share/keyrings/debian-archive-keyring.gpg \
+        | "${sudo[@]}" tee "$bpo" > /dev/null
+    fi
+    log "installing mesa-vulkan-drivers from bookworm-backports (installed: $mesa_ver)"
+    export DEBIAN_FRONTEND=noninteractive
+    "${sudo[@]}" apt-get update -qq >&2
+    "${sudo[@]}" apt-get install -y -qq --no-install-recommends -t bookworm-backports mesa-vulkan-drivers >&2
+    mesa_ver=$(dpkg-query -W -f='${Version}' mesa-vulkan-drivers)
+  else
+    log "warning: lavapipe $mesa_ver is older than Mesa $mesa_min: pyllama refuses backend sampling on it"
+  fi
+fi
+log "lavapipe: mesa-vulkan-drivers $mesa_ver"
 
 # --- 2. headers new enough for ggml-vulkan -----------------------------------
 # Where the distribution's own libvulkan-dev is new enough (Ubuntu 24.04 has

@@ -160,7 +160,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             print(f"{u['backend']} unavailable: {u['reason']}")
     for d in devs:
         mem = f"{_fmt_bytes(d['memory_free'])} free / {_fmt_bytes(d['memory_total'])}" if d["memory_total"] else ""
-        print(f"[{d['index']}] {d['name']:<10} {d['type']:<6} {d['backend']:<8} {d['description']}  {mem}")
+        driver = f"  [{d['driver']}]" if d.get("driver") else ""
+        print(f"[{d['index']}] {d['name']:<10} {d['type']:<6} {d['backend']:<8} {d['description']}  {mem}{driver}")
     if what == "devices":
         print(f"default CPU threads: {threads.n_threads} ({threads.reason})")
     return 0

@@ -367,14 +367,14 @@ class Context(Handle):
         self._invalidate_tracking(batch)
         self._decode(batch)
 
-    def _output_gpu_backends(self) -> list[str]:
-        """The GPU backends the graph's sampler would run on: none unless every layer is offloaded."""
+    def _output_gpus(self) -> list[Any]:
+        """The GPU devices the graph's sampler would run on: none unless every layer is offloaded."""
         found = self.__dict__.get("_out_gpus")
         if found is None:
             from .devices import devices
 
             found = self.__dict__["_out_gpus"] = (
-                [d.backend for d in devices() if d.type in ("gpu", "igpu")] if self.model.fully_offloaded else [])
+                [d for d in devices() if d.type in ("gpu", "igpu")] if self.model.fully_offloaded else [])
         return list(found)
 
     @functools.cached_property
@@ -382,13 +382,37 @@ class Context(Handle):
         """Whether sampling="auto" runs a greedy chain in the graph here (see pyllama.stream)."""
         from .stream import backend_sampling_pays
 
-        gpus = self._output_gpu_backends()
+        gpus = [d.backend for d in self._output_gpus()]
         return backend_sampling_pays(gpus, bool(gpus))
 
-    @property
-    def _backend_sampling_unsafe(self) -> bool:
-        """Whether the graph's sampler would run where attaching chains is not safe (Vulkan)."""
-        return "Vulkan" in self._output_gpu_backends()
+    @functools.cached_property
+    def _backend_sampling_refusal(self) -> str | None:
+        """Why chains must not run inside the graph here, or None: a Vulkan driver known to break, or
+        logits rows that ggml-vulkan cannot take views of (several sequences, rows off its alignment)."""
+        from .devices import drivers_of
+        from .stream import LAVAPIPE_DRIVER_ID, driver_blocks_backend_sampling
+
+        row_bytes = 4 * self.n_vocab
+        for dev in self._output_gpus():
+            if dev.backend != "Vulkan":
+                continue
+            drivers = drivers_of(dev)
+            if not drivers and "llvmpipe" in dev.description:  # lavapipe whose version the loader did not tell
+                blocked = driver_blocks_backend_sampling(LAVAPIPE_DRIVER_ID, None)
+            else:
+                blocked = next(filter(None, (driver_blocks_backend_sampling(d.driver_id, d.driver_info)
+                                             for d in drivers)), None)
+            if blocked is None and self.n_seq_max > 1:
+                # the sampler of batch row k reads the logits at k * row_bytes: an op of ggml-vulkan
+                # asserts (GGML_ASSERT, an abort) on a view that starts off the device's alignment
+                align = max((d.min_storage_buffer_offset_alignment for d in drivers), default=256)
+                if row_bytes % align:
+                    blocked = (f"a row of {self.n_vocab} logits ({row_bytes} bytes) is not a multiple of the "
+                               f"device's storage-buffer alignment ({align} bytes), so ggml-vulkan aborts on the "
+                               f"sampler of any row but the first (a context with n_seq_max=1 is fine)")
+            if blocked is not None:
+                return f"backend sampling is disabled on {dev.name}: {blocked}; use sampling='argmax' or 'host'"
+        return None
 
     def _attach_sampler(self, seq_id: int, chain: Any) -> None:
         """Run ``chain`` (a SamplerChain) inside the graph for ``seq_id`` (llama_set_sampler); None detaches."""
@@ -405,10 +429,9 @@ class Context(Handle):
                 # llama.cpp initialises a chain's graph part once (GGML_ASSERT on a second time)
                 raise ValueError("this SamplerChain was already attached for backend sampling once: pass sampler "
                                  "specs (a list) so that each generation builds its own chain")
-            if self._backend_sampling_unsafe:
-                raise ValueError("backend sampling is disabled on Vulkan: attaching and detaching sampler chains "
-                                 "corrupts memory in llama.cpp's Vulkan backend (bench/backend_sampling.c "
-                                 "'cycles' crashes there); use sampling='argmax' or 'host'")
+            refusal = self._backend_sampling_refusal
+            if refusal is not None:
+                raise ValueError(refusal)
             chain._backend_bound = True
             if not lib.llama_set_sampler(ptr, seq_id, chain._p()):
                 self._backend_samplers.pop(seq_id, None)

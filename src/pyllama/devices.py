@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,9 +31,51 @@ class Device:
     memory_free: int  # bytes
     memory_total: int  # bytes
     endpoint: str | None = None  # an RPC device's server, "ip:port" (its memory is 0 while unreachable)
+    driver: str | None = None  # a Vulkan device's driver and its version, e.g. "llvmpipe: Mesa 25.0.7 (LLVM 15.0.6)"
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class VulkanDriver:
+    """A Vulkan physical device and its driver as the Vulkan loader reports them (ggml names only the device)."""
+
+    index: int  # in the loader's list (what GGML_VK_VISIBLE_DEVICES indexes)
+    device_name: str  # what ggml-vulkan gives as the device's description
+    api_version: str
+    # ggml-vulkan aborts on an op whose input view starts off this alignment (bytes)
+    min_storage_buffer_offset_alignment: int
+    driver_id: int | None  # VkDriverId (13: Mesa's lavapipe); None for a Vulkan 1.0/1.1 device
+    driver_name: str | None
+    driver_info: str | None  # the driver's version text, e.g. "Mesa 25.0.7-2~bpo12+1 (LLVM 15.0.6)"
+
+    @property
+    def label(self) -> str:
+        return f"{self.driver_name}: {self.driver_info}" if self.driver_name else f"Vulkan {self.api_version}"
+
+
+@functools.lru_cache(maxsize=1)
+def vulkan_drivers() -> tuple[VulkanDriver, ...]:
+    """Every Vulkan device the loader lists, with its driver (empty where this build has no Vulkan
+    backend or the machine no Vulkan loader). Queried once per process."""
+    if "Vulkan" not in backends():
+        return ()
+    raw = lib.pyllama_vulkan_drivers()
+    if raw == ffi.NULL:
+        return ()
+    try:
+        rows = json.loads(ffi.string(raw).decode("utf-8", "replace"))
+    finally:
+        lib.pyllama_free_string(raw)
+    return tuple(VulkanDriver(**row) for row in rows)
+
+
+def drivers_of(device: Device) -> list[VulkanDriver]:
+    """The Vulkan drivers that may back ``device`` (matched by name; none for other backends)."""
+    if device.backend != "Vulkan":
+        return []
+    return [d for d in vulkan_drivers() if d.device_name == device.description]
 
 
 def _str(ptr: Any) -> str:
@@ -61,16 +105,20 @@ def devices() -> list[Device]:
         if endpoint is None or reachable[endpoint]:
             lib.ggml_backend_dev_memory(dev, free, total)
         reg = lib.ggml_backend_dev_backend_reg(dev)
+        backend = _str(lib.ggml_backend_reg_name(reg)) if reg != ffi.NULL else ""
+        description = _str(lib.ggml_backend_dev_description(dev))
+        drivers = [d.label for d in vulkan_drivers() if d.device_name == description] if backend == "Vulkan" else []
         out.append(
             Device(
                 index=i,
                 name=_str(lib.ggml_backend_dev_name(dev)),
-                description=_str(lib.ggml_backend_dev_description(dev)),
+                description=description,
                 type=_DEVICE_TYPES.get(lib.ggml_backend_dev_type(dev), "unknown"),
-                backend=_str(lib.ggml_backend_reg_name(reg)) if reg != ffi.NULL else "",
+                backend=backend,
                 memory_free=int(free[0]),
                 memory_total=int(total[0]),
                 endpoint=endpoint,
+                driver=" / ".join(dict.fromkeys(drivers)) or None,
             )
         )
     return out
@@ -152,5 +200,5 @@ def supports_gpu_offload() -> bool:
     return bool(lib.llama_supports_gpu_offload())
 
 
-__all__ = ["Device", "UnavailableBackend", "devices", "backends", "unavailable_backends", "system_info",
+__all__ = ["Device", "VulkanDriver", "UnavailableBackend", "devices", "vulkan_drivers", "drivers_of", "backends", "unavailable_backends", "system_info",
            "supports_gpu_offload", "build_info"]

@@ -561,8 +561,8 @@ class Engine(EngineFront):
                       n_threads=n_threads, n_threads_batch=n_threads_batch, flash_attn=flash_attn,
                       type_k=type_k, type_v=type_v, kv_unified=True)
         try:
-            if sampling == "backend" and ctx._backend_sampling_unsafe:
-                raise ValueError("sampling='backend' is disabled on Vulkan (see Context._attach_sampler)")
+            if sampling == "backend" and ctx._backend_sampling_refusal is not None:
+                raise ValueError(ctx._backend_sampling_refusal)
             spec = Speculator(ctx, draft, n_max=n_draft) if draft is not None else None
         except BaseException:
             ctx.close()
