@@ -82,6 +82,25 @@ class EventChannel(Generic[T]):
                 self._waiter = (loop, fut)
             await fut
 
+    async def aget_all(self) -> list[T] | None:
+        """Every queued item (at least one) without blocking the event loop, or None at the end
+        (raising the producer's error then): one wake-up's events in one call."""
+        while True:
+            with self._lock:
+                items = self._items
+                if items:
+                    out = list(items)
+                    items.clear()
+                    return out
+                if self._done:
+                    if self._error is not None:
+                        raise self._error
+                    return None
+                loop = asyncio.get_running_loop()
+                fut: asyncio.Future[None] = loop.create_future()
+                self._waiter = (loop, fut)
+            await fut
+
     def _pop_locked(self) -> T:
         if self._items:
             return self._items.popleft()

@@ -10,7 +10,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _producers
-from ._channel import END, EventChannel, Waiter, wake
+from ._channel import EventChannel, Waiter, wake
 from ._ffi import ffi, lib
 from .batch import Batch
 from .errors import BusyError, ClosedError, ContextOverflowError, SamplerError
@@ -468,10 +468,11 @@ async def agenerate(ctx: Context, prompt: Prompt, *, max_delay: float = 0.001,
     done = _producers.submit(produce)
     try:
         while True:
-            ev = await chan.aget()
-            if ev is END:
+            events = await chan.aget_all()
+            if events is None:
                 return
-            yield ev
+            for ev in events:
+                yield ev
     finally:
         stopping.append(True)
         # At most one token's decode: afterwards the context is free for the caller again.
