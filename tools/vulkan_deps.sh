@@ -44,6 +44,14 @@ suite=${PYLLAMA_VULKAN_SUITE:-trixie}
 arch=$(dpkg --print-architecture)
 
 log() { echo "vulkan_deps: $*" >&2; }
+# The Debian mirror the system's apt sources use (deb.debian.org when none is found).
+system_mirror() {
+  local m
+  m=$(grep -hoE '^(URIs:|deb)[[:space:]]+(\[[^]]*\][[:space:]]+)?https?://[^[:space:]]+/debian/?([[:space:]]|$)' \
+        /etc/apt/sources.list.d/*.sources /etc/apt/sources.list 2>/dev/null \
+      | grep -oE 'https?://[^[:space:]]+' | head -n1 || true)
+  echo "${m:-http://deb.debian.org/debian}"
+}
 
 if [ "$(id -u)" = 0 ]; then sudo=(); else sudo=(sudo); fi
 
@@ -75,12 +83,9 @@ if [ -n "$mesa_ver" ] && dpkg --compare-versions "$mesa_ver" lt "$mesa_min"; the
   if [ "$codename" = bookworm ]; then
     bpo=/etc/apt/sources.list.d/pyllama-bookworm-backports.sources
     if ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
-      mirror=$(grep -hoE '^(URIs:|deb)[[:space:]]+(\[[^]]*\][[:space:]]+)?https?://[^[:space:]]+/debian/?([[:space:]]|$)' \
-                 /etc/apt/sources.list.d/*.sources /etc/apt/sources.list 2>/dev/null \
-               | grep -oE 'https?://[^[:space:]]+' | head -n1 || true)
       log "adding bookworm-backports ($bpo) for lavapipe >= $mesa_min"
       printf 'Types: deb\nURIs: %s\nSuites: bookworm-backports\nComponents: main\nSigned-By: %s\n' \
-        "${mirror:-http://deb.debian.org/debian}" /usr/share/keyrings/debian-archive-keyring.gpg \
+        "$(system_mirror)" /usr/share/keyrings/debian-archive-keyring.gpg \
         | "${sudo[@]}" tee "$bpo" > /dev/null
     fi
     log "installing mesa-vulkan-drivers from bookworm-backports (installed: $mesa_ver)"
@@ -113,13 +118,7 @@ if [ -f "$stamp" ] && [ -f "$prefix/usr/include/vulkan/vulkan.hpp" ] \
    && grep -q "LayerSettingEXT" "$prefix/usr/include/vulkan/vulkan_structs.hpp" 2>/dev/null; then
   log "$(cat "$stamp") already unpacked in $prefix"
 else
-  mirror=${PYLLAMA_DEBIAN_MIRROR:-}
-  if [ -z "$mirror" ]; then
-    mirror=$(grep -hoE '^(URIs:|deb)[[:space:]]+(\[[^]]*\][[:space:]]+)?https?://[^[:space:]]+/debian/?([[:space:]]|$)' \
-               /etc/apt/sources.list.d/*.sources /etc/apt/sources.list 2>/dev/null \
-             | grep -oE 'https?://[^[:space:]]+' | head -n1 || true)
-    mirror=${mirror:-http://deb.debian.org/debian}
-  fi
+  mirror=${PYLLAMA_DEBIAN_MIRROR:-$(system_mirror)}
   state="$prefix/apt"
   mkdir -p "$state/etc/preferences.d" "$state/etc/sources.list.d" "$state/lists/partial" \
            "$state/cache/archives/partial" "$state/debs"

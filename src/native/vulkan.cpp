@@ -1,7 +1,7 @@
 // The Vulkan drivers on this machine, with what ggml-vulkan does not report: the driver's
 // identity and version (VkPhysicalDeviceDriverProperties). pyllama decides per driver
 // whether a feature is safe: Mesa's lavapipe before 25.0 corrupts memory when sampler
-// chains are attached and detached (see pyllama.stream.backend_sampling_refusal).
+// chains are attached and detached (see pyllama.stream.driver_blocks_backend_sampling).
 //
 // The loader is opened at run time (dlopen), never linked: a Vulkan wheel must import,
 // and fall back to the CPU, on a machine without one. Built with the Vulkan headers only
@@ -117,8 +117,8 @@ std::string query() {
 
 // The machine's Vulkan physical devices and their drivers as JSON text (malloc'ed: free it with
 // pyllama_free_string): [{"index", "device_name", "api_version", "min_storage_buffer_offset_alignment",
-// "driver_id", "driver_name", "driver_info"}]. NULL when this build has no Vulkan support, no loader is installed, or no
-// instance could be created.
+// "driver_id", "driver_name", "driver_info"}]. NULL when this build has no Vulkan support, no loader
+// is installed, or no instance could be created.
 PYLLAMA_VK_API char * pyllama_vulkan_drivers(void) {
 #if defined(PYLLAMA_VULKAN_HEADERS) && !defined(_WIN32)
     try {

@@ -77,9 +77,7 @@ class EventChannel(Generic[T]):
             with self._lock:
                 if self._items or self._done:
                     return self._pop_locked()
-                loop = asyncio.get_running_loop()
-                fut: asyncio.Future[None] = loop.create_future()
-                self._waiter = (loop, fut)
+                fut = self._park_locked()
             await fut
 
     async def aget_all(self) -> list[T] | None:
@@ -96,10 +94,15 @@ class EventChannel(Generic[T]):
                     if self._error is not None:
                         raise self._error
                     return None
-                loop = asyncio.get_running_loop()
-                fut: asyncio.Future[None] = loop.create_future()
-                self._waiter = (loop, fut)
+                fut = self._park_locked()
             await fut
+
+    def _park_locked(self) -> asyncio.Future[None]:
+        """Register the running loop's consumer as the waiter the producer's next put wakes."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        self._waiter = (loop, fut)
+        return fut
 
     def _pop_locked(self) -> T:
         if self._items:

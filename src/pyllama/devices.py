@@ -73,9 +73,13 @@ def vulkan_drivers() -> tuple[VulkanDriver, ...]:
 
 def drivers_of(device: Device) -> list[VulkanDriver]:
     """The Vulkan drivers that may back ``device`` (matched by name; none for other backends)."""
-    if device.backend != "Vulkan":
+    return _drivers(device.backend, device.description)
+
+
+def _drivers(backend: str, description: str) -> list[VulkanDriver]:
+    if backend != "Vulkan":
         return []
-    return [d for d in vulkan_drivers() if d.device_name == device.description]
+    return [d for d in vulkan_drivers() if d.device_name == description]
 
 
 def _str(ptr: Any) -> str:
@@ -107,7 +111,7 @@ def devices() -> list[Device]:
         reg = lib.ggml_backend_dev_backend_reg(dev)
         backend = _str(lib.ggml_backend_reg_name(reg)) if reg != ffi.NULL else ""
         description = _str(lib.ggml_backend_dev_description(dev))
-        drivers = [d.label for d in vulkan_drivers() if d.device_name == description] if backend == "Vulkan" else []
+        drivers = [d.label for d in _drivers(backend, description)]
         out.append(
             Device(
                 index=i,
@@ -200,5 +204,5 @@ def supports_gpu_offload() -> bool:
     return bool(lib.llama_supports_gpu_offload())
 
 
-__all__ = ["Device", "VulkanDriver", "UnavailableBackend", "devices", "vulkan_drivers", "drivers_of", "backends", "unavailable_backends", "system_info",
-           "supports_gpu_offload", "build_info"]
+__all__ = ["Device", "VulkanDriver", "UnavailableBackend", "devices", "vulkan_drivers", "drivers_of", "backends",
+           "unavailable_backends", "system_info", "supports_gpu_offload", "build_info"]
