@@ -364,6 +364,51 @@ int32_t pyllama_step_next(struct llama_context * ctx, pyllama_step * s) {
     s->n_piece = whole;
     return next;
 }
+
+/* pyllama_step_next's state for a new generation, in one call: a dozen struct fields set from Python
+   cost microseconds when that code is cold, as it is at every generation's start. */
+void pyllama_step_init(pyllama_step * s, struct llama_sampler * smpl, const struct llama_vocab * vocab,
+                       pyllama_abort_state * st, llama_pos pos, llama_pos n_ctx_seq, llama_seq_id seq,
+                       int32_t greedy, int32_t n_vocab, int32_t lstrip) {
+    memset(s, 0, sizeof *s);
+    s->smpl = smpl;
+    s->vocab = vocab;
+    s->st = st;
+    s->prev = -1;
+    s->pos = pos;
+    s->n_ctx_seq = n_ctx_seq;
+    s->seq = seq;
+    s->greedy = greedy;
+    s->n_vocab = n_vocab;
+    s->lstrip = lstrip;
+}
+
+/* The index of the first id outside [0, n_vocab), or -1 (Vocab.check_tokens: a loop here instead of
+   a numpy reduction, whose cold start costs several microseconds per evaluated prompt). */
+int64_t pyllama_first_bad_token(const llama_token * toks, int64_t n, int32_t n_vocab) {
+    for (int64_t i = 0; i < n; ++i) {
+        if ((uint32_t) toks[i] >= (uint32_t) n_vocab) {
+            return i;
+        }
+    }
+    return -1;
+}
+
+/* Batch.add for one sequence's tokens at positions pos0, pos0+1, ... after the batch's rows, with
+   logits for none (0), the last (1) or all (2) of them; the caller checked the capacity. */
+void pyllama_batch_add_seq(struct llama_batch * b, const llama_token * toks, int32_t n, llama_pos pos0,
+                           llama_seq_id seq, int32_t logits) {
+    int32_t start = b->n_tokens;
+    for (int32_t i = 0; i < n; ++i) {
+        int32_t r = start + i;
+        b->token[r] = toks[i];
+        b->pos[r] = (llama_pos) ((int64_t) pos0 + i);
+        b->n_seq_id[r] = 1;
+        b->seq_id[r][0] = seq;
+        b->logits[r] = (int8_t) (logits == 2 || (logits == 1 && i == n - 1));
+    }
+    b->n_tokens = start + n;
+}
 """
 
 C_CDEF = """
@@ -379,6 +424,12 @@ void pyllama_log_silent(enum ggml_log_level level, const char * text, void * use
                                 int32_t pos0, int32_t n, llama_token * out);
 int32_t pyllama_step_next(struct llama_context * ctx, pyllama_step * s);
 int32_t pyllama_utf8_complete(const char * buf, int32_t n);
+void pyllama_step_init(pyllama_step * s, struct llama_sampler * smpl, const struct llama_vocab * vocab,
+                       pyllama_abort_state * st, llama_pos pos, llama_pos n_ctx_seq, llama_seq_id seq,
+                       int32_t greedy, int32_t n_vocab, int32_t lstrip);
+int64_t pyllama_first_bad_token(const llama_token * toks, int64_t n, int32_t n_vocab);
+void pyllama_batch_add_seq(struct llama_batch * b, const llama_token * toks, int32_t n, llama_pos pos0,
+                           llama_seq_id seq, int32_t logits);
 
 extern "Python" void _pyllama_log(enum ggml_log_level, const char *, void *);
 extern "Python" bool _pyllama_progress(float, void *);

@@ -12,7 +12,7 @@ from typing import Any, Literal, Union
 import numpy as np
 import numpy.typing as npt
 
-from ._ffi import ffi
+from ._ffi import ffi, lib
 
 LogitsSpec = Union[Literal["last", "all", "none"], npt.ArrayLike]
 
@@ -60,10 +60,15 @@ class Batch:
 
     def add(self, tokens: npt.ArrayLike, pos0: int, seq_id: int = 0, *, logits: LogitsSpec = "last") -> Batch:
         """Append one sequence's tokens at positions ``pos0, pos0+1, ...``."""
-        toks = np.asarray(tokens, dtype=np.int32).reshape(-1)
+        toks = np.ascontiguousarray(tokens, dtype=np.int32).reshape(-1)
         n, start = toks.size, self.n_tokens
         if start + n > self.capacity:
             raise ValueError(f"batch overflow: {start} + {n} tokens > capacity {self.capacity}")
+        mode = _LOGITS_MODES.get(logits) if isinstance(logits, str) else None
+        if mode is not None:  # one C call: numpy's slice assignments cost microseconds each when cold
+            if n:
+                lib.pyllama_batch_add_seq(self._struct, ffi.from_buffer("llama_token[]", toks), n, pos0, seq_id, mode)
+            return self
         end = start + n
         self.token[start:end] = toks
         self.pos[start:end] = np.arange(pos0, pos0 + n, dtype=np.int32)
@@ -103,6 +108,9 @@ class Batch:
 
     def __repr__(self) -> str:
         return f"<pyllama.Batch {self.n_tokens}/{self.capacity} tokens>"
+
+
+_LOGITS_MODES = {"none": 0, "last": 1, "all": 2}
 
 
 def _logits_mask(spec: LogitsSpec, n: int) -> npt.NDArray[np.int8] | int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import codecs
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from ._ffi import ffi
 
@@ -27,20 +27,12 @@ class StreamDecoder:
         self._lstrip = int(vocab.add_space_prefix if lstrip_first is None else lstrip_first)
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._buf = ffi.new("char[]", 256)
-        #: text completed by a piece the caller already has (the codec's own method: no Python frame per token)
-        self.decode_piece: Callable[[bytes], str] = self._decoder.decode
 
     def push(self, token: int) -> str:
         """Text completed by this token ("" while a character is still incomplete)."""
         piece = self._vocab._piece(token, self._special, self._lstrip, self._buf)
         self._lstrip = 0
         return self._decoder.decode(piece)
-
-    def take_lstrip(self) -> int:
-        """For a caller that makes the pieces itself (the fused step): whether the next piece should lose its
-        leading space; later ones will not. Pass those pieces to :attr:`decode_piece`."""
-        lstrip, self._lstrip = self._lstrip, 0
-        return lstrip
 
     def push_bytes(self, token: int) -> tuple[bytes, str]:
         """The token's raw bytes and the text it completes."""

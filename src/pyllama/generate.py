@@ -15,7 +15,7 @@ from ._ffi import ffi, lib
 from .batch import Batch
 from .errors import BusyError, ClosedError, ContextOverflowError, SamplerError
 from . import speculative
-from .sampling import sampling_error
+from .sampling import SamplerChain, sampling_error
 from .speculative import DraftArg, SpeculativeStats, Speculator
 from .stream import FinishReason, SamplerArg, Sampling, SequenceStream, StopMatcher, StreamResults, TokenEvent
 from .vocab import as_tokens
@@ -66,7 +66,6 @@ class Generation(StreamResults):
                                       grammar=grammar, json_schema=json_schema, sampling=sampling)
         if draft is None and ctx._backend_sampling_pays:
             self._stream.prefer_backend()
-        self.sampler = self._stream.chain
         self.max_tokens = max_tokens
         self.seq_id = seq_id
         self.context_shift = context_shift
@@ -94,11 +93,16 @@ class Generation(StreamResults):
     def finish_reason(self) -> FinishReason | None:
         return self._stream.finish_reason
 
+    @property
+    def sampler(self) -> SamplerChain:
+        """The sampler chain (for plain greedy decoding, built on first use: the loop needs none)."""
+        return self._stream.chain
+
     def __iter__(self) -> Iterator[TokenEvent]:
         if self._closed:
             raise ClosedError("this generation is closed")
         if self._iter is None:
-            self._iter = self._run()
+            self._iter = self._fused() if self._spec is None and self._stream.fusable else self._run()
         return self._iter
 
     def __next__(self) -> TokenEvent:
@@ -131,72 +135,82 @@ class Generation(StreamResults):
         kv.shift(self.seq_id, self.n_keep + n_discard, -1, -n_discard)
         return pos - n_discard
 
-    def _run(self) -> Iterator[TokenEvent]:
-        ctx = self.ctx
+    def _start(self, ctx: Context) -> tuple[Callable[[], None], npt.NDArray[np.int32]]:
+        """Claim ``ctx`` for this thread, attach the chain for backend sampling (or detach an earlier,
+        unfinished generation's) and evaluate the prompt; returns the claim's release and the prompt
+        evaluated. The stream is finished already when there is nothing to generate."""
         release = _claim(ctx)
         stream = self._stream
-        backend = stream.sampling == "backend"
         try:
-            # a chain attached by an earlier, unfinished generation on this sequence goes
-            ctx._attach_sampler(self.seq_id, stream.chain if backend else None)
-            yield from self._loop(ctx)
-        finally:
-            if backend:
-                ctx._detach_sampler(self.seq_id, stream.chain)
-            release()
-
-    def _loop(self, ctx: Context) -> Iterator[TokenEvent]:
-        prompt = self.prompt_tokens
-        if prompt.size >= ctx.n_ctx_seq:  # context_shift: keep the start and the most recent tokens
-            recent = ctx.n_ctx_seq // 2
-            prompt = np.concatenate([prompt[: self.n_keep], prompt[-(recent - self.n_keep):]])
-        # the whole prompt in one batch (n_batch allowing), as llama.cpp's tools decode it: a split changes
-        # the logits in their last digits, and near ties decide tokens
-        self.n_prompt_evaluated = ctx.evaluate(prompt, seq_id=self.seq_id, reuse_prefix=self._reuse)
-        pos = int(prompt.size)
-        stream = self._stream
+            ctx._attach_sampler(self.seq_id, stream.chain if stream.sampling == "backend" else None)
+            prompt = self.prompt_tokens
+            if prompt.size >= ctx.n_ctx_seq:  # context_shift: keep the start and the most recent tokens
+                recent = ctx.n_ctx_seq // 2
+                prompt = np.concatenate([prompt[: self.n_keep], prompt[-(recent - self.n_keep):]])
+            # the whole prompt in one batch (n_batch allowing), as llama.cpp's tools decode it: a split changes
+            # the logits in their last digits, and near ties decide tokens
+            self.n_prompt_evaluated = ctx.evaluate(prompt, seq_id=self.seq_id, reuse_prefix=self._reuse)
+        except BaseException:
+            self._end(ctx, release)
+            raise
         if stream.max_tokens == 0:
             stream.finish("length")
-            return
-        if self._spec is not None:
-            yield from self._speculative(ctx, prompt)
-            return
-        if stream.fusable:
-            yield from self._fused(ctx, pos)
-            return
-        tracker = ctx._seq_tokens
-        batch = self._one_token_batch()
-        tok_arr, pos_arr = batch.token, batch.pos
-        push, sample = stream.push, stream.sample
-        lock = ctx._lock
-        while True:
-            with lock:  # a close() from another thread cannot free the context mid-sample
-                ptr = ctx._ptr
-                if ptr is None:
-                    raise ClosedError("the context was closed during generation")
-                token = sample(ptr, -1)
-                ev = push(token, ptr, -1)
-            if ev is not None:
-                yield ev
-            if stream.finish_reason is not None:
-                break
-            if pos >= ctx.n_ctx_seq:
-                if not self.context_shift:
-                    stream.finish("context")
-                    break
-                pos = self._shift(pos)
-                tracker.forget(self.seq_id)
-            tok_arr[0] = token
-            pos_arr[0] = pos
-            if self._before_decode is not None:
-                self._before_decode()
-            ctx._decode(batch)
-            tracker.append(self.seq_id, token)
-            pos += 1
-        tail = stream.finish()
-        if tail is not None:
-            yield tail
+        return release, prompt
 
+    def _end(self, ctx: Context, release: Callable[[], None]) -> None:
+        try:
+            if self._stream.sampling == "backend":
+                ctx._detach_sampler(self.seq_id, self._stream._chain)
+        finally:
+            release()
+
+    def _run(self) -> Iterator[TokenEvent]:
+        """The token loop with a sampling call from Python per token (custom samplers, end-of-generation
+        masking), or speculative decoding."""
+        ctx = self.ctx
+        release, prompt = self._start(ctx)
+        try:
+            stream = self._stream
+            if stream.finish_reason is not None:
+                return
+            if self._spec is not None:
+                yield from self._speculative(ctx, prompt)
+                return
+            pos = int(prompt.size)
+            tracker = ctx._seq_tokens
+            batch = self._one_token_batch()
+            tok_arr, pos_arr = batch.token, batch.pos
+            push, sample = stream.push, stream.sample
+            lock = ctx._lock
+            while True:
+                with lock:  # a close() from another thread cannot free the context mid-sample
+                    ptr = ctx._ptr
+                    if ptr is None:
+                        raise ClosedError("the context was closed during generation")
+                    token = sample(ptr, -1)
+                    ev = push(token, ptr, -1)
+                if ev is not None:
+                    yield ev
+                if stream.finish_reason is not None:
+                    break
+                if pos >= ctx.n_ctx_seq:
+                    if not self.context_shift:
+                        stream.finish("context")
+                        break
+                    pos = self._shift(pos)
+                    tracker.forget(self.seq_id)
+                tok_arr[0] = token
+                pos_arr[0] = pos
+                if self._before_decode is not None:
+                    self._before_decode()
+                ctx._decode(batch)
+                tracker.append(self.seq_id, token)
+                pos += 1
+            tail = stream.finish()
+            if tail is not None:
+                yield tail
+        finally:
+            self._end(ctx, release)
 
     def _speculative(self, ctx: Context, prompt: npt.NDArray[np.int32]) -> Iterator[TokenEvent]:
         """The first token from the prompt's logits, then drafted-and-verified rounds (pyllama.speculative)."""
@@ -217,49 +231,50 @@ class Generation(StreamResults):
         if tail is not None:
             yield tail
 
-    def _fused(self, ctx: Context, pos: int) -> Iterator[TokenEvent]:
+    def _fused(self) -> Iterator[TokenEvent]:
         """The token loop with one C call per token (pyllama_step_next: decode, sample, EOG check, piece).
 
-        The first step samples from the prompt's logits; each later one first decodes the token before
-        (at ``pos`` on). Without stop strings or log-probabilities the event is made right here (the
-        common case, a few local operations per token); the context's record of what the sequence holds
-        asks for the decoded tokens when it is used (SeqTokens.follow).
+        The first step samples from the prompt's logits; each later one first decodes the token before.
+        Without stop strings or log-probabilities the event is made right here (the common case, a few
+        local operations per token); the context's record of what the sequence holds asks for the
+        decoded tokens when it is used (SeqTokens.follow). One generator from the claim to the release:
+        each level of ``yield from`` would cost every token a frame switch.
         """
+        ctx = self.ctx
+        release, prompt = self._start(ctx)
         stream = self._stream
-        s = ffi.new("pyllama_step *")
-        s.smpl = stream.chain._p()
-        s.vocab = stream._vocab_p
-        s.prev = -1
-        s.pos = pos
-        s.n_ctx_seq = ctx.n_ctx_seq
-        s.seq = seq_id = self.seq_id
-        s.greedy = 1 if stream._argmax else 0
-        s.n_vocab = ctx.n_vocab
-        s.lstrip = stream._decoder.take_lstrip()
-        s.st = ctx._arm_abort()  # re-armed in C before each decode (check_signals: this thread's)
-        step, unpack, piece = lib.pyllama_step_next, ffi.unpack, s.piece
-        fast = not stream.want_logprobs and not stream._stop.stops
-        limit = stream.max_tokens if stream.max_tokens is not None else -1
-        parts_append = stream._parts.append
-        lock = ctx._lock
-        acquire, release = lock.acquire, lock.release
-        before = self._before_decode
-        n = stream.n_generated
-        out = stream._gen
-        cap = out.size
         tracker = ctx._seq_tokens
-        recorded = pos  # tokens decoded before this position are in the tracker
-
-        def pending() -> tuple[int, npt.NDArray[np.int32]]:
-            nonlocal recorded
-            start, end = recorded, int(s.pos)
-            if end <= start:
-                return start, _NO_TOKENS
-            recorded = end
-            return start, stream._gen[start - pos: end - pos]
-
-        tracker.follow(seq_id, pending)
+        seq_id = self.seq_id
         try:
+            if stream.finish_reason is not None:
+                return
+            pos = int(prompt.size)
+            s = ffi.new("pyllama_step *")
+            # the abort state is re-armed in C before each decode (check_signals: this thread's); a
+            # generation continues its prompt, so no piece loses a leading space (lstrip 0)
+            lib.pyllama_step_init(s, ffi.NULL if stream._argmax else stream.chain._p(), stream._vocab_p,
+                                  ctx._arm_abort(), pos, ctx.n_ctx_seq, seq_id, stream._argmax, ctx.n_vocab, 0)
+            step, unpack, piece = lib.pyllama_step_next, ffi.unpack, s.piece
+            fast = not stream.want_logprobs and not stream._stop.stops
+            limit = stream.max_tokens if stream.max_tokens is not None else -1
+            parts_append = stream._parts.append
+            lock = ctx._lock
+            acquire, release_lock = lock.acquire, lock.release
+            before = self._before_decode
+            n = stream.n_generated
+            out = stream._gen
+            cap = out.size
+            recorded = pos  # tokens decoded before this position are in the tracker
+
+            def pending() -> tuple[int, npt.NDArray[np.int32]]:
+                nonlocal recorded
+                start, end = recorded, int(s.pos)
+                if end <= start:
+                    return start, _NO_TOKENS
+                recorded = end
+                return start, stream._gen[start - pos: end - pos]
+
+            tracker.follow(seq_id, pending)
             while True:
                 if before is not None:
                     before()
@@ -270,7 +285,7 @@ class Generation(StreamResults):
                         raise ClosedError("the context was closed during generation")
                     tok = step(ptr, s)
                 finally:
-                    release()
+                    release_lock()
                 if tok < 0:
                     if self._step_ends(ctx, s, tok):
                         break
@@ -298,13 +313,13 @@ class Generation(StreamResults):
                     yield TokenEvent(tok, text, n - 1)
                     break
                 yield TokenEvent(tok, text, n - 1)
+            # an incomplete character held back at the end becomes U+FFFD
+            tail = stream.finish(held=unpack(s.pending, s.n_pending) if s.n_pending else b"")
+            if tail is not None:
+                yield tail
         finally:
             tracker.unfollow(seq_id)
-        if s.n_pending:  # an incomplete character at the end: the stream's decoder flushes it (U+FFFD)
-            stream._decoder.decode_piece(unpack(s.pending, s.n_pending))
-        tail = stream.finish()
-        if tail is not None:
-            yield tail
+            self._end(ctx, release)
 
     def _step_ends(self, ctx: Context, s: Any, code: int) -> bool:
         """After a step that chose no token to emit: raise for a failure, finish at end of generation or a

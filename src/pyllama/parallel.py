@@ -141,7 +141,7 @@ def generate_parallel(ctx: Context, prompts: Sequence[Prompt], *, samplers: Sequ
     finally:
         for i, st in enumerate(streams):
             if st.sampling == "backend":
-                ctx._detach_sampler(i, st.chain)
+                ctx._detach_sampler(i, st._chain)
             st.close()
 
 

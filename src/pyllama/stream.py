@@ -20,6 +20,7 @@ import numpy.typing as npt
 
 from ._ffi import ffi, lib
 from .detokenize import StreamDecoder
+from .errors import ClosedError
 from .sampling import DEFAULT_SEED, Grammar, Greedy, Sampler, SamplerChain, default_chain
 
 if TYPE_CHECKING:
@@ -153,6 +154,16 @@ def build_chain(model: Model, sampler: SamplerArg, seed: int | None = None, *, g
     return SamplerChain(specs, model), True
 
 
+def _plain_greedy(sampler: SamplerArg, seed: int | None, grammar: str | None,
+                  json_schema: Mapping[str, Any] | str | None) -> bool:
+    """Whether :func:`build_chain` would build a plain greedy chain of its own."""
+    if grammar is not None or json_schema is not None or isinstance(sampler, SamplerChain):
+        return False
+    if sampler is None:
+        return seed is None
+    return len(sampler) == 1 and sampler[0] == Greedy()
+
+
 class StreamResults:
     """What a finished or running generation produced, read from its :class:`SequenceStream`
     (shared by :class:`pyllama.Generation` and the engine's requests)."""
@@ -180,9 +191,9 @@ class SequenceStream:
     ``top_logprobs`` (at most 20) the most likely alternatives.
     """
 
-    __slots__ = ("model", "chain", "own_chain", "max_tokens", "want_logprobs", "top_logprobs", "ignore_eos",
+    __slots__ = ("model", "_chain", "own_chain", "max_tokens", "want_logprobs", "top_logprobs", "ignore_eos",
                  "_stop", "_decoder", "_vocab_p", "_scratch", "_gen", "n_generated", "finish_reason", "_parts",
-                 "_argmax", "_greedy", "_eog_ids", "_n_vocab", "sampling")
+                 "_argmax", "_greedy", "_eog_ids", "_n_vocab", "sampling", "_closed")
 
     def __init__(self, model: Model, sampler: SamplerArg = None, *, seed: int | None = None,
                  max_tokens: int | None = 256, stop: Sequence[str] = (), logprobs: bool = False,
@@ -200,17 +211,22 @@ class SequenceStream:
         if isinstance(stop, str):
             stop = [stop]
         self.model = model
-        self.chain, self.own_chain = build_chain(model, sampler, seed, grammar=grammar, json_schema=json_schema)
-        # llama.cpp's greedy sampler builds a vocabulary-sized candidate array per
-        # token; argmax over the logits view picks the same token (first maximum).
-        self._greedy = self.chain.specs == (Greedy(),)
-        if getattr(self.chain, "_backend_bound", False):
+        self._closed = False
+        self._chain: SamplerChain | None
+        if _plain_greedy(sampler, seed, grammar, json_schema):
+            # built on first use (.chain): argmax and the fused step choose greedy tokens without it
+            self._chain, self.own_chain, self._greedy = None, True, True
+        else:
+            self._chain, self.own_chain = build_chain(model, sampler, seed, grammar=grammar, json_schema=json_schema)
+            # llama.cpp's greedy sampler builds a vocabulary-sized candidate array per
+            # token; argmax over the logits view picks the same token (first maximum).
+            self._greedy = self._chain.specs == (Greedy(),)
+        if getattr(self._chain, "_backend_bound", False):
             # llama.cpp's chain, once initialised for the graph, asserts when it samples on the host
             raise ValueError("this SamplerChain was attached for backend sampling once and can only be used there:"
                              " pass sampler specs (a list) so that each generation builds its own chain")
         if sampling == "argmax" and not self._greedy:
-            if self.own_chain:
-                self.chain.close()
+            self.close()
             raise ValueError("sampling='argmax' is greedy decoding: the chain must be [Greedy()]")
         self.sampling = sampling
         self._argmax = not ignore_eos and self._greedy and sampling in ("auto", "argmax")
@@ -220,7 +236,7 @@ class SequenceStream:
         self.ignore_eos = ignore_eos
         self._eog_ids: npt.NDArray[np.intp] | None = None
         self._stop = StopMatcher(stop)
-        self._decoder = StreamDecoder(model.vocab, lstrip_first=False)
+        self._decoder: StreamDecoder | None = None  # made by the first push (the fused step decodes in C)
         self._vocab_p = model.vocab._v()
         n_vocab = self._n_vocab = int(model.vocab.n_tokens)
         self._scratch = np.empty(n_vocab, dtype=np.float32) if (self.want_logprobs or ignore_eos) else None
@@ -228,6 +244,16 @@ class SequenceStream:
         self.n_generated = 0
         self.finish_reason: FinishReason | None = None
         self._parts: list[str] = []  # the emitted text, joined on demand (no copy of it per token)
+
+    @property
+    def chain(self) -> SamplerChain:
+        """The sampler chain (a plain greedy one is built here, on first use)."""
+        chain = self._chain
+        if chain is None:
+            if self._closed:
+                raise ClosedError("this generation is closed")
+            chain = self._chain = SamplerChain([Greedy()], self.model)
+        return chain
 
     @property
     def tokens(self) -> npt.NDArray[np.int32]:
@@ -246,8 +272,9 @@ class SequenceStream:
         return self.finish_reason is not None
 
     def close(self) -> None:
-        if self.own_chain:
-            self.chain.close()
+        self._closed = True
+        if self.own_chain and self._chain is not None:
+            self._chain.close()
 
     # --- per token ---------------------------------------------------------------------
     def sample(self, ctx_ptr: Any, row: int) -> int:
@@ -307,7 +334,10 @@ class SequenceStream:
         if not self.ignore_eos and lib.llama_vocab_is_eog(self._vocab_p, token):
             self.finish_reason = "eog"
             return None
-        return self.accept_text(token, self._decoder.push(token), ctx_ptr, row)
+        dec = self._decoder
+        if dec is None:  # a generation continues its prompt: no leading space is stripped
+            dec = self._decoder = StreamDecoder(self.model.vocab, lstrip_first=False)
+        return self.accept_text(token, dec.push(token), ctx_ptr, row)
 
     def prefer_backend(self) -> None:
         """Take "auto" to backend sampling when it can serve this stream: a plain greedy chain, no logprobs,
@@ -319,7 +349,7 @@ class SequenceStream:
     @property
     def fusable(self) -> bool:
         """Whether the fused C step can sample for this stream (no Python sampler, no EOG masking)."""
-        return not self.ignore_eos and not self.chain._has_custom
+        return not self.ignore_eos and (self._chain is None or not self._chain._has_custom)
 
     def accept_text(self, token: int, piece_text: str, ctx_ptr: Any = None, row: int = -1) -> TokenEvent | None:
         """:meth:`push` for a token known not to end generation whose text the caller decoded (the fused step)."""
@@ -343,13 +373,21 @@ class SequenceStream:
             return TokenEvent(token, text, n, logprob, top)
         return None
 
-    def finish(self, reason: FinishReason | None = None) -> TokenEvent | None:
-        """End the stream (``reason`` unless one is set already); returns the flush of held-back text."""
+    def finish(self, reason: FinishReason | None = None, *, held: bytes = b"") -> TokenEvent | None:
+        """End the stream (``reason`` unless one is set already); returns the flush of held-back text.
+
+        ``held``: the start of a character that the caller's own detokenization (the fused step) held
+        back at the end; it becomes U+FFFD, as the stream's incremental decoder would flush it.
+        """
         if self.finish_reason is None:
             self.finish_reason = reason or "length"
         if self.finish_reason == "stop":
             return None  # text from the stop string on is never emitted
-        tail = self._stop.flush() + self._decoder.flush()
+        tail = self._stop.flush()
+        if self._decoder is not None:
+            tail += self._decoder.flush()
+        if held:
+            tail += held.decode("utf-8", "replace")
         if tail:
             self._parts.append(tail)
             return TokenEvent(-1, tail, self.n_generated, None)

@@ -140,10 +140,13 @@ class Vocab:
 
     def check_tokens(self, tokens: TokenArray) -> None:
         """Raise TokenizationError unless every id is inside the vocabulary (vectorised)."""
-        # one reduction: a negative int32 read as uint32 is >= 2**31, past any vocabulary
-        if tokens.size and int(tokens.view(np.uint32).max()) >= self.n_tokens:
-            bad = tokens[(tokens < 0) | (tokens >= self.n_tokens)][0]
-            raise TokenizationError(f"token id {int(bad)} is outside the vocabulary [0, {self.n_tokens})")
+        if not tokens.size:
+            return
+        if tokens.dtype != np.int32 or not tokens.flags.c_contiguous:
+            tokens = as_tokens(tokens)
+        i = lib.pyllama_first_bad_token(ffi.from_buffer("llama_token[]", tokens), tokens.size, self.n_tokens)
+        if i >= 0:
+            raise TokenizationError(f"token id {int(tokens[i])} is outside the vocabulary [0, {self.n_tokens})")
 
     def is_eog(self, token: int) -> bool:
         """True for end-of-generation tokens (eos, eot, and the model's other stop tokens)."""

@@ -446,7 +446,7 @@ class _Core:
     def _release(self, slot: Slot) -> None:
         req = slot.request
         if req is not None and req._stream.sampling == "backend":
-            self.ctx._detach_sampler(slot.id, req._stream.chain)  # before the request frees its chain
+            self.ctx._detach_sampler(slot.id, req._stream._chain)  # before the request frees its chain
         slot.release()
         if slot in self.active:
             self.active.remove(slot)
