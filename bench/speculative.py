@@ -6,8 +6,9 @@ threads, context size and flash-attention setting everywhere):
     plain      pyllama.generate without a draft (the baseline)
     lookup     pyllama.generate(draft=Speculator(ctx, "ngram", n_max=D))
     llama-lookup                 examples/lookup from the same tree (--spec-draft-n-max D)
-and with ``--target`` (a larger model of the starter's vocabulary: ``--make-target q8_0`` writes
-the starter requantised to Q8_0 through llama_model_quantize), the starter as the draft model:
+and with ``--target`` (a larger model of the starter's vocabulary: ``--make-target f16`` writes
+the starter converted to F16 through llama_model_quantize; a Q8_0 copy decodes faster than the
+Q4_K_M starter on AVX-512 CPUs, so it gains nothing from a draft), the starter as the draft model:
     target     pyllama.generate on the target, no draft
     draft      pyllama.generate(draft=Speculator(ctx, <starter>, n_max=D))
     llama-speculative-simple     -m TARGET -md STARTER --spec-draft-n-max D
@@ -17,7 +18,7 @@ over the time after the prompt's evaluation. pyllama's text must equal what the
 native program printed (greedy decoding is deterministic); the table says so.
 
     python bench/native.py                          # builds llama-lookup, llama-speculative-simple
-    python bench/speculative.py [-t 2] [-n 256] [-d 8] [--rounds 5] [--make-target q8_0]
+    python bench/speculative.py [-t 2] [-n 256] [-d 8] [--rounds 5] [--make-target f16]
 """
 
 from __future__ import annotations
@@ -76,6 +77,13 @@ def quantize(src: Path, dst: Path, ftype: str) -> Path:
     return dst
 
 
+def native_args(threads: int, n_ctx: int, n_predict: int, draft_max: int) -> list[str]:
+    """The llama.cpp programs' options for pyllama's settings: greedy, same threads, context and draft size."""
+    t = str(threads)
+    return ["-t", t, "-tb", t, "-c", str(n_ctx), "-n", str(n_predict), "--temp", "0", "--seed", "1",
+            "--spec-draft-n-max", str(draft_max)]
+
+
 def run_native(cmd: list[str]) -> dict[str, Any]:
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if r.returncode != 0:
@@ -122,8 +130,7 @@ def main() -> int:
         target = quantize(small, Path(tempfile.gettempdir()) / f"pyllama-spec-target-{args.make_target}.gguf",
                           args.make_target)
     t, n, d, c = args.threads, args.n_predict, args.draft_max, args.ctx_size
-    common = ["-t", str(t), "-tb", str(t), "-c", str(c), "-n", str(n), "--temp", "0", "--seed", "1",
-              "--spec-draft-n-max", str(d)]
+    common = native_args(t, c, n, d)
     results: dict[str, list[dict[str, Any]]] = {}
     arms: list[tuple[str, Callable[[], dict[str, Any]]]] = []
     keep: list[Any] = []

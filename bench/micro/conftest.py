@@ -63,13 +63,38 @@ def starter_model(starter_path: Path) -> Iterator[pyllama.Model]:
         yield m
 
 
-def load_bench_native() -> Any:
-    spec = importlib.util.spec_from_file_location("bench_native", ROOT / "bench" / "native.py")
+@pytest.fixture(scope="session")
+def starter_as_native(starter_path: Path) -> Iterator[pyllama.Model]:
+    """The starter loaded with llama.cpp's defaults (weights repacked for the CPU where the build can), as
+    the native programs load it: for the benchmarks that compare whole generations with them."""
+    with pyllama.Model(starter_path) as m:
+        yield m
+
+
+def load_bench(name: str) -> Any:
+    """A script of bench/ as a module (bench_<name>: no clash with pyllama's own module names)."""
+    key = f"bench_{name}"
+    if key in sys.modules:
+        return sys.modules[key]
+    sys.path.insert(0, str(ROOT / "bench"))  # the scripts import bench/native.py as ``native``
+    spec = importlib.util.spec_from_file_location(key, ROOT / "bench" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
+    sys.modules[key] = mod
     spec.loader.exec_module(mod)
     return mod
+
+
+def load_bench_native() -> Any:
+    return load_bench("native")
+
+
+def native_tool_or_skip(name: str) -> Path:
+    """A llama.cpp program built by bench/native.py from the vendored tree; skips the benchmark without one."""
+    try:
+        return Path(load_bench_native().native_tool(name))
+    except Exception as exc:  # noqa: BLE001 - no native build here: nothing to compare against
+        pytest.skip(f"{name} unavailable ({exc}); build it with: python bench/native.py")
 
 
 def native_tg_us_per_token(model_path: Path, n: int, threads: int) -> float | None:
