@@ -171,6 +171,32 @@ def test_parallel_sequences_match_sequential(model: pyllama.Model) -> None:
         assert res.finish_reason == "length"
 
 
+def test_parallel_sequences_that_finish_early_leave_the_others_exact(model: pyllama.Model) -> None:
+    # stop strings that end sequences 0 and 2 midway: the batch shrinks while 1 and 3 go on
+    prompts = ["Hello world", "Le café est", "Die Größe", "the cat sat on"]
+
+    def alone(prompt: str, stop: list[str]) -> tuple[list[int], str, str | None]:
+        with model.context(n_ctx=256) as ctx, pyllama.generate(ctx, prompt, max_tokens=16, stop=stop) as gen:
+            for _ in gen:
+                pass
+        return gen.tokens.tolist(), gen.text, gen.finish_reason  # the ids include the stop's last token
+
+    texts = [alone(p, [])[1] for p in prompts]
+    stop = []
+    for k in (0, 2):
+        text = texts[k]
+        cuts = [text[i:i + 3] for i in range(len(text) // 3, len(text) - 3)]
+        stop.append(next(c for c in cuts if c.strip() and not any(c in t for j, t in enumerate(texts) if j != k)))
+    with model.context(n_ctx=1024, n_seq_max=len(prompts)) as ctx:
+        results = pyllama.generate_parallel_tokens(ctx, prompts, max_tokens=16, stop=stop)
+    reasons = []
+    for prompt, res in zip(prompts, results):
+        toks, text, reason = alone(prompt, stop)
+        assert (res.tokens, res.text, res.finish_reason) == (toks, text, reason), prompt
+        reasons.append(reason)
+    assert reasons[0] == reasons[2] == "stop" and reasons[1] == reasons[3] == "length"
+
+
 def test_parallel_prompts_share_batches_across_chunk_boundaries(model: pyllama.Model) -> None:
     # n_batch 8: prompts of 3..20 tokens are prefilled together, split across decodes mid-prompt
     prompts = ["Hello world the cat and the dog and the cat sat", "a b", "Le café est très bon et chaud",

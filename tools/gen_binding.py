@@ -409,6 +409,22 @@ void pyllama_batch_add_seq(struct llama_batch * b, const llama_token * toks, int
     }
     b->n_tokens = start + n;
 }
+
+/* One decoding step of parallel sequences: the next token of each sequence live[0..n) at its position,
+   one row each with logits, the positions advanced (generate_parallel; one call instead of a handful of
+   numpy operations, each slow right after a decode has pushed Python's data out of the caches). */
+void pyllama_batch_step_rows(struct llama_batch * b, const llama_token * next, llama_pos * pos,
+                             const int32_t * live, int32_t n) {
+    for (int32_t r = 0; r < n; ++r) {
+        int32_t i = live[r];
+        b->token[r] = next[i];
+        b->pos[r] = pos[i]++;
+        b->n_seq_id[r] = 1;
+        b->seq_id[r][0] = i;
+        b->logits[r] = 1;
+    }
+    b->n_tokens = n;
+}
 """
 
 C_CDEF = """
@@ -430,6 +446,8 @@ void pyllama_step_init(pyllama_step * s, struct llama_sampler * smpl, const stru
 int64_t pyllama_first_bad_token(const llama_token * toks, int64_t n, int32_t n_vocab);
 void pyllama_batch_add_seq(struct llama_batch * b, const llama_token * toks, int32_t n, llama_pos pos0,
                            llama_seq_id seq, int32_t logits);
+void pyllama_batch_step_rows(struct llama_batch * b, const llama_token * next, llama_pos * pos,
+                             const int32_t * live, int32_t n);
 
 extern "Python" void _pyllama_log(enum ggml_log_level, const char *, void *);
 extern "Python" bool _pyllama_progress(float, void *);
