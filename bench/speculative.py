@@ -77,11 +77,32 @@ def quantize(src: Path, dst: Path, ftype: str) -> Path:
     return dst
 
 
-def native_args(threads: int, n_ctx: int, n_predict: int, draft_max: int) -> list[str]:
-    """The llama.cpp programs' options for pyllama's settings: greedy, same threads, context and draft size."""
+def _native_args(threads: int, n_ctx: int, n_predict: int, draft_max: int) -> list[str]:
+    # pyllama's settings: greedy, the same threads, context and draft size
     t = str(threads)
     return ["-t", t, "-tb", t, "-c", str(n_ctx), "-n", str(n_predict), "--temp", "0", "--seed", "1",
             "--spec-draft-n-max", str(draft_max)]
+
+
+def lookup_command(model: Path, prompt_file: Path, threads: int, n_ctx: int, n_predict: int,
+                   draft_max: int) -> list[str]:
+    """llama-lookup on ``prompt_file`` with pyllama's settings."""
+    return [str(native_tool("llama-lookup")), "-m", str(model), "-f", str(prompt_file),
+            *_native_args(threads, n_ctx, n_predict, draft_max)]
+
+
+def speculative_simple_command(target: Path, draft: Path, prompt_file: Path, threads: int, n_ctx: int,
+                               n_predict: int, draft_max: int) -> list[str]:
+    """llama-speculative-simple (``draft`` drafting for ``target``) on ``prompt_file`` with pyllama's settings."""
+    t = str(threads)
+    return [str(native_tool("llama-speculative-simple")), "-m", str(target), "-md", str(draft),
+            "--spec-type", "draft-simple", "-td", t, "-tbd", t, "-f", str(prompt_file),
+            *_native_args(threads, n_ctx, n_predict, draft_max)]
+
+
+def same_text(pyllama_text: str, native_output: str) -> bool:
+    """Whether a llama.cpp program printed pyllama's text (it echoes the prompt and may run a token longer)."""
+    return pyllama_text.strip()[:200] in native_output
 
 
 def run_native(cmd: list[str]) -> dict[str, Any]:
@@ -130,7 +151,6 @@ def main() -> int:
         target = quantize(small, Path(tempfile.gettempdir()) / f"pyllama-spec-target-{args.make_target}.gguf",
                           args.make_target)
     t, n, d, c = args.threads, args.n_predict, args.draft_max, args.ctx_size
-    common = native_args(t, c, n, d)
     results: dict[str, list[dict[str, Any]]] = {}
     arms: list[tuple[str, Callable[[], dict[str, Any]]]] = []
     keep: list[Any] = []
@@ -146,8 +166,7 @@ def main() -> int:
     # llama-lookup generates one token past -n: pyllama generates as many
     arms += [("plain", lambda: run_pyllama(ctx, prompt, n + 1, None)),
              ("lookup", lambda: run_pyllama(ctx, prompt, n + 1, lookup)),
-             ("llama-lookup", lambda: run_native([str(native_tool("llama-lookup")), "-m", str(small),
-                                                  "-f", str(pfile), *common]))]
+             ("llama-lookup", lambda: run_native(lookup_command(small, pfile, t, c, n, d)))]
     if target is not None:
         tmodel = pyllama.Model(target)
         tctx = tmodel.context(**cp)
@@ -156,8 +175,7 @@ def main() -> int:
         arms += [("target", lambda: run_pyllama(tctx, prompt, n + 1, None)),
                  ("draft", lambda: run_pyllama(tctx, prompt, n + 1, dspec)),
                  ("llama-speculative-simple", lambda: run_native(
-                     [str(native_tool("llama-speculative-simple")), "-m", str(target), "-md", str(small), "--spec-type", "draft-simple",
-                      "-td", str(t), "-tbd", str(t), "-f", str(pfile), *common]))]
+                     speculative_simple_command(target, small, pfile, t, c, n, d)))]
     for name, fn in arms:  # warm-up: page cache, first-use allocations
         fn()
     for _ in range(args.rounds):
@@ -177,8 +195,7 @@ def main() -> int:
         print(line)
 
     def same(py: str, nat: str) -> bool:
-        text = results[py][-1]["text"]
-        return text.strip()[:200] in results[nat][-1]["text"]
+        return same_text(results[py][-1]["text"], results[nat][-1]["text"])
 
     print(f"  lookup / plain              {med('lookup') / med('plain'):.3f}")
     print(f"  lookup / llama-lookup       {med('lookup') / med('llama-lookup'):.3f}"

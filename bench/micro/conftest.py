@@ -85,14 +85,10 @@ def load_bench(name: str) -> Any:
     return mod
 
 
-def load_bench_native() -> Any:
-    return load_bench("native")
-
-
 def native_tool_or_skip(name: str) -> Path:
     """A llama.cpp program built by bench/native.py from the vendored tree; skips the benchmark without one."""
     try:
-        return Path(load_bench_native().native_tool(name))
+        return Path(load_bench("native").native_tool(name))
     except Exception as exc:  # noqa: BLE001 - no native build here: nothing to compare against
         pytest.skip(f"{name} unavailable ({exc}); build it with: python bench/native.py")
 
@@ -100,7 +96,7 @@ def native_tool_or_skip(name: str) -> Path:
 def native_tg_us_per_token(model_path: Path, n: int, threads: int) -> float | None:
     """llama-bench's own generation loop (``-p 0 -n N``): µs per token, median of 10 repetitions."""
     try:
-        exe = load_bench_native().native_tool("llama-bench")
+        exe = load_bench("native").native_tool("llama-bench")
     except Exception as exc:  # noqa: BLE001 - no native tool: the comparison is left out
         SUMMARY.append(f"native llama-bench unavailable: {exc}")
         return None

@@ -51,7 +51,7 @@ def _context(model: pyllama.Model) -> pyllama.Context:
     return model.context(n_ctx=N_CTX, n_threads=THREADS, n_threads_batch=THREADS, flash_attn="auto")
 
 
-def _compare(benchmark: Any, label: str, native_name: str, native: Callable[[], dict[str, Any]],
+def _compare(benchmark: Any, spec: Any, label: str, native_name: str, native: Callable[[], dict[str, Any]],
              plain: Callable[[], dict[str, Any]], speculative: Callable[[], dict[str, Any]]) -> None:
     rounds: dict[str, list[dict[str, Any]]] = {"native": [], "plain": [], "spec": []}
 
@@ -69,7 +69,7 @@ def _compare(benchmark: Any, label: str, native_name: str, native: Callable[[], 
     benchmark.pedantic(timed, setup=setup, rounds=ROUNDS, iterations=1)
     text = rounds["plain"][-1]["text"]
     assert all(r["text"] == text for r in rounds["spec"]), "speculative output differs from plain greedy"
-    assert text.strip()[:200] in rounds["native"][-1]["text"], f"{native_name} printed another text"
+    assert spec.same_text(text, rounds["native"][-1]["text"]), f"{native_name} printed another text"
 
     def tps(arm: str) -> list[float]:
         return [r["tps"] for r in rounds[arm]]
@@ -99,29 +99,26 @@ def _spread(ratios: list[float]) -> str:
 
 def test_speculative_ngram(benchmark: Any, spec: Any, starter_path: Path, starter_as_native: pyllama.Model,
                            prompt_file: tuple[str, Path]) -> None:
-    exe = native_tool_or_skip("llama-lookup")
+    native_tool_or_skip("llama-lookup")
     prompt, path = prompt_file
-    args = spec.native_args(THREADS, N_CTX, N_PREDICT, DRAFT_MAX)
+    cmd = spec.lookup_command(starter_path, path, THREADS, N_CTX, N_PREDICT, DRAFT_MAX)
     with _context(starter_as_native) as ctx, pyllama.Speculator(ctx, "ngram", n_max=DRAFT_MAX) as lookup:
         # llama-lookup generates one token past -n: pyllama generates as many
-        _compare(benchmark, "n-gram lookup", "llama-lookup",
-                 lambda: spec.run_native([str(exe), "-m", str(starter_path), "-f", str(path), *args]),
+        _compare(benchmark, spec, "n-gram lookup", "llama-lookup",
+                 lambda: spec.run_native(cmd),
                  lambda: spec.run_pyllama(ctx, prompt, N_PREDICT + 1, None),
                  lambda: spec.run_pyllama(ctx, prompt, N_PREDICT + 1, lookup))
 
 
 def test_speculative_draft_model(benchmark: Any, spec: Any, starter_path: Path, starter_as_native: pyllama.Model,
                                  prompt_file: tuple[str, Path], tmp_path_factory: pytest.TempPathFactory) -> None:
-    exe = native_tool_or_skip("llama-speculative-simple")
+    native_tool_or_skip("llama-speculative-simple")
     prompt, path = prompt_file
     target_path = spec.quantize(starter_path, tmp_path_factory.mktemp("target") / "starter-f16.gguf", "f16")
-    t = str(THREADS)
-    args = spec.native_args(THREADS, N_CTX, N_PREDICT, DRAFT_MAX)
+    cmd = spec.speculative_simple_command(target_path, starter_path, path, THREADS, N_CTX, N_PREDICT, DRAFT_MAX)
     with pyllama.Model(target_path) as target, _context(target) as ctx, \
             pyllama.Speculator(ctx, starter_as_native, n_max=DRAFT_MAX) as draft:
-        _compare(benchmark, "draft model", "llama-speculative-simple",
-                 lambda: spec.run_native([str(exe), "-m", str(target_path), "-md", str(starter_path),
-                                          "--spec-type", "draft-simple", "-td", t, "-tbd", t, "-f", str(path),
-                                          *args]),
+        _compare(benchmark, spec, "draft model", "llama-speculative-simple",
+                 lambda: spec.run_native(cmd),
                  lambda: spec.run_pyllama(ctx, prompt, N_PREDICT + 1, None),
                  lambda: spec.run_pyllama(ctx, prompt, N_PREDICT + 1, draft))

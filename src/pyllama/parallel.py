@@ -107,7 +107,7 @@ def generate_parallel(ctx: Context, prompts: Sequence[Prompt], *, samplers: Sequ
         batch = Batch(n)
         # each step's batch in one C call (next tokens, positions advanced): right after a decode has
         # pushed Python's data out of the caches, the numpy operations it replaces took ~150 µs a step
-        step_rows, native = lib.pyllama_batch_step_rows, batch._struct
+        step_rows, batch_p = lib.pyllama_batch_step_rows, batch._struct
         pending_p, pos_p = ffi.from_buffer("llama_token[]", pending), ffi.from_buffer("llama_pos[]", pos)
         live_p = ffi.from_buffer("int32_t[]", live_ids)
         while live:
@@ -131,7 +131,7 @@ def generate_parallel(ctx: Context, prompts: Sequence[Prompt], *, samplers: Sequ
             live = still
             if not live:
                 break
-            step_rows(native, pending_p, pos_p, live_p, len(live))
+            step_rows(batch_p, pending_p, pos_p, live_p, len(live))
             ctx._decode(batch)
             for i in live:
                 ctx._seq_tokens.forget(i)
