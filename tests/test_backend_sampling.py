@@ -96,7 +96,7 @@ def test_bad_sampling_requests_are_refused(model: pyllama.Model) -> None:
 
 
 def test_lavapipe_before_mesa_25_is_refused_backend_sampling() -> None:
-    from pyllama.stream import LAVAPIPE_DRIVER_ID, driver_blocks_backend_sampling
+    from pyllama.backend_sampling import LAVAPIPE_DRIVER_ID, driver_blocks_backend_sampling
 
     for info in ("Mesa 22.3.6", "Mesa 24.3.4 (LLVM 19.1.7)", "Mesa 24.99.0-devel", None, "", "lavapipe"):
         reason = driver_blocks_backend_sampling(LAVAPIPE_DRIVER_ID, info)
@@ -110,7 +110,8 @@ def test_lavapipe_before_mesa_25_is_refused_backend_sampling() -> None:
 
 
 def test_auto_samples_in_the_graph_only_where_it_measured_faster(model: pyllama.Model) -> None:
-    from pyllama.stream import SequenceStream, backend_sampling_pays
+    from pyllama.backend_sampling import backend_sampling_pays
+    from pyllama.stream import SequenceStream
 
     assert backend_sampling_pays(["CUDA"], True)
     assert not backend_sampling_pays(["CUDA"], False)  # layers on the CPU: the CPU's scalar argmax

@@ -1,4 +1,5 @@
-"""``pyllama chat`` driven like a user drives it: through a pseudo-terminal, on the starter model.
+"""``pyllama chat`` driven like a user drives it: through a pseudo-terminal, on the chat starter model
+(SmolLM2-135M-Instruct, the default when no model is given).
 
 The pty tests start ``python -m pyllama chat`` as the session leader of a new
 pseudo-terminal (``pty.fork``), so Ctrl-C is a real ``\\x03`` keystroke that the
@@ -99,7 +100,7 @@ class Terminal:
 
 
 @pytest.fixture()
-def chat_env(starter_model_path: Path, tmp_path: Path) -> dict[str, str]:
+def chat_env(chat_starter_path: Path, tmp_path: Path) -> dict[str, str]:
     env = dict(os.environ)
     # A plain terminal: readline prints no colour or bracketed-paste escapes around the prompt.
     env.update(TERM="dumb", INPUTRC=os.devnull, HOME=str(tmp_path))
@@ -121,8 +122,16 @@ def _stat(term: Terminal) -> tuple[int, int, int]:
     return int(m.group(1)), int(m.group(2)), int(m.group(3))
 
 
+def _ask(term: Terminal, question: bytes) -> str:
+    """Type a question; the answer is what comes between its echo and the -v statistics line."""
+    term.send(question + b"\r")
+    echo = term.expect(question)
+    stat = term.expect(STAT)
+    return term.buf[echo.end():stat.start()].decode("utf-8", "replace").strip()
+
+
 def test_two_turns_reuse_the_kv_cache_and_a_session_round_trips(chat_env: dict[str, str], tmp_path: Path) -> None:
-    with _chat(chat_env, "-n", "12") as term:  # no model given: the starter model
+    with _chat(chat_env, "-n", "12") as term:  # no model given: the chat starter
         term.expect(b"pyllama chat: ")
         term.expect(PROMPT)
         term.send(b"Name a colour.\r")
@@ -183,8 +192,25 @@ def test_ctrl_c_stops_an_answer_and_the_next_prompt_works(chat_env: dict[str, st
         assert term.wait() == 0
 
 
-def test_non_interactive(starter_model_path: Path) -> None:
-    base = [sys.executable, "-m", "pyllama", "chat", str(starter_model_path), *COMMON, "-n", "8"]
+def test_the_chat_starter_answers_a_question(chat_env: dict[str, str]) -> None:
+    # Greedy, so the answer is always the same. The system prompt is the user's: under the default one its
+    # template adds ("You are a helpful AI assistant named SmolLM, ...") the 135M model answers this question
+    # with a list of French words.
+    with _chat(chat_env, "-n", "48", "-s", "You are a helpful assistant.") as term:
+        term.expect(b"pyllama chat: ")
+        term.expect(PROMPT)
+        answer = _ask(term, b"What is the capital of France?")
+        assert "Paris" in answer, answer
+        term.expect(PROMPT)
+        answer = _ask(term, b"What is 2+2? Answer briefly.")
+        assert "4" in answer, answer
+        term.expect(PROMPT)
+        term.send(b"/exit\r")
+        assert term.wait() == 0
+
+
+def test_non_interactive(chat_starter_path: Path) -> None:
+    base = [sys.executable, "-m", "pyllama", "chat", str(chat_starter_path), *COMMON, "-n", "8"]
     two = subprocess.run([*base, "-p", "Name a colour.", "-p", "Another one?"], capture_output=True, text=True,
                          stdin=subprocess.DEVNULL, timeout=300)
     assert two.returncode == 0, two.stderr

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import pyllama
-from pyllama.context import MAX_THREADS
+from pyllama.context_params import MAX_THREADS
 
 PROMPT = "Hello world, the people of the world"
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import pyllama
-from pyllama import sampling as S
+from pyllama import samplers as S
 
 
 
@@ -53,7 +53,7 @@ def test_candidates_are_a_zero_copy_view(model: pyllama.Model) -> None:
     with model.context(n_ctx=256) as ctx:
         toks = _tokens(ctx, [Probe(), pyllama.Greedy()], n=3)
     assert toks == [300, 300, 300]
-    assert seen["n"] == model.vocab.n_tokens and seen["dtype"] == pyllama.sampling.TOKEN_DATA
+    assert seen["n"] == model.vocab.n_tokens and seen["dtype"] == pyllama.samplers.TOKEN_DATA
 
 
 def test_custom_sampler_error_is_raised_not_crashing(model: pyllama.Model) -> None:

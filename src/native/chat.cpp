@@ -12,6 +12,8 @@
 // /v1/chat/completions (tools/server/server-common.cpp,
 // oaicompat_chat_params_parse, and the parse of the output in server-task.cpp).
 
+#include "pyllama_common.h"
+
 #include "chat.h"
 #include "common.h"
 #include "json-schema-to-grammar.h"
@@ -29,12 +31,6 @@
 #include <stdexcept>
 #include <string>
 #include <utility>
-
-#if defined(_WIN32)
-#    define PYLLAMA_CHAT_API extern "C" __declspec(dllexport)
-#else
-#    define PYLLAMA_CHAT_API extern "C" __attribute__((visibility("default")))
-#endif
 
 using ojson = nlohmann::ordered_json;
 
@@ -210,15 +206,15 @@ struct parser_state {
 
 }  // namespace
 
-PYLLAMA_CHAT_API void pyllama_free_string(char * s) {
+PYLLAMA_COMMON_API void pyllama_free_string(char * s) {
     std::free(s);
 }
 
 // The chat templates of a model (or of an explicit Jinja template, when
 // template_override is a non-empty string). NULL on failure, with *error set
 // to an error JSON the caller frees.
-PYLLAMA_CHAT_API common_chat_templates * pyllama_chat_templates_init(const llama_model * model,
-                                                                     const char * template_override, char ** error) {
+PYLLAMA_COMMON_API common_chat_templates * pyllama_chat_templates_init(const llama_model * model,
+                                                                       const char * template_override, char ** error) {
     *error = nullptr;
     common_chat_templates * out = nullptr;
     char * err = guarded("pyllama_chat_templates_init", [&]() -> char * {
@@ -233,12 +229,12 @@ PYLLAMA_CHAT_API common_chat_templates * pyllama_chat_templates_init(const llama
     return out;
 }
 
-PYLLAMA_CHAT_API void pyllama_chat_templates_free(common_chat_templates * tmpls) {
+PYLLAMA_COMMON_API void pyllama_chat_templates_free(common_chat_templates * tmpls) {
     common_chat_templates_free(tmpls);
 }
 
 // {"source", "tool_use_source", "explicit", "caps": {...}, "supports_enable_thinking"}
-PYLLAMA_CHAT_API char * pyllama_chat_templates_info(const common_chat_templates * tmpls) {
+PYLLAMA_COMMON_API char * pyllama_chat_templates_info(const common_chat_templates * tmpls) {
     return guarded("pyllama_chat_templates_info", [&]() -> char * {
         ojson caps = ojson::object();
         for (const auto & kv : common_chat_templates_get_caps(tmpls)) {
@@ -273,7 +269,7 @@ PYLLAMA_CHAT_API char * pyllama_chat_templates_info(const common_chat_templates 
 // preserved_tokens, additional_stops, format, generation_prompt,
 // supports_thinking, thinking_start_tag, thinking_end_tags, and parser_state
 // (opaque text for pyllama_chat_parse).
-PYLLAMA_CHAT_API char * pyllama_chat_apply(const common_chat_templates * tmpls, const char * request) {
+PYLLAMA_COMMON_API char * pyllama_chat_apply(const common_chat_templates * tmpls, const char * request) {
     return guarded("pyllama_chat_apply", [&]() -> char * {
         const ojson req = parse_request(request);
         if (!req.contains("messages")) {
@@ -327,8 +323,8 @@ PYLLAMA_CHAT_API char * pyllama_chat_apply(const common_chat_templates * tmpls, 
 // Parses generated text (without the prompt) into an OpenAI assistant message:
 // {"role", "content", "reasoning_content", "tool_calls": [{"id", "name", "arguments"}]}.
 // With partial, the text may stop anywhere (streaming).
-PYLLAMA_CHAT_API char * pyllama_chat_parse(const char * parser_state_json, const char * text, size_t n_text,
-                                           bool partial) {
+PYLLAMA_COMMON_API char * pyllama_chat_parse(const char * parser_state_json, const char * text, size_t n_text,
+                                             bool partial) {
     return guarded("pyllama_chat_parse", [&]() -> char * {
         if (parser_state_json == nullptr || (text == nullptr && n_text > 0)) {
             throw request_error("no parser state or text");
@@ -375,7 +371,7 @@ PYLLAMA_CHAT_API char * pyllama_chat_parse(const char * parser_state_json, const
 }
 
 // {"grammar": GBNF} for a JSON schema (JSON text).
-PYLLAMA_CHAT_API char * pyllama_json_schema_to_grammar(const char * schema_json) {
+PYLLAMA_COMMON_API char * pyllama_json_schema_to_grammar(const char * schema_json) {
     return guarded("pyllama_json_schema_to_grammar", [&]() -> char * {
         if (schema_json == nullptr) {
             throw request_error("no schema");
@@ -401,8 +397,8 @@ PYLLAMA_CHAT_API char * pyllama_json_schema_to_grammar(const char * schema_json)
 // not generate (the generation prompt already in the prompt), as
 // common_sampler_init does. llama_sampler_accept throws on a token the grammar
 // rejects; here that becomes {"error": ...} instead of an abort. {} on success.
-PYLLAMA_CHAT_API char * pyllama_grammar_accept_text(llama_sampler * smpl, const llama_vocab * vocab,
-                                                    const char * text) {
+PYLLAMA_COMMON_API char * pyllama_grammar_accept_text(llama_sampler * smpl, const llama_vocab * vocab,
+                                                      const char * text) {
     return guarded("pyllama_grammar_accept_text", [&]() -> char * {
         if (smpl == nullptr || vocab == nullptr || text == nullptr) {
             throw request_error("no sampler, vocabulary or text");

@@ -2,18 +2,14 @@
 // common/common.cpp: physical cores, no SMT siblings, no efficiency cores on
 // hybrid x86 CPUs), behind a C entry point of libpyllama-common.
 
+#include "pyllama_common.h"
+
 #include "common.h"
 
 #include <cstdint>
 
-#if defined(_WIN32)
-#    define PYLLAMA_CPU_API extern "C" __declspec(dllexport)
-#else
-#    define PYLLAMA_CPU_API extern "C" __attribute__((visibility("default")))
-#endif
-
 // The number of CPUs useful for math, as llama.cpp's tools default to; -1 on error.
-PYLLAMA_CPU_API int32_t pyllama_cpu_get_num_math(void) {
+PYLLAMA_COMMON_API int32_t pyllama_cpu_get_num_math(void) {
     try {
         return common_cpu_get_num_math();
     } catch (...) {

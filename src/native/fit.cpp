@@ -4,6 +4,8 @@
 // fit.cpp logs through common/log.h, which src/native/log.cpp implements on
 // llama.cpp's current logger (pyllama routes it to Python's `logging`).
 
+#include "pyllama_common.h"
+
 #include "fit.h"
 #include "json.h"
 #include "log.h"
@@ -12,19 +14,13 @@
 #include <exception>
 #include <string>
 
-#if defined(_WIN32)
-#    define PYLLAMA_FIT_API extern "C" __declspec(dllexport)
-#else
-#    define PYLLAMA_FIT_API extern "C" __attribute__((visibility("default")))
-#endif
-
 // common_fit_params with C linkage and no exception crossing the boundary.
 // Returns common_params_fit_status (0 fitted or nothing to change, 1 could not
 // fit, 2 error). Buffers and their sizes as documented in fit.h.
-PYLLAMA_FIT_API int32_t pyllama_fit_params(const char * path_model, llama_model_params * mparams,
-                                           llama_context_params * cparams, float * tensor_split,
-                                           llama_model_tensor_buft_override * tensor_buft_overrides,
-                                           size_t * margins, uint32_t n_ctx_min, int32_t log_level) {
+PYLLAMA_COMMON_API int32_t pyllama_fit_params(const char * path_model, llama_model_params * mparams,
+                                              llama_context_params * cparams, float * tensor_split,
+                                              llama_model_tensor_buft_override * tensor_buft_overrides,
+                                              size_t * margins, uint32_t n_ctx_min, int32_t log_level) {
     try {
         return (int32_t) common_fit_params(path_model, mparams, cparams, tensor_split, tensor_buft_overrides,
                                            margins, n_ctx_min, nullptr, (ggml_log_level) log_level);
@@ -40,9 +36,9 @@ PYLLAMA_FIT_API int32_t pyllama_fit_params(const char * path_model, llama_model_
 // device and then the host: 5 int64 per row (total, free, model, context,
 // compute bytes) and the row's device (NULL for the host row). Returns the
 // number of rows written (at most max_rows), or -1.
-PYLLAMA_FIT_API int32_t pyllama_fit_memory(const char * path_model, const llama_model_params * mparams,
-                                           const llama_context_params * cparams, int64_t * out,
-                                           ggml_backend_dev_t * devices, int32_t max_rows, int32_t log_level) {
+PYLLAMA_COMMON_API int32_t pyllama_fit_memory(const char * path_model, const llama_model_params * mparams,
+                                              const llama_context_params * cparams, int64_t * out,
+                                              ggml_backend_dev_t * devices, int32_t max_rows, int32_t log_level) {
     try {
         std::vector<ggml_backend_dev_t> devs;
         uint32_t n_layer = 0, n_ctx_train = 0, n_expert = 0;

@@ -9,6 +9,8 @@
 // (each is caught, its message kept for pyllama_spec_error()), and every
 // argument llama.cpp would assert on is checked first.
 
+#include "pyllama_common.h"
+
 #include "common.h"
 #include "llama.h"
 #include "ngram-cache.h"
@@ -23,12 +25,6 @@
 #include <stdexcept>
 #include <string>
 #include <vector>
-
-#if defined(_WIN32)
-#    define PYLLAMA_SPEC_API extern "C" __declspec(dllexport)
-#else
-#    define PYLLAMA_SPEC_API extern "C" __attribute__((visibility("default")))
-#endif
 
 // The most tokens one draft may hold: llama.cpp counts accepted tokens in a uint16_t.
 static constexpr int32_t PYLLAMA_SPEC_N_MAX = 1024;
@@ -85,8 +81,8 @@ template <typename T> static T get_or(const nlohmann::json & j, const char * key
 //    "ngram_mod_n_match": 24, "ngram_mod_n_min": 48, "ngram_mod_n_max": 64}
 // draft-simple needs ctx_dft (a context of the draft model with n_seq sequences).
 // NULL on failure (pyllama_spec_error() says why).
-PYLLAMA_SPEC_API pyllama_spec * pyllama_spec_init(const char * config, llama_context * ctx_tgt,
-                                                  llama_context * ctx_dft, uint32_t n_seq) {
+PYLLAMA_COMMON_API pyllama_spec * pyllama_spec_init(const char * config, llama_context * ctx_tgt,
+                                                    llama_context * ctx_dft, uint32_t n_seq) {
     pyllama_spec * out = nullptr;
     const int32_t rc = guarded([&]() -> int32_t {
         if (config == nullptr || ctx_tgt == nullptr) {
@@ -170,7 +166,7 @@ PYLLAMA_SPEC_API pyllama_spec * pyllama_spec_init(const char * config, llama_con
     return rc == 0 ? out : nullptr;
 }
 
-PYLLAMA_SPEC_API void pyllama_spec_free(pyllama_spec * s) {
+PYLLAMA_COMMON_API void pyllama_spec_free(pyllama_spec * s) {
     if (s != nullptr) {
         common_speculative_free(s->spec);
         delete s;
@@ -178,8 +174,8 @@ PYLLAMA_SPEC_API void pyllama_spec_free(pyllama_spec * s) {
 }
 
 // Start a generation of sequence seq_id whose context holds prompt[0, n_prompt).
-PYLLAMA_SPEC_API int32_t pyllama_spec_begin(pyllama_spec * s, int32_t seq_id, const llama_token * prompt,
-                                            int32_t n_prompt) {
+PYLLAMA_COMMON_API int32_t pyllama_spec_begin(pyllama_spec * s, int32_t seq_id, const llama_token * prompt,
+                                              int32_t n_prompt) {
     return guarded([&]() -> int32_t {
         if (seq_id < 0 || (uint32_t) seq_id >= s->n_seq || n_prompt < 0) {
             return fail("seq_id or prompt length out of range");
@@ -198,9 +194,9 @@ PYLLAMA_SPEC_API int32_t pyllama_spec_begin(pyllama_spec * s, int32_t seq_id, co
 // history[0, n_history) (the tokens the target context holds for seq_id). Writes
 // them to out (room for cap) and returns how many, or -1 on failure. A draft
 // model's context is left holding history only.
-PYLLAMA_SPEC_API int32_t pyllama_spec_draft(pyllama_spec * s, int32_t seq_id, const llama_token * history,
-                                            int32_t n_history, llama_token id_last, int32_t n_max,
-                                            llama_token * out, int32_t cap) {
+PYLLAMA_COMMON_API int32_t pyllama_spec_draft(pyllama_spec * s, int32_t seq_id, const llama_token * history,
+                                              int32_t n_history, llama_token id_last, int32_t n_max,
+                                              llama_token * out, int32_t cap) {
     return guarded([&]() -> int32_t {
         if (seq_id < 0 || (uint32_t) seq_id >= s->n_seq || n_history < 0 || n_max < 0 || cap < n_max) {
             return fail("seq_id, history length or draft size out of range");
@@ -253,8 +249,8 @@ PYLLAMA_SPEC_API int32_t pyllama_spec_draft(pyllama_spec * s, int32_t seq_id, co
 
 // The target has decoded tokens[0, n) of seq_id at positions pos0.. (the last
 // token and the draft): let the speculator see them (a draft model decodes them).
-PYLLAMA_SPEC_API int32_t pyllama_spec_process(pyllama_spec * s, int32_t seq_id, const llama_token * tokens,
-                                              int32_t n, llama_pos pos0) {
+PYLLAMA_COMMON_API int32_t pyllama_spec_process(pyllama_spec * s, int32_t seq_id, const llama_token * tokens,
+                                                int32_t n, llama_pos pos0) {
     return guarded([&]() -> int32_t {
         if (seq_id < 0 || (uint32_t) seq_id >= s->n_seq || n < 0 || n > PYLLAMA_SPEC_N_MAX + 1) {
             return fail("seq_id or batch size out of range");
@@ -271,7 +267,7 @@ PYLLAMA_SPEC_API int32_t pyllama_spec_process(pyllama_spec * s, int32_t seq_id, 
 }
 
 // n_accepted tokens of the last draft of seq_id were accepted.
-PYLLAMA_SPEC_API int32_t pyllama_spec_accept(pyllama_spec * s, int32_t seq_id, int32_t n_accepted) {
+PYLLAMA_COMMON_API int32_t pyllama_spec_accept(pyllama_spec * s, int32_t seq_id, int32_t n_accepted) {
     return guarded([&]() -> int32_t {
         if (seq_id < 0 || (uint32_t) seq_id >= s->n_seq) {
             return fail("seq_id out of range");
@@ -289,6 +285,6 @@ PYLLAMA_SPEC_API int32_t pyllama_spec_accept(pyllama_spec * s, int32_t seq_id, i
 }
 
 // The message of this thread's last failed pyllama_spec_* call.
-PYLLAMA_SPEC_API const char * pyllama_spec_error(void) {
+PYLLAMA_COMMON_API const char * pyllama_spec_error(void) {
     return g_spec_error.c_str();
 }

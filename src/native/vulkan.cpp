@@ -7,18 +7,14 @@
 // and fall back to the CPU, on a machine without one. Built with the Vulkan headers only
 // in Vulkan builds (PYLLAMA_VULKAN_HEADERS); elsewhere the entry point says "unknown".
 
+#include "pyllama_common.h"
+
 #include <nlohmann/json.hpp>
 
 #include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
-
-#if defined(_WIN32)
-#    define PYLLAMA_VK_API extern "C" __declspec(dllexport)
-#else
-#    define PYLLAMA_VK_API extern "C" __attribute__((visibility("default")))
-#endif
 
 #if defined(PYLLAMA_VULKAN_HEADERS) && !defined(_WIN32)
 #    define VK_NO_PROTOTYPES
@@ -119,7 +115,7 @@ std::string query() {
 // pyllama_free_string): [{"index", "device_name", "api_version", "min_storage_buffer_offset_alignment",
 // "driver_id", "driver_name", "driver_info"}]. NULL when this build has no Vulkan support, no loader
 // is installed, or no instance could be created.
-PYLLAMA_VK_API char * pyllama_vulkan_drivers(void) {
+PYLLAMA_COMMON_API char * pyllama_vulkan_drivers(void) {
 #if defined(PYLLAMA_VULKAN_HEADERS) && !defined(_WIN32)
     try {
         std::string text = query();

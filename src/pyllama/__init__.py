@@ -9,13 +9,14 @@ Quick start::
             print(event.text, end="", flush=True)
 """
 
+from typing import TYPE_CHECKING
+
 from ._version import __version__
 from ._ffi import build_info
+from .devices import Device, UnavailableBackend, backends, devices, supports_gpu_offload, system_info, unavailable_backends
 from .batch import Batch
-from .chat import ChatFormat, ChatPrompt, ChatSession, apply_template
 from .context import Context, PerfContext
 from .detokenize import StreamDecoder
-from .devices import Device, UnavailableBackend, backends, devices, supports_gpu_offload, system_info, unavailable_backends
 from .embed import embed
 from .fit import DeviceMemory, Fit, fit_params, memory_projection
 from .errors import (
@@ -35,19 +36,14 @@ from .errors import (
     TokenizationError,
 )
 from .generate import Generation, TokenEvent, agenerate, generate, generate_text
-from .grammar import PrefilledGrammar, json_schema_to_grammar
 from .kv import KVCache
-from .lora import LoraAdapter
 from .model import Model
-from .parallel import SequenceResult, generate_parallel, generate_parallel_tokens
+from .options import GenerateOptions, SamplingOptions, SubmitOptions
 from .speculative import SpeculativeStats, Speculator
-from .rpc import RpcError, RpcServer, rpc_server
-from .sampling import (
+from .samplers import (
     DRY,
     XTC,
     AdaptiveP,
-    Candidates,
-    CustomSampler,
     Dist,
     Greedy,
     Grammar,
@@ -58,7 +54,6 @@ from .sampling import (
     MirostatV2,
     Penalties,
     Sampler,
-    SamplerChain,
     Temp,
     TempExt,
     TopK,
@@ -67,19 +62,65 @@ from .sampling import (
     Typical,
     default_chain,
 )
-from .starter import starter_model_path
-from .store import ChecksumError, DownloadError, DownloadProgress, NotCachedError, pull
-from .threadpool import Threadpool
+from .sampling import Candidates, CustomSampler, SamplerChain
 from .vocab import Vocab
-from .worker import Worker, WorkerChatSession, WorkerCrashedError, WorkerError, WorkerGeneration
+
+# What a plain Model/generate user does not need loads on first use (PEP 562): chat templates, the
+# store's HTTP client, the worker process and the engine (asyncio), RPC servers, ... Each name -> its module.
+_LAZY = {
+    **dict.fromkeys(("ChatFormat", "ChatPrompt", "ChatSession", "apply_template"), "chat"),
+    **dict.fromkeys(("Engine", "EngineStats"), "engine"),
+    **dict.fromkeys(("PrefilledGrammar", "json_schema_to_grammar"), "grammar"),
+    "LoraAdapter": "lora",
+    **dict.fromkeys(("SequenceResult", "generate_parallel", "generate_parallel_tokens"), "parallel"),
+    **dict.fromkeys(("RpcError", "RpcServer", "rpc_server"), "rpc"),
+    **dict.fromkeys(("starter_model_path", "chat_starter_path"), "starter"),
+    **dict.fromkeys(("pull", "DownloadProgress", "DownloadError", "ChecksumError", "NotCachedError"), "store"),
+    "Threadpool": "threadpool",
+    **dict.fromkeys(("Worker", "WorkerGeneration", "WorkerChatSession", "WorkerError", "WorkerCrashedError"),
+                    "worker"),
+}
+# Submodules that `import pyllama` loaded before they became lazy: `pyllama.store.pull(...)` still works.
+_LAZY_MODULES = frozenset(_LAZY.values())
+
+if TYPE_CHECKING:
+    from .chat import ChatFormat, ChatPrompt, ChatSession, apply_template
+    from .engine import Engine, EngineStats
+    from .grammar import PrefilledGrammar, json_schema_to_grammar
+    from .lora import LoraAdapter
+    from .parallel import SequenceResult, generate_parallel, generate_parallel_tokens
+    from .rpc import RpcError, RpcServer, rpc_server
+    from .starter import chat_starter_path, starter_model_path
+    from .store import ChecksumError, DownloadError, DownloadProgress, NotCachedError, pull
+    from .threadpool import Threadpool
+    from .worker import Worker, WorkerChatSession, WorkerCrashedError, WorkerError, WorkerGeneration
+else:  # hidden from type checkers, so that a misspelt pyllama.X stays an error there
+
+    def __getattr__(name: str) -> object:
+        import importlib
+
+        module = _LAZY.get(name)
+        if module is not None:
+            value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+            globals()[name] = value  # once: later lookups do not come here
+            return value
+        if name in _LAZY_MODULES:
+            return importlib.import_module(f"{__name__}.{name}")
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 __all__ = [
     "__version__", "build_info", "devices", "backends", "system_info", "supports_gpu_offload", "Device",
     "unavailable_backends", "UnavailableBackend",
     "Model", "Vocab", "Context", "PerfContext", "Batch", "KVCache", "LoraAdapter", "StreamDecoder",
     "generate", "generate_text", "agenerate", "Generation", "TokenEvent",
+    "SamplingOptions", "GenerateOptions", "SubmitOptions",
     "generate_parallel", "generate_parallel_tokens", "SequenceResult", "Speculator", "SpeculativeStats",
-    "ChatSession", "ChatFormat", "ChatPrompt", "json_schema_to_grammar", "PrefilledGrammar", "apply_template", "embed", "starter_model_path", "Threadpool",
+    "ChatSession", "ChatFormat", "ChatPrompt", "json_schema_to_grammar", "PrefilledGrammar", "apply_template", "embed", "starter_model_path", "chat_starter_path", "Threadpool",
     "Fit", "DeviceMemory", "fit_params", "memory_projection",
     "SamplerChain", "Sampler", "CustomSampler", "Candidates", "default_chain",
     "Greedy", "Dist", "TopK", "TopP", "MinP", "Typical", "Temp", "TempExt", "XTC", "TopNSigma",
@@ -90,4 +131,5 @@ __all__ = [
     "pull", "DownloadProgress", "DownloadError", "ChecksumError", "NotCachedError",
     "rpc_server", "RpcServer", "RpcError",
     "Worker", "WorkerGeneration", "WorkerChatSession", "WorkerError", "WorkerCrashedError",
+    "Engine", "EngineStats",
 ]

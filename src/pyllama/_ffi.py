@@ -3,11 +3,11 @@
 Every module imports ``ffi`` and ``lib`` from here. Importing it checks that the
 compiled module belongs to this copy of pyllama, initialises llama.cpp, routes
 its logs to :mod:`logging` and loads the ggml backends shipped in the package.
+It imports no other pyllama module but ``_version`` and ``_log``: everything else sits above it.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
@@ -18,6 +18,8 @@ from typing import Any
 from . import _version
 
 if sys.platform == "win32":  # pragma: no cover - Windows has no rpath
+    import importlib.util
+
     _spec = importlib.util.find_spec("pyllama._cffi")
     if _spec is not None and _spec.origin:
         _libdir = Path(_spec.origin).parent / "lib"
@@ -45,7 +47,7 @@ if _binding_version != _version.__version__:
 
 # The libraries sit beside the compiled module (also in editable installs,
 # where the Python sources live elsewhere).
-LIB_DIR = Path(os.path.abspath(_cffi.__file__)).parent / "lib"
+LIB_DIR: Path = Path(os.path.abspath(_cffi.__file__)).parent / "lib"
 
 
 @lru_cache(maxsize=1)
@@ -62,11 +64,9 @@ def _init() -> None:
 
     _log.install()  # before anything logs, so nothing reaches stderr directly
     lib.llama_backend_init()
-    # Only the package's own lib/ directory: never the working directory.
+    # Only the package's own lib/ directory: never the working directory. Which shipped accelerator
+    # gave no device, and why, pyllama.devices finds out (and logs) when it loads, right after this.
     lib.ggml_backend_load_all_from_path(str(LIB_DIR).encode())
-    from .devices import _check_accelerators
-
-    _check_accelerators(LIB_DIR)
 
 
 _init()

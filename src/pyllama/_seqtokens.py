@@ -74,6 +74,12 @@ class SeqTokens:
         else:
             self._lens.pop(seq_id, None)
 
+    def extend(self, seq_id: int, start: int, tokens: npt.NDArray[np.int32]) -> None:
+        """Record ``tokens`` decoded at positions ``start``, ``start + 1``, ... of ``seq_id``."""
+        if self._live:
+            self._sync()
+        self._extend(seq_id, start, tokens)
+
     def _extend(self, seq_id: int, start: int, tokens: npt.NDArray[np.int32]) -> None:
         # a sequence that no longer holds exactly ``start`` known tokens was changed meanwhile: forget it
         # (a shorter record is always safe: the next evaluate removes what it does not know)

@@ -8,15 +8,15 @@ import re
 import secrets
 import string
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import TYPE_CHECKING, Any, Iterator, Literal, Mapping, Sequence
 
 from ._ffi import ffi, lib
 from ._handle import Handle
-from .errors import TemplateError
+from .errors import LlamaError, TemplateError
 from .generate import Generation, TokenEvent
-from .grammar import PrefilledGrammar, _call
-from .sampling import Greedy, Sampler, default_chain
+from .grammar import PrefilledGrammar, _call, json_schema_to_grammar
+from .options import KNOBS, SAMPLING_KEYS, SamplingOptions, Unpack, check, sampler_from
+from .samplers import Greedy, Sampler, default_chain
 
 if TYPE_CHECKING:
     from .context import Context
@@ -27,21 +27,16 @@ Message = Mapping[str, str]
 
 def apply_template(model: Model, messages: Sequence[Message], *, add_generation_prompt: bool = True,
                    template: str | None = None) -> str:
-    """Render ``messages`` ({"role", "content"} dicts) with the model's chat template.
+    """Render ``messages`` ({"role", "content"} dicts) with the model's chat template (or ``template``).
 
-    llama.cpp's built-in renderer is used when it recognises the template;
-    otherwise the Jinja template itself is rendered in a sandbox (needs jinja2,
-    the ``chat`` extra).
+    The prompt is the one ``pyllama serve`` and ``llama-server`` build for the same
+    messages: llama.cpp's Jinja engine (common/chat) renders the template, with
+    whatever it adds (a default system message, for one). :class:`ChatTemplate`
+    does the rendering and says when llama.cpp's legacy renderer stands in.
     """
     _validate_messages(messages)
-    tmpl = template if template is not None else model.chat_template()
-    if tmpl is None:
-        tmpl = _builtin_for_architecture(model.architecture)
-    if tmpl is None:
-        raise TemplateError("the model has no chat template; pass template= (a Jinja template or a "
-                            f"llama.cpp template name: {', '.join(builtin_templates())})")
-    text = _apply_builtin(tmpl, messages, add_generation_prompt)
-    return text if text is not None else _apply_jinja(model, tmpl, messages, add_generation_prompt)
+    with ChatTemplate(model, template=template) as chat:
+        return chat.apply(messages, add_generation_prompt=add_generation_prompt).prompt
 
 
 def _validate_messages(messages: object) -> None:
@@ -97,29 +92,6 @@ def _apply_builtin(tmpl: str, messages: Sequence[Message], add_ass: bool) -> str
         buf = ffi.new("char[]", n)
         n = lib.llama_chat_apply_template(t, arr, len(messages), add_ass, buf, n)
     return str(ffi.string(buf, n).decode("utf-8", "replace"))
-
-
-def _apply_jinja(model: Model, tmpl: str, messages: Sequence[Message], add_ass: bool) -> str:
-    try:
-        from jinja2.exceptions import TemplateError as JinjaError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-    except ImportError:
-        raise TemplateError("llama.cpp does not know this chat template; "
-                            "install jinja2 (pip install 'pyllama[chat]') to render it") from None
-
-    def raise_exception(msg: str) -> None:
-        raise TemplateError(msg)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals.update(raise_exception=raise_exception,
-                       strftime_now=lambda fmt: datetime.now().strftime(fmt))
-    vocab = model.vocab
-    special = {name: (vocab.text(t) if t is not None else "") for name, t in
-               (("bos_token", vocab.bos), ("eos_token", vocab.eos))}
-    try:
-        return env.from_string(tmpl).render(messages=list(messages), add_generation_prompt=add_ass, **special)
-    except JinjaError as exc:
-        raise TemplateError(f"chat template failed: {exc}") from None
 
 
 # --- llama.cpp's own chat handling: templates, tools, grammars, output parsing ------------
@@ -212,6 +184,8 @@ class ChatPrompt:
         may end anywhere (streaming); without it, text the format does not allow
         raises ValueError.
         """
+        if self.format == LEGACY_FORMAT:  # rendered without common/chat: no parser, the text is the content
+            return {"role": "assistant", "content": text, "reasoning_content": None, "tool_calls": None}
         raw = text.encode("utf-8")
         msg = _call(lib.pyllama_chat_parse(self._parser_state.encode(), raw, len(raw), partial))
         calls = [{"id": c["id"] or _new_tool_call_id(), "type": "function",
@@ -367,6 +341,108 @@ class ChatFormat(Handle):
             _trigger_tokens=tuple(tokens), _parser_state=out["parser_state"])
 
 
+#: :attr:`ChatPrompt.format` of a prompt rendered by llama.cpp's legacy ``llama_chat_apply_template``
+LEGACY_FORMAT = "llama_chat_apply_template"
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned and len(_warned) < 256:
+        _warned.add(message)
+        _log.warning("%s", message)
+
+
+class ChatTemplate:
+    """A model's chat template as pyllama renders it everywhere: :func:`apply_template`,
+    :class:`ChatSession`, ``pyllama chat``, the worker and ``pyllama serve`` all go through
+    :meth:`apply`, so the same messages make the same prompt, byte for byte.
+
+    The renderer is llama.cpp's Jinja engine through common/chat (:class:`ChatFormat`, what
+    ``llama-server --jinja`` runs). ``template`` replaces the model's own: a Jinja template
+    or a llama.cpp template name. llama.cpp's legacy ``llama_chat_apply_template`` renders
+    only where the Jinja path cannot, with a warning: a template the Jinja engine fails to
+    load or to render (when the legacy renderer recognises it), or a llama.cpp template
+    name without a Jinja form (``"llama3"``, ``"phi3"``, ...; also a template-less model of
+    such a family). A model without a template and without a known family gets ChatML, as
+    in llama-server. The legacy path renders plain messages only (no tools).
+    """
+
+    def __init__(self, model: Model, *, template: str | None = None) -> None:
+        if template is not None and not template.strip():
+            raise TemplateError("template= is empty")
+        self.model = model
+        self.template = template
+        #: the Jinja path (None where llama.cpp's Jinja engine cannot load the template)
+        self.format: ChatFormat | None = None
+        self._legacy: str | None = None  # what llama_chat_apply_template renders with
+        self._why: str = ""  # why the Jinja path is not used
+        source = template if template is not None else model.chat_template()
+        self._source = source  # the template as written (None: the model has none)
+        name = _builtin_for_architecture(model.architecture) if source is None else source
+        if name is not None and name != "chatml" and name not in _FALLBACK_JINJA and name in builtin_templates():
+            # A llama.cpp template name: the Jinja engine would print it as text; only the legacy renderer knows it.
+            self._legacy = name
+            self._why = (f"'{name}' is a llama.cpp template name" if source is not None
+                         else f"the model has no chat template; llama.cpp's '{name}' format is its family's")
+            return
+        try:
+            self.format = ChatFormat(model, template=template)
+        except (LlamaError, ValueError) as exc:
+            self._legacy = source
+            self._why = f"llama.cpp's Jinja engine cannot load the chat template ({exc})"
+
+    def close(self) -> None:
+        """Free the Jinja path's native state."""
+        if self.format is not None:
+            self.format.close()
+
+    def __enter__(self) -> ChatTemplate:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def apply(self, messages: Sequence[Mapping[str, Any]], **options: Any) -> ChatPrompt:
+        """Render ``messages``; ``options`` are :meth:`ChatFormat.apply`'s (tools, json_schema, ...).
+
+        Malformed messages raise ValueError; a template that cannot render them raises
+        :class:`TemplateError`. A prompt from the legacy renderer has ``format ==
+        LEGACY_FORMAT``, no parser, and a grammar only for ``json_schema`` / ``grammar``.
+        """
+        why, legacy = self._why, self._legacy
+        if self.format is not None:
+            try:
+                return self.format.apply(messages, **options)
+            except TemplateError as exc:  # the template failed (a malformed request is a plain ValueError)
+                legacy = self._source  # None: pyllama's own fallback template failed, nothing else to try
+                if legacy is None or (options.get("tools") and options.get("tool_choice", "auto") != "none"):
+                    raise
+                why = f"llama.cpp's Jinja engine cannot render the chat template ({exc})"
+        return self._apply_legacy(legacy, messages, why, **options)
+
+    @staticmethod
+    def _apply_legacy(legacy: str | None, messages: Sequence[Mapping[str, Any]], why: str, *,
+                      add_generation_prompt: bool = True,
+                      tools: Sequence[Mapping[str, Any]] | None = None, tool_choice: Any = "auto",
+                      json_schema: Mapping[str, Any] | None = None, grammar: str | None = None,
+                      continue_final_message: bool = False, **ignored: Any) -> ChatPrompt:
+        if tools and tool_choice != "none":
+            raise TemplateError(f"this chat template cannot render tool calls: {why}")
+        if continue_final_message:
+            raise TemplateError(f"continue_final_message needs llama.cpp's Jinja path: {why}")
+        _validate_messages(messages)
+        text = _apply_builtin(legacy, messages, add_generation_prompt) if legacy is not None else None
+        if text is None:
+            raise TemplateError(f"{why}; llama_chat_apply_template does not know it either")
+        _warn_once(f"{why}: rendered by llama_chat_apply_template instead")
+        if json_schema is not None and grammar is not None:
+            raise ValueError("cannot use both json_schema and grammar")
+        gbnf = json_schema_to_grammar(dict(json_schema) or {"type": "object"}) if json_schema is not None else grammar
+        return ChatPrompt(prompt=text, grammar=gbnf or "", grammar_lazy=False, grammar_triggers=[],
+                          preserved_tokens=[], additional_stops=[], format=LEGACY_FORMAT)
+
+
 class ChatSession:
     """A conversation on one context sequence; each turn reuses the KV cache of the previous ones.
 
@@ -386,24 +462,29 @@ class ChatSession:
     def __init__(self, ctx: Context, *, system: str | None = None, template: str | None = None,
                  tools: Sequence[Mapping[str, Any]] | None = None,
                  tool_choice: ToolChoice | Mapping[str, Any] = "auto", parallel_tool_calls: bool = False,
-                 seq_id: int = 0, **generation_options: Any) -> None:
+                 seq_id: int = 0, **options: Unpack[SamplingOptions]) -> None:
+        check("ChatSession", options, SAMPLING_KEYS)
         self.ctx = ctx
         self.template = template
         self.seq_id = seq_id
-        self.options = generation_options
+        #: the sampling options of every turn (a turn's own override them)
+        self.options: SamplingOptions = options
         self.tools = list(tools) if tools else None
         self.tool_choice = tool_choice
         self.parallel_tool_calls = parallel_tool_calls
         self.format = ChatFormat(ctx.model, template=template) if self.tools else None
+        self._chat: ChatTemplate | None = None  # renders turns without tools (made at the first)
         self.messages: list[dict[str, Any]] = []
         self.last_message: dict[str, Any] | None = None
         if system:
             self.messages.append({"role": "system", "content": system})
 
     def close(self) -> None:
-        """Free the chat format (tools only); the context stays the caller's."""
+        """Free the chat template's native state; the context stays the caller's."""
         if self.format is not None:
             self.format.close()
+        if self._chat is not None:
+            self._chat.close()
 
     def _tokens(self, text: str) -> Any:
         model = self.ctx.model
@@ -412,8 +493,9 @@ class ChatSession:
         return model.vocab.tokenize(text, add_special=not has_bos, parse_special=True)
 
     def _prompt_tokens(self) -> Any:
-        text = apply_template(self.ctx.model, self.messages, add_generation_prompt=True, template=self.template)
-        return self._tokens(text)
+        if self._chat is None:
+            self._chat = ChatTemplate(self.ctx.model, template=self.template)
+        return self._tokens(self._chat.apply(self.messages).prompt)
 
     def _tool_turn(self, options: dict[str, Any]) -> tuple[Any, ChatPrompt]:
         assert self.format is not None
@@ -421,7 +503,9 @@ class ChatSession:
                                parallel_tool_calls=self.parallel_tool_calls)
         gs = cp.grammar_sampler()
         if gs is not None:
-            sampler = options.get("sampler")
+            sampler = sampler_from(options)
+            for knob in KNOBS:  # made into the chain above
+                options.pop(knob, None)
             if sampler is None:
                 seed = options.get("seed")  # as generate(): a seed alone means llama.cpp's default chain
                 options["sampler"] = [gs, *(default_chain(seed=seed) if seed is not None else [Greedy()])]
@@ -443,14 +527,15 @@ class ChatSession:
             msg["name"] = name
         self.messages.append(msg)
 
-    def stream(self, message: str | None = None, **options: Any) -> Iterator[TokenEvent]:
+    def stream(self, message: str | None = None, **options: Unpack[SamplingOptions]) -> Iterator[TokenEvent]:
         """Send a user message (None: answer the tool results just added) and stream the reply;
-        the reply joins the history when the stream ends."""
+        the reply joins the history when the stream ends. ``options`` override the session's for this turn."""
+        check("stream", options, SAMPLING_KEYS)
         if message is not None:
             self.messages.append({"role": "user", "content": message})
         elif not self.messages:
             raise ValueError("nothing to answer: pass a message")
-        opts = {**self.options, **options}
+        opts: dict[str, Any] = {**self.options, **options}
         cp: ChatPrompt | None = None
         if self.format is not None:
             tokens, cp = self._tool_turn(opts)
@@ -476,9 +561,10 @@ class ChatSession:
                     entry["tool_calls"] = parsed["tool_calls"]
                 self.messages.append(entry)
 
-    def ask(self, message: str | None = None, **options: Any) -> str:
+    def ask(self, message: str | None = None, **options: Unpack[SamplingOptions]) -> str:
         """Send a user message (None: answer the tool results just added) and return the whole reply."""
         return "".join(ev.text for ev in self.stream(message, **options))
 
 
-__all__ = ["apply_template", "ChatSession", "ChatFormat", "ChatPrompt", "Message", "Generation"]
+__all__ = ["apply_template", "ChatSession", "ChatTemplate", "ChatFormat", "ChatPrompt", "Message", "Generation",
+           "LEGACY_FORMAT"]

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from .context import Context
     from .generate import Generation
     from .model import Model
-    from .sampling import Sampler
+    from .options import SamplingOptions
     from .stream import TokenEvent
     from .worker import Worker, WorkerChatSession
 
@@ -55,7 +55,7 @@ class _Reply:
 class _Local:
     """The model in this process: a ChatSession on one context."""
 
-    def __init__(self, path: str, args: argparse.Namespace, sampler: list[Sampler]) -> None:
+    def __init__(self, path: str, args: argparse.Namespace, options: SamplingOptions) -> None:
         from .chat import ChatSession
         from .model import Model
 
@@ -67,8 +67,7 @@ class _Local:
             self.model.close()
             raise
         self.session = ChatSession(self.ctx, system=args.system)
-        self.sampler = sampler
-        self.max_tokens: int | None = args.n_predict
+        self.options = options
         self.description = self.model.description
 
     @property
@@ -83,8 +82,7 @@ class _Local:
         try:
             # The whole conversation, rendered; Generation evaluates only what the KV cache lacks.
             tokens = session._prompt_tokens()
-            gen: Generation = Generation(self.ctx, tokens, seq_id=session.seq_id, sampler=self.sampler,
-                                         max_tokens=self.max_tokens)
+            gen: Generation = Generation(self.ctx, tokens, seq_id=session.seq_id, **self.options)
         except BaseException:
             session.messages.pop()
             raise
@@ -109,17 +107,17 @@ class _Local:
             if span is not None and span[0] == 0 and span[1] + 1 == len(tokens):
                 import numpy as np
 
-                ctx._seq_tokens.set(seq, np.asarray(tokens, dtype=np.int32))  # so the next turn reuses them
+                ctx.kv.set_known(seq, np.asarray(tokens, dtype=np.int32))  # so the next turn reuses them
             else:  # the token list does not describe the restored cache: the next turn starts over
                 ctx.kv.remove(seq)
                 tokens = []
         else:
             ctx.kv.remove(seq)
-            ctx._seq_tokens.forget(seq)
         self.session.messages = messages
         return len(tokens)
 
     def close(self) -> None:
+        self.session.close()
         self.ctx.close()
         self.model.close()
 
@@ -145,13 +143,13 @@ class _LocalTurn:
                 # whole prompt was evaluated before the first token, so keep that much for the next turn.
                 n = int(gen.prompt_tokens.size)
                 ctx.kv.remove(seq, n, -1)
-                ctx._seq_tokens.set(seq, gen.prompt_tokens)
+                ctx.kv.set_known(seq, gen.prompt_tokens)
 
 
 class _Isolated:
     """The model in a :class:`pyllama.Worker` child process."""
 
-    def __init__(self, path: str, args: argparse.Namespace, sampler: list[Sampler]) -> None:
+    def __init__(self, path: str, args: argparse.Namespace, options: SamplingOptions) -> None:
         from .worker import Worker
 
         self.worker: Worker = Worker()
@@ -161,8 +159,7 @@ class _Isolated:
         except BaseException:
             self.worker.close()
             raise
-        self.session: WorkerChatSession = self.worker.chat(system=args.system, sampler=sampler,
-                                                           max_tokens=args.n_predict)
+        self.session: WorkerChatSession = self.worker.chat(system=args.system, **options)
         self.description = f"{info['description']} (worker pid {self.worker.pid})"
 
     @property
@@ -308,16 +305,14 @@ def _interactive(backend: _Local | _Isolated, verbose: bool) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from .cli import _model_path
+    from .cli import _model_path, sampling_options
     from .errors import LlamaError
-    from .sampling import default_chain
 
     if args.n_predict is not None and args.n_predict < 0:
         args.n_predict = None
     if args.ngl not in ("auto", "all"):
         args.ngl = int(args.ngl)
-    sampler = default_chain(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                            seed=args.seed if args.seed is not None else 0xFFFFFFFF)
+    options = sampling_options(args)
     interactive = not args.prompt and sys.stdin.isatty()
     messages: list[str] = list(args.prompt or [])
     if not interactive and not messages:
@@ -327,8 +322,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
             return 2
         messages = [text]
     try:
-        path = _model_path(args.model)
-        backend: _Local | _Isolated = (_Isolated if args.isolate else _Local)(path, args, sampler)
+        path = _model_path(args.model or "chat-starter")
+        backend: _Local | _Isolated = (_Isolated if args.isolate else _Local)(path, args, options)
     except LlamaError as exc:
         print(f"pyllama: {exc}", file=sys.stderr)
         return 1
@@ -355,7 +350,8 @@ def register(subparsers: Any) -> None:
     c = subparsers.add_parser("chat", help="interactive chat with a model (its chat template, streaming)",
                               description="Chat with a model on its chat template, streaming the answers; the "
                                           "conversation stays in the KV cache between turns.")
-    c.add_argument("model", nargs="?", help="GGUF file or model reference (default: the starter model)")
+    c.add_argument("model", nargs="?", help="GGUF file, model reference, `chat-starter` or `starter` (default: "
+                                            "the chat starter, SmolLM2-135M-Instruct)")
     c.add_argument("-s", "--system", default=None, help="system prompt")
     c.add_argument("-p", "--prompt", action="append", default=None,
                    help="non-interactive: send this message and print the answer (repeat for more turns)")

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 from . import chat_cli, rpc
 from .server import cli as serve_cli
 from .store import cli as store_cli
+from .options import SamplingOptions
 
 
 def _model_path(arg: str | None) -> str:
@@ -24,21 +25,25 @@ def _model_path(arg: str | None) -> str:
     return str(starter_model_path())
 
 
+def sampling_options(args: argparse.Namespace) -> SamplingOptions:
+    """The sampling flags shared by `pyllama run` and `pyllama chat` as generation options."""
+    return SamplingOptions(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                           seed=args.seed, max_tokens=args.n_predict)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .generate import Generation
     from .model import Model
-    from .sampling import default_chain
 
-    sampler = default_chain(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                            seed=args.seed if args.seed is not None else 0xFFFFFFFF)
+    options = sampling_options(args)
+    options["stop"] = args.stop
     with Model(_model_path(args.model), n_gpu_layers=args.ngl, progress=args.progress, rpc=args.rpc or ()) as model:
         with model.context(n_ctx=args.ctx, n_threads=args.threads, n_batch=args.batch,
                            flash_attn=args.flash_attn) as ctx:
             out = sys.stdout
             spec = _speculator(ctx, args) if args.draft else None
             try:
-                with Generation(ctx, args.prompt, sampler=sampler, max_tokens=args.n_predict, stop=args.stop,
-                                parse_special=False, draft=spec) as gen:
+                with Generation(ctx, args.prompt, **options, parse_special=False, draft=spec) as gen:
                     try:
                         for ev in gen:
                             out.write(ev.text)
@@ -116,7 +121,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .context import thread_choice
+    from .context_params import thread_choice
     from .devices import backends, build_info, devices, supports_gpu_offload, system_info, unavailable_backends
 
     if args.what == "fit":
@@ -182,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="stream the raw completion of a prompt")
-    r.add_argument("model", nargs="?", help="GGUF file (default: the starter model, Gemma 3 270M)")
+    r.add_argument("model", nargs="?", help="GGUF file, model reference, `starter` or `chat-starter` "
+                                            "(default: the starter model, Gemma 3 270M)")
     r.add_argument("-p", "--prompt", required=True)
     r.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate (-1: until the end)")
     r.add_argument("--temp", type=float, default=0.8, help="temperature (0: greedy)")

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import functools
-import os
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Union
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -15,6 +14,7 @@ from ._ffi import ffi, lib
 from ._handle import Handle
 from ._seqtokens import SeqTokens
 from .batch import Batch
+from .context_params import FlashAttn, check_threads, default_threads, set_memory_params
 from .errors import (
     ContextCreationError,
     ContextOverflowError,
@@ -31,119 +31,10 @@ if TYPE_CHECKING:
     from .lora import LoraAdapter
     from .model import Model
 
-FlashAttn = Union[Literal["auto", "on", "off"], bool]
-
 AUTO_CTX_CAP = 4096
-_FLASH = {"auto": -1, "on": 1, "off": 0, True: 1, False: 0}
 _POOLING = {None: -1, "unspecified": -1, "none": 0, "mean": 1, "cls": 2, "last": 3, "rank": 4}
 _ROPE_SCALING = {None: -1, "none": 0, "linear": 1, "yarn": 2, "longrope": 3}
 _ATTENTION = {None: -1, "causal": 0, "non_causal": 1}
-
-
-def ggml_type(name: str | int) -> int:
-    """``"f16"``, ``"q8_0"``, ... → the ggml_type enum value."""
-    if isinstance(name, int):
-        return name
-    attr = "GGML_TYPE_" + name.upper()
-    if not hasattr(lib, attr):
-        raise ValueError(f"unknown ggml type {name!r} (try f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, iq4_nl)")
-    return int(getattr(lib, attr))
-
-
-def ggml_type_name(value: int) -> str:
-    return ffi.string(lib.ggml_type_name(value)).decode() if hasattr(lib, "ggml_type_name") else str(value)
-
-
-def set_memory_params(p: Any, *, n_ctx: object, n_batch: int = 2048, n_ubatch: int = 512, n_seq_max: int = 1,
-                      flash_attn: FlashAttn = "auto", type_k: str | int = "f16", type_v: str | int = "f16",
-                      kv_unified: bool = False, offload_kqv: bool = True, swa_full: bool = True) -> None:
-    """Validate and set the ``llama_context_params`` knobs that decide a context's memory.
-
-    Shared by :class:`Context` and :mod:`pyllama.fit` (which fits and projects
-    for a context it does not create), so both read the knobs the same way.
-    """
-    if not isinstance(n_ctx, int) or isinstance(n_ctx, bool) or n_ctx < 0:
-        raise ValueError(f"n_ctx must be a non-negative int or 'auto', not {n_ctx!r}")
-    if n_batch < 1 or n_ubatch < 1 or n_seq_max < 1:
-        raise ValueError("n_batch, n_ubatch and n_seq_max must be >= 1")
-    if n_seq_max > lib.llama_max_parallel_sequences():
-        raise ValueError(f"n_seq_max={n_seq_max} exceeds llama.cpp's limit {lib.llama_max_parallel_sequences()}")
-    if flash_attn not in _FLASH:
-        raise ValueError(f"flash_attn must be 'auto', 'on' or 'off', not {flash_attn!r}")
-    p.n_ctx = n_ctx
-    p.n_batch = n_batch
-    p.n_ubatch = min(n_ubatch, n_batch)
-    p.n_seq_max = n_seq_max
-    p.flash_attn_type = _FLASH[flash_attn]
-    p.type_k = ggml_type(type_k)
-    p.type_v = ggml_type(type_v)
-    p.kv_unified = kv_unified
-    p.offload_kqv = offload_kqv
-    p.swa_full = swa_full
-
-
-@dataclass(frozen=True)
-class ThreadChoice:
-    """The default thread count for a context, and why."""
-
-    n_threads: int
-    reason: str
-
-
-def thread_choice(model: Model | None = None) -> ThreadChoice:
-    """What a context uses when ``n_threads`` is not given.
-
-    llama.cpp's own tools take ``cpu_get_num_math()`` (physical performance
-    cores: no SMT siblings, no efficiency cores on hybrid CPUs); pyllama asks
-    that same code, caps it by the CPUs this process may run on (affinity,
-    containers), and uses at most 2 when every layer of ``model`` sits on a GPU,
-    where the CPU only feeds the device.
-    """
-    allowed = _allowed_cpus()
-    math = int(lib.pyllama_cpu_get_num_math())
-    if math < 1:
-        n, why = allowed, f"{allowed} CPUs this process may use (llama.cpp's core count failed)"
-    elif math <= allowed:
-        n, why = math, f"llama.cpp's cpu_get_num_math: {math} physical performance cores"
-    else:
-        n, why = allowed, f"{allowed} CPUs this process may use (of {math} physical performance cores)"
-    if model is not None and model.fully_offloaded and n > 2:
-        n, why = 2, f"every layer is on a GPU: 2 threads feed it ({why} otherwise)"
-    return ThreadChoice(n, why)
-
-
-def default_threads(model: Model | None = None) -> int:
-    """The default thread count (see :func:`thread_choice`)."""
-    return thread_choice(model).n_threads
-
-
-def _allowed_cpus() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # macOS, Windows
-        return max(1, os.cpu_count() or 1)
-
-
-# ggml's own limit: the length of its thread pools' CPU masks (ggml.h GGML_MAX_N_THREADS). More
-# threads than that overrun ggml's per-thread arrays; llama.cpp itself checks nothing (issue 11:
-# set_threads(100000) crashed at the next decode).
-MAX_THREADS = int(lib.GGML_MAX_N_THREADS)
-
-
-def check_threads(name: str, n: object) -> int:
-    """Validate a thread count: an int in [1, MAX_THREADS].
-
-    0 and negative counts are refused (llama.cpp gives them no meaning). Counts
-    above the CPUs this process may use (its affinity mask) are allowed,
-    as llama.cpp allows them, but only slow ggml down: its workers spin at
-    barriers, so oversubscribed threads wait for each other.
-    """
-    if not isinstance(n, int) or isinstance(n, bool):
-        raise TypeError(f"{name} must be an int, not {type(n).__name__}")
-    if not 1 <= n <= MAX_THREADS:
-        raise ValueError(f"{name} must be in [1, {MAX_THREADS}] (this process may use {_allowed_cpus()} CPUs), "
-                         f"not {n}")
-    return n
 
 
 @dataclass(frozen=True)
@@ -379,8 +270,8 @@ class Context(Handle):
 
     @functools.cached_property
     def _backend_sampling_pays(self) -> bool:
-        """Whether sampling="auto" runs a greedy chain in the graph here (see pyllama.stream)."""
-        from .stream import backend_sampling_pays
+        """Whether sampling="auto" runs a greedy chain in the graph here (see pyllama.backend_sampling)."""
+        from .backend_sampling import backend_sampling_pays
 
         gpus = [d.backend for d in self._output_gpus()]
         return backend_sampling_pays(gpus, bool(gpus))
@@ -390,7 +281,7 @@ class Context(Handle):
         """Why chains must not run inside the graph here, or None: a Vulkan driver known to break, or
         logits rows that ggml-vulkan cannot take views of (several sequences, rows off its alignment)."""
         from .devices import drivers_of
-        from .stream import LAVAPIPE_DRIVER_ID, driver_blocks_backend_sampling
+        from .backend_sampling import LAVAPIPE_DRIVER_ID, driver_blocks_backend_sampling
 
         row_bytes = 4 * self.n_vocab
         for dev in self._output_gpus():
@@ -614,6 +505,8 @@ class Context(Handle):
         decoded in ``n_batch`` chunks. At least the last token is always
         evaluated so that fresh logits exist. Returns the number of tokens decoded.
         """
+        from .decoder import Cursor, Decoder
+
         seq_id = self.kv._seq(seq_id)
         toks = as_tokens(tokens)
         if toks.size == 0:
@@ -621,30 +514,22 @@ class Context(Handle):
         if toks.size > self.n_ctx_seq:
             raise ContextOverflowError(
                 f"{toks.size} tokens do not fit in the context (n_ctx_seq={self.n_ctx_seq})")
+        if logits not in ("last", "none", "all"):
+            raise ValueError(f"logits must be 'last', 'none' or 'all', not {logits!r}")
         self._vocab.check_tokens(toks)
         with self._lock:
-            keep = 0
-            cached = self.cached_tokens(seq_id) if reuse_prefix else None
-            if cached is not None and cached.size:
-                m = min(cached.size, toks.size)
-                diff = np.flatnonzero(cached[:m] != toks[:m])
-                keep = int(diff[0]) if diff.size else m
-            keep = min(keep, toks.size - 1)
-            if not lib.llama_memory_seq_rm(lib.llama_get_memory(self._p()), seq_id, keep, -1):
-                # Recurrent memory cannot drop a suffix: start over.
-                self.kv.remove(seq_id)
-                keep = 0
-            self._seq_tokens.set(seq_id, toks[:keep])
-            batch = self._eval_batch
-            if batch is None or batch.capacity < min(self.n_batch, toks.size - keep):
-                batch = self._eval_batch = Batch(min(self.n_batch, max(toks.size - keep, 64)))
-            for start in range(keep, toks.size, self.n_batch):
-                chunk = toks[start:start + self.n_batch]
-                last = start + chunk.size == toks.size
-                batch.clear().add(chunk, start, seq_id, logits=logits if last else "none")
-                self._decode(batch)
-                self._seq_tokens.set(seq_id, toks[:start + chunk.size])
-            return int(toks.size - keep)
+            decoder = Decoder(self)
+            cursor = Cursor(seq_id, None, toks, limit=self.n_ctx_seq, reuse_prefix=reuse_prefix, logits=logits)
+            decoder.start(cursor)
+            decoder.prefill([cursor])
+            return cursor.n_evaluated
+
+    def _shared_batch(self) -> Batch:
+        """The batch prompt evaluation and single-sequence steps reuse (under the lock): n_batch rows."""
+        batch = self._eval_batch
+        if batch is None:
+            batch = self._eval_batch = Batch(self.n_batch)
+        return batch
 
     def __repr__(self) -> str:
         return "<pyllama.Context closed>" if self.closed else f"<pyllama.Context n_ctx={self.n_ctx}>"
@@ -660,4 +545,4 @@ def _view(ptr: Any, n: int) -> npt.NDArray[np.float32]:
     return arr
 
 
-__all__ = ["Context", "PerfContext", "ggml_type", "default_threads", "thread_choice", "ThreadChoice", "check_threads", "MAX_THREADS"]
+__all__ = ["Context", "PerfContext"]

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ._ffi import build_info, ffi, lib
+from ._ffi import LIB_DIR, build_info, ffi, lib
 
 _DEVICE_TYPES = {
     lib.GGML_BACKEND_DEVICE_TYPE_CPU: "cpu",
@@ -143,12 +143,11 @@ class UnavailableBackend:
 # Accelerator backend modules -> the names their registries take.
 _ACCELERATORS = {"ggml-cuda": ("CUDA", ("CUDA",)), "ggml-vulkan": ("Vulkan", ("Vulkan",)),
                  "ggml-metal": ("Metal", ("MTL", "Metal"))}
-_unavailable: list[UnavailableBackend] = []
 
 
 def unavailable_backends() -> list[UnavailableBackend]:
     """Accelerators this build ships that did not give a device (so the CPU runs instead), and why."""
-    return list(_unavailable)
+    return list(_UNAVAILABLE)
 
 
 def _dlopen_error(path: Path) -> str:
@@ -161,10 +160,10 @@ def _dlopen_error(path: Path) -> str:
     return ""
 
 
-def _check_accelerators(lib_dir: Path) -> None:
-    """After the backends loaded: log why a shipped accelerator gives no device (the CPU takes over)."""
-    import logging
-
+def _check_accelerators(lib_dir: Path) -> tuple[UnavailableBackend, ...]:
+    """After the backends loaded: which shipped accelerator gives no device (the CPU takes over), and why;
+    each is logged."""
+    unavailable: list[UnavailableBackend] = []
     loaded = {_str(lib.ggml_backend_reg_name(lib.ggml_backend_reg_get(i))): lib.ggml_backend_reg_get(i)
               for i in range(lib.ggml_backend_reg_count())}
     for module in build_info().get("backend_libraries", []):
@@ -186,8 +185,9 @@ def _check_accelerators(lib_dir: Path) -> None:
             err = _dlopen_error(files[0])
             reason = (f"{files[0].name} could not be loaded: {err}" if err else
                       f"the {name} backend reports this system as unsupported (no driver or device)")
-        _unavailable.append(UnavailableBackend(name, files[0].name if files else module, reason))
+        unavailable.append(UnavailableBackend(name, files[0].name if files else module, reason))
         logging.getLogger("pyllama").warning("%s unavailable, running on the CPU: %s", name, reason)
+    return tuple(unavailable)
 
 
 def backends() -> list[str]:
@@ -202,6 +202,10 @@ def system_info() -> str:
 
 def supports_gpu_offload() -> bool:
     return bool(lib.llama_supports_gpu_offload())
+
+
+# Once per process, when pyllama loads (its __init__ imports this module right after _ffi loaded the backends).
+_UNAVAILABLE = _check_accelerators(LIB_DIR)
 
 
 __all__ = ["Device", "VulkanDriver", "UnavailableBackend", "devices", "vulkan_drivers", "drivers_of", "backends",

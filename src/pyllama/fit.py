@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ._ffi import ffi, lib
+from .context_params import set_memory_params
 from .devices import devices
 
 logger = logging.getLogger("pyllama")
@@ -90,8 +91,6 @@ def _log_level() -> int:
 
 def _context_params(*, n_ctx: int = 0, **knobs: Any) -> Any:
     """A ``llama_context_params *`` with the Context knobs that change memory use (n_ctx 0: the fit's choice)."""
-    from .context import set_memory_params
-
     c = ffi.new("struct llama_context_params *", lib.llama_context_default_params())
     set_memory_params(c, n_ctx=n_ctx, **knobs)
     return c

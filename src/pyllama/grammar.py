@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from ._ffi import ffi, lib
 from .errors import SamplerError, TemplateError
-from .sampling import Grammar, _vocab
+from .samplers import Grammar, _vocab
 
 if TYPE_CHECKING:
     from .model import Model

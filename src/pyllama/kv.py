@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
+import numpy.typing as npt
+
 from typing import TYPE_CHECKING, Any
 
 from ._ffi import lib
 from .errors import LlamaError
+from ._context_access import guard, held_record, native
 
 if TYPE_CHECKING:
     from .context import Context
@@ -23,7 +27,7 @@ class KVCache:
         self._ctx = ctx
 
     def _mem(self) -> Any:
-        return lib.llama_get_memory(self._ctx._p())
+        return lib.llama_get_memory(native(self._ctx))
 
     def _seq(self, seq_id: int, *, allow_all: bool = False) -> int:
         seq_id = int(seq_id)
@@ -35,17 +39,17 @@ class KVCache:
 
     def clear(self, *, data: bool = True) -> None:
         """Empty every sequence (``data=False`` keeps the buffers' contents, only forgetting metadata)."""
-        with self._ctx._lock:
+        with guard(self._ctx):
             lib.llama_memory_clear(self._mem(), data)
-            self._ctx._seq_tokens.clear()
+            held_record(self._ctx).clear()
 
     def remove(self, seq_id: int = -1, p0: int = -1, p1: int = -1) -> None:
         """Remove positions [p0, p1) of a sequence (``seq_id=-1``: every sequence)."""
         seq_id = self._seq(seq_id, allow_all=True)
-        with self._ctx._lock:
+        with guard(self._ctx):
             if not lib.llama_memory_seq_rm(self._mem(), seq_id, p0, p1):
                 raise LlamaError("this model's memory (recurrent) cannot remove a partial range")
-            tracker = self._ctx._seq_tokens
+            tracker = held_record(self._ctx)
             if seq_id == -1:
                 tracker.clear()
             elif p1 < 0:
@@ -56,22 +60,29 @@ class KVCache:
     def copy(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
         """Make ``dst`` share positions [p0, p1) of ``src`` (no memory is duplicated)."""
         src, dst = self._seq(src), self._seq(dst)
-        with self._ctx._lock:
+        with guard(self._ctx):
             lib.llama_memory_seq_cp(self._mem(), src, dst, p0, p1)
             if p0 <= 0 and p1 < 0 and self.pos_range(dst) == self.pos_range(src):
-                self._ctx._seq_tokens.copy(src, dst)
+                held_record(self._ctx).copy(src, dst)
             else:
-                self._ctx._seq_tokens.forget(dst)
+                held_record(self._ctx).forget(dst)
 
     def keep(self, seq_id: int) -> None:
         """Remove every sequence but ``seq_id``."""
         seq_id = self._seq(seq_id)
-        with self._ctx._lock:
+        with guard(self._ctx):
             lib.llama_memory_seq_keep(self._mem(), seq_id)
-            kept = self._ctx._seq_tokens.get(seq_id)
-            self._ctx._seq_tokens.clear()
+            kept = held_record(self._ctx).get(seq_id)
+            held_record(self._ctx).clear()
             if kept is not None:
-                self._ctx._seq_tokens.set(seq_id, kept.copy())
+                held_record(self._ctx).set(seq_id, kept.copy())
+
+    def set_known(self, seq_id: int, tokens: npt.NDArray[np.int32]) -> None:
+        """Say which tokens sequence ``seq_id`` holds at positions 0, 1, ... (state restored from a file,
+        a cut after an interruption), so the next evaluate reuses them; the caller vouches for it."""
+        seq_id = self._seq(seq_id)
+        with guard(self._ctx):
+            held_record(self._ctx).set(seq_id, np.asarray(tokens, dtype=np.int32))
 
     @property
     def can_shift(self) -> bool:
@@ -82,7 +93,7 @@ class KVCache:
         seq_id = self._seq(seq_id, allow_all=True)
         if not self.can_shift:
             raise LlamaError("this model's memory does not support position shifts")
-        with self._ctx._lock:
+        with guard(self._ctx):
             lib.llama_memory_seq_add(self._mem(), seq_id, p0, p1, delta)
             self._forget(seq_id)
 
@@ -93,15 +104,15 @@ class KVCache:
             raise ValueError("divisor must be >= 1")
         if not self.can_shift:
             raise LlamaError("this model's memory does not support position edits")
-        with self._ctx._lock:
+        with guard(self._ctx):
             lib.llama_memory_seq_div(self._mem(), seq_id, p0, p1, d)
             self._forget(seq_id)
 
     def _forget(self, seq_id: int) -> None:
         if seq_id == -1:
-            self._ctx._seq_tokens.clear()
+            held_record(self._ctx).clear()
         else:
-            self._ctx._seq_tokens.forget(seq_id)
+            held_record(self._ctx).forget(seq_id)
 
     def pos_range(self, seq_id: int = 0) -> tuple[int, int] | None:
         """(smallest, largest) position held by the sequence, or None when it is empty."""

@@ -16,7 +16,6 @@ from . import _progress
 from ._ffi import ffi, lib
 from ._handle import Handle
 from .devices import Device
-from . import store
 from .errors import ModelLoadError
 from .fit import DEFAULT_MARGIN_MIB, DEFAULT_MIN_CTX, Fit, estimate_gpu_layers, fit_model_params, has_accelerator
 from .gguf_check import check_model_file
@@ -122,7 +121,9 @@ class Model(Handle):
         rpc: Sequence[str] | str = (),
     ) -> None:
         # a store reference (hf:org/repo:Q4_K_M, https://...) loads from the cache, pulled there if absent
-        self.path = store.resolve(path, progress=progress is True)
+        from .store import resolve  # here: the store (its HTTP client) is not loaded with pyllama
+
+        self.path = resolve(path, progress=progress is True)
         if not self.path.is_file():
             raise ModelLoadError(f"model file not found: {self.path}")
         # Before the device list is built: the servers' devices join it. Every

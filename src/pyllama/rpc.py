@@ -49,6 +49,7 @@ import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any, NoReturn
 
+from ._ffi import ffi, lib
 from .errors import LlamaError
 
 logger = logging.getLogger("pyllama")
@@ -117,8 +118,6 @@ def check_server(endpoint: str, *, timeout: float = CONNECT_TIMEOUT) -> tuple[in
     (busy with another client, or not an RPC server) or speaks an incompatible
     protocol: the cases where ggml's own client would abort or hang.
     """
-    from ._ffi import lib
-
     ep = canonical_endpoint(endpoint)
     host, port = parse_endpoint(ep)
     deadline = time.monotonic() + timeout
@@ -277,8 +276,6 @@ def note_model(model: Any) -> None:
 
 def _proc(name: str) -> Any:
     """A function of the dlopen()ed RPC backend, typed by the generated ``NAME_t``."""
-    from ._ffi import ffi, lib
-
     reg = lib.ggml_backend_reg_by_name(b"RPC")
     if reg == ffi.NULL:
         raise RpcError("this pyllama build has no RPC backend (libggml-rpc is missing from pyllama/lib)")
@@ -294,8 +291,6 @@ def add_servers(endpoints: str | Iterable[str], *, timeout: float = CONNECT_TIME
     Each server is checked first (:func:`check_server`), so one that cannot be
     used raises :class:`RpcError` instead of aborting the process.
     """
-    from ._ffi import ffi, lib
-
     eps = split_endpoints(endpoints)
     names: list[str] = []
     with _add_lock:
@@ -326,8 +321,6 @@ def servers() -> list[str]:
 
 def device_endpoint(device_index: int) -> str | None:
     """The server behind ggml device ``device_index``, or None for a local device."""
-    from ._ffi import ffi, lib
-
     dev = lib.ggml_backend_dev_get(device_index)
     reg = lib.ggml_backend_dev_backend_reg(dev)
     if reg == ffi.NULL or ffi.string(lib.ggml_backend_reg_name(reg)) != b"RPC":
@@ -365,8 +358,6 @@ def serve(*, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, devices: Sequen
     directory, where ggml writes each received tensor in place (a server killed
     mid-write can leave a short file there: clear the directory after a crash).
     """
-    from ._ffi import ffi, lib
-
     ep = canonical_endpoint(f"{host}:{port}")
     ip = ep.rsplit(":", 1)[0]
     if not _is_loopback(ip):
@@ -398,8 +389,6 @@ def serve(*, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, devices: Sequen
 
 def _server_devices(names: Sequence[str]) -> list[Any]:
     """The devices to serve: the named ones, else every accelerator, else the CPU (as rpc-server)."""
-    from ._ffi import ffi, lib
-
     all_devs = [lib.ggml_backend_dev_get(i) for i in range(lib.ggml_backend_dev_count())]
     by_name = {ffi.string(lib.ggml_backend_dev_name(d)).decode(): d for d in all_devs}
     if names:

@@ -19,20 +19,19 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 import numpy.typing as npt
 
 from ._ffi import ffi, lib
+from ._context_access import native
 from ._handle import Handle
-from .batch import Batch
-from .errors import ClosedError, DecodeError, LlamaError
+from .errors import LlamaError
 
 if TYPE_CHECKING:
     from .context import Context
     from .model import Model
-    from .stream import SequenceStream, TokenEvent
 
 #: The n-gram drafters: ``"lookup"`` is llama-lookup's (``common/ngram-cache``: n-grams of 1 to 4
 #: tokens over the prompt and the output so far, as examples/lookup does it); the others are
@@ -82,7 +81,7 @@ class Speculator(Handle):
                  ngram_min_hits: int | None = None) -> None:
         from .model import Model
 
-        ctx._p()
+        native(ctx)
         if ctx.model.is_recurrent or lib.llama_model_is_hybrid(ctx.model._p()):
             raise ValueError("speculative decoding drops rejected draft tokens from the cache, which a "
                              "recurrent or hybrid model's memory cannot do")
@@ -107,8 +106,8 @@ class Speculator(Handle):
                            ("ngram_min_hits", ngram_min_hits)):
             if value is not None:
                 config[key] = int(value)
-        ptr = lib.pyllama_spec_init(json.dumps(config).encode(), ctx._p(),
-                                    draft_ctx._p() if draft_ctx is not None else ffi.NULL, ctx.n_seq_max)
+        ptr = lib.pyllama_spec_init(json.dumps(config).encode(), native(ctx),
+                                    native(draft_ctx) if draft_ctx is not None else ffi.NULL, ctx.n_seq_max)
         if ptr == ffi.NULL:
             message = ffi.string(lib.pyllama_spec_error()).decode("utf-8", "replace")
             if draft_ctx is not None:
@@ -152,13 +151,8 @@ class Speculator(Handle):
 
     def _draft(self, seq_id: int, history: npt.NDArray[np.int32], id_last: int, n_max: int) -> int:
         """Draft up to ``n_max`` tokens after ``id_last`` (at position len(history)); they land in ``_out``."""
-        dctx = self.draft_context
-        st = dctx._arm_abort() if dctx is not None else None
-        n = self._check(lib.pyllama_spec_draft(self._p(), seq_id, ffi.from_buffer("llama_token[]", history),
-                                               history.size, id_last, n_max, self._out_p, self.n_max), "draft")
-        if st is not None and st.interrupted:
-            raise KeyboardInterrupt
-        return n
+        return self._check(lib.pyllama_spec_draft(self._p(), seq_id, ffi.from_buffer("llama_token[]", history),
+                                                  history.size, id_last, n_max, self._out_p, self.n_max), "draft")
 
 
 def _draft_context(ctx: Context, draft: Model, n_max: int) -> Context:
@@ -172,103 +166,4 @@ def _draft_context(ctx: Context, draft: Model, n_max: int) -> Context:
                    flash_attn=ctx.flash_attn, kv_unified=unified)
 
 
-def verify(stream: SequenceStream, ctx_ptr: Any, row: int,
-           draft: npt.NDArray[np.int32]) -> tuple[list[TokenEvent], int, int]:
-    """Sample batch rows ``row``, ``row + 1``, ... with the stream's own chain while each sampled token is
-    the draft's (row ``row + i`` holds the logits after draft token ``i - 1``); stop at the first other token,
-    at the end of the draft or when the stream finishes. Returns the events, how many draft tokens were
-    accepted and the last sampled token."""
-    sample, push = stream.sample, stream.push
-    events: list[TokenEvent] = []
-    n = len(draft)
-    i = 0
-    while True:
-        token = sample(ctx_ptr, row + i)
-        ev = push(token, ctx_ptr, row + i)
-        if ev is not None:
-            events.append(ev)
-        if stream.finish_reason is not None or i == n or token != draft[i]:
-            return events, i, token
-        i += 1
-
-
-def run(spec: Speculator, ctx: Context, stream: SequenceStream, seq_id: int, prompt: npt.NDArray[np.int32],
-        first: int, stats: SpeculativeStats,
-        before_decode: Callable[[], None] | None = None) -> Iterator[TokenEvent]:
-    """Generate after ``prompt`` (which ``ctx`` holds for ``seq_id``) and its sampled token ``first``.
-
-    Each round drafts after the last token, decodes [last, draft...] on the
-    target (and lets the drafter see it), samples the rows in order while the
-    draft agrees, emits what was sampled and drops the rest from the caches.
-    ``before_decode`` runs right before each target decode.
-    """
-    if spec.closed:
-        raise ClosedError("this speculator is closed")
-    if spec.ctx is not ctx:
-        raise ValueError("this speculator drafts for another context")
-    dctx = spec.draft_context
-    if dctx is not None:  # the draft model reads the prompt too (reusing what it already holds)
-        dctx.evaluate(prompt, seq_id=seq_id, logits="none" if prompt.size > 1 else "last")
-    n_ctx_seq = ctx.n_ctx_seq
-    history = np.empty(n_ctx_seq + 1, dtype=np.int32)
-    pos = int(prompt.size)
-    history[:pos] = prompt
-    spec._begin(seq_id, history[:pos])
-    batch = Batch(spec.n_max + 1)
-    batch.seq_id[:, 0] = seq_id
-    batch.logits[:] = 1
-    tok_arr, pos_arr = batch.token, batch.pos
-    out = spec._out
-    tracker = ctx._seq_tokens
-    dtracker = dctx._seq_tokens if dctx is not None else None
-    lock = ctx._lock
-    id_last = first
-    while True:
-        if pos >= n_ctx_seq:
-            stream.finish("context")
-            return
-        # id_last goes at pos, the draft after it: within the sequence and within what may still be emitted
-        n_max = min(spec.n_max, n_ctx_seq - pos - 1)
-        if stream.max_tokens is not None:
-            n_max = min(n_max, stream.max_tokens - stream.n_generated - 1)
-        with lock:  # a close() from another thread cannot free the context mid-round
-            if ctx._ptr is None:
-                raise ClosedError("the context was closed during generation")
-            n_draft = spec._draft(seq_id, history[:pos], id_last, n_max) if n_max > 0 else 0
-            tok_arr[0] = id_last
-            tok_arr[1:n_draft + 1] = out[:n_draft]
-            pos_arr[:n_draft + 1] = np.arange(pos, pos + n_draft + 1, dtype=np.int32)
-            batch._struct.n_tokens = n_draft + 1
-            if before_decode is not None:
-                before_decode()
-            ctx._decode(batch)
-            if dctx is not None and n_draft:
-                st = dctx._arm_abort()
-                rc = lib.pyllama_spec_process(spec._p(), seq_id, ffi.from_buffer("llama_token[]", tok_arr),
-                                              n_draft + 1, pos)
-                if st.interrupted:
-                    raise KeyboardInterrupt
-                if rc != 0:
-                    raise DecodeError("the draft model failed to decode the verified batch: "
-                                      + ffi.string(lib.pyllama_spec_error()).decode("utf-8", "replace"), rc)
-            events, n_accepted, token = verify(stream, ctx._ptr, 0, out[:n_draft])
-            if n_draft:
-                stats.add(n_draft, n_accepted)
-                spec._accept(seq_id, n_accepted)
-            # the cache keeps id_last and the accepted draft tokens; the rest of the batch goes
-            n_kept = n_accepted + 1
-            kept = tok_arr[:n_kept]
-            history[pos:pos + n_kept] = kept
-            for t in kept:
-                tracker.append(seq_id, int(t))
-                if dtracker is not None:
-                    dtracker.append(seq_id, int(t))
-            pos += n_kept
-            if n_accepted < n_draft:  # rejected draft tokens sit in the caches after pos
-                ctx.kv.remove(seq_id, pos, -1)
-                if dctx is not None:
-                    dctx.kv.remove(seq_id, pos, -1)
-            id_last = token
-        yield from events
-        if stream.finish_reason is not None:
-            return
+__all__ = ["Speculator", "SpeculativeStats", "DraftArg", "NGRAM_TYPES"]

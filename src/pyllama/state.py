@@ -27,8 +27,10 @@ import numpy as np
 import numpy.typing as npt
 
 from ._ffi import ffi, lib
+from .context_params import ggml_type
 from .errors import StateError
 from .vocab import TokenArray, as_tokens
+from ._context_access import guard, held_record, native
 
 if TYPE_CHECKING:
     from .context import Context
@@ -61,8 +63,6 @@ class _Shape:
 
 
 def _shape(ctx: Context) -> _Shape:
-    from .context import ggml_type
-
     m = ctx.model
     return _Shape(m.architecture.encode()[:32], m.n_params, ctx.n_vocab, m.n_embd, m.n_layer,
                   ggml_type(ctx.type_k), ggml_type(ctx.type_v), ctx.n_seq_max)
@@ -87,8 +87,8 @@ class State:
 
     def _pack(self, kind: int, seq_id: int, tokens: TokenArray) -> bytes:
         ctx = self._ctx
-        with ctx._lock:
-            p = ctx._p()
+        with guard(ctx):
+            p = native(ctx)
             if kind == KIND_CONTEXT:
                 size = lib.llama_state_get_size(p)
             else:
@@ -171,14 +171,14 @@ class State:
         self._check_raw(payload, kind)
         ctx = self._ctx
         src = ffi.from_buffer("uint8_t[]", payload)
-        with ctx._lock:
-            p = ctx._p()
+        with guard(ctx):
+            p = native(ctx)
             if kind == KIND_CONTEXT:
                 n = lib.llama_state_set_data(p, src, len(payload))
-                ctx._seq_tokens.clear()
+                held_record(ctx).clear()
             else:
                 n = lib.llama_state_seq_set_data(p, src, len(payload), seq_id)
-                ctx._seq_tokens.forget(seq_id)
+                held_record(ctx).forget(seq_id)
         if n == 0:
             what = "state" if kind == KIND_CONTEXT else f"sequence state (into sequence {seq_id})"
             raise StateError(f"llama.cpp could not restore the {what}: different model or context shape, "
@@ -251,7 +251,7 @@ class State:
     # --- helpers ----------------------------------------------------------------------
     def _tokens(self, tokens: npt.ArrayLike) -> TokenArray:
         toks = as_tokens(tokens)
-        self._ctx._vocab.check_tokens(toks)
+        self._ctx.model.vocab.check_tokens(toks)
         return toks
 
     def _load_llama_file(self, path: Path, data: bytes, kind: int, seq_id: int) -> TokenArray:

@@ -28,6 +28,7 @@ from typing import Any, Literal, Union
 
 from ._ffi import ffi, lib
 from ._handle import Handle
+from ._context_access import guard, native
 from .context import Context
 from .errors import LlamaError
 
@@ -171,7 +172,7 @@ _RETIRED: set[_Native] = set()
 
 def _ctx_live(ctx: Context) -> bool:
     # _finalizer.alive: at interpreter exit the context may be freed by its finalizer without close()
-    return ctx._ptr is not None and ctx._finalizer.alive
+    return not ctx.closed
 
 
 def _sweep(_ref: object = None) -> None:
@@ -224,11 +225,11 @@ class _Native:
             # Empty under garbage collection: an attached pool is kept alive by _ATTACHED.
             ctxs = [c for c, pools in list(_ATTACHED.items()) if any(p is not None and p._native is self for p in pools)]
         for ctx in ctxs:
-            with ctx._lock, _LOCK:  # waits for a decode running on the pool
+            with guard(ctx), _LOCK:  # waits for a decode running on the pool
                 pools = _ATTACHED.get(ctx)
                 if pools is not None and any(p is not None and p._native is self for p in pools):
                     if _ctx_live(ctx):
-                        lib.llama_detach_threadpool(ctx._ptr)
+                        lib.llama_detach_threadpool(native(ctx))
                     del _ATTACHED[ctx]
         with _LOCK:
             _RETIRED.add(self)
@@ -327,8 +328,8 @@ class Threadpool(Handle):
             raise TypeError(f"attach() takes a pyllama.Context, not {type(ctx).__name__}")
         if batch is not None and not isinstance(batch, Threadpool):
             raise TypeError(f"batch must be a Threadpool or None, not {type(batch).__name__}")
-        with ctx._lock:
-            cp = ctx._p()
+        with guard(ctx):
+            cp = native(ctx)
             with _LOCK:  # a pool closed concurrently either fails here or sees this context
                 tp = self._p()
                 bp = batch._p() if batch is not None else ffi.NULL
@@ -348,14 +349,14 @@ class Threadpool(Handle):
         if not isinstance(ctx, Context):
             raise TypeError(f"detach() takes a pyllama.Context, not {type(ctx).__name__}")
         self._p()
-        with ctx._lock, _LOCK:
+        with guard(ctx), _LOCK:
             pools = _ATTACHED.get(ctx)
             if not _ctx_live(ctx):
                 _ATTACHED.pop(ctx, None)
                 return
             if pools is None or self not in pools:
                 raise ValueError("this threadpool is not attached to that context")
-            lib.llama_detach_threadpool(ctx._ptr)
+            lib.llama_detach_threadpool(native(ctx))
             del _ATTACHED[ctx]
 
     @property

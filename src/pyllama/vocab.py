@@ -8,6 +8,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ._ffi import ffi, lib
+from .context_params import default_threads
 from .errors import ClosedError, TokenizationError
 
 if TYPE_CHECKING:
@@ -265,7 +266,7 @@ class Vocab:
         """Tokenize several texts across threads (the GIL is released inside ``llama_tokenize``).
 
         Results are in order and identical to tokenizing each text alone.
-        ``n_threads`` defaults to the context default (:func:`pyllama.context.thread_choice`);
+        ``n_threads`` defaults to the context default (:func:`pyllama.context_params.thread_choice`);
         small batches run on the calling thread, where a pool would cost more than it saves.
         """
         items = list(texts)
@@ -332,8 +333,6 @@ def _map_in_threads(fn: Callable[[T], TokenArray], items: list[T], n_threads: in
     """``[fn(x) for x in items]`` in order, over contiguous shares of similar byte counts in a thread
     pool (fn releases the GIL inside llama_tokenize); small batches stay on the calling thread."""
     if n_threads is None:
-        from .context import default_threads
-
         n_threads = default_threads()
     if n_threads < 1:
         raise ValueError("n_threads must be >= 1")

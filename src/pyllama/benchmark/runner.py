@@ -35,7 +35,9 @@ import numpy as np
 import numpy.typing as npt
 
 import pyllama
+from pyllama._context_access import native
 from pyllama._ffi import ffi, lib
+from pyllama.decoder import Decoder
 from pyllama.errors import StateError
 from pyllama.rpc import servers as rpc_servers
 
@@ -221,6 +223,7 @@ class PyllamaTest:
     depth_cache: DepthCache
     rng: np.random.Generator
     ctx: pyllama.Context = field(init=False)
+    decoder: Decoder = field(init=False)
     pool: pyllama.Threadpool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -235,6 +238,7 @@ class PyllamaTest:
             self.ctx.close()
             raise BenchError(f"threadpool create failed: n_threads {self.inst.n_threads}: {exc}") from None
         self.pool.attach(self.ctx)
+        self.decoder = Decoder(self.ctx)
         vocab = self.model.vocab
         self.n_vocab = vocab.n_tokens
         self.bos = vocab.bos if vocab.add_bos and vocab.bos is not None else None
@@ -246,7 +250,7 @@ class PyllamaTest:
             self.chain = pyllama.SamplerChain([pyllama.Greedy()], self.model)
             if self.inst.sampling == "backend":
                 try:
-                    self.ctx._attach_sampler(0, self.chain)
+                    self.decoder.attach(0, self.chain)
                 except ValueError as exc:
                     self.close()
                     raise BenchError(str(exc)) from None
@@ -304,15 +308,12 @@ class PyllamaTest:
         """n tokens as pyllama.generate's fused step takes them: decode the previous token, then choose
         the next (host: llama.cpp's greedy sampler; argmax: over the logits view; backend: read the
         token the graph chose); the chosen token is the next input. End of generation is ignored."""
-        ctx = self.ctx
-        s = self._step
-        s.prev, s.pos, s.st = first, pos, ctx._arm_abort()
-        ctx_p, step = ctx._p(), lib.pyllama_step_next
-        for _ in range(n):
-            if step(ctx_p, s) in (lib.PYLLAMA_STEP_FAILED, lib.PYLLAMA_STEP_FULL):
-                raise BenchError(f"decode or sampling failed ({s.rc})")
-        ctx.synchronize()
-        return int(s.pos)
+        try:
+            pos = self.decoder.run_steps(self._step, first, pos, n)
+        except pyllama.DecodeError as exc:
+            raise BenchError(str(exc)) from None
+        self.ctx.synchronize()
+        return pos
 
     def _gen_sampled_native(self, first: int, n: int, pos: int) -> int:
         """The same n tokens through llama-simple's loop in C (pyllama_c_generate_loop)."""
@@ -322,7 +323,7 @@ class PyllamaTest:
         ctx.decode(self.batch1)
         out = np.empty(n, dtype=np.int32)
         chain_p = ffi.NULL if self.inst.sampling == "argmax" else self.chain._p()
-        got = lib.pyllama_c_generate_loop(ctx._p(), chain_p, pos + 1, n, ffi.from_buffer("llama_token[]", out))
+        got = lib.pyllama_c_generate_loop(native(ctx), chain_p, pos + 1, n, ffi.from_buffer("llama_token[]", out))
         if got != n:
             raise BenchError(f"the C loop failed at token {-got}")
         ctx.synchronize()

@@ -18,19 +18,20 @@ import time
 import weakref
 from collections import deque
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence, Union
 
 import numpy as np
 import numpy.typing as npt
 
 from .._channel import Waiter, wake
-from .._ffi import lib
-from ..batch import Batch
-from ..context import Context, FlashAttn
+from ..context import Context
+from ..context_params import FlashAttn
+from ..decoder import Cursor, Decoder
 from ..errors import ClosedError, ContextOverflowError, LlamaError
-from ..sampling import Sampler
-from ..speculative import SpeculativeStats, Speculator, verify
-from ..stream import SAMPLING_MODES, FinishReason, Sampling, SequenceStream
+from ..options import (CONTEXT_FULL, SAMPLING_MODES, SUBMIT_KEYS, ContextFull, Sampling, SubmitOptions, Unpack,
+                       check, stream_options)
+from ..speculative import SpeculativeStats, Speculator
+from ..stream import FinishReason, SequenceStream
 from ..vocab import Vocab, as_tokens
 from .request import EngineBusyError, EngineRequest
 from .slots import Slot, choose_slot
@@ -38,8 +39,6 @@ from .slots import Slot, choose_slot
 if TYPE_CHECKING:
     from ..model import Model
 
-ContextFull = Literal["stop", "error", "shift"]
-_CONTEXT_FULL = ("stop", "error", "shift")
 
 
 @dataclass(frozen=True)
@@ -62,7 +61,11 @@ class EngineStats:
     generated_tokens: int
     draft_tokens: int = 0  # speculative decoding: tokens drafted and verified
     draft_accepted_tokens: int = 0  # of them, the ones the model agreed with (emitted without a decode of their own)
+    draft_steps: int = 0  # speculative decoding: verifications of a request's draft
+    busy_slot_steps: int = 0  # requests decoded, summed over steps (/ steps: llama-server's busy slots per decode)
 
+
+EnginePrompt = Union[str, bytes, Sequence[int], npt.NDArray[np.integer[Any]]]
 
 #: The engine's counters: every EngineStats field but the live gauges.
 COUNTERS = tuple(f.name for f in fields(EngineStats) if f.name not in ("n_slots", "busy_slots", "queue_len"))
@@ -80,9 +83,9 @@ class _Core:
         self.n_ctx_slot = n_ctx_slot
         self.max_queue = max_queue
         self.similarity = similarity
-        self.slots = [Slot(i, n_ctx_slot) for i in range(n_slots)]
+        self.slots = [Slot(i) for i in range(n_slots)]
         self.active: list[Slot] = []  # slots serving a request, in admission order
-        self.batch = Batch(ctx.n_batch)
+        self.decoder = Decoder(ctx, capacity=ctx.n_batch)
         self.lock = threading.Lock()
         self.cv = threading.Condition(self.lock)
         self.queue: deque[EngineRequest] = deque()
@@ -235,187 +238,85 @@ class _Core:
 
     def _admit(self) -> None:
         free = [s for s in self.slots if s.request is None]
+        decoder = self.decoder
         while free:
             with self.lock:
                 if not self.queue:
                     return
                 req = self.queue.popleft()
-            slot, lcp = choose_slot(free, req.prompt_tokens, self.similarity)
+            slot, _ = choose_slot(free, req.prompt_tokens, self.similarity, decoder.held)
             free.remove(slot)
-            keep = min(lcp, req.n_prompt - 1)  # evaluate at least one token: its logits start the reply
-            mem = lib.llama_get_memory(self.ctx._p())
-            if keep < slot.n_cached and not lib.llama_memory_seq_rm(mem, slot.id, keep, -1):
-                lib.llama_memory_seq_rm(mem, slot.id, -1, -1)  # recurrent memory: start over
-                keep = 0
-            slot.n_cached = keep
-            slot.prefill = keep
-            slot.pos = keep
-            slot.request = req
-            slot.state = "prefill"
-            req.n_cached = keep
+            cursor = Cursor(slot.id, req._stream, req.prompt_tokens, limit=self.n_ctx_slot,
+                            on_full=req.context_full, spec=self.spec, stats=req.speculative)
+            slot.request, slot.cursor, slot.state = req, cursor, "prefill"
+            req.slot_id = slot.id
             req.t_start = time.perf_counter()
-            stream = req._stream
-            try:  # backend sampling: this request's chain in the graph for its slot (else none there)
-                self.ctx._attach_sampler(slot.id, stream.chain if stream.sampling == "backend" else None)
-            except ValueError as exc:
-                self.active.append(slot)
+            self.active.append(slot)
+            try:  # the prefix the slot holds is kept; backend sampling: the request's chain in the graph
+                decoder.start(cursor)
+            except (ValueError, LlamaError) as exc:
                 self._fail(slot, exc)
                 continue
-            if self.spec is not None:
-                try:
-                    self.spec._begin(slot.id, req.prompt_tokens)
-                except LlamaError as exc:
-                    self.active.append(slot)
-                    self._fail(slot, exc)
-                    continue
-            self.c["cached_prompt_tokens"] += keep
-            self.active.append(slot)
+            req.n_cached = cursor.n_reused
+            self.c["cached_prompt_tokens"] += cursor.n_reused
 
     def _step(self) -> None:
-        batch = self.batch
-        tok, pos, seq, logits = batch.token, batch.pos, batch.seq_id, batch.logits
-        n = 0
-        # (slot, batch row whose logits it samples, draft tokens in the rows after it)
-        rows: list[tuple[Slot, int, int]] = []
-        chunks: list[tuple[Slot, int]] = []  # (slot, prompt tokens in this batch)
-        gens = [s for s in self.active if s.state == "generate"]
-        spec = self.spec
-        for i, slot in enumerate(gens):
-            if slot.pos >= self.n_ctx_slot and not self._context_full(slot):
-                continue
-            tok[n], pos[n], seq[n, 0], logits[n] = slot.last_token, slot.pos, slot.id, 1
-            n_draft = 0
-            if spec is not None:
-                n_draft = self._draft(slot, n, batch.capacity - n - (len(gens) - i))
-            rows.append((slot, n, n_draft))
-            n += 1 + n_draft
-        budget = batch.capacity - n
-        for slot in self.active:
-            if slot.state != "prefill" or budget <= 0:
-                continue
-            req = slot.request
-            assert req is not None
-            k = min(req.n_prompt - slot.prefill, budget)
-            end = n + k
-            tok[n:end] = req.prompt_tokens[slot.prefill:slot.prefill + k]
-            pos[n:end] = np.arange(slot.prefill, slot.prefill + k, dtype=np.int32)
-            seq[n:end, 0] = slot.id
-            logits[n:end] = 0
-            if slot.prefill + k == req.n_prompt:
-                logits[end - 1] = 1
-                rows.append((slot, end - 1, -1))
-            chunks.append((slot, k))
-            n = end
-            budget -= k
-        # The events of the previous step go out now, as this decode starts: the event loops that
-        # consume them take the GIL while llama.cpp runs without it, not while this thread needs it.
-        self._flush_waiters()
-        if n == 0:
-            return
-        batch.n_seq_id[:n] = 1
-        batch._struct.n_tokens = n
-        try:
-            self.ctx._decode(batch)
-        except LlamaError as exc:
-            for slot in {id(s): s for s in [r[0] for r in rows] + [c[0] for c in chunks]}.values():
-                self._fail(slot, exc)
+        """One decode for every active slot (the decoder runs it; the engine accounts and delivers)."""
+        # The events of the previous step go out as this decode starts: the event loops that consume
+        # them take the GIL while llama.cpp runs without it, not while this thread needs it.
+        held = self.decoder.step([s.cursor for s in self.active if s.cursor is not None], self._flush_waiters)
+        if not held:
+            self._end_full_slots()
             return
         c = self.c
-        c["steps"] += 1
-        n_req = sum(1 for r in rows if r[2] >= 0) + len(chunks)
-        if n_req >= 2:
-            c["batched_steps"] += 1
-        if n_req > c["max_requests_in_step"]:
-            c["max_requests_in_step"] = n_req
-        for slot, k in chunks:
-            req = slot.request
-            assert req is not None
-            slot.append(req.prompt_tokens[slot.prefill:slot.prefill + k])
-            slot.prefill += k
-            c["prompt_tokens"] += k
-            if slot.prefill == req.n_prompt:
-                slot.state = "generate"
-                slot.pos = req.n_prompt
-        ptr = self.ctx._ptr
+        decode_failed = held[0].error is not None and all(h.error is held[0].error for h in held)
+        if not decode_failed:  # (a failed decode fails its requests below)
+            c["steps"] += 1
+            if len(held) >= 2:
+                c["batched_steps"] += 1
+            if len(held) > c["max_requests_in_step"]:
+                c["max_requests_in_step"] = len(held)
+            c["busy_slot_steps"] += len(held)
         now = time.perf_counter()
-        mem = lib.llama_get_memory(ptr)
-        for slot, row, n_draft in rows:
-            req = slot.request
-            assert req is not None
-            stream = req._stream
-            n_before = stream.n_generated
-            try:
-                # r draft tokens accepted (a slot's last prompt row, n_draft -1, has none)
-                events, r, token = verify(stream, ptr, row, tok[row + 1:row + 1 + max(n_draft, 0)])
-                for ev in events:
-                    self.waiters.append(req._channel.put(ev))
-                if n_draft >= 0:  # a generating slot: its last token and the accepted draft stay cached
-                    slot.append(tok[row:row + 1 + r])
-                    slot.pos += 1 + r
-                    if r < n_draft:
-                        lib.llama_memory_seq_rm(mem, slot.id, slot.pos, -1)
-                    if spec is not None:
-                        spec._accept(slot.id, r)
-                        c["draft_tokens"] += n_draft
-                        c["draft_accepted_tokens"] += r
-                        if n_draft > 0 and req.speculative is not None:
-                            req.speculative.add(n_draft, r)
-            except Exception as exc:
-                self._fail(slot, exc)
+        for slot in list(self.active):
+            cur, req = slot.cursor, slot.request
+            assert cur is not None and req is not None
+            if cur.error is not None:
+                self._fail(slot, cur.error)
                 continue
-            if req.t_first_token is None:
-                req.t_first_token = now
-            c["generated_tokens"] += stream.n_generated - n_before
+            stream = req._stream
+            c["prompt_tokens"] += cur.n_prefilled
+            if cur.generating:
+                slot.state = "generate"
+            if cur.n_drafted:
+                c["draft_steps"] += 1
+                c["draft_tokens"] += cur.n_drafted
+                c["draft_accepted_tokens"] += cur.n_accepted
+            if stream.n_generated > req.n_counted:
+                if req.t_first_token is None:
+                    req.t_first_token = now
+                c["generated_tokens"] += stream.n_generated - req.n_counted
+                req.n_counted = stream.n_generated
+            if cur.events:
+                put = req._channel.put
+                for ev in cur.events:
+                    self.waiters.append(put(ev))
+                cur.events = []
             if stream.finish_reason is not None:
                 self._release(slot)
                 self._finish(req, None)
-            else:
-                slot.last_token = token
 
-    def _draft(self, slot: Slot, row: int, room: int) -> int:
-        """Draft after the slot's last token into the batch rows after ``row``; returns how many."""
-        spec = self.spec
-        req = slot.request
-        assert spec is not None and req is not None
-        stream = req._stream
-        if stream.sampling == "backend":  # rows sampled in the graph are not verified one after another
-            return 0
-        n_max = min(spec.n_max, room, self.n_ctx_slot - slot.pos - 1)
-        if stream.max_tokens is not None:
-            n_max = min(n_max, stream.max_tokens - stream.n_generated - 1)
-        if n_max <= 0:
-            return 0
-        k = spec._draft(slot.id, slot.tokens, slot.last_token, n_max)
-        if k:
-            b = self.batch
-            end = row + 1 + k
-            b.token[row + 1:end] = spec._out[:k]
-            b.pos[row + 1:end] = np.arange(slot.pos + 1, slot.pos + 1 + k, dtype=np.int32)
-            b.seq_id[row + 1:end, 0] = slot.id
-            b.logits[row + 1:end] = 1
-        return k
-
-    def _context_full(self, slot: Slot) -> bool:
-        """Handle a slot whose sequence reached n_ctx_slot; True when it may continue."""
-        req = slot.request
-        assert req is not None
-        if req.context_full == "error":
-            self._fail(slot, ContextOverflowError(
-                f"the request reached the context size of a slot ({self.n_ctx_slot} tokens)"))
-            return False
-        if req.context_full == "shift" and self.ctx.kv.can_shift:
-            n_discard = slot.pos // 2
-            mem = lib.llama_get_memory(self.ctx._p())
-            lib.llama_memory_seq_rm(mem, slot.id, 0, n_discard)
-            lib.llama_memory_seq_add(mem, slot.id, n_discard, -1, -n_discard)
-            kept = slot.cached[n_discard:slot.n_cached].copy()
-            slot.n_cached = 0
-            slot.append(kept)
-            slot.pos -= n_discard
-            return True
-        self._release(slot)
-        self._finish(req, "context")
-        return False
+    def _end_full_slots(self) -> None:
+        """Slots that reached their limit in a step that decoded nothing."""
+        for slot in list(self.active):
+            cur, req = slot.cursor, slot.request
+            if cur is None or req is None:
+                continue
+            if cur.error is not None:
+                self._fail(slot, cur.error)
+            elif req._stream.finish_reason is not None:
+                self._release(slot)
+                self._finish(req, None)
 
     # --- request ends ---------------------------------------------------------------------------
     def _finish(self, req: EngineRequest, reason: FinishReason | None) -> None:
@@ -428,10 +329,8 @@ class _Core:
 
     def _fail(self, slot: Slot, exc: BaseException) -> None:
         req = slot.request
-        # What the failed request left in the cache is unknown: drop it.
-        lib.llama_memory_seq_rm(lib.llama_get_memory(self.ctx._p()), slot.id, -1, -1)
-        slot.n_cached = 0
         self._release(slot)
+        self.decoder.drop(slot.id)  # what the failed request left in the cache is unknown
         if req is not None:
             with self.lock:
                 self.c["requests_failed"] += 1
@@ -444,9 +343,8 @@ class _Core:
         req._stream.close()
 
     def _release(self, slot: Slot) -> None:
-        req = slot.request
-        if req is not None and req._stream.sampling == "backend":
-            self.ctx._detach_sampler(slot.id, req._stream._chain)  # before the request frees its chain
+        if slot.cursor is not None:
+            self.decoder.finish(slot.cursor)  # before the request frees its chain
         slot.release()
         if slot in self.active:
             self.active.remove(slot)
@@ -456,8 +354,8 @@ def check_request(vocab: Vocab, prompt: str | bytes | Sequence[int] | npt.NDArra
                   n_ctx_slot: int, max_tokens: int | None, add_special: bool, parse_special: bool,
                   context_full: str) -> npt.NDArray[np.int32]:
     """The prompt's tokens, once the request is known to fit a slot (else ValueError or ContextOverflowError)."""
-    if context_full not in _CONTEXT_FULL:
-        raise ValueError(f"context_full must be one of {_CONTEXT_FULL}, not {context_full!r}")
+    if context_full not in CONTEXT_FULL:
+        raise ValueError(f"context_full must be one of {CONTEXT_FULL}, not {context_full!r}")
     if isinstance(prompt, (str, bytes)):
         tokens = vocab.tokenize(prompt, add_special=add_special, parse_special=parse_special)
     else:
@@ -491,16 +389,13 @@ class EngineFront:
 
     model: Model
 
-    def submit(self, prompt: str | bytes | Sequence[int] | npt.NDArray[np.integer[Any]], *,
-               max_tokens: int | None = 256, stop: Sequence[str] = (),
-               sampler: Sequence[Sampler] | None = None) -> EngineRequest:  # pragma: no cover - abstract
+    def submit(self, prompt: EnginePrompt,
+               **options: Unpack[SubmitOptions]) -> EngineRequest:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def generate(self, prompt: str | bytes | Sequence[int] | npt.NDArray[np.integer[Any]], *,
-                 max_tokens: int | None = 256, stop: Sequence[str] = (),
-                 sampler: Sequence[Sampler] | None = None) -> str:
+    def generate(self, prompt: EnginePrompt, **options: Unpack[SubmitOptions]) -> str:
         """Submit and wait: the whole completion as one string."""
-        return self.submit(prompt, max_tokens=max_tokens, stop=stop, sampler=sampler).result()
+        return self.submit(prompt, **options).result()
 
     def tokenize(self, text: str | bytes, *, add_special: bool = True,
                  parse_special: bool = False) -> npt.NDArray[np.int32]:
@@ -561,8 +456,9 @@ class Engine(EngineFront):
                       n_threads=n_threads, n_threads_batch=n_threads_batch, flash_attn=flash_attn,
                       type_k=type_k, type_v=type_v, kv_unified=True)
         try:
-            if sampling == "backend" and ctx._backend_sampling_refusal is not None:
-                raise ValueError(ctx._backend_sampling_refusal)
+            refusal = Decoder(ctx).backend_refusal() if sampling == "backend" else None
+            if refusal is not None:
+                raise ValueError(refusal)
             spec = Speculator(ctx, draft, n_max=n_draft) if draft is not None else None
         except BaseException:
             ctx.close()
@@ -579,45 +475,46 @@ class Engine(EngineFront):
         self._finalizer = weakref.finalize(self, self._core.shutdown)
 
     # --- requests -------------------------------------------------------------------------------
-    def submit(self, prompt: str | bytes | Sequence[int] | npt.NDArray[np.integer[Any]], *,
-               max_tokens: int | None = 256, stop: Sequence[str] = (), sampler: Sequence[Sampler] | None = None,
-               logprobs: bool = False, top_logprobs: int = 0, add_special: bool = True,
-               parse_special: bool = True, context_full: ContextFull = "stop",
-               ignore_eos: bool = False, grammar: str | None = None,
-               json_schema: Mapping[str, Any] | str | None = None,
-               sampling: Sampling | None = None) -> EngineRequest:
+    def submit(self, prompt: EnginePrompt, **options: Unpack[SubmitOptions]) -> EngineRequest:
         """Queue a generation; iterate the returned request for its token events.
 
-        Thread-safe and non-blocking. ``sampler`` is a list of pyllama sampler specs
-        (None: greedy); ``grammar`` (GBNF) or ``json_schema`` constrain it; ``sampling``
-        is :func:`pyllama.generate`'s (``"backend"``: the chain runs in the graph for
-        this request's slot, and its tokens are not drafted). None takes the engine's
-        ``sampling``, or "auto" for a request that mode cannot serve (logprobs with
-        "backend", a non-greedy chain with "argmax").
+        Thread-safe and non-blocking. The options are :class:`pyllama.SubmitOptions`:
+        :func:`pyllama.generate`'s sampling options (``sampler`` specs or the plain
+        knobs, ``max_tokens``, ``stop``, ``grammar``/``json_schema``, ...) and
+        ``add_special``/``parse_special``. ``sampling`` ``"backend"`` runs the chain in
+        the graph for this request's slot (its tokens are not drafted); unset, the
+        engine's ``sampling`` applies, or "auto" for a request that mode cannot serve
+        (logprobs with "backend", a non-greedy chain with "argmax").
         ``context_full`` says what happens when prompt plus reply reach the
-        slot's context: finish with reason ``"context"``, raise
-        :class:`ContextOverflowError`, or ``"shift"`` out the older half.
+        slot's context: finish with reason ``"context"`` ("stop", the default), raise
+        :class:`ContextOverflowError` ("error"), or ``"shift"`` out the older half.
         Raises :class:`EngineBusyError` when the queue is full.
         """
+        check("submit", options, SUBMIT_KEYS)
         if self._core.closing:
             raise ClosedError("the engine is closed")
-        tokens = check_request(self.model.vocab, prompt, n_ctx_slot=self.n_ctx_slot, max_tokens=max_tokens,
-                               add_special=add_special, parse_special=parse_special, context_full=context_full)
-        mode = self.sampling if sampling is None else sampling
+        context_full: ContextFull = options.get("context_full", "stop")
+        tokens = check_request(self.model.vocab, prompt, n_ctx_slot=self.n_ctx_slot,
+                               max_tokens=options.get("max_tokens", 256),
+                               add_special=options.get("add_special", True),
+                               parse_special=options.get("parse_special", True), context_full=context_full)
+        sampling = options.get("sampling")
+        kw = stream_options(options)
+        if isinstance(kw.get("sampler"), Sequence):
+            kw["sampler"] = list(kw["sampler"])
 
         def stream_for(mode: Sampling) -> SequenceStream:
-            return SequenceStream(self.model, list(sampler) if sampler is not None else None,
-                                  max_tokens=max_tokens, stop=stop, logprobs=logprobs, top_logprobs=top_logprobs,
-                                  ignore_eos=ignore_eos, grammar=grammar, json_schema=json_schema, sampling=mode)
+            return SequenceStream(self.model, **{**kw, "sampling": mode})
 
+        mode = self.sampling if sampling is None else sampling
         try:
             stream = stream_for(mode)
         except ValueError:
             if sampling is not None or mode == "auto":
                 raise
             stream = stream_for("auto")  # the engine's default cannot serve this request
-        if self._core.spec is None and self._core.ctx._backend_sampling_pays:
-            stream.prefer_backend()
+        if self._core.spec is None:
+            self._core.decoder.prefer_backend(stream)
         req = EngineRequest(tokens, stream, context_full, self._core.cancel)
         if self._core.spec is not None:
             req.speculative = SpeculativeStats()

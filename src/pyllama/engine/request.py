@@ -11,6 +11,7 @@ import numpy.typing as npt
 
 from .._channel import END, EventChannel
 from ..errors import LlamaError
+from ..options import ContextFull
 from ..speculative import SpeculativeStats
 from ..stream import FinishReason, StreamResults, TokenEvent
 
@@ -39,7 +40,7 @@ class EngineRequest(StreamResults):
     """
 
     def __init__(self, prompt_tokens: npt.NDArray[np.int32], stream: SequenceStream,
-                 context_full: str, cancel: Callable[[EngineRequest], None]) -> None:
+                 context_full: ContextFull, cancel: Callable[[EngineRequest], None]) -> None:
         self.id = f"req-{next(_ids)}"
         self.prompt_tokens = prompt_tokens
         self._stream = stream
@@ -50,8 +51,10 @@ class EngineRequest(StreamResults):
         self._async_claimed = False
         self.n_prompt = int(prompt_tokens.size)
         self.n_cached = 0
+        self.n_counted = 0  # generated tokens the engine's counters have seen
         self.t_submit = time.perf_counter()
         self.t_start: float | None = None  # got a slot
+        self.slot_id: int | None = None  # the slot serving it, once it got one
         self.t_first_token: float | None = None
         self.t_done: float | None = None
         self.error: BaseException | None = None

@@ -8,6 +8,7 @@ Layout under pyllama's cache directory (``$PYLLAMA_CACHE`` or the platform's use
     <file>.pyllama.json                        record of a verified file (source, size, sha256)
     <file>.part, <file>.part.json, <file>.lock a download in progress, its resume state, its lock
     gemma-3-270m-q4_k_m.gguf                   the starter model (pyllama.starter)
+    chat-starter/<sha256(path)[:16]>.json      the chat starter's file in its installed package, verified
 
 A file counts as cached only when its record exists and its size matches: the
 downloader writes the record, then renames the verified data into place.
@@ -24,7 +25,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
-from ..starter import STARTER_FILE, cache_dir
+from ..starter import (CHAT_STARTER_DIST, CHAT_STARTER_INSTALL, STARTER_FILE, cache_dir,
+                       chat_starter_record)
 from .refs import HfRef, Reference, UrlRef, is_commit, pick_gguf, sibling_url, split_parts
 
 RECORD_SUFFIX = ".pyllama.json"
@@ -205,8 +207,28 @@ def _starter(root: Path) -> CachedModel | None:
                        sha256=stamp.read_text().strip(), verified=True)
 
 
+def _chat_starter(root: Path) -> CachedModel | None:
+    record = chat_starter_record(root)
+    if record is None:
+        return None
+    path = Path(str(record["path"]))
+    return CachedModel(ref="chat-starter", path=path, files=(path,), size=int(str(record["size"])),
+                       source=f"PyPI package {CHAT_STARTER_DIST} ({CHAT_STARTER_INSTALL})",
+                       sha256=str(record["sha256"]), verified=True)
+
+
+def is_chat_starter(root: Path, path: Path) -> bool:
+    """Whether ``path`` is the chat starter's file (which lives in its package, not in the cache)."""
+    entry = _chat_starter(root)
+    try:
+        return entry is not None and path.resolve() == entry.path.resolve()
+    except OSError:
+        return False
+
+
 def list_models(root: Path) -> list[CachedModel]:
-    """Every complete model in the cache, the starter model included, sorted by reference."""
+    """Every complete model in the cache, the starter models included once assembled or verified,
+    sorted by reference."""
     out = []
     for rec in sorted(root.glob("hf/*/*/*/**/*" + RECORD_SUFFIX)) + sorted(root.glob("url/*/*/*" + RECORD_SUFFIX)):
         file = rec.with_name(rec.name[: -len(RECORD_SUFFIX)])
@@ -216,9 +238,9 @@ def list_models(root: Path) -> list[CachedModel]:
         entry = _entry(file, root)
         if entry is not None:
             out.append(entry)
-    starter = _starter(root)
-    if starter is not None:
-        out.append(starter)
+    for starter in (_starter(root), _chat_starter(root)):
+        if starter is not None:
+            out.append(starter)
     return sorted(out, key=lambda e: e.ref)
 
 

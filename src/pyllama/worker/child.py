@@ -366,6 +366,7 @@ class Server:
 def _llama_abort(model: Model) -> None:
     """Make llama.cpp abort: sampling from a context that has computed no logits trips a
     ``GGML_ASSERT`` inside ``llama_sampler_sample`` (ggml_abort prints the assertion to stderr)."""
+    from .._context_access import native
     from .._ffi import lib
 
     if hasattr(lib, "ggml_abort"):  # bound in builds whose cdef exports it
@@ -373,7 +374,7 @@ def _llama_abort(model: Model) -> None:
     ctx = model.context(n_ctx=32, n_batch=32, n_ubatch=32)
     chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
     lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
-    lib.llama_sampler_sample(chain, ctx._p(), -1)
+    lib.llama_sampler_sample(chain, native(ctx), -1)
     os.abort()  # not reached: llama.cpp aborted above
 
 

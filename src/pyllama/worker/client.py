@@ -18,10 +18,11 @@ import numpy as np
 import numpy.typing as npt
 
 from ..errors import ClosedError
-from ..sampling import Sampler
+from ..samplers import Sampler
 from . import protocol as p
 from .errors import WorkerCrashedError, WorkerError
-from .generation import WorkerGeneration, _generation_options
+from ..options import GENERATE_KEYS, SAMPLING_KEYS, GenerateOptions, SamplingOptions, Unpack
+from .generation import WorkerGeneration, portable_options
 from .process import _LEVELS, _Inbox, _Process, _Slot
 from .session import WorkerChatSession
 
@@ -282,11 +283,7 @@ class Worker:
         return text
 
     # --- generation -------------------------------------------------------------------------------
-    def generate(self, prompt: Prompt, *, sampler: Sequence[Sampler] | None = None, max_tokens: int | None = 256,
-                 stop: Sequence[str] = (), seed: int | None = None, seq_id: int = 0, logprobs: bool = False,
-                 top_logprobs: int = 0, add_special: bool = True, parse_special: bool = True,
-                 context_shift: bool = False, n_keep: int = 0, reuse_prefix: bool = True,
-                 ignore_eos: bool = False, draft: str | None = None) -> WorkerGeneration:
+    def generate(self, prompt: Prompt, **options: Unpack[GenerateOptions]) -> WorkerGeneration:
         """Stream a completion of ``prompt``, as :func:`pyllama.generate` does in process.
 
         The options are :func:`pyllama.generate`'s; ``sampler`` is a list of
@@ -304,28 +301,19 @@ class Worker:
             sent = np.ascontiguousarray(prompt, dtype=np.int32)
             if sent.size == 0:
                 raise ValueError("empty prompt: nothing to condition the generation on")
-        options = _generation_options(sampler=sampler, max_tokens=max_tokens, stop=stop, seed=seed, seq_id=seq_id,
-                                      logprobs=logprobs, top_logprobs=top_logprobs, add_special=add_special,
-                                      parse_special=parse_special, context_shift=context_shift, n_keep=n_keep,
-                                      reuse_prefix=reuse_prefix, ignore_eos=ignore_eos)
-        if draft is not None:
-            if not isinstance(draft, str):
-                raise TypeError("a worker drafts with an n-gram drafter named by a string (a Model lives in this "
-                                "process)")
-            options["draft"] = draft
-        return self._stream(p.GENERATE, (sent, options))
+        return self._stream(p.GENERATE, (sent, portable_options("generate", options, GENERATE_KEYS)))
 
     def chat(self, *, system: str | None = None, template: str | None = None, seq_id: int = 0,
-             sampler: Sequence[Sampler] | None = None, max_tokens: int | None = 256, stop: Sequence[str] = (),
-             seed: int | None = None) -> WorkerChatSession:
-        """A chat session on the model's template, as :class:`pyllama.ChatSession` in process.
+             **options: Unpack[SamplingOptions]) -> WorkerChatSession:
+        """A chat session on the model's template, as :class:`pyllama.ChatSession` in process
+        (``options``: :func:`pyllama.generate`'s sampling options, for every turn).
 
         Sessions on the same ``seq_id`` share its KV cache: the one used last
         evaluates only its new tokens (give each session its own ``seq_id``,
         with ``load(n_seq_max=...)``, to keep several warm at once).
         """
-        return WorkerChatSession(self, system=system, template=template, seq_id=seq_id, sampler=sampler,
-                                 max_tokens=max_tokens, stop=stop, seed=seed)
+        return WorkerChatSession(self, system=system, template=template, seq_id=seq_id,
+                                 options=portable_options("chat", options, SAMPLING_KEYS))
 
     def embed(self, texts: str | Sequence[str], *, normalize: bool = True, pooling: str | None = None
               ) -> npt.NDArray[np.float32]:

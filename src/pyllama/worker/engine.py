@@ -22,15 +22,16 @@ import numpy as np
 import numpy.typing as npt
 
 from .._channel import wake
-from ..engine import ContextFull, EngineBusyError, EngineRequest, EngineStats
-from ..engine.core import COUNTERS, EngineFront, check_embed_request, check_request
+from ..engine import EngineBusyError, EngineRequest, EngineStats
+from ..engine.core import COUNTERS, EnginePrompt, EngineFront, check_embed_request, check_request
 from ..errors import ClosedError
 from ..model import Model
-from ..sampling import Sampler
-from ..stream import FinishReason, Sampling, TokenEvent
+from ..options import SUBMIT_KEYS, Sampling, SubmitOptions, Unpack
+from ..stream import FinishReason, TokenEvent
 from . import protocol as p
 from .client import Worker
 from .errors import WorkerError
+from .generation import portable_options
 from .process import _Inbox, _Process
 
 if TYPE_CHECKING:
@@ -201,26 +202,20 @@ class IsolatedEngine(EngineFront):
         self.embeddings: bool = info["embeddings"]
 
     # --- requests -------------------------------------------------------------------------------
-    def submit(self, prompt: str | bytes | Sequence[int] | npt.NDArray[np.integer[Any]], *,
-               max_tokens: int | None = 256, stop: Sequence[str] = (), sampler: Sequence[Sampler] | None = None,
-               logprobs: bool = False, top_logprobs: int = 0, add_special: bool = True,
-               parse_special: bool = True, context_full: ContextFull = "stop",
-               ignore_eos: bool = False, grammar: str | None = None,
-               json_schema: Mapping[str, Any] | str | None = None,
-               sampling: Sampling | None = None) -> IsolatedRequest:
+    def submit(self, prompt: EnginePrompt, **options: Unpack[SubmitOptions]) -> IsolatedRequest:
         """Queue a generation in the child, as :meth:`pyllama.engine.Engine.submit` does in process.
 
         Non-blocking, except that the first request after a crash starts the fresh child.
         """
         if self._closed:
             raise ClosedError("the engine is closed")
-        tokens = check_request(self.model.vocab, prompt, n_ctx_slot=self.n_ctx_slot, max_tokens=max_tokens,
-                               add_special=add_special, parse_special=parse_special, context_full=context_full)
-        options = {"max_tokens": max_tokens, "stop": list(stop),
-                   "sampler": None if sampler is None else list(sampler), "logprobs": logprobs,
-                   "top_logprobs": top_logprobs, "context_full": context_full, "ignore_eos": ignore_eos,
-                   "grammar": grammar, "json_schema": json_schema if isinstance(json_schema, (str, type(None)))
-                   else dict(json_schema), "sampling": sampling}
+        sent = portable_options("submit", options, SUBMIT_KEYS)
+        tokens = check_request(self.model.vocab, prompt, n_ctx_slot=self.n_ctx_slot,
+                               max_tokens=sent.get("max_tokens", 256), add_special=sent.get("add_special", True),
+                               parse_special=sent.get("parse_special", True),
+                               context_full=sent.get("context_full", "stop"))
+        sent.pop("add_special", None)  # the child gets the tokens
+        sent.pop("parse_special", None)
         with self._lock:  # the child's queue bound, counted here so a full queue is a 503 before any byte
             if self._in_flight >= self.n_slots + self.max_queue:
                 raise EngineBusyError(f"the engine is busy: {self._in_flight} requests are in flight "
@@ -229,7 +224,7 @@ class IsolatedEngine(EngineFront):
             self._in_flight += 1
         req = IsolatedRequest(tokens, self._request_ended)
         try:
-            proc, rid, _ = self._worker._submit(p.ENGINE_SUBMIT, tokens, options, inbox=_Sink(req))
+            proc, rid, _ = self._worker._submit(p.ENGINE_SUBMIT, tokens, sent, inbox=_Sink(req))
         except BaseException:
             self._request_ended()
             raise

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 import numpy.typing as npt
 
 from ..errors import ClosedError
 from ..generate import TokenEvent
-from ..sampling import Sampler, SamplerChain
+from ..options import check
+from ..samplers import Sampler
+from ..sampling import SamplerChain
 from ..speculative import SpeculativeStats
 from . import protocol as p
 from .errors import WorkerError
@@ -148,19 +150,36 @@ class WorkerGeneration:
         return f"<pyllama.WorkerGeneration {state} tokens={len(self._tokens)} finish={self.finish_reason}>"
 
 
-def _generation_options(*, sampler: Sequence[Sampler] | None, max_tokens: int | None, stop: Sequence[str],
-                        seed: int | None, **rest: Any) -> dict[str, Any]:
+def portable_options(where: str, options: Mapping[str, Any], valid: frozenset[str]) -> dict[str, Any]:
+    """``options`` checked (:func:`pyllama.options.check`) and made to cross to the child process: sampler
+    specs as a list (a SamplerChain lives in this process), a JSON schema as a plain dict."""
+    check(where, options, valid)
+    out = dict(options)
+    sampler = out.get("sampler")
     if isinstance(sampler, SamplerChain):
         raise TypeError("a SamplerChain lives in this process; pass the list of sampler specs "
                         "(e.g. [pyllama.TopK(40), pyllama.Dist(seed=1)]) and the worker builds the chain")
-    if sampler is not None and not all(isinstance(s, Sampler) for s in sampler):
-        raise TypeError("sampler must be a list of pyllama sampler specs")
+    if sampler is not None:
+        if not all(isinstance(s, Sampler) for s in sampler):
+            raise TypeError("sampler must be a list of pyllama sampler specs")
+        out["sampler"] = list(sampler)
+    max_tokens = out.get("max_tokens")
     if max_tokens is not None and max_tokens < 0:
         raise ValueError("max_tokens must be >= 0 or None")
+    stop = out.get("stop", ())
     if isinstance(stop, str):
         raise TypeError("stop must be a list of strings, not a string")
-    return {"sampler": None if sampler is None else list(sampler), "max_tokens": max_tokens, "stop": list(stop),
-            "seed": seed, **rest}
+    if "stop" in out:
+        out["stop"] = list(stop)
+    schema = out.get("json_schema")
+    if schema is not None and not isinstance(schema, str):
+        out["json_schema"] = dict(schema)
+    if "logit_bias" in out and out["logit_bias"] is not None:
+        out["logit_bias"] = dict(out["logit_bias"])
+    draft = out.get("draft")
+    if draft is not None and not isinstance(draft, str):
+        raise TypeError("a worker drafts with an n-gram drafter named by a string (a Model lives in this process)")
+    return out
 
 
 __all__ = ["WorkerGeneration"]

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from ..sampling import Sampler
+from ..options import SAMPLING_KEYS
 from . import protocol as p
-from .generation import WorkerGeneration, _generation_options
+from .generation import WorkerGeneration, portable_options
 
 if TYPE_CHECKING:
     from .client import Worker
@@ -24,15 +23,12 @@ class WorkerChatSession:
     """
 
     def __init__(self, worker: Worker, *, system: str | None, template: str | None, seq_id: int,
-                 sampler: Sequence[Sampler] | None, max_tokens: int | None, stop: Sequence[str],
-                 seed: int | None) -> None:
+                 options: dict[str, Any]) -> None:
         self.worker = worker
         self.template = template
         self.seq_id = seq_id
-        self.sampler = sampler
-        self.max_tokens = max_tokens
-        self.stop = list(stop)
-        self.seed = seed
+        #: the sampling options of every turn (checked by :meth:`Worker.chat`; changeable between turns)
+        self.options = options
         self.system = system
         self.messages: list[dict[str, str]] = []
         self.reset()
@@ -43,8 +39,7 @@ class WorkerChatSession:
 
     def stream(self, message: str) -> WorkerGeneration:
         """Send a user message and stream the reply; the reply joins ``messages`` when the stream ends."""
-        options = _generation_options(sampler=self.sampler, max_tokens=self.max_tokens, stop=self.stop,
-                                      seed=self.seed)
+        options = portable_options("chat", self.options, SAMPLING_KEYS)
         history = [*self.messages, {"role": "user", "content": message}]
         gen = self.worker._stream(p.CHAT, (history, self.template, self.seq_id, options),
                                   on_end=lambda g: self.messages.append({"role": "assistant", "content": g.text}))
