@@ -244,8 +244,8 @@ def _model_path(arg: str | None) -> str:
 
 def pyllama_cmd(model: str, port: int, args: argparse.Namespace) -> list[str]:
     return [sys.executable, "-m", "pyllama", "serve", model, "--port", str(port), "--slots", str(args.slots),
-            "-c", str(args.ctx), "-t", str(args.threads), "-b", str(args.batch_size), "-ub", str(args.ubatch_size),
-            "-fa", args.flash_attn, "--alias", "bench"]
+            "--ctx-slot", str(args.ctx), "-t", str(args.threads), "-b", str(args.batch_size),
+            "-ub", str(args.ubatch_size), "-fa", args.flash_attn, "--alias", "bench"]
 
 
 def llama_server_cmd(exe: Path, model: str, port: int, args: argparse.Namespace) -> list[str]:

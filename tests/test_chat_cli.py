@@ -147,13 +147,13 @@ def test_two_turns_reuse_the_kv_cache_and_a_session_round_trips(chat_env: dict[s
 
         saved = tmp_path / "talk.chat"
         term.send(f"/save {saved}\r".encode())
-        term.expect(b"[saved 4 messages")
+        term.expect(b"[saved 5 messages")  # the default system prompt and two turns
         term.expect(PROMPT)
         term.send(b"/reset\r")
         term.expect(b"[conversation reset]")
         term.expect(PROMPT)
         term.send(f"/load {saved}\r".encode())
-        m = term.expect(re.compile(rb"\[loaded 4 messages from .*?; (\d+) tokens of KV cache restored\]"))
+        m = term.expect(re.compile(rb"\[loaded 5 messages from .*?; (\d+) tokens of KV cache restored\]"))
         assert int(m.group(1)) >= new1 + reused1
         term.expect(PROMPT)
         term.send(b"And a third?\r")
@@ -193,10 +193,10 @@ def test_ctrl_c_stops_an_answer_and_the_next_prompt_works(chat_env: dict[str, st
 
 
 def test_the_chat_starter_answers_a_question(chat_env: dict[str, str]) -> None:
-    # Greedy, so the answer is always the same. The system prompt is the user's: under the default one its
-    # template adds ("You are a helpful AI assistant named SmolLM, ...") the 135M model answers this question
-    # with a list of French words.
-    with _chat(chat_env, "-n", "48", "-s", "You are a helpful assistant.") as term:
+    # Greedy, so the answer is always the same; what a user meets: no -s, so `pyllama chat`'s default system
+    # prompt (under the one the starter's template adds, "You are a helpful AI assistant named SmolLM, ...",
+    # the 135M model answers the first question with a list of French words).
+    with _chat(chat_env, "-n", "48") as term:
         term.expect(b"pyllama chat: ")
         term.expect(PROMPT)
         answer = _ask(term, b"What is the capital of France?")

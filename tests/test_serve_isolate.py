@@ -54,7 +54,7 @@ def _complete(srv: RemoteServer, **extra: object) -> httpx.Response:
 
 
 def test_isolated_server_survives_a_killed_worker(synth_model_path: Path) -> None:
-    args = ("-c", "2048", "--slots", "2")
+    args = ("--ctx-slot", "2048", "--slots", "2", "--metrics")
     with RemoteServer(synth_model_path, *args) as plain:
         r = _complete(plain)
         assert r.status_code == 200, r.text

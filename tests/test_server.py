@@ -35,8 +35,8 @@ PROMPTS = ["Hello world the", "Le café est très", "the cat and the dog", "you 
 def server(synth_model_path: Path) -> Iterator[RemoteServer]:
     # small batches: prompts are prefilled in chunks; a tiny keep-alive interval: every stream that waits
     # for its first token gets SSE comments, which the clients of every other test must ignore
-    with RemoteServer(synth_model_path, "--slots", "4", "-c", "256", "--alias", ALIAS, "--max-queue", "16",
-                      "-b", "32", "-ub", "32", "--keepalive", "0.001") as srv:
+    with RemoteServer(synth_model_path, "--slots", "4", "--ctx-slot", "256", "--alias", ALIAS, "--max-queue", "16",
+                      "-b", "32", "-ub", "32", "--keepalive", "0.001", "--metrics") as srv:
         yield srv
 
 
@@ -155,12 +155,12 @@ def test_bad_requests_are_4xx_and_server_keeps_serving(server: RemoteServer) -> 
     assert_error(post(chat, json={"messages": msgs, "max_tokens": "ten"}), 400, message="max_tokens")
     assert_error(post(chat, json={"messages": "hi"}), 400, message="messages")
     assert_error(post(chat, json={"messages": msgs, "temperature": "hot"}), 400, message="temperature")
-    assert_error(post(chat, json={"model": "gpt-4", "messages": msgs}), 404, code="model_not_found")
+    assert post(chat, json={"model": "gpt-4", "messages": msgs, "max_tokens": 1}).status_code == 200  # any name
     assert_error(post(chat, json={"messages": []}), 400, message="messages must not be empty")
     assert_error(post(chat, json={"messages": [{"role": "wizard", "content": "x"}]}), 400, message="role")
     assert_error(post(chat, json={"messages": msgs, "max_tokens": -1}), 400, message="max_tokens")
     assert_error(post(chat, json={"messages": msgs, "max_completion_tokens": 0}), 400, message="max_tokens")
-    assert_error(post(chat, json={"messages": msgs, "n": 2}), 400, message="n=2")
+    assert_error(post(chat, json={"messages": msgs, "n": 5}), 400, message="n must be between 1 and 4")
     assert_error(post(chat, json={"messages": msgs, "logit_bias": {"999999": 5}}), 400, code="invalid_logit_bias")
     assert_error(post(chat, json={"messages": msgs, "logit_bias": {"-3": 5}}), 400, code="invalid_logit_bias")
     assert_error(post(chat, json={"messages": msgs, "logit_bias": {"word": 5}}), 400, code="invalid_logit_bias")
@@ -186,7 +186,7 @@ def test_bad_requests_are_4xx_and_server_keeps_serving(server: RemoteServer) -> 
     ok = post(comp, json={"prompt": "Hello", "max_tokens": 3, "temperature": 0})
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
     m = metrics(server)
-    assert not any(k.startswith("pyllama_http_requests_total") and 'status="5' in k for k in m)
+    assert not any(k.startswith("pyllama_http_requests_total") and 'status="5' in k for k in m), [k for k in m if 'status="5' in k]
 
 
 def test_embeddings(client: openai.OpenAI, server: RemoteServer) -> None:
@@ -254,7 +254,7 @@ def test_client_disconnect_cancels(server: RemoteServer) -> None:
 
 def test_api_key_keepalive_busy_and_graceful_shutdown(synth_model_path: Path) -> None:
     srv = RemoteServer(synth_model_path, "--slots", "1", "-c", "32768", "--max-queue", "1", "--keepalive", "0.001",
-                       api_key="sekrit")
+                       "--metrics", api_key="sekrit")
     with srv:
         assert httpx.get(srv.url_for("health")).status_code == 200  # /health needs no key
         for path in ("v1/models", "metrics"):
@@ -391,7 +391,8 @@ def test_speculative_server_answers_as_the_plain_one(server: RemoteServer, synth
     body = {"prompt": "the cat and the dog and the cat and the dog", "max_tokens": 60, "temperature": 0,
             "ignore_eos": True}
     want = httpx.post(server.url_for("v1", "completions"), json=body, timeout=60).json()["choices"][0]["text"]
-    with RemoteServer(synth_model_path, "--slots", "2", "-c", "256", "--draft", "ngram", "--draft-max", "8") as spec:
+    with RemoteServer(synth_model_path, "--slots", "2", "--ctx-slot", "256", "--draft", "ngram", "--draft-max", "8",
+                      "--metrics") as spec:
         got = httpx.post(spec.url_for("v1", "completions"), json=body, timeout=60).json()["choices"][0]["text"]
         m = metrics(spec)
     assert got == want

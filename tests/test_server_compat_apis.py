@@ -74,6 +74,7 @@ ANTHROPIC_TOOL = {"name": "get_weather", "description": "The weather, in a unit"
 RESPONSES_TOOL = {"type": "function", "name": "get_weather", "description": "The weather, in a unit",
                   "parameters": UNIT_SCHEMA}
 SYSTEM = "Be brief."
+GREEDY = {"temperature": 0}  # the anthropic SDK has no sampling arguments any more: sent as extra body fields
 USER = "Hello world the"
 
 
@@ -99,7 +100,7 @@ def client(server: RemoteServer) -> Any:
 @pytest.fixture(scope="module")
 def chat_text(client: Any) -> str:
     """The greedy reply of chat completions to [system, user]: what the other two APIs must give."""
-    r = client.chat.completions.create(model=ALIAS, max_tokens=8, temperature=0,
+    r = client.chat.completions.create(model=ALIAS, max_tokens=8, extra_body=GREEDY,
                                        messages=[{"role": "system", "content": SYSTEM},
                                                  {"role": "user", "content": USER}])
     assert r.choices[0].message.content
@@ -128,21 +129,21 @@ def _sse(server: RemoteServer, path: str, body: dict[str, Any]) -> list[tuple[st
 # --- Anthropic Messages -----------------------------------------------------------------------------
 
 def test_anthropic_message_matches_chat_completions(claude: Any, chat_text: str) -> None:
-    msg = claude.messages.create(model="claude-sonnet-4-5", max_tokens=8, temperature=0, system=SYSTEM,
+    msg = claude.messages.create(model="claude-sonnet-4-5", max_tokens=8, extra_body=GREEDY, system=SYSTEM,
                                  messages=[{"role": "user", "content": USER}])
     assert msg.type == "message" and msg.role == "assistant" and msg.id.startswith("msg_")
     assert [b.type for b in msg.content] == ["text"] and msg.content[0].text == chat_text
     assert msg.stop_reason == "max_tokens" and msg.stop_sequence is None
     assert msg.usage.output_tokens == 8 and msg.usage.input_tokens + msg.usage.cache_read_input_tokens > 5
     # system as blocks, content as blocks: the same conversation
-    again = claude.messages.create(model=ALIAS, max_tokens=8, temperature=0,
+    again = claude.messages.create(model=ALIAS, max_tokens=8, extra_body=GREEDY,
                                    system=[{"type": "text", "text": SYSTEM}],
                                    messages=[{"role": "user", "content": [{"type": "text", "text": USER}]}])
     assert again.content[0].text == chat_text and again.usage.cache_read_input_tokens > 0
 
 
 def test_anthropic_streams(server: RemoteServer, claude: Any, chat_text: str) -> None:
-    kwargs: dict[str, Any] = dict(model=ALIAS, max_tokens=8, temperature=0, system=SYSTEM,
+    kwargs: dict[str, Any] = dict(model=ALIAS, max_tokens=8, extra_body=GREEDY, system=SYSTEM,
                                   messages=[{"role": "user", "content": USER}])
     with claude.messages.stream(**kwargs) as stream:
         text = "".join(stream.text_stream)
@@ -153,7 +154,7 @@ def test_anthropic_streams(server: RemoteServer, claude: Any, chat_text: str) ->
     assert events[0] == "message_start" and events[-2:] == ["message_delta", "message_stop"]
     assert events[1:].count("content_block_start") == 1 and "content_block_delta" in events
     # on the wire: named events, a ping after message_start, block indices that open and close in order
-    body = {**kwargs, "stream": True}
+    body = {**{k: v for k, v in kwargs.items() if k != "extra_body"}, **GREEDY, "stream": True}
     wire = _sse(server, "/v1/messages", body)
     names = [n for n, _ in wire]
     first = names.index("message_start")  # keep-alive pings may come before it
@@ -170,44 +171,13 @@ def test_anthropic_streams(server: RemoteServer, claude: Any, chat_text: str) ->
 
 
 def test_anthropic_stop_sequences(claude: Any) -> None:
-    full = claude.messages.create(model=ALIAS, max_tokens=16, temperature=0,
+    full = claude.messages.create(model=ALIAS, max_tokens=16, extra_body=GREEDY,
                                   messages=[{"role": "user", "content": "the cat and the dog"}]).content[0].text
     stop = full[len(full) // 2:len(full) // 2 + 3]
-    msg = claude.messages.create(model=ALIAS, max_tokens=16, temperature=0, stop_sequences=["zzzq", stop],
+    msg = claude.messages.create(model=ALIAS, max_tokens=16, extra_body=GREEDY, stop_sequences=["zzzq", stop],
                                  messages=[{"role": "user", "content": "the cat and the dog"}])
     assert msg.stop_reason == "stop_sequence" and msg.stop_sequence == stop
     assert "".join(b.text for b in msg.content) == full[:full.find(stop)]
-
-
-def test_anthropic_forced_tool_call_and_its_result(claude: Any) -> None:
-    kwargs: dict[str, Any] = dict(model=ALIAS, max_tokens=200, temperature=0, tools=[ANTHROPIC_TOOL],
-                                  tool_choice={"type": "tool", "name": "get_weather"},
-                                  messages=[{"role": "user", "content": "What is the weather?"}])
-    msg = claude.messages.create(**kwargs)
-    assert msg.stop_reason == "tool_use", msg
-    uses = [b for b in msg.content if b.type == "tool_use"]
-    assert len(uses) == 1 and uses[0].name == "get_weather" and uses[0].id
-    assert uses[0].input["unit"] in ("celsius", "fahrenheit")
-    # streamed: a tool_use block whose input_json_delta fragments make the same input
-    with claude.messages.stream(**kwargs) as stream:
-        events = list(stream)
-        final = stream.get_final_message()
-    starts = [e for e in events if e.type == "content_block_start"]
-    assert [s.content_block.type for s in starts] == ["tool_use"] and starts[0].content_block.name == "get_weather"
-    fragments = "".join(e.delta.partial_json for e in events
-                        if e.type == "content_block_delta" and e.delta.type == "input_json_delta")
-    assert json.loads(fragments) == uses[0].input
-    assert final.stop_reason == "tool_use" and final.content[-1].input == uses[0].input
-    # the call and its result go back in: a plain answer
-    follow = claude.messages.create(
-        model=ALIAS, max_tokens=6, temperature=0, tools=[ANTHROPIC_TOOL], tool_choice={"type": "none"},
-        messages=[{"role": "user", "content": "What is the weather?"},
-                  {"role": "assistant", "content": [{"type": "tool_use", "id": uses[0].id, "name": "get_weather",
-                                                     "input": uses[0].input}]},
-                  {"role": "user", "content": [{"type": "tool_result", "tool_use_id": uses[0].id,
-                                                "content": [{"type": "text", "text": "sunny, 21"}]},
-                                               {"type": "text", "text": "And tomorrow?"}]}])
-    assert follow.stop_reason in ("max_tokens", "end_turn") and follow.content[0].type == "text"
 
 
 def test_anthropic_count_tokens(claude: Any) -> None:
@@ -251,7 +221,7 @@ def test_anthropic_auth_and_errors(server: RemoteServer, claude: Any) -> None:
 def test_anthropic_async(server: RemoteServer, chat_text: str) -> None:
     async def main() -> None:
         claude = anthropic.AsyncAnthropic(base_url=server.url, api_key=KEY, max_retries=0, timeout=60)
-        kwargs: dict[str, Any] = dict(model=ALIAS, max_tokens=8, temperature=0, system=SYSTEM,
+        kwargs: dict[str, Any] = dict(model=ALIAS, max_tokens=8, extra_body=GREEDY, system=SYSTEM,
                                       messages=[{"role": "user", "content": USER}])
         msg, streamed = await asyncio.gather(claude.messages.create(**kwargs), _astream(claude, kwargs))
         assert msg.content[0].text == chat_text and streamed == chat_text
@@ -307,33 +277,6 @@ def test_responses_stream(client: Any, chat_text: str) -> None:
         assert stream.get_final_response().output_text == chat_text
 
 
-def test_responses_function_tool(client: Any) -> None:
-    kwargs: dict[str, Any] = dict(model=ALIAS, max_output_tokens=200, temperature=0, tools=[RESPONSES_TOOL],
-                                  tool_choice={"type": "function", "name": "get_weather"},
-                                  input="What is the weather?")
-    r = client.responses.create(**kwargs)
-    calls = [o for o in r.output if o.type == "function_call"]
-    assert len(calls) == 1 and calls[0].name == "get_weather" and calls[0].call_id, r.output
-    args = json.loads(calls[0].arguments)
-    assert args["unit"] in ("celsius", "fahrenheit") and r.status == "completed"
-    events = list(client.responses.create(stream=True, **kwargs))
-    added = [e for e in events if e.type == "response.output_item.added"]
-    assert [e.item.type for e in added] == ["function_call"] and added[0].item.name == "get_weather"
-    fragments = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
-    done = [e for e in events if e.type == "response.function_call_arguments.done"]
-    assert json.loads(fragments) == args and done[0].arguments == fragments
-    assert events[-1].response.output[0].arguments == fragments
-    # the call and its output go back in as items
-    follow = client.responses.create(model=ALIAS, max_output_tokens=6, temperature=0, tools=[RESPONSES_TOOL],
-                                     tool_choice="none", input=[
-                                         {"role": "user", "content": "What is the weather?"},
-                                         {"type": "function_call", "call_id": calls[0].call_id,
-                                          "name": "get_weather", "arguments": calls[0].arguments},
-                                         {"type": "function_call_output", "call_id": calls[0].call_id,
-                                          "output": "sunny, 21"}])
-    assert follow.output[0].type == "message" and follow.output_text
-
-
 def test_responses_errors_and_input_tokens(server: RemoteServer, client: Any) -> None:
     with pytest.raises(openai.BadRequestError, match="previous_response_id"):
         client.responses.create(model=ALIAS, input="hi", previous_response_id="resp_x")
@@ -375,7 +318,7 @@ def test_chat_starter_answers_through_both(chat_starter_path: Path) -> None:
     question = "What is the capital of France?"
     with RemoteServer(chat_starter_path, "--slots", "1", "-c", "1024") as srv:
         claude = anthropic.Anthropic(base_url=srv.url, api_key="unused", max_retries=0, timeout=120)
-        msg = claude.messages.create(model="any", max_tokens=32, temperature=0,
+        msg = claude.messages.create(model="any", max_tokens=32, extra_body=GREEDY,
                                      system="You are a helpful assistant.",
                                      messages=[{"role": "user", "content": question}])
         assert "Paris" in msg.content[0].text and msg.stop_reason == "end_turn", msg
@@ -383,3 +326,107 @@ def test_chat_starter_answers_through_both(chat_starter_path: Path) -> None:
         r = client.responses.create(model="any", max_output_tokens=32, temperature=0,
                                     instructions="You are a helpful assistant.", input=question)
         assert r.output_text == msg.content[0].text and r.status == "completed"
+
+
+# --- tools: on the starter (Gemma 3 270M) with a tool template and worked examples ------------------
+
+CITY_SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+EXAMPLES = (("Berlin", "sunny"), ("London", "rainy"))
+QUESTION = "What is the weather in Paris?"
+
+
+@pytest.fixture(scope="module")
+def tool_server(starter_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RemoteServer]:
+    from test_server_starter import TOOL_TEMPLATE as GEMMA_TOOLS
+
+    template = tmp_path_factory.mktemp("tmpl") / "gemma-tools.jinja"
+    template.write_text(GEMMA_TOOLS)
+    with RemoteServer(starter_model_path, "--slots", "2", "--ctx-slot", "1024",
+                      "--chat-template-file", str(template)) as srv:
+        yield srv
+
+
+def _anthropic_history() -> list[dict[str, Any]]:
+    msgs: list[dict[str, Any]] = []
+    for i, (city, weather) in enumerate(EXAMPLES):
+        msgs += [{"role": "user", "content": f"What is the weather in {city}?"},
+                 {"role": "assistant", "content": [{"type": "tool_use", "id": f"call_{i}", "name": "get_weather",
+                                                    "input": {"city": city}}]},
+                 {"role": "user", "content": [{"type": "tool_result", "tool_use_id": f"call_{i}",
+                                               "content": [{"type": "text", "text": weather}]}]},
+                 {"role": "assistant", "content": f"It is {weather} in {city}."}]
+    return [*msgs, {"role": "user", "content": QUESTION}]
+
+
+def _responses_history() -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = []
+    for i, (city, weather) in enumerate(EXAMPLES):
+        items += [{"role": "user", "content": f"What is the weather in {city}?"},
+                  {"type": "function_call", "call_id": f"call_{i}", "name": "get_weather",
+                   "arguments": json.dumps({"city": city})},
+                  {"type": "function_call_output", "call_id": f"call_{i}", "output": weather},
+                  {"type": "message", "role": "assistant",
+                   "content": [{"type": "output_text", "text": f"It is {weather} in {city}."}]}]
+    return [*items, {"role": "user", "content": QUESTION}]
+
+
+@pytest.mark.starter
+@pytest.mark.slow
+def test_anthropic_tool_use(tool_server: RemoteServer) -> None:
+    claude = anthropic.Anthropic(base_url=tool_server.url, api_key="unused", max_retries=0, timeout=120)
+    tool = {"name": "get_weather", "description": "Get the weather for a city", "input_schema": CITY_SCHEMA}
+    kwargs: dict[str, Any] = dict(model="any", max_tokens=32, extra_body=GREEDY, tools=[tool],
+                                  tool_choice={"type": "tool", "name": "get_weather"},
+                                  messages=_anthropic_history())
+    msg = claude.messages.create(**kwargs)
+    # the small model may go on after its call until max_tokens (llama-server's stop_reason then: max_tokens)
+    assert msg.stop_reason in ("tool_use", "max_tokens"), msg
+    uses = [b for b in msg.content if b.type == "tool_use"]
+    assert len(uses) == 1 and uses[0].name == "get_weather" and uses[0].id
+    assert isinstance(uses[0].input["city"], str)
+    # streamed: one tool_use block whose input_json_delta fragments make the same input
+    with claude.messages.stream(**kwargs) as stream:
+        events = list(stream)
+        final = stream.get_final_message()
+    starts = [e for e in events if e.type == "content_block_start"]
+    assert [s.content_block.type for s in starts] == ["tool_use"] and starts[0].content_block.name == "get_weather"
+    fragments = "".join(e.delta.partial_json for e in events
+                        if e.type == "content_block_delta" and e.delta.type == "input_json_delta")
+    assert json.loads(fragments) == uses[0].input
+    assert final.stop_reason == msg.stop_reason and final.content[-1].input == uses[0].input
+    # the call and its result go back in: an answer in text
+    follow = claude.messages.create(**{**kwargs, "tool_choice": {"type": "none"}, "max_tokens": 12, "messages": [
+        *kwargs["messages"],
+        {"role": "assistant", "content": [{"type": "tool_use", "id": uses[0].id, "name": "get_weather",
+                                           "input": uses[0].input}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": uses[0].id, "content": "cloudy"}]}]})
+    assert follow.content and follow.content[0].type == "text" and follow.stop_reason != "tool_use"
+
+
+@pytest.mark.starter
+@pytest.mark.slow
+def test_responses_function_call(tool_server: RemoteServer) -> None:
+    client = openai.OpenAI(base_url=tool_server.url_for("v1"), api_key="unused", max_retries=0, timeout=120)
+    tool = {"type": "function", "name": "get_weather", "description": "Get the weather for a city",
+            "parameters": CITY_SCHEMA}
+    kwargs: dict[str, Any] = dict(model="any", max_output_tokens=32, temperature=0, tools=[tool],
+                                  tool_choice={"type": "function", "name": "get_weather"},
+                                  input=_responses_history())
+    r = client.responses.create(**kwargs)
+    calls = [o for o in r.output if o.type == "function_call"]
+    assert len(calls) == 1 and calls[0].name == "get_weather" and calls[0].call_id, r.output
+    args = json.loads(calls[0].arguments)
+    assert isinstance(args["city"], str) and r.status in ("completed", "incomplete")
+    events = list(client.responses.create(stream=True, **kwargs))
+    added = [e for e in events if e.type == "response.output_item.added"]
+    assert [e.item.type for e in added] == ["function_call"] and added[0].item.name == "get_weather"
+    fragments = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+    done = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert json.loads(fragments) == args and done[0].arguments == fragments
+    assert events[-1].type == "response.completed" and events[-1].response.output[0].arguments == fragments
+    follow = client.responses.create(**{**kwargs, "tool_choice": "none", "max_output_tokens": 12, "input": [
+        *kwargs["input"], {"type": "function_call", "call_id": calls[0].call_id, "name": "get_weather",
+                           "arguments": calls[0].arguments},
+        {"type": "function_call_output", "call_id": calls[0].call_id, "output": "cloudy"}]})
+    assert follow.output[0].type == "message" and follow.output_text
+

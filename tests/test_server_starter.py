@@ -65,7 +65,7 @@ PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):", 
 def server(starter_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RemoteServer]:
     template = tmp_path_factory.mktemp("tmpl") / "gemma-tools.jinja"
     template.write_text(TOOL_TEMPLATE)
-    with RemoteServer(starter_model_path, "--slots", "4", "-c", "1024", "--alias", ALIAS,
+    with RemoteServer(starter_model_path, "--slots", "4", "--ctx-slot", "1024", "--metrics", "--alias", ALIAS,
                       "--chat-template-file", str(template)) as srv:
         yield srv
 

@@ -52,6 +52,9 @@ class _Reply:
         self.n_generated = n_generated
 
 
+DEFAULT_SYSTEM = "You are a helpful assistant."
+
+
 class _Local:
     """The model in this process: a ChatSession on one context."""
 
@@ -352,7 +355,12 @@ def register(subparsers: Any) -> None:
                                           "conversation stays in the KV cache between turns.")
     c.add_argument("model", nargs="?", help="GGUF file, model reference, `chat-starter` or `starter` (default: "
                                             "the chat starter, SmolLM2-135M-Instruct)")
-    c.add_argument("-s", "--system", default=None, help="system prompt")
+    # A plain system prompt by default: without one, templates such as the chat starter's put in their own
+    # (SmolLM2's names the model and its maker), after which a 135M model answers simple questions worse
+    # ("What is the capital of France?" greedy: a list of French words instead of "Paris"). -s '' keeps the
+    # template's own, as llama-server does.
+    c.add_argument("-s", "--system", default=DEFAULT_SYSTEM,
+                   help=f"system prompt (default: {DEFAULT_SYSTEM!r}; -s '' for the template's own)")
     c.add_argument("-p", "--prompt", action="append", default=None,
                    help="non-interactive: send this message and print the answer (repeat for more turns)")
     c.add_argument("-n", "--n-predict", type=int, default=-1, help="most tokens per answer (-1: until the turn ends)")

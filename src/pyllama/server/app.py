@@ -3,9 +3,14 @@
 ``create_app(engine)`` returns a Starlette app that can be served by uvicorn
 (``pyllama serve``) or mounted inside any other ASGI app. It wires the routes
 to the endpoint modules (:mod:`.info`, :mod:`.chat_completions`,
-:mod:`.completions`, :mod:`.embeddings`, :mod:`.tokens`), which are functions
+:mod:`.completions`, :mod:`.embeddings`, :mod:`.tokens`; llama-server's own:
+:mod:`.native` for ``/completion``, :mod:`.props` for ``/props`` and ``/slots``), which are functions
 over one :class:`~.state.ServerState`; :mod:`.front_door` checks the API key
-and counts requests, :mod:`.errors` gives every error OpenAI's shape.
+and counts requests, :mod:`.cors` answers browsers as llama-server does,
+:mod:`.errors` gives every error OpenAI's shape (Anthropic's on its routes):
+:mod:`.anthropic` and :mod:`.openai_responses` translate Anthropic's Messages
+and OpenAI's Responses onto the chat path. The paths are llama-server's, with
+and without ``/v1`` where it has both.
 
 Each endpoint validates the request, submits it to the engine (which raises at
 once on a bad prompt, a full queue or bad parameters: a 4xx or 503 before any
@@ -15,7 +20,7 @@ that goes away cancels its request, which frees the slot within one engine step.
 
 from __future__ import annotations
 
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Sequence
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -23,31 +28,49 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from . import chat_completions, completions, embeddings, info, tokens
+from ..chat import ReasoningFormat
+from . import chat_completions, completions, embeddings, info, native, tokens
+from . import props as props_routes  # (``props`` is create_app's switch)
+from . import anthropic, openai_responses
+from .cors import CORSOptions, LlamaCORS
 from .errors import api_error, exception_handlers
 from .front_door import FrontDoor
+from .params import RequestDefaults
 from .state import EngineSource, ServerState
 
 Endpoint = Callable[[ServerState, Request], Awaitable[Response]]
 
 
-def create_app(engine: EngineSource, *, api_key: str | None = None, model_name: str | None = None,
-               keepalive_s: float = 10.0, chat_template: str | None = None) -> Starlette:
+def create_app(engine: EngineSource, *, api_key: str | Sequence[str] | None = None, model_name: str | None = None,
+               keepalive_s: float = 10.0, chat_template: str | None = None, aliases: Sequence[str] = (),
+               defaults: RequestDefaults | None = None, metrics: bool = True,
+               cors: CORSOptions | None = None, reasoning_format: ReasoningFormat = "auto", slots: bool = True,
+               props: bool = False) -> Starlette:
     """The OpenAI-compatible app over ``engine``.
 
     ``engine`` is an :class:`~pyllama.engine.Engine` (the caller keeps owning
     it) or a callable that builds one: it is then called in a background
     thread at startup (``/health`` answers 503 ``{"status": "loading"}``
     meanwhile) and the app closes the engine and its model at shutdown.
-    ``api_key`` makes every endpoint but ``/health`` require
-    ``Authorization: Bearer <key>``; ``model_name`` is the id clients send
-    (default: the model's file name); ``keepalive_s`` spaces the SSE comments
-    sent while a stream waits for its first token; ``chat_template`` (Jinja
-    source) replaces the model's own template. ``app.state.server``
-    exposes ``on_load_error`` (callbacks run when the loader fails).
+    ``api_key`` (one key or several) makes every endpoint but ``/health``
+    require ``Authorization: Bearer <key>``; ``model_name`` is the id
+    ``/v1/models`` reports (default: the model's file name), ``aliases`` more
+    names it lists; requests may name any model (there is one). ``keepalive_s``
+    spaces the SSE comments sent while a stream waits for its first token;
+    ``chat_template`` (Jinja source) replaces the model's own template and
+    ``reasoning_format`` says where thinking goes (llama-server's
+    ``--reasoning-format``). ``defaults`` are what requests that leave a
+    sampling parameter or ``max_tokens`` unset get. ``metrics=False`` answers
+    ``/metrics`` with 501, as llama-server without ``--metrics``; ``cors``
+    configures CORS as llama-server's ``--cors-*`` flags (default: none; an
+    app mounted in another leaves CORS to it). ``slots=False`` answers ``GET /slots``
+    with 501 (llama-server's ``--no-slots``), ``props=True`` lets ``POST /props``
+    answer (its ``--props``). ``app.state.server`` exposes
+    ``on_load_error`` (callbacks run when the loader fails).
     """
     server = ServerState(engine, api_key=api_key, model_name=model_name, keepalive_s=keepalive_s,
-                         chat_template=chat_template)
+                         chat_template=chat_template, aliases=aliases, defaults=defaults or RequestDefaults(),
+                         metrics=metrics, reasoning_format=reasoning_format, slots=slots, props=props)
 
     def bound(handler: Endpoint) -> Callable[[Request], Awaitable[Response]]:
         # A plain function (not a partial), so Starlette treats it as a request/response endpoint.
@@ -55,19 +78,41 @@ def create_app(engine: EngineSource, *, api_key: str | None = None, model_name: 
             return await handler(server, request)
         return endpoint
 
-    routes = [
-        Route("/health", bound(info.health), methods=["GET"]),
-        Route("/metrics", bound(info.metrics_endpoint), methods=["GET"]),
-        Route("/v1/models", bound(info.models), methods=["GET"]),
-        Route("/v1/models/{model:path}", bound(info.model), methods=["GET"]),
-        Route("/v1/chat/completions", bound(chat_completions.chat_completions), methods=["POST"]),
-        Route("/v1/completions", bound(completions.completions), methods=["POST"]),
-        Route("/v1/embeddings", bound(embeddings.embeddings), methods=["POST"]),
-        Route("/tokenize", bound(tokens.tokenize), methods=["POST"]),
-        Route("/detokenize", bound(tokens.detokenize), methods=["POST"]),
+    def routes(paths: Sequence[str], handler: Endpoint, method: str) -> list[Route]:
+        endpoint = bound(handler)
+        return [Route(path, endpoint, methods=[method]) for path in paths]
+
+    table = [
+        *routes(("/health", "/v1/health"), info.health, "GET"),
+        *routes(("/metrics",), info.metrics_endpoint, "GET"),
+        *routes(("/v1/models", "/models"), info.models, "GET"),
+        *routes(("/v1/models/{model:path}",), info.model, "GET"),
+        *routes(("/v1/chat/completions", "/chat/completions"), chat_completions.chat_completions, "POST"),
+        # Anthropic's Messages and OpenAI's Responses, translated onto the chat path (as llama-server)
+        *routes(("/v1/messages",), anthropic.messages, "POST"),
+        *routes(("/v1/messages/count_tokens",), anthropic.count_tokens, "POST"),
+        *routes(("/v1/responses", "/responses"), openai_responses.responses, "POST"),
+        *routes(("/v1/responses/input_tokens", "/responses/input_tokens"), openai_responses.input_tokens, "POST"),
+        # as llama-server: /completions and /embeddings without /v1 answer in its native shapes
+        *routes(("/v1/completions",), completions.completions, "POST"),
+        *routes(("/completion", "/completions"), native.completion, "POST"),
+        *routes(("/v1/embeddings",), embeddings.embeddings, "POST"),
+        *routes(("/embedding", "/embeddings"), embeddings.embedding_native, "POST"),
+        *routes(("/tokenize",), tokens.tokenize, "POST"),
+        *routes(("/detokenize",), tokens.detokenize, "POST"),
+        *routes(("/apply-template",), tokens.apply_template, "POST"),
+        *routes(("/v1/chat/completions/input_tokens", "/chat/completions/input_tokens"), tokens.chat_input_tokens,
+                "POST"),
+        *routes(("/props",), props_routes.get_props, "GET"),
+        *routes(("/props",), props_routes.post_props, "POST"),
+        *routes(("/slots",), props_routes.get_slots, "GET"),
+        *routes(("/slots/{id_slot}",), props_routes.post_slot, "POST"),
     ]
-    app = Starlette(routes=routes, middleware=[Middleware(FrontDoor, server=server)],
-                    exception_handlers=exception_handlers(), lifespan=server.lifespan)
+    middleware = [Middleware(FrontDoor, server=server)]
+    if cors is not None:
+        middleware.insert(0, Middleware(LlamaCORS, options=cors))  # outermost: a preflight needs no API key
+    app = Starlette(routes=table, middleware=middleware, exception_handlers=exception_handlers(),
+                    lifespan=server.lifespan)
     app.state.server = server
     return app
 

@@ -1,11 +1,12 @@
 """Chat requests -> a prompt, extra stops, a grammar and an output parser.
 
-Through :class:`pyllama.chat.ChatFormat` (llama.cpp's ``common/chat.cpp``: the
-model's Jinja template, tool-call grammars and per-family parsers) tools,
-``tool_choice``, ``response_format`` and reasoning are handled as
-``llama-server --jinja`` does. A model whose template llama.cpp cannot use
-falls back to :func:`pyllama.apply_template`: plain chat and
-``response_format`` only.
+Rendered by :class:`pyllama.chat.ChatTemplate`, the library's one chat-template
+path (llama.cpp's ``common/chat.cpp``: the model's Jinja template, tool-call
+grammars and per-family parsers), so tools, ``tool_choice``,
+``response_format`` and reasoning are handled as ``llama-server --jinja`` does,
+and a conversation gets the prompt :func:`pyllama.apply_template` gives. Where
+the Jinja path cannot render, llama.cpp's legacy renderer stands in: plain
+chat and ``response_format`` only.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..chat import ChatFormat, apply_template
+from ..chat import LEGACY_FORMAT, ChatFormat, ChatTemplate, ReasoningFormat
 from ..errors import LlamaError
 from ..grammar import json_schema_to_grammar
-from ..sampling import Grammar, Sampler
+from ..samplers import Grammar, Sampler
 from .protocol import APIError, ChatCompletionRequest, NamedToolChoice
 
 if TYPE_CHECKING:
@@ -50,21 +51,25 @@ def schema_grammar(schema: dict[str, Any]) -> Grammar:
 class ChatPrompter:
     """Turns chat requests into prompts for one model."""
 
-    def __init__(self, model: Model, *, template: str | None = None) -> None:
+    def __init__(self, model: Model, *, template: str | None = None,
+                 reasoning_format: ReasoningFormat = "auto") -> None:
         self.model = model
         self.template = template
-        self.format: ChatFormat | None = None
-        try:
-            self.format = ChatFormat(model, template=template)
-        except (LlamaError, ValueError) as exc:
-            # no template common/chat.cpp can use: plain chat through apply_template still works
-            log.warning("llama.cpp's chat handling is unavailable for this model (%s): no tool calls", exc)
+        self.reasoning_format = reasoning_format  # llama-server's --reasoning-format
+        self.chat = ChatTemplate(model, template=template)
+        if self.chat.format is None:
+            log.warning("llama.cpp's Jinja chat handling is unavailable for this model: plain chat only, "
+                        "no tool calls")
         bos = model.vocab.bos
         self._bos_text = model.vocab.text(bos) if bos is not None else None
 
+    @property
+    def format(self) -> ChatFormat | None:
+        """llama.cpp's chat handling for the model (None: the legacy renderer, no tools)."""
+        return self.chat.format
+
     def close(self) -> None:
-        if self.format is not None:
-            self.format.close()
+        self.chat.close()
 
     def _add_special(self, prompt: str) -> bool:
         # A template that writes the BOS text itself must not get a second BOS from the tokenizer.
@@ -78,38 +83,25 @@ class ChatPrompter:
                             else req.tool_choice)
         if tools and schema is not None:
             raise APIError(400, "tools and response_format cannot be combined", param="response_format")
-        if self.format is not None:
-            return self._plan_format(messages, tools, tool_choice, req.parallel_tool_calls, schema)
-        if tools and tool_choice != "none":
-            raise APIError(400, "tool calls need pyllama.chat.ChatFormat (llama.cpp's chat parsers), which this "
-                           "build lacks", param="tools", code="unsupported")
-        try:
-            prompt = apply_template(self.model, messages, add_generation_prompt=True, template=self.template)
-        except (LlamaError, ValueError, KeyError) as exc:
-            raise APIError(400, f"the chat template cannot render these messages: {exc}", param="messages",
-                           code="invalid_messages") from None
-        return ChatPlan(prompt=prompt, add_special=self._add_special(prompt),
-                        grammar=schema_grammar(schema) if schema is not None else None)
-
-    def _plan_format(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, tool_choice: Any,
-                     parallel: bool | None, schema: dict[str, Any] | None) -> ChatPlan:
-        options: dict[str, Any] = {}
+        if tools and tool_choice != "none" and self.format is None:
+            raise APIError(400, "tool calls need llama.cpp's Jinja chat handling, which cannot use this model's "
+                           "chat template", param="tools", code="unsupported")
+        options: dict[str, Any] = {"reasoning_format": self.reasoning_format}
         if tools:
             options["tools"] = tools
             options["tool_choice"] = tool_choice if tool_choice is not None else "auto"
-            options["parallel_tool_calls"] = bool(parallel)
+            options["parallel_tool_calls"] = bool(req.parallel_tool_calls)
         if schema is not None:
             options["json_schema"] = schema
-        assert self.format is not None
         try:
-            cp = self.format.apply(messages, **options)
+            cp = self.chat.apply(messages, **options)
             grammar = cp.grammar_sampler()
         except (LlamaError, ValueError, KeyError, TypeError) as exc:
             raise APIError(400, f"the chat request cannot be formatted: {exc}", param="messages",
                            code="invalid_messages") from None
         prompt = str(cp.prompt)
-        return ChatPlan(prompt=prompt, add_special=self._add_special(prompt),
-                        stops=list(getattr(cp, "additional_stops", None) or ()), grammar=grammar, parse=cp.parse,
+        return ChatPlan(prompt=prompt, add_special=self._add_special(prompt), stops=list(cp.additional_stops),
+                        grammar=grammar, parse=None if cp.format == LEGACY_FORMAT else cp.parse,
                         tools=bool(tools) and tool_choice != "none")
 
 

@@ -11,11 +11,12 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from ..errors import LlamaError
+from ..samplers import Grammar
 from . import params, sse
 from .chat import ChatPlan
-from .protocol import APIError, ChatCompletionRequest, parse_request
+from .protocol import APIError, ChatCompletionRequest, JsonSchemaFormat, ResponseFormat, parse_request
 from .responses import gone, json_response
-from .state import ServerState, finish_reason
+from .state import ServerState, finish_reason, interleave
 
 if TYPE_CHECKING:
     from ..engine import EngineRequest
@@ -29,34 +30,47 @@ async def chat_completions(server: ServerState, request: Request) -> Response:
     server.check_model(req.model)
     if not req.messages:
         raise APIError(400, "messages must not be empty", param="messages", code="invalid_messages")
-    limit = params.max_tokens(req.max_completion_tokens, req.max_tokens)
+    limit = params.max_tokens(req.max_completion_tokens, req.max_tokens, default=server.defaults.max_tokens)
+    if req.json_schema is not None and req.response_format is None:  # llama-server's shortcut
+        req.response_format = ResponseFormat(type="json_schema", json_schema=JsonSchemaFormat(schema=req.json_schema))
     plan: ChatPlan = server.prompter.plan(req)
-    sampler = params.sampler_specs(req, server.n_vocab, grammar=plan.grammar)
+    if req.grammar:
+        if plan.grammar is not None:
+            raise APIError(400, "grammar cannot be combined with response_format, json_schema or tools",
+                           param="grammar")
+        plan.grammar = Grammar(req.grammar)  # checked as the request's chain is built: a bad one is a 400
+    sampler = params.sampler_specs(req, server.n_vocab, grammar=plan.grammar, defaults=server.defaults)
     top = req.top_logprobs or 0
     if top and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
-    er = server.submit(engine, plan.prompt, max_tokens=limit, stop=[*req.stops(), *plan.stops], sampler=sampler,
-                     logprobs=req.logprobs, top_logprobs=top, add_special=plan.add_special,
-                     parse_special=True, ignore_eos=req.ignore_eos)
+    n = params.choices(req.n, engine.n_slots)  # n choices: n requests in parallel slots (they batch)
+    ers = server.submit_n(engine, plan.prompt, n, params.native_settings(req, server.defaults), max_tokens=limit,
+                          stop=[*req.stops(), *plan.stops], sampler=sampler, logprobs=req.logprobs,
+                          top_logprobs=top, add_special=plan.add_special, parse_special=True,
+                          ignore_eos=req.ignore_eos)
     rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     if req.stream:
         usage = req.stream_options is not None and req.stream_options.include_usage
-        return StreamingResponse(_chat_stream(server, er, rid, req.logprobs, plan, usage),
+        return StreamingResponse(_chat_stream(server, ers, rid, req.logprobs, plan, usage, req.timings_per_token),
                                  media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
-    evs = await server.collect(request, er)
-    if evs is None:
+    got = await server.collect_all(request, ers)
+    if got is None:
         return gone()
-    text = "".join(ev.text for ev in evs)
-    message: dict[str, Any] = {"role": "assistant", "content": text}
-    finish = finish_reason(er)
-    if plan.parse is not None:
-        message, finish = _parsed(server, plan, text, finish)
-    choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": finish, "logprobs": None}
-    if req.logprobs:
-        choice["logprobs"] = {"content": [server.chat_logprob(ev) for ev in evs if ev.token >= 0],
-                              "refusal": None}
+    choices = []
+    for i, (er, evs) in enumerate(zip(ers, got)):
+        text = "".join(ev.text for ev in evs)
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        finish = finish_reason(er)
+        if plan.parse is not None:
+            message, finish = _parsed(server, plan, text, finish)
+        choice: dict[str, Any] = {"index": i, "message": message, "finish_reason": finish, "logprobs": None}
+        if req.logprobs:
+            choice["logprobs"] = {"content": [server.chat_logprob(ev) for ev in evs if ev.token >= 0],
+                                  "refusal": None}
+        choices.append(choice)
     return json_response({"id": rid, "object": "chat.completion", "created": int(time.time()),
-                          "model": server.model_name, "choices": [choice], "usage": server.usage(er)})
+                          "model": server.model_name, "system_fingerprint": server.fingerprint,
+                          "choices": choices, "usage": server.usage_all(ers), "timings": server.timings(ers[0])})
 
 
 def _parsed(server: ServerState, plan: ChatPlan, text: str, finish: str) -> tuple[dict[str, Any], str]:
@@ -82,26 +96,30 @@ def _parsed(server: ServerState, plan: ChatPlan, text: str, finish: str) -> tupl
     return message, finish
 
 
-def _chat_stream(server: ServerState, er: EngineRequest, rid: str, logprobs: bool, plan: ChatPlan,
-                 include_usage: bool) -> AsyncIterator[bytes]:
+def _chat_stream(server: ServerState, ers: list[EngineRequest], rid: str, logprobs: bool, plan: ChatPlan,
+                 include_usage: bool, timings_per_token: bool = False) -> AsyncIterator[bytes]:
     created = int(time.time())
-    base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": server.model_name}
+    base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": server.model_name,
+            "system_fingerprint": server.fingerprint}
 
-    def chunk(delta: dict[str, Any], finish: str | None = None, lps: list[dict[str, Any]] | None = None) -> bytes:
-        choice = {"index": 0, "delta": delta, "logprobs": {"content": lps, "refusal": None} if lps else None,
-                  "finish_reason": finish}
+    def chunk(index: int, delta: dict[str, Any], finish: str | None = None,
+              lps: list[dict[str, Any]] | None = None, timings: dict[str, Any] | None = None) -> bytes:
+        choice = {"index": index, "delta": delta,
+                  "logprobs": {"content": lps, "refusal": None} if lps else None, "finish_reason": finish}
         obj: dict[str, Any] = {**base, "choices": [choice]}
         if include_usage:
             obj["usage"] = None
+        if timings is not None:
+            obj["timings"] = timings  # llama-server's, on the last chunk
         return sse.frame(obj)
 
     # With tools the output is parsed as a whole before it is sent (a tool call must not leak as content).
     buffered = plan.tools and plan.parse is not None
-    parts: list[str] = []
 
-    async def frames() -> AsyncGenerator[bytes, None]:
-        yield chunk({"role": "assistant", "content": ""})
-        async for ev in server.events(er, keepalive=True):
+    async def frames(index: int, er: EngineRequest) -> AsyncGenerator[bytes, None]:
+        parts: list[str] = []
+        yield chunk(index, {"role": "assistant", "content": ""})
+        async for ev in server.events(er, keepalive=len(ers) == 1):
             if ev is None:
                 yield sse.KEEPALIVE
                 continue
@@ -110,7 +128,8 @@ def _chat_stream(server: ServerState, er: EngineRequest, rid: str, logprobs: boo
                 continue
             lps = [server.chat_logprob(ev)] if logprobs and ev.token >= 0 else None
             if ev.text or lps:
-                yield chunk({"content": ev.text}, lps=lps)
+                yield chunk(index, {"content": ev.text}, lps=lps,
+                            timings=server.timings(er) if timings_per_token else None)
         finish = finish_reason(er)
         if buffered:
             message, finish = _parsed(server, plan, "".join(parts), finish)
@@ -122,7 +141,8 @@ def _chat_stream(server: ServerState, er: EngineRequest, rid: str, logprobs: boo
             if message.get("tool_calls"):
                 delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(message["tool_calls"])]
             if delta:
-                yield chunk(delta)
-        yield chunk({}, finish)
+                yield chunk(index, delta)
+        yield chunk(index, {}, finish, timings=server.timings(er))
 
-    return server.stream(er, rid, frames(), base if include_usage else None)
+    merged = frames(0, ers[0]) if len(ers) == 1 else interleave([frames(i, er) for i, er in enumerate(ers)])
+    return server.stream(ers, rid, merged, base if include_usage else None)

@@ -18,51 +18,265 @@ if TYPE_CHECKING:
     from ..engine import Engine
 
 
+# --- llama-server's command line ------------------------------------------------------------------------
+# `pyllama serve` takes the flags a script passes to llama-server (common/arg.cpp): where the meanings
+# agree, llama-server's names are aliases in register()'s table; IGNORED lists the flags that have nothing
+# to do here (accepted, logged at INFO), NOT_YET those of features pyllama does not have yet (accepted,
+# logged as a warning). Any other flag is an error naming it. Deliberate differences: -c is the whole KV
+# cache as in llama-server (pyllama's per-slot size is --ctx-slot), and `--slots N` is pyllama's -np.
+
+#: (flags, whether they take a value, why they change nothing here)
+IGNORED: tuple[tuple[tuple[str, ...], bool, str], ...] = (
+    (("--ui", "--webui", "--no-ui", "--no-webui"), False, "pyllama serves no web UI"),
+    (("--path", "--ui-config", "--webui-config", "--ui-config-file", "--webui-config-file"), True,
+     "pyllama serves no web UI"),
+    (("-cb", "--cont-batching", "-nocb", "--no-cont-batching"), False, "batching is always continuous"),
+    (("-kvu", "--kv-unified", "-no-kvu", "--no-kv-unified"), False,
+     "the KV cache is always one buffer of equal slots (--ctx-slot)"),
+    (("--jinja",), False, "chats are always rendered by llama.cpp's Jinja path (common/chat)"),
+    (("--embedding", "--embeddings"), False, "embeddings are always served, next to completions"),
+    (("--cache-prompt", "--no-cache-prompt"), False, "a slot's cached prompt prefix is always reused"),
+    (("--no-context-shift",), False, "generation always stops at the end of the slot's context"),
+    (("--warmup", "--no-warmup", "--perf", "--no-perf"), False, "no effect on answers"),
+    (("--threads-http", "-to", "--timeout"), True, "uvicorn serves HTTP on one event loop"),
+    (("--reuse-port",), False, "uvicorn binds the port"),
+    (("-v", "--verbose", "--log-verbose", "--log-disable", "--log-prefix", "--no-log-prefix", "--log-timestamps",
+      "--no-log-timestamps"), False, "pyllama's log level: `pyllama --log-level LEVEL serve`"),
+    (("-lv", "--verbosity", "--log-verbosity", "--log-file", "--log-colors"), True,
+     "pyllama's log level: `pyllama --log-level LEVEL serve`"),
+)
+
+#: (flags, whether they take a value, the feature pyllama lacks)
+NOT_YET: tuple[tuple[tuple[str, ...], bool, str], ...] = (
+    (("--slot-save-path",), True, "saving and restoring slots"),
+    (("--rerank", "--reranking"), False, "the /rerank endpoint"),
+    (("--pooling",), True, "choosing the embedding pooling (the model's own is used, else mean)"),
+    (("--lora", "--lora-scaled"), True, "LoRA adapters in the server"),
+    (("--lora-init-without-apply",), False, "LoRA adapters in the server"),
+    (("--no-jinja",), False, "the legacy chat renderer by choice (it stands in where the Jinja path cannot)"),
+    (("--chat-template-kwargs", "-rea", "--reasoning", "--reasoning-budget"), True,
+     "server-wide chat template variables and reasoning switches"),
+    (("--cache-reuse",), True, "reusing cached chunks past a changed prefix (the common prefix is reused)"),
+    (("--context-shift",), False, "context shift (generation stops at the end of the slot's context)"),
+    (("--api-prefix",), True, "a path prefix (mount pyllama.server.create_app under one)"),
+    (("-md", "--model-draft", "--spec-draft-model"), True,
+     "speculative decoding with a draft model (n-gram drafters: --spec-type ngram-*)"),
+    (("-mm", "--mmproj", "-mmu", "--mmproj-url"), True, "multimodal input"),
+    (("-dev", "--device", "-sm", "--split-mode", "-ts", "--tensor-split", "-mg", "--main-gpu", "-fit", "--fit"),
+     True, "choosing the devices (pyllama fits the model to them: `pyllama inspect fit`)"),
+    (("-lm", "--load-mode"), True, "choosing how the weights are loaded"),
+    (("--mlock", "--no-mmap", "--mmap"), False, "choosing how the weights are loaded (older llama-server flags)"),
+    (("--sleep-idle-seconds",), True, "unloading the model while idle"),
+    (("--models-dir", "--models-preset", "--models-max"), True, "the router mode (several models)"),
+)
+
+
+class _StrictParser(argparse.ArgumentParser):
+    """Flags match exactly: no abbreviations, and an unknown ``-cram`` is an error, not ``-c ram``."""
+
+    def _get_option_tuples(self, option_string: str) -> list[Any]:
+        return []
+
+
+class _Noted(argparse.Action):
+    """A flag of IGNORED or NOT_YET: kept (flag, value, reason, not yet supported) to be logged."""
+
+    def __init__(self, option_strings: list[str], dest: str, *, reason: str, later: bool, **kw: Any) -> None:
+        super().__init__(option_strings, dest, **kw)
+        self.reason = reason
+        self.later = later
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        notes = list(getattr(namespace, self.dest, None) or [])
+        notes.append((option_string, values if isinstance(values, str) else None, self.reason, self.later))
+        setattr(namespace, self.dest, notes)
+
+
+class _SlotsAction(argparse.Action):
+    """``--slots N`` sets the slot count (pyllama's spelling of ``-np``); ``--slots`` alone is llama-server's
+    switch for its /slots endpoint."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        if values is None:
+            namespace.slots_endpoint = True
+        else:
+            namespace.slots = values
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+
+
+def _parallel(text: str) -> int:
+    n = _int(text)
+    if n == -1:
+        return 4  # llama-server's "auto"
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"the number of slots must be >= 1 (or -1: auto), not {n}")
+    return n
+
+
+def _slot_count(text: str) -> int:
+    try:
+        return _parallel(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of slots, not {text!r} (llama-server's `--slots` switch takes no value: "
+            "put it after the model, or give the model with -m)") from None
+
+
+def _ctx_slot(text: str) -> int | str:
+    if text == "auto":
+        return text
+    n = _int(text)
+    if n < 8:
+        raise argparse.ArgumentTypeError(f"a slot needs at least 8 tokens, not {n}")
+    return n
+
+
+def _threads(text: str) -> int | None:
+    n = _int(text)
+    return None if n < 0 else n  # llama-server's -1: the default choice
+
+
+def _flash_attn(text: str) -> str:
+    # llama-server's is_truthy / is_falsey / is_autoy (common/arg.cpp)
+    if text in ("on", "enabled", "true", "1"):
+        return "on"
+    if text in ("off", "disabled", "false", "0"):
+        return "off"
+    if text in ("auto", "-1"):
+        return "auto"
+    raise argparse.ArgumentTypeError(f"expected on, off or auto, not {text!r}")
+
+
+def _gpu_layers(text: str) -> int | str:
+    if text in ("auto", "all"):
+        return text
+    n = _int(text)
+    return "auto" if n < 0 else n
+
+
 def register(subparsers: Any) -> None:
     """Add the ``serve`` subcommand to ``pyllama``'s parser."""
     p: argparse.ArgumentParser = subparsers.add_parser(
         "serve", help="OpenAI-compatible HTTP server with continuous batching (needs pyllama[server])",
         description="Serve a model over the OpenAI API (/v1/chat/completions, /v1/completions, /v1/embeddings, "
-                    "/v1/models) plus /health, /metrics, /tokenize and /detokenize.")
-    p.add_argument("model", nargs="?", help="GGUF file, or `starter` (default: the starter model, Gemma 3 270M)")
+                    "/v1/models) plus /health, /metrics, /tokenize and /detokenize. Takes llama-server's "
+                    "flags too (note -c: the whole KV cache, shared by the slots).",
+        usage="%(prog)s [MODEL | -m FNAME | -hf USER/MODEL[:QUANT]] [options]", allow_abbrev=False)
+    p.__class__ = _StrictParser  # the subparser is made by the parent's class
+    p.add_argument("model", nargs="?", help="GGUF file, `chat-starter` or `starter` (default: the chat starter, "
+                                            "SmolLM2-135M-Instruct; `starter` is Gemma 3 270M, a base model)")
+    p.add_argument("-m", "--model", dest="model_flag", default=None, metavar="FNAME",
+                   help="the model, as llama-server takes it (instead of MODEL)")
+    p.add_argument("-hf", "-hfr", "--hf-repo", dest="hf_repo", default=None, metavar="USER/MODEL[:QUANT]",
+                   help="a Hugging Face repository through pyllama's model store (hf:USER/MODEL:QUANT; "
+                        "default quant Q4_K_M)")
+    p.add_argument("-hff", "--hf-file", dest="hf_file", default=None, metavar="FILE",
+                   help="with -hf: that file of the repository instead of a quant")
+    p.add_argument("-mu", "--model-url", dest="model_url", default=None, metavar="URL",
+                   help="a model at a URL, through pyllama's model store")
+    p.add_argument("--offline", action="store_true", help="resolve -hf / references from the cache only")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8080)
-    p.add_argument("-np", "--slots", type=int, default=4, help="concurrent requests decoded together")
-    p.add_argument("-c", "--ctx-size", default="auto",
-                   help="context of one slot: prompt plus reply of one request (default: auto)")
-    p.add_argument("-t", "--threads", type=int, default=None)
-    p.add_argument("-tb", "--threads-batch", type=int, default=None)
+    p.add_argument("-np", "--parallel", dest="slots", type=_parallel, default=4, metavar="N",
+                   help="slots: requests decoded together (default 4; -1: 4)")
+    p.add_argument("--slots", dest="slots", nargs="?", type=_slot_count, action=_SlotsAction, metavar="N",
+                   default=argparse.SUPPRESS,
+                   help="`--slots N`: pyllama's spelling of -np N; `--slots` alone: llama-server's switch for "
+                        "its /slots endpoint")
+    p.add_argument("--no-slots", dest="slots_endpoint", action="store_false",
+                   help="llama-server's switch off for /slots")
+    p.add_argument("-c", "--ctx-size", dest="ctx_size", type=int, default=None, metavar="N",
+                   help="llama-server's meaning: the whole KV cache, shared by the slots, so each slot holds "
+                        "N / slots tokens (0 or unset: --ctx-slot auto)")
+    p.add_argument("--ctx-slot", "--kv-unified-per-slot", dest="ctx_slot", type=_ctx_slot, default=None,
+                   metavar="N|auto", help="context of one slot, prompt plus reply of one request; the cache holds "
+                                          "slots x N (overrides -c; auto: min(training context, 4096), fit to "
+                                          "memory)")
+    p.add_argument("-t", "--threads", type=_threads, default=None, metavar="N", help="-1: pyllama's choice")
+    p.add_argument("-tb", "--threads-batch", type=_threads, default=None, metavar="N")
     p.add_argument("-b", "--batch-size", type=int, default=512, help="most tokens decoded in one step")
     p.add_argument("-ub", "--ubatch-size", type=int, default=512)
-    p.add_argument("-fa", "--flash-attn", default="auto", choices=["auto", "on", "off"])
+    p.add_argument("-fa", "--flash-attn", type=_flash_attn, default="auto", metavar="on|off|auto")
     p.add_argument("-ctk", "--cache-type-k", default="f16")
     p.add_argument("-ctv", "--cache-type-v", default="f16")
-    p.add_argument("-ngl", "--n-gpu-layers", dest="ngl", default="auto")
+    p.add_argument("-ngl", "--gpu-layers", "--n-gpu-layers", dest="ngl", type=_gpu_layers, default="auto",
+                   metavar="N|auto|all")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot (then 503)")
-    p.add_argument("--slot-prompt-similarity", type=float, default=0.1)
+    p.add_argument("-sps", "--slot-prompt-similarity", type=float, default=0.1)
     p.add_argument("--draft", default=None, metavar="DRAFTER",
                    help="speculative decoding with an n-gram drafter: ngram (prompt lookup), or one of "
                         "llama.cpp's ngram-cache, ngram-simple, ngram-map-k, ngram-map-k4v, ngram-mod")
-    p.add_argument("--draft-max", type=int, default=16, help="most draft tokens per request and step")
+    p.add_argument("--spec-type", dest="spec_type", default=None, metavar="TYPE[,TYPE]",
+                   help="llama-server's spelling: its ngram-* types are --draft's")
+    p.add_argument("--draft-max", "--spec-draft-n-max", dest="draft_max", type=int, default=16,
+                   help="most draft tokens per request and step")
     p.add_argument("--sampling", default="auto", choices=["auto", "host", "argmax", "backend"],
                    help="where greedy requests choose their tokens: auto (measured fastest for the backend), host "
                         "(llama.cpp's sampler), argmax (over the logits), backend (in the compute graph); requests "
                         "a mode cannot serve (logprobs with backend) take auto")
-    p.add_argument("--api-key", default=os.environ.get("PYLLAMA_API_KEY"),
+    p.add_argument("--api-key", default=os.environ.get("PYLLAMA_API_KEY"), metavar="KEY[,KEY]",
                    help="require `Authorization: Bearer KEY` on every endpoint but /health "
                         "(default: $PYLLAMA_API_KEY)")
-    p.add_argument("-a", "--alias", default=None, help="model id for clients (default: the file name)")
+    p.add_argument("--api-key-file", default=None, metavar="FNAME",
+                   help="more keys, one a line (lines starting with # are comments)")
+    p.add_argument("-a", "--alias", default=None, metavar="NAME[,NAME]",
+                   help="model id for clients, then more names /v1/models lists (default: the file name); "
+                        "requests may name any model")
+    p.add_argument("--metrics", action="store_true",
+                   help="serve /metrics (Prometheus; without it: 501, as llama-server)")
+    p.add_argument("--props", action="store_true",
+                   help="let POST /props answer (without it: 501, as llama-server; GET /props always answers)")
+    p.add_argument("--cors-origins", default="*", metavar="ORIGINS",
+                   help="origins browsers may call from: *, localhost (loopback origins) or a comma-separated list")
+    p.add_argument("--cors-methods", default="GET, POST, DELETE, OPTIONS", metavar="METHODS")
+    p.add_argument("--cors-headers", default="*", metavar="HEADERS")
+    p.add_argument("--cors-credentials", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--no-cors", action="store_true", help="send no CORS headers (browsers on other origins are "
+                                                          "refused)")
+    p.add_argument("--ssl-key-file", default=None, metavar="FNAME", help="serve HTTPS with this PEM key")
+    p.add_argument("--ssl-cert-file", default=None, metavar="FNAME", help="... and this PEM certificate")
     p.add_argument("--chat-template", default=None, help="Jinja chat template replacing the model's own")
     p.add_argument("--chat-template-file", default=None, help="file holding the Jinja chat template")
-    p.add_argument("--keepalive", type=float, default=10.0,
-                   help="seconds between SSE keep-alive comments while a stream waits for its first token")
+    p.add_argument("--reasoning-format", default="auto", choices=["none", "auto", "deepseek", "deepseek-legacy"],
+                   help="where a thinking model's reasoning goes: none (left in the content), deepseek "
+                        "(reasoning_content), deepseek-legacy (both)")
+    sampling = p.add_argument_group("request defaults", "what a request that leaves a parameter unset gets "
+                                                        "(llama-server's flags)")
+    sampling.add_argument("--temp", "--temperature", dest="temp", type=float, default=None)
+    sampling.add_argument("--top-k", type=int, default=None)
+    sampling.add_argument("--top-p", type=float, default=None)
+    sampling.add_argument("--min-p", type=float, default=None)
+    sampling.add_argument("-s", "--seed", type=int, default=None, help="-1: random")
+    sampling.add_argument("--repeat-penalty", type=float, default=None)
+    sampling.add_argument("--repeat-last-n", type=int, default=None)
+    sampling.add_argument("--presence-penalty", type=float, default=None)
+    sampling.add_argument("--frequency-penalty", type=float, default=None)
+    sampling.add_argument("-n", "--predict", "--n-predict", dest="n_predict", type=int, default=None,
+                          help="max_tokens (-1: until the end of generation or the context)")
+    p.add_argument("--keepalive", "--sse-ping-interval", dest="keepalive", type=float, default=10.0,
+                   help="seconds between SSE keep-alive comments while a stream waits for a token (<= 0: none)")
     p.add_argument("--shutdown-timeout", type=float, default=5.0,
                    help="seconds open requests get to finish on SIGTERM/SIGINT before they are cancelled")
     p.add_argument("--progress", action="store_true", help="show a load progress bar")
     p.add_argument("--isolate", action="store_true",
                    help="run the engine in a worker process: a crash there fails the requests in flight, "
                         "the server stays up and the next request starts a fresh worker")
-    p.set_defaults(func=cmd_serve)
+    for title, table, later in (("llama-server flags accepted and ignored", IGNORED, False),
+                                ("llama-server flags accepted, not supported yet (a warning)", NOT_YET, True)):
+        group = p.add_argument_group(title)
+        for flags, takes_value, reason in table:
+            group.add_argument(*flags, dest="llama_notes", action=_Noted, nargs=None if takes_value else 0,
+                               metavar="VALUE" if takes_value else None, default=[], reason=reason, later=later,
+                               help=reason)
+    p.set_defaults(func=cmd_serve, slots_endpoint=True)
 
 
 def _loader(args: argparse.Namespace, path: str) -> Engine:
@@ -74,12 +288,11 @@ def _loader(args: argparse.Namespace, path: str) -> Engine:
         return _isolated_loader(args, path, ngl)
     model = Model(path, n_gpu_layers=ngl, progress=args.progress)
     try:
-        n_ctx: Any = args.ctx_size if args.ctx_size == "auto" else int(args.ctx_size)
-        return Engine(model, n_slots=args.slots, n_ctx=n_ctx, n_batch=args.batch_size, n_ubatch=args.ubatch_size,
-                      n_threads=args.threads, n_threads_batch=args.threads_batch, flash_attn=args.flash_attn,
-                      type_k=args.cache_type_k, type_v=args.cache_type_v, max_queue=args.max_queue,
-                      slot_prompt_similarity=args.slot_prompt_similarity, draft=args.draft, n_draft=args.draft_max,
-                      sampling=args.sampling)
+        return Engine(model, n_slots=args.slots, n_ctx=args.slot_ctx, n_batch=args.batch_size,
+                      n_ubatch=args.ubatch_size, n_threads=args.threads, n_threads_batch=args.threads_batch,
+                      flash_attn=args.flash_attn, type_k=args.cache_type_k, type_v=args.cache_type_v,
+                      max_queue=args.max_queue, slot_prompt_similarity=args.slot_prompt_similarity, draft=args.draft,
+                      n_draft=args.draft_max, sampling=args.sampling)
     except BaseException:
         model.close()
         raise
@@ -88,8 +301,7 @@ def _loader(args: argparse.Namespace, path: str) -> Engine:
 def _isolated_loader(args: argparse.Namespace, path: str, ngl: Any) -> Engine:
     from ..worker.engine import IsolatedEngine
 
-    n_ctx: Any = args.ctx_size if args.ctx_size == "auto" else int(args.ctx_size)
-    engine = IsolatedEngine(path, n_gpu_layers=ngl, n_slots=args.slots, n_ctx=n_ctx, n_batch=args.batch_size,
+    engine = IsolatedEngine(path, n_gpu_layers=ngl, n_slots=args.slots, n_ctx=args.slot_ctx, n_batch=args.batch_size,
                             n_ubatch=args.ubatch_size, n_threads=args.threads, n_threads_batch=args.threads_batch,
                             flash_attn=args.flash_attn, type_k=args.cache_type_k, type_v=args.cache_type_v,
                             max_queue=args.max_queue, slot_prompt_similarity=args.slot_prompt_similarity,
@@ -106,6 +318,77 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _llama_server_args(args: argparse.Namespace) -> str | None:
+    """Fold llama-server's spellings into the settings the server uses; returns a usage error, or None."""
+    notes: list[tuple[str | None, str | None, str, bool]] = list(args.llama_notes)
+    # the model: MODEL, -m, -hf (with -hff) or -mu
+    if args.hf_file and not args.hf_repo:
+        return "-hff/--hf-file needs -hf/--hf-repo"
+    hf = None
+    if args.hf_repo:
+        repo = args.hf_repo.removeprefix("hf:")
+        hf = f"hf:{repo.split(':', 1)[0]}/{args.hf_file}" if args.hf_file else f"hf:{repo}"
+    given = [(flag, value) for flag, value in (("MODEL", args.model), ("-m", args.model_flag), ("-hf", hf),
+                                               ("-mu", args.model_url)) if value]
+    if len(given) > 1:
+        return f"name the model once, not with {' and '.join(flag for flag, _ in given)}"
+    args.model = given[0][1] if given else None
+    # the context of a slot: --ctx-slot, else llama-server's -c (the whole cache) shared by the slots
+    if args.ctx_slot is not None:
+        if args.ctx_size:
+            notes.append(("-c", str(args.ctx_size), f"--ctx-slot gives each slot {args.ctx_slot} tokens", False))
+        args.slot_ctx = args.ctx_slot
+    elif args.ctx_size:
+        if args.ctx_size < 0:
+            return f"-c/--ctx-size must be >= 0, not {args.ctx_size}"
+        args.slot_ctx = args.ctx_size // args.slots
+        if args.slot_ctx < 8:
+            return (f"-c {args.ctx_size} shared by {args.slots} slots leaves {args.slot_ctx} tokens a slot; "
+                    "a slot needs at least 8")
+    else:
+        args.slot_ctx = "auto"
+    # API keys: --api-key (comma-separated) and --api-key-file (one a line)
+    keys = [k.strip() for k in (args.api_key or "").split(",") if k.strip()]
+    if args.api_key_file:
+        try:
+            with open(args.api_key_file, encoding="utf-8") as fh:
+                keys += [line.strip() for line in fh if line.strip() and not line.startswith("#")]
+        except OSError as exc:
+            return f"cannot read --api-key-file: {exc}"
+    args.api_keys = keys
+    names = [a.strip() for a in (args.alias or "").split(",") if a.strip()]
+    args.model_name, args.aliases = (names[0], names[1:]) if names else (None, [])
+    if args.n_predict is not None and (args.n_predict == 0 or args.n_predict < -1):
+        return f"-n/--n-predict must be -1 (no limit) or >= 1, not {args.n_predict}"
+    if args.seed is not None and args.seed > 0xFFFFFFFF:
+        return f"--seed must fit 32 bits, not {args.seed}"
+    # llama-server's --spec-type: its ngram-* drafters are --draft's
+    if args.spec_type:
+        from ..speculative import NGRAM_TYPES
+
+        types = [t.strip() for t in args.spec_type.split(",") if t.strip() and t.strip() != "none"]
+        ngram = [t for t in types if t in NGRAM_TYPES]
+        for t in types:
+            if t not in ngram:
+                notes.append(("--spec-type", t, "speculative decoding with a draft model", True))
+        if ngram and args.draft is None:
+            args.draft = ngram[0]
+        for t in ngram[1:] if args.draft == ngram[0] else ngram:
+            notes.append(("--spec-type", t, f"one n-gram drafter at a time: {args.draft}", False))
+    args.llama_notes = notes
+    return None
+
+
+def _log_notes(args: argparse.Namespace) -> None:
+    log = logging.getLogger("pyllama.server")
+    for flag, value, reason, later in args.llama_notes:
+        shown = f"{flag} {value}" if value is not None else flag
+        if later:
+            log.warning("%s is not supported yet (%s): ignored", shown, reason)
+        else:
+            log.info("%s ignored: %s", shown, reason)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
@@ -114,29 +397,46 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as exc:
         print(f"pyllama serve needs the server extra: pip install 'pyllama[server]' ({exc})", file=sys.stderr)
         return 2
-    if args.model in (None, "starter"):
-        from ..starter import starter_model_path
+    problem = _llama_server_args(args)
+    if problem is not None:
+        print(f"pyllama serve: {problem}", file=sys.stderr)
+        return 2
+    from ..starter import STARTERS
 
-        path = str(starter_model_path())
+    if args.model is None or args.model in STARTERS:
+        from ..errors import LlamaError
+
+        try:
+            path = str(STARTERS[args.model or "chat-starter"]())
+        except LlamaError as exc:
+            print(f"pyllama serve: {exc}", file=sys.stderr)
+            return 1
     else:
+        from ..errors import LlamaError
+        from ..store import is_reference, resolve
+
         path = args.model
-        if not os.path.isfile(path):
+        if is_reference(path):  # hf:..., https://... (and -hf, -mu): the store's cache, else a download
+            try:
+                path = str(resolve(path, progress=True, offline=True if args.offline else None))
+            except LlamaError as exc:
+                print(f"pyllama serve: {exc}", file=sys.stderr)
+                return 1
+        elif not os.path.isfile(path):
             print(f"pyllama serve: no such model file: {path}", file=sys.stderr)
             return 1
-    if args.slots < 1:
-        print("pyllama serve: --slots must be >= 1", file=sys.stderr)
-        return 2
     from ..speculative import NGRAM_TYPES
 
     if args.draft is not None and args.draft not in ("ngram", *NGRAM_TYPES):
         print(f"pyllama serve: --draft must be ngram or one of {', '.join(NGRAM_TYPES)}", file=sys.stderr)
         return 2
-    if args.api_key is None and not _is_loopback(args.host):
+    if not args.api_keys and not _is_loopback(args.host):
         print(f"pyllama serve: warning: listening on {args.host} without --api-key: anyone who can reach it "
               "can use it", file=sys.stderr)
     # llama.cpp's own log stays quiet unless `pyllama --log-level` asked for it; the server says what it does.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s %(levelname)s: %(message)s")
     logging.getLogger("pyllama.server").setLevel(logging.INFO)
+    _log_notes(args)
     template = args.chat_template
     if args.chat_template_file:
         try:
@@ -145,8 +445,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except OSError as exc:
             print(f"pyllama serve: cannot read the chat template: {exc}", file=sys.stderr)
             return 1
-    app = create_app(lambda: _loader(args, path), api_key=args.api_key or None, model_name=args.alias,
-                     keepalive_s=args.keepalive, chat_template=template)
+    from .cors import CORSOptions
+    from .params import RequestDefaults
+
+    defaults = RequestDefaults(
+        temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+        seed=None if args.seed is None or args.seed < 0 else args.seed, repeat_penalty=args.repeat_penalty,
+        repeat_last_n=args.repeat_last_n, presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        max_tokens=None if args.n_predict is None or args.n_predict < 0 else args.n_predict)
+    cors = None if args.no_cors else CORSOptions(origins=args.cors_origins, methods=args.cors_methods,
+                                                 headers=args.cors_headers, credentials=args.cors_credentials)
+    app = create_app(lambda: _loader(args, path), api_key=args.api_keys, model_name=args.model_name,
+                     aliases=args.aliases, keepalive_s=args.keepalive if args.keepalive > 0 else 1e9,
+                     chat_template=template, defaults=defaults, metrics=args.metrics, cors=cors,
+                     reasoning_format=args.reasoning_format, slots=args.slots_endpoint, props=args.props)
     state = app.state.server
 
     class Server(uvicorn.Server):
@@ -157,7 +470,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     # uvicorn's own deadline is the backstop: by then our requests have ended themselves
     config = uvicorn.Config(app, host=args.host, port=args.port, lifespan="on", log_level="info",
-                            access_log=False, timeout_graceful_shutdown=args.shutdown_timeout + 5)
+                            access_log=False, timeout_graceful_shutdown=args.shutdown_timeout + 5,
+                            ssl_keyfile=args.ssl_key_file, ssl_certfile=args.ssl_cert_file)
     server = Server(config)
     failed: list[BaseException] = []
 

@@ -22,6 +22,23 @@ def error_response(err: APIError) -> Response:
     return json_response(err.body(), err.status, err.headers)
 
 
+# Anthropic's error types by status (https://docs.anthropic.com/en/api/errors); anything else is "api_error"
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                    503: "overloaded_error", 529: "overloaded_error"}
+
+
+def anthropic_error_body(err: APIError) -> dict[str, Any]:
+    """``err`` in Anthropic's shape: ``{"type": "error", "error": {"type", "message"}}``."""
+    return {"type": "error", "error": {"type": _ANTHROPIC_TYPES.get(err.status, "api_error"),
+                                       "message": err.message}}
+
+
+def anthropic_error_response(err: APIError) -> Response:
+    """The HTTP response for ``err`` on Anthropic's routes."""
+    return json_response(anthropic_error_body(err), err.status, err.headers)
+
+
 def api_error(exc: BaseException) -> APIError:
     """Map an exception from the engine or the library to the answer the client gets."""
     from ..engine import EngineBusyError
@@ -35,7 +52,8 @@ def api_error(exc: BaseException) -> APIError:
     if isinstance(exc, ClosedError):
         return APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
     if isinstance(exc, ContextOverflowError):
-        return APIError(400, str(exc), code="context_length_exceeded")
+        # llama-server's type (its tests check it); OpenAI's code
+        return APIError(400, str(exc), type="exceed_context_size_error", code="context_length_exceeded")
     if isinstance(exc, TokenizationError):
         return APIError(400, str(exc), code="invalid_token")
     if isinstance(exc, (SamplerError, TemplateError)):

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import hmac
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import error_response
+from .errors import anthropic_error_response, error_response
 from .protocol import APIError
 
 if TYPE_CHECKING:
     from .state import ServerState
 
 # The paths counted by name; anything else is counted as "other" (unbounded label values are not kept).
-ENDPOINTS = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/embeddings",
-             "/tokenize", "/detokenize")
+ENDPOINTS = ("/health", "/v1/health", "/metrics", "/v1/models", "/models", "/v1/chat/completions",
+             "/chat/completions", "/v1/completions", "/completions", "/v1/embeddings", "/embeddings", "/tokenize",
+             "/detokenize", "/v1/messages", "/v1/messages/count_tokens", "/v1/responses", "/responses",
+             "/v1/responses/input_tokens", "/responses/input_tokens", "/completion", "/embedding", "/apply-template",
+             "/props", "/slots")
 
 
 class FrontDoor:
@@ -43,21 +46,29 @@ class FrontDoor:
             await send(message)
 
         try:
-            key = self.server.api_key
-            if key is not None and path != "/health" and not authorized(scope, key):
-                err = APIError(401, "invalid or missing API key (send Authorization: Bearer <key>)",
-                               code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-                await error_response(err)(scope, receive, send_status)
+            keys = self.server.api_keys
+            if keys and path not in ("/health", "/v1/health") and not authorized(scope, keys):
+                err = APIError(401, "invalid or missing API key (send Authorization: Bearer <key> or "
+                               "x-api-key: <key>)", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                answer = anthropic_error_response if path.startswith("/v1/messages") else error_response
+                await answer(err)(scope, receive, send_status)
                 return
             await self.app(scope, receive, send_status)
         finally:
             self.server.metrics.count_request(endpoint, status)
 
 
-def authorized(scope: Scope, key: str) -> bool:
-    """Whether the request carries ``Authorization: Bearer <key>`` (compared in constant time)."""
+def authorized(scope: Scope, keys: Sequence[str]) -> bool:
+    """Whether the request carries one of ``keys`` as ``Authorization: Bearer <key>`` or, as Anthropic's
+    clients send it, ``x-api-key: <key>`` (compared in constant time; llama-server takes both)."""
     for name, value in scope.get("headers", ()):
         if name == b"authorization":
             scheme, _, token = value.decode("latin-1").partition(" ")
-            return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+            given = token.strip().encode()
+            if scheme.lower() == "bearer" and any([hmac.compare_digest(given, k.encode()) for k in keys]):
+                return True
+        elif name == b"x-api-key":
+            given = value.strip()
+            if any([hmac.compare_digest(given, k.encode()) for k in keys]):
+                return True
     return False

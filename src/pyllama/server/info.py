@@ -1,4 +1,5 @@
-"""The read-only endpoints: ``/health``, ``/metrics`` (Prometheus) and ``/v1/models``."""
+"""The read-only endpoints: ``/health``, ``/metrics`` (Prometheus, llama-server's names and pyllama's) and
+``/v1/models``."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
+from .protocol import APIError
 from .responses import json_response
 from .state import ServerState
 
@@ -20,19 +22,26 @@ async def health(server: ServerState, request: Request) -> Response:
 
 
 async def metrics_endpoint(server: ServerState, request: Request) -> Response:
+    if not server.metrics_enabled:  # llama-server's answer without --metrics
+        raise APIError(501, "This server does not support metrics endpoint. Start it with `--metrics`",
+                       type="not_supported_error", code="not_supported")
     stats = server.engine.stats() if server.engine is not None else None
-    text = server.metrics.render(stats, model_name=server.model_name, loaded=server.engine is not None)
-    return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+    # llama-server's names (llamacpp:*) first, then pyllama's own (pyllama_*)
+    text = (server.metrics.render_llamacpp(stats)
+            + server.metrics.render(stats, model_name=server.model_name, loaded=server.engine is not None))
+    return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8",
+                             headers={"Process-Start-Time-Unix": str(server.created)})
 
 
 def _model_card(server: ServerState) -> dict[str, Any]:
-    card: dict[str, Any] = {"id": server.model_name, "object": "model", "created": server.created,
-                            "owned_by": "pyllama"}
+    card: dict[str, Any] = {"id": server.model_name, "aliases": server.aliases, "object": "model",
+                            "created": server.created, "owned_by": "pyllama"}
     if server.engine is not None:
         e, m = server.engine, server.engine.model
-        card["meta"] = {"n_slots": e.n_slots, "n_ctx_slot": e.n_ctx_slot, "n_vocab": server.n_vocab,
-                        "n_ctx_train": m.n_ctx_train, "n_embd": m.n_embd, "n_params": m.n_params,
-                        "size": m.size}
+        # n_ctx: llama-server's name for the context of one slot
+        card["meta"] = {"n_slots": e.n_slots, "n_ctx_slot": e.n_ctx_slot, "n_ctx": e.n_ctx_slot,
+                        "n_vocab": server.n_vocab, "n_ctx_train": m.n_ctx_train, "n_embd": m.n_embd,
+                        "n_params": m.n_params, "size": m.size}
     return card
 
 
@@ -43,5 +52,5 @@ async def models(server: ServerState, request: Request) -> Response:
 
 async def model(server: ServerState, request: Request) -> Response:
     server.require_engine()
-    server.check_model(request.path_params["model"])
+    server.find_model(request.path_params["model"])
     return json_response(_model_card(server))

@@ -79,6 +79,30 @@ class Metrics:
                               TTFT_BUCKETS)
         self.itl = Histogram("inter_token_latency_seconds", "Time between consecutive streamed tokens.", ITL_BUCKETS)
         self.e2e = Histogram("request_latency_seconds", "End-to-end latency of generation requests.", E2E_BUCKETS)
+        # llama-server's (llamacpp:*): totals, and the rates since the last scrape
+        self.prompt_s = self.predict_s = 0.0
+        self.n_tokens_max = 0
+        self.embed_tokens = self.embed_decodes = 0
+        self.bucket_prompt_n = self.bucket_gen_steps = 0
+        self.bucket_prompt_s = self.bucket_gen_s = 0.0
+
+    def count_generation(self, prompt_n: int, prompt_s: float, gen_steps: int, gen_s: float, n_tokens: int) -> None:
+        """One finished generation, for llama-server's metrics: prompt tokens decoded and their time,
+        generation steps (tokens after the first) and their time, and the sequence's length."""
+        with self._lock:
+            self.prompt_s += prompt_s
+            self.predict_s += gen_s
+            self.n_tokens_max = max(self.n_tokens_max, n_tokens)
+            self.bucket_prompt_n += prompt_n
+            self.bucket_prompt_s += prompt_s
+            self.bucket_gen_steps += gen_steps
+            self.bucket_gen_s += gen_s
+
+    def count_embedding(self, n_tokens: int, n_decodes: int) -> None:
+        """An embedding request: its prompt tokens and decodes count too, as in llama-server."""
+        with self._lock:
+            self.embed_tokens += n_tokens
+            self.embed_decodes += n_decodes
 
     def count_request(self, endpoint: str, status: int) -> None:
         with self._lock:
@@ -111,6 +135,51 @@ class Metrics:
                 if field in present:
                     lines += [f"# HELP {PREFIX}{name} {help}", f"# TYPE {PREFIX}{name} {kind}",
                               f"{PREFIX}{name} {getattr(stats, field)}"]
+        return "\n".join(lines) + "\n"
+
+
+    def render_llamacpp(self, stats: Any | None) -> str:
+        """llama-server's metrics (``llamacpp:*``, server-context.cpp's metrics handler); the rates are
+        over the time since the previous scrape, as llama-server's."""
+        def get(name: str) -> float:
+            return float(getattr(stats, name, 0) or 0) if stats is not None else 0.0
+
+        with self._lock:
+            steps = get("steps") + self.embed_decodes
+            counters = [
+                ("prompt_tokens_total", "Number of prompt tokens processed, excluding cached tokens",
+                 get("prompt_tokens") + self.embed_tokens),
+                ("prompt_tokens_cached_total", "Number of prompt tokens reused from the cache",
+                 get("cached_prompt_tokens")),
+                ("prompt_seconds_total", "Total time spent processing prompts", self.prompt_s),
+                ("tokens_predicted_total", "Number of generation tokens processed", get("generated_tokens")),
+                ("tokens_predicted_seconds_total", "Total time spent generating tokens", self.predict_s),
+                ("n_decode_total", "Total number of llama_decode() calls", steps),
+                ("n_tokens_max", "Largest observed sequence length (prompt + generation)", self.n_tokens_max),
+                ("spec_decode_num_draft_tokens_total", "Speculative: Total draft tokens generated",
+                 get("draft_tokens")),
+                ("spec_decode_num_accepted_tokens_total", "Speculative: Total draft tokens accepted by the target "
+                 "model", get("draft_accepted_tokens")),
+                ("spec_decode_num_drafts_total", "Speculative: Total speculative decoding verification steps",
+                 get("draft_steps")),
+            ]
+            gauges = [
+                ("prompt_tokens_seconds", "Average prompt throughput in tokens/s",
+                 self.bucket_prompt_n / self.bucket_prompt_s if self.bucket_prompt_s > 0 else 0.0),
+                ("predicted_tokens_seconds", "Average generation throughput in tokens/s",
+                 self.bucket_gen_steps / self.bucket_gen_s if self.bucket_gen_s > 0 else 0.0),
+                ("requests_processing", "Number of requests processing", get("busy_slots")),
+                ("requests_deferred", "Number of requests deferred", get("queue_len")),
+                ("n_busy_slots_per_decode", "Average number of busy slots per llama_decode() call",
+                 get("busy_slot_steps") / max(get("steps"), 1.0)),
+            ]
+            self.bucket_prompt_n = self.bucket_gen_steps = 0
+            self.bucket_prompt_s = self.bucket_gen_s = 0.0
+        lines = []
+        for kind, items in (("counter", counters), ("gauge", gauges)):
+            for name, help, value in items:
+                v = int(value) if float(value).is_integer() else value
+                lines += [f"# HELP llamacpp:{name} {help}", f"# TYPE llamacpp:{name} {kind}", f"llamacpp:{name} {v}"]
         return "\n".join(lines) + "\n"
 
 

@@ -17,7 +17,8 @@ class APIError(Exception):
     """An error answered in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None, headers: dict[str, str] | None = None) -> None:
+                 param: str | None = None, headers: dict[str, str] | None = None,
+                 extra: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -25,9 +26,12 @@ class APIError(Exception):
         self.code = code
         self.param = param
         self.headers = headers or {}
+        self.extra = extra or {}  # more fields of the error object (llama-server's n_prompt_tokens, n_ctx)
 
     def body(self) -> dict[str, Any]:
-        return error_body(self.message, type=self.type, code=self.code, param=self.param)
+        body = error_body(self.message, type=self.type, code=self.code, param=self.param)
+        body["error"].update(self.extra)
+        return body
 
 
 def error_body(message: str, *, type: str = "invalid_request_error", code: str | None = None,
@@ -177,6 +181,9 @@ class ChatCompletionRequest(SamplingRequest):
     tools: list[Tool] | None = None
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
     parallel_tool_calls: bool | None = None
+    grammar: str | None = None  # llama-server's extensions: a GBNF grammar, or a JSON schema, for the reply
+    json_schema: dict[str, Any] | None = None
+    timings_per_token: bool = False  # llama-server's: timings in every streamed chunk
 
 
 class CompletionRequest(SamplingRequest):
@@ -196,14 +203,88 @@ class EmbeddingRequest(_Request):
 
 
 class TokenizeRequest(_Request):
-    content: str
+    content: Union[str, list[Union[int, str]], None] = None  # a string, or token ids and strings mixed
     add_special: bool = False
     parse_special: bool = True
     with_pieces: bool = False
 
 
 class DetokenizeRequest(_Request):
-    tokens: list[int]
+    tokens: list[int] = Field(default_factory=list)
+
+
+# llama-server's native requests: its field names, numbers taken as loosely as it takes them
+
+NativePrompt = Union[str, list[Any], dict[str, Any]]
+
+
+class NativeCompletionRequest(_Request):
+    """llama-server's ``POST /completion`` (its field names; unset fields take the server's defaults)."""
+
+    model_config = ConfigDict(strict=False, extra="ignore", populate_by_name=True)
+
+    prompt: NativePrompt
+    n_predict: int | None = Field(default=None, ge=-1)
+    max_tokens: int | None = Field(default=None, ge=-1)
+    max_completion_tokens: int | None = Field(default=None, ge=-1)
+    n_cmpl: int | None = Field(default=None, ge=1)
+    n: int | None = Field(default=None, ge=1)
+    stream: bool = False
+    stop: Union[str, list[str], None] = None
+    temperature: float | None = Field(default=None, ge=0)
+    dynatemp_range: float | None = None
+    dynatemp_exponent: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    typical_p: float | None = None
+    top_n_sigma: float | None = None
+    xtc_probability: float | None = None
+    xtc_threshold: float | None = None
+    repeat_penalty: float | None = None
+    repeat_last_n: int | None = Field(default=None, ge=-1)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    dry_multiplier: float | None = None
+    dry_base: float | None = None
+    dry_allowed_length: int | None = None
+    dry_penalty_last_n: int | None = None
+    dry_sequence_breakers: list[str] | None = None
+    mirostat: int | None = Field(default=None, ge=0, le=2)
+    mirostat_tau: float | None = None
+    mirostat_eta: float | None = None
+    min_keep: int | None = Field(default=None, ge=0)
+    seed: int | None = None
+    samplers: Union[list[str], str, None] = None
+    logit_bias: Union[list[Any], dict[str, Any], None] = None
+    ignore_eos: bool = False
+    grammar: str | None = None
+    json_schema: Union[dict[str, Any], list[Any], None] = None
+    n_probs: int | None = Field(default=None, ge=0)
+    logprobs: int | None = Field(default=None, ge=0)
+    post_sampling_probs: bool = False
+    cache_prompt: bool = True
+    id_slot: int = -1
+    return_tokens: bool = False
+    timings_per_token: bool = False
+    response_fields: list[str] | None = None
+    n_keep: int | None = None
+
+    def stops(self) -> list[str]:
+        if self.stop is None:
+            return []
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        return [s for s in stops if s]  # llama-server drops empty stop strings
+
+
+class NativeEmbeddingRequest(_Request):
+    """llama-server's ``POST /embedding``: ``content`` (or ``input``), a string or a list of them."""
+
+    model_config = ConfigDict(strict=False, extra="ignore", populate_by_name=True)
+
+    content: Union[str, list[Any], None] = None
+    input: Union[str, list[Any], None] = None
+    embd_normalize: int = 2
 
 
 R = TypeVar("R", bound=_Request)
@@ -230,5 +311,5 @@ def parse_request(cls: type[R], body: bytes) -> R:
 __all__ = [
     "APIError", "error_body", "ChatMessage", "TextPart", "ToolCall", "Tool", "ResponseFormat", "StreamOptions",
     "SamplingRequest", "ChatCompletionRequest", "CompletionRequest", "EmbeddingRequest", "TokenizeRequest",
-    "DetokenizeRequest", "parse_request",
+    "DetokenizeRequest", "NativeCompletionRequest", "NativeEmbeddingRequest", "parse_request",
 ]

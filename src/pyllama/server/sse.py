@@ -22,4 +22,9 @@ def frame(obj: Any) -> bytes:
     return b"data: " + dumps(obj) + b"\n\n"
 
 
-__all__ = ["DONE", "KEEPALIVE", "HEADERS", "MEDIA_TYPE", "dumps", "frame"]
+def event(name: str, obj: Any) -> bytes:
+    """A named event (``event: name`` then ``data: {json}``), as Anthropic and OpenAI's Responses stream."""
+    return b"event: " + name.encode() + b"\ndata: " + dumps(obj) + b"\n\n"
+
+
+__all__ = ["DONE", "KEEPALIVE", "HEADERS", "MEDIA_TYPE", "dumps", "event", "frame"]

@@ -14,20 +14,25 @@ import functools
 import logging
 import threading
 import time
+import weakref
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncGenerator, AsyncIterator, Callable, Union, cast
+from typing import TYPE_CHECKING, Any, AsyncGenerator, AsyncIterator, Callable, Sequence, Union, cast
 
 from starlette.applications import Starlette
 from starlette.requests import Request
 
+from ..errors import ContextOverflowError
 from ..stream import TokenEvent
+from ..options import SubmitOptions, Unpack
 from . import sse
 from .chat import ChatPrompter
 from .errors import api_error
 from .metrics import Metrics
+from .params import RequestDefaults
 from .protocol import APIError
 
 if TYPE_CHECKING:
+    from ..chat import ReasoningFormat
     from ..engine import Engine, EngineRequest
 
 log = logging.getLogger("pyllama.server")
@@ -35,6 +40,36 @@ log = logging.getLogger("pyllama.server")
 EngineSource = Union["Engine", Callable[[], "Engine"]]
 
 _FINISH = {"eog": "stop", "stop": "stop", "length": "length", "context": "length", "cancelled": "stop"}
+
+
+async def interleave(gens: Sequence[AsyncGenerator[bytes, None]]) -> AsyncGenerator[bytes, None]:
+    """The frames of several streams as they come (``n`` choices streamed together); closing it closes them."""
+    queue: asyncio.Queue[tuple[int, bytes | BaseException | None]] = asyncio.Queue()
+
+    async def pump(i: int, gen: AsyncGenerator[bytes, None]) -> None:
+        try:
+            async with contextlib.aclosing(gen):
+                async for frame in gen:
+                    await queue.put((i, frame))
+            await queue.put((i, None))
+        except Exception as exc:  # noqa: BLE001 - raised where the frames are read
+            await queue.put((i, exc))
+
+    tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(gens)]
+    try:
+        left = len(tasks)
+        while left:
+            _, item = await queue.get()
+            if item is None:
+                left -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def finish_reason(er: EngineRequest) -> str:
@@ -45,17 +80,24 @@ def finish_reason(er: EngineRequest) -> str:
 class ServerState:
     """The state behind one app: the engine (or its loader), metrics and the request handlers."""
 
-    def __init__(self, source: EngineSource, *, api_key: str | None, model_name: str | None,
-                 keepalive_s: float, chat_template: str | None) -> None:
+    def __init__(self, source: EngineSource, *, api_key: str | Sequence[str] | None, model_name: str | None,
+                 keepalive_s: float, chat_template: str | None, aliases: Sequence[str] = (),
+                 defaults: RequestDefaults = RequestDefaults(), metrics: bool = True,
+                 reasoning_format: ReasoningFormat = "auto", slots: bool = True, props: bool = False) -> None:
         self.engine: Engine | None = None
         self.loader: Callable[[], Engine] | None = None
         self.chat_template = chat_template
+        self.reasoning_format: ReasoningFormat = reasoning_format
+        self.aliases = [a for a in aliases if a != model_name]  # more names /v1/models lists
         if hasattr(source, "submit"):  # an Engine, or anything offering its API (e.g. an isolated one)
             self._adopt(cast("Engine", source))
         else:
             self.loader = source
         self.owns_engine = self.loader is not None
-        self.api_key = api_key
+        # the keys a request may carry (llama-server's --api-key takes several); empty: no key needed
+        self.api_keys: tuple[str, ...] = (api_key,) if isinstance(api_key, str) else tuple(api_key or ())
+        self.defaults = defaults
+        self.metrics_enabled = metrics
         self.model_name = model_name or (self._default_name() if self.engine is not None else "pyllama")
         self.keepalive_s = keepalive_s
         self.metrics = Metrics()
@@ -66,6 +108,22 @@ class ServerState:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._active: set[EngineRequest] = set()
         self.closing = False
+        self._fingerprint: str | None = None
+        self.slots_enabled = slots
+        self.props_enabled = props
+        #: per slot id: the last request it served and that request's generation settings (GET /slots)
+        self.slot_last: dict[int, tuple[EngineRequest, dict[str, Any]]] = {}
+        # generation settings of requests in flight
+        self.settings: weakref.WeakKeyDictionary[EngineRequest, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+    @property
+    def fingerprint(self) -> str:
+        """``system_fingerprint``: llama-server's build info (of the vendored llama.cpp)."""
+        if self._fingerprint is None:
+            from .props import build_info
+
+            self._fingerprint = build_info()
+        return self._fingerprint
 
     # --- lifecycle -------------------------------------------------------------------------
     def _default_name(self) -> str:
@@ -73,11 +131,12 @@ class ServerState:
         return Path(str(self.engine.model.path)).name
 
     def _adopt(self, engine: Engine) -> None:
-        self.prompter = ChatPrompter(engine.model, template=self.chat_template)
+        self.prompter = ChatPrompter(engine.model, template=self.chat_template,
+                                     reasoning_format=self.reasoning_format)
         self.n_vocab = engine.model.vocab.n_tokens
         self._piece_cache = functools.lru_cache(maxsize=65536)(self._piece_uncached)
         path = Path(str(engine.model.path))
-        self.model_aliases = {path.name, path.stem, str(path)}
+        self.model_aliases = {path.name, path.stem, str(path), *self.aliases}
         self.engine = engine  # last: requests are served from here on
 
     def _load(self) -> None:
@@ -149,7 +208,12 @@ class ServerState:
         raise APIError(503, "the model is loading", type="server_error", code="loading", headers={"Retry-After": "1"})
 
     def check_model(self, name: str | None) -> None:
-        if name is None or name == self.model_name or name in self.model_aliases:
+        """A request's ``model``: any name is accepted, as llama-server does in single-model mode (clients
+        hard-code names like ``gpt-4o-mini``); there is one model to serve it."""
+
+    def find_model(self, name: str) -> None:
+        """``GET /v1/models/{name}``: a lookup, so only the names this server answers to (else 404)."""
+        if name == self.model_name or name in self.model_aliases:
             return
         raise APIError(404, f"the model `{name}` does not exist; this server serves `{self.model_name}`",
                        param="model", code="model_not_found")
@@ -216,6 +280,13 @@ class ServerState:
                 m.observe(m.e2e, time.perf_counter() - er.t_submit)
             if gaps:
                 m.observe_many(m.itl, gaps)
+            t = self.timings(er)
+            m.count_generation(t["prompt_n"], t["prompt_ms"] / 1e3, max(0, t["predicted_n"] - 1),
+                               t["predicted_ms"] / 1e3, er.n_prompt + er.n_generated)
+            settings = self.settings.pop(er, None)
+            slot = getattr(er, "slot_id", None)
+            if slot is not None:
+                self.slot_last[slot] = (er, settings or {})
 
     def _check_cut(self, er: EngineRequest) -> None:
         if er.finish_reason == "cancelled" and self.closing:
@@ -224,8 +295,22 @@ class ServerState:
 
     async def collect(self, request: Request, er: EngineRequest) -> list[TokenEvent] | None:
         """All events of a non-streamed request; None when the client disconnected (which cancels it)."""
-        async def drain() -> list[TokenEvent]:
+        got = await self.collect_all(request, [er])
+        return None if got is None else got[0]
+
+    async def collect_all(self, request: Request, ers: Sequence[EngineRequest]) -> list[list[TokenEvent]] | None:
+        """All events of several non-streamed requests (run together: they batch); None when the client
+        disconnected (which cancels them all)."""
+        async def drain_one(er: EngineRequest) -> list[TokenEvent]:
             return [ev async for ev in self.events(er, keepalive=False) if ev is not None]
+
+        async def drain() -> list[list[TokenEvent]]:
+            try:
+                return list(await asyncio.gather(*(drain_one(er) for er in ers)))
+            except BaseException:
+                for er in ers:
+                    er.cancel()
+                raise
 
         async def disconnected() -> None:
             while (await request.receive())["type"] != "http.disconnect":
@@ -238,14 +323,15 @@ class ServerState:
         finally:
             watch.cancel()
             if not work.done():
-                er.cancel()
+                for er in ers:
+                    er.cancel()
                 work.cancel()
         if not work.done() or work.cancelled():
             return None
         return work.result()
 
-    async def stream(self, er: EngineRequest, rid: str, frames: AsyncGenerator[bytes, None],
-                     usage_base: dict[str, Any] | None) -> AsyncIterator[bytes]:
+    async def stream(self, er: EngineRequest | Sequence[EngineRequest], rid: str,
+                     frames: AsyncGenerator[bytes, None], usage_base: dict[str, Any] | None) -> AsyncIterator[bytes]:
         """An SSE stream: ``frames``, the usage chunk (built on ``usage_base``, when given), then ``[DONE]``.
 
         The status line is sent before the first frame, so a failure midway is
@@ -256,18 +342,97 @@ class ServerState:
                 async for frame in frames:
                     yield frame
             if usage_base is not None:
-                yield sse.frame({**usage_base, "choices": [], "usage": self.usage(er)})
+                yield sse.frame({**usage_base, "choices": [], "usage": self.usage_all(er)})
         except Exception as exc:  # noqa: BLE001 - the status line is gone: report in-band
             err = api_error(exc)
             log.warning("stream %s failed: %s", rid, err.message)
             yield sse.frame(err.body())
         yield sse.DONE
 
-    def submit(self, engine: Engine, prompt: Any, **kw: Any) -> EngineRequest:
+    def submit(self, engine: Engine, prompt: Any, **options: Unpack[SubmitOptions]) -> EngineRequest:
         try:
-            return engine.submit(prompt, **kw)
+            return engine.submit(prompt, **options)
         except Exception as exc:  # noqa: BLE001 - every refusal becomes a 4xx/503 in OpenAI's shape
-            raise api_error(exc) from None
+            err = api_error(exc)
+            if isinstance(exc, ContextOverflowError):  # llama-server's fields of this error
+                try:
+                    n = (engine.tokenize(prompt, add_special=options.get("add_special", True),
+                                         parse_special=options.get("parse_special", True)).size
+                         if isinstance(prompt, (str, bytes)) else len(prompt))
+                except Exception:  # noqa: BLE001
+                    n = 0
+                err.extra.update(n_prompt_tokens=int(n), n_ctx=engine.n_ctx_slot)
+            raise err from None
+
+    def submit_n(self, engine: Engine, prompt: Any, n: int, settings: dict[str, Any] | None = None,
+                 **options: Unpack[SubmitOptions]) -> list[EngineRequest]:
+        """``n`` requests for the same prompt (``n`` choices: they run in parallel slots and batch); a
+        refusal of any cancels those already queued. ``settings`` (llama-server's generation settings) are
+        kept for ``GET /slots``."""
+        ers: list[EngineRequest] = []
+        try:
+            for _ in range(n):
+                ers.append(self.submit(engine, prompt, **options))
+        except BaseException:
+            for er in ers:
+                er.cancel()
+            raise
+        if settings is not None:
+            for er in ers:
+                self.settings[er] = settings
+        return ers
+
+    def running_by_slot(self) -> dict[int, EngineRequest] | None:
+        """The requests in a slot now, by slot id (None where the engine does not say which slot)."""
+        out: dict[int, EngineRequest] = {}
+        for er in list(self._active):
+            if er.t_start is None or er.done:
+                continue
+            slot = getattr(er, "slot_id", None)
+            if slot is None:  # (the engine sets it as the request gets its slot)
+                return None
+            out[slot] = er
+        return out
+
+    def timings(self, er: EngineRequest) -> dict[str, Any]:
+        """llama-server's ``timings`` of a request: prompt processing from getting a slot to the first token,
+        generation from there to the last (its rate over the tokens after the first, which came with the
+        prompt's last decode)."""
+        now = time.perf_counter()
+        start = er.t_start
+        first = er.t_first_token
+        if start is None and (first is not None or er.t_done is not None):
+            start = er.t_submit  # an engine that does not say when the slot was taken (--isolate)
+        end = er.t_done if er.t_done is not None else now
+        prompt_ms = (first - start) * 1e3 if start is not None and first is not None else 0.0
+        if start is not None and first is None and er.t_done is not None:
+            prompt_ms = (er.t_done - start) * 1e3
+        n_gen = er.n_generated
+        steps = max(0, n_gen - 1)
+        predicted_ms = max(1e-3, (end - first) * 1e3) if first is not None else 0.0
+        prompt_n = max(0, er.n_prompt - er.n_cached) if start is not None else 0
+        out: dict[str, Any] = {
+            "cache_n": er.n_cached, "prompt_n": prompt_n, "prompt_ms": prompt_ms,
+            "prompt_per_token_ms": prompt_ms / prompt_n if prompt_n else 0.0,
+            "prompt_per_second": 1e3 / prompt_ms * prompt_n if prompt_ms > 0 else 0.0,
+            "predicted_n": n_gen, "predicted_ms": predicted_ms,
+            "predicted_per_token_ms": predicted_ms / steps if steps else 0.0,
+            "predicted_per_second": 1e3 / predicted_ms * steps if predicted_ms > 0 and steps else 0.0,
+        }
+        spec = er.speculative
+        if spec is not None and spec.n_drafted:
+            out["draft_n"] = spec.n_drafted
+            out["draft_n_accepted"] = spec.n_accepted
+        return out
+
+    def usage_all(self, ers: EngineRequest | Sequence[EngineRequest]) -> dict[str, Any]:
+        """The usage of the requests of one answer (``n`` choices: the prompt once, every choice's tokens)."""
+        if not isinstance(ers, Sequence):
+            return self.usage(ers)
+        out = self.usage(ers[0])
+        gen = sum(er.n_generated for er in ers)
+        out.update(completion_tokens=gen, total_tokens=out["prompt_tokens"] + gen)
+        return out
 
     def usage(self, er: EngineRequest) -> dict[str, Any]:
         return {"prompt_tokens": er.n_prompt, "completion_tokens": er.n_generated,
