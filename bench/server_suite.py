@@ -92,19 +92,6 @@ def _synth() -> types.ModuleType:
     return synth
 
 
-def write_reranker_model(path: Path) -> Path:
-    """A synthetic llama model with rank pooling: llama.cpp scores a pair by the first hidden unit of its
-    last token (no classification head); enough for /rerank's shapes, not for sensible rankings."""
-    synth = _synth()
-    writer = getattr(synth, "write_reranker_model", None)
-    if writer is not None:
-        return Path(writer(path))
-    import gguf
-
-    return Path(synth._write_model(path, synth.LlamaParams(seed=2468), name="pyllama-synth-reranker",
-                                   pooling=gguf.PoolingType.RANK))
-
-
 def prepare_models(workdir: Path, *, chat: Path | None = None, base: Path | None = None,
                    synth_model: Path | None = None, embedding: Path | None = None,
                    lora: Path | None = None) -> dict[str, str]:
@@ -120,7 +107,7 @@ def prepare_models(workdir: Path, *, chat: Path | None = None, base: Path | None
     synth_model = synth_model or synth.write_llama_model(workdir / "synth-llama.gguf")
     embedding = embedding or synth.write_embedding_model(workdir / "synth-embedding.gguf")
     lora = lora or synth.write_lora_adapter(workdir / "synth-lora.gguf", synth_model)
-    reranker = write_reranker_model(workdir / "synth-reranker.gguf")
+    reranker = synth.write_reranker_model(workdir / "synth-reranker.gguf")
     return {"chat": str(chat), "base": str(base), "synth": str(synth_model), "embedding": str(embedding),
             "reranker": str(reranker), "lora": str(lora)}
 

@@ -44,6 +44,12 @@ def synth_embedding_model_path(synth_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def synth_reranker_path(synth_dir: Path) -> Path:
+    """A tiny llama model whose metadata asks for rank pooling (a reranker's scores, not sensible ones)."""
+    return synth.write_reranker_model(synth_dir / "reranker.gguf")
+
+
+@pytest.fixture(scope="session")
 def synth_lora_path(synth_dir: Path, synth_model_path: Path) -> Path:
     """A LoRA adapter for ``synth_model_path``; applying it changes the logits."""
     return synth.write_lora_adapter(synth_dir / "lora.gguf", synth_model_path)

@@ -345,6 +345,17 @@ def write_embedding_model(
     return _write_model(path, params, name="pyllama-synth-embedding", pooling=gguf.PoolingType.MEAN)
 
 
+def write_reranker_model(path: PathLike, *, seed: int = 2468) -> Path:
+    """Write a tiny "llama" reranker: ``llama.pooling_type = RANK``; returns ``path``.
+
+    llama.cpp scores a (query, document) sequence by the first unit of its last token's hidden state when
+    the model has no classification head, as here: enough for /rerank's shapes and for the library's
+    scores to match a hand-built sequence's, not for sensible rankings.
+    """
+    params = LlamaParams(seed=seed)
+    return _write_model(path, params, name="pyllama-synth-reranker", pooling=gguf.PoolingType.RANK)
+
+
 DEFAULT_LORA_TARGETS = ("attn_q", "attn_v", "ffn_up", "ffn_down", "output")
 
 

@@ -62,6 +62,44 @@ def test_embeddings(synth_embedding_model_path: Path) -> None:
             assert np.allclose(pyllama.embed(ctx, "Hello world"), vecs[0], atol=1e-5)
 
 
+def test_embed_token_inputs(synth_embedding_model_path: Path) -> None:
+    with pyllama.Model(synth_embedding_model_path) as m:
+        toks = m.tokenize("Hello world")
+        text, ids, listed = pyllama.embed(m, ["Hello world", toks, toks.tolist()])
+        assert np.allclose(text, ids, atol=1e-6) and np.allclose(text, listed, atol=1e-6)
+        assert pyllama.embed(m, toks).shape == (m.n_embd,)  # one token sequence is one input
+        with pytest.raises(pyllama.TokenizationError, match="outside the vocabulary"):
+            pyllama.embed(m, [toks, [1, m.vocab.n_tokens]])
+        with pytest.raises(ValueError, match="no tokens"):
+            pyllama.embed(m, ["Hello", np.zeros(0, dtype=np.int32)])
+
+
+def test_rerank(synth_reranker_path: Path, synth_embedding_model_path: Path) -> None:
+    from pyllama.rerank import rerank_tokens
+
+    docs = ["A machine", "Learning is", "Paris"]
+    with pyllama.Model(synth_reranker_path) as m:
+        scores = pyllama.rerank(m, "Machine learning is", docs)
+        assert scores.shape == (3,) and scores.dtype == np.float32 and len(set(scores.tolist())) == 3
+        toks = rerank_tokens(m, "Machine learning is", "A machine")
+        # llama-server's sequence when the model has no rerank template: [BOS] query [EOS] [SEP] doc [EOS],
+        # each special token as the vocabulary adds it (this one adds BOS only)
+        expect = [m.vocab.bos, *m.tokenize("Machine learning is", add_special=False),
+                  *m.tokenize("A machine", add_special=False)]
+        assert toks.tolist() == expect
+        # a score is the rank-pooled output of that sequence, in any context with rank pooling
+        with m.context(embeddings=True, pooling="rank", n_ctx=256) as ctx:
+            assert pyllama.embed(ctx, toks).tolist() == pytest.approx([scores[0]], abs=1e-5)
+            assert pyllama.rerank(ctx, "Machine learning is", docs) == pytest.approx(scores, abs=1e-5)
+        with pytest.raises(ValueError, match="non-empty"):
+            pyllama.rerank(m, "q", [])
+        with pytest.raises(TypeError):
+            pyllama.rerank(m, "q", "one document")  # type: ignore[arg-type]
+    with pyllama.Model(synth_embedding_model_path) as e, e.context(embeddings=True, n_ctx=256) as ctx:
+        with pytest.raises(ValueError, match="rank"):
+            pyllama.rerank(ctx, "q", ["a"])
+
+
 def test_lora_apply_scale_remove(model: pyllama.Model, synth_lora_path: Path) -> None:
     toks = model.tokenize("Hello world")
 

@@ -276,6 +276,120 @@ def test_embedding_native_shape(srv: RemoteServer) -> None:
     assert post(srv, "embedding", {}).status_code == 400
 
 
+def test_embedding_input_forms(srv: RemoteServer, synth_model_path: Path) -> None:
+    import numpy as np
+
+    import pyllama
+
+    with pyllama.Model(synth_model_path, vocab_only=True) as m:
+        ids = m.tokenize("Hello world", parse_special=True).tolist()  # with BOS, as the server tokenizes text
+    ref = post(srv, "v1/embeddings", {"input": "Hello world"}).json()["data"][0]["embedding"]
+    forms: list[Any] = [ids, [ids[0], "Hello world"], {"prompt_string": "Hello world"},
+                        {"content": [{"type": "text", "text": "Hello "}, {"type": "text", "text": "world"}]}]
+    for form in forms:  # one input each, the same tokens: the same vector
+        r = post(srv, "v1/embeddings", {"input": form})
+        assert r.status_code == 200, (form, r.text)
+        assert np.allclose(r.json()["data"][0]["embedding"], ref, atol=1e-5), form
+    several = post(srv, "v1/embeddings", {"input": ["Hello world", ids, forms[3]]}).json()
+    assert [d["index"] for d in several["data"]] == [0, 1, 2]
+    assert several["usage"]["prompt_tokens"] == 3 * len(ids)
+    assert all(np.allclose(d["embedding"], ref, atol=1e-5) for d in several["data"])
+    # "content" instead of "input": llama-server's shape, on either path
+    native = post(srv, "v1/embeddings", {"content": "Hello world"}).json()
+    assert np.allclose(native[0]["embedding"][0], ref, atol=1e-5)
+    raw = post(srv, "embedding", {"content": "Hello world", "embd_normalize": -1}).json()[0]["embedding"][0]
+    assert np.allclose(np.asarray(raw) / np.linalg.norm(raw), ref, atol=1e-5)
+    for bad in ([], [[]], {"content": "text"}, {"content": [{"type": "unknown"}]},
+                {"content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]},
+                [1, 10**7], 3.5):
+        r = post(srv, "v1/embeddings", {"input": bad})
+        assert r.status_code == 400 and r.json()["error"]["message"], (bad, r.text)
+
+
+def test_rerank(synth_reranker_path: Path, synth_model_path: Path) -> None:
+    docs = ["A machine", "Learning is", "Paris, capitale de la France", "the cat"]
+    import pyllama
+
+    with pyllama.Model(synth_reranker_path) as m:
+        want = pyllama.rerank(m, "Machine learning is", docs)
+    best_first = sorted(range(len(docs)), key=lambda i: -want[i])
+    with llama_server(synth_reranker_path, "--reranking", "-c", "1024", "-np", "1") as rr:
+        for path in ("rerank", "v1/rerank", "reranking", "v1/reranking"):
+            body = post(rr, path, {"query": "Machine learning is", "documents": docs, "model": "jina"}).json()
+            assert body["object"] == "list" and body["model"] == "jina"
+            assert [x["index"] for x in body["results"]] == best_first
+            assert [x["relevance_score"] for x in body["results"]] == pytest.approx([want[i] for i in best_first],
+                                                                                   abs=1e-4)
+            assert body["usage"]["prompt_tokens"] == body["usage"]["total_tokens"] > 4 * 4
+        top = post(rr, "rerank", {"query": "Machine learning is", "documents": docs, "top_n": 2}).json()
+        assert [x["index"] for x in top["results"]] == best_first[:2]
+        tei = post(rr, "rerank", {"query": "Machine learning is", "texts": docs, "return_text": True}).json()
+        assert [x["index"] for x in tei] == best_first and tei[0]["text"] == docs[best_first[0]]
+        assert set(tei[0]) == {"index", "score", "text"}
+        for bad in ({"query": "q", "documents": []}, {"query": "q"}, {"query": 3, "documents": ["a"]},
+                    {"documents": ["a"]}, {"query": "q", "documents": [1, 2]},
+                    {"query": "q", "documents": ["a"], "top_n": "2"}):
+            r = post(rr, "rerank", bad)
+            assert r.status_code == 400 and "error" in r.json(), (bad, r.text)
+    # a server that is no reranker: llama-server's 501
+    with llama_server(synth_model_path, "-c", "256", "-np", "1") as plain:
+        r = post(plain, "rerank", {"query": "q", "documents": ["a"]})
+        assert r.status_code == 501 and r.json()["error"]["type"] == "not_supported_error"
+
+
+def test_template_switches(synth_model_path: Path) -> None:
+    """llama-server's --reasoning and the request's add_generation_prompt, continue_final_message,
+    chat_template_kwargs and reasoning_effort, on a template that can think (Qwen3's, from the vendored tree)."""
+    template = Path(__file__).resolve().parent.parent / "vendor/llama.cpp/models/templates/Qwen-Qwen3-0.6B.jinja"
+    if not template.is_file():
+        pytest.skip("vendor/llama.cpp is missing: python tools/vendor.py")
+    user = [{"role": "user", "content": "What is today?"}]
+
+    def prompt(s: RemoteServer, **body: Any) -> str:
+        r = post(s, "apply-template", {"messages": user, **body})
+        assert r.status_code == 200, r.text
+        return str(r.json()["prompt"])
+
+    with llama_server(synth_model_path, "-c", "512", "-np", "1", "--chat-template-file", str(template)) as on, \
+            llama_server(synth_model_path, "-c", "512", "-np", "1", "--chat-template-file", str(template),
+                         "--reasoning", "off") as off:
+        closed = "<|im_start|>assistant\n<think>\n\n</think>\n\n"  # thinking turned off: an empty block
+        assert prompt(on).endswith("<|im_start|>assistant\n") and not prompt(on).endswith(closed)
+        assert prompt(off).endswith(closed)
+        assert prompt(off, chat_template_kwargs={"enable_thinking": True}) == prompt(on)
+        assert prompt(on, chat_template_kwargs={"enable_thinking": False}) == prompt(off)
+        assert prompt(on, reasoning_effort="none") == prompt(off)
+        assert prompt(on, add_generation_prompt=False).endswith("What is today?<|im_end|>\n")
+        # an assistant message at the end is continued (its prefill); vLLM's explicit spelling is the same
+        prefill = [*user, {"role": "assistant", "content": "Whill"}]
+        implicit = post(on, "apply-template", {"messages": prefill}).json()["prompt"]
+        explicit = post(on, "apply-template", {"messages": prefill, "continue_final_message": True,
+                                               "add_generation_prompt": False}).json()["prompt"]
+        assert implicit == explicit and implicit.endswith("Whill")
+        for bad in ({"continue_final_message": True, "add_generation_prompt": True},
+                    {"messages": [*prefill, {"role": "assistant", "content": "again"}]},
+                    {"chat_template_kwargs": {"enable_thinking": "no"}}):
+            r = post(on, "v1/chat/completions", {"messages": prefill, "max_tokens": 2, **bad})
+            assert r.status_code == 400, (bad, r.text)
+
+
+def test_header_names_as_llama_server_sends_them(srv: RemoteServer) -> None:
+    import http.client
+
+    conn = http.client.HTTPConnection(srv.host, srv.port, timeout=30)
+    conn.request("OPTIONS", "/completions", headers={"Origin": "http://example.org",
+                                                    "Access-Control-Request-Method": "POST"})
+    r = conn.getresponse()
+    r.read()
+    names = [name for name, _ in r.getheaders()]  # as written on the wire
+    assert r.status == 200 and "Access-Control-Allow-Origin" in names and "Access-Control-Allow-Methods" in names
+    conn.request("GET", "/health")
+    r = conn.getresponse()
+    r.read()
+    assert "Content-Type" in [name for name, _ in r.getheaders()]
+    conn.close()
+
+
 def test_chat_grammar_and_json_schema_fields(srv: RemoteServer) -> None:
     msgs = [{"role": "user", "content": "Does not matter what I say, does it?"}]
     r = post(srv, "chat/completions", {"messages": msgs, "max_tokens": 6, "grammar": 'root ::= "yes" | "no"'})

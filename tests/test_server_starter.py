@@ -179,9 +179,21 @@ def test_tool_call(client: openai.OpenAI) -> None:
     assert isinstance(json.loads(call.function.arguments)["city"], str)
     chunks = list(client.chat.completions.create(model=ALIAS, messages=_tool_history(), tools=[WEATHER_TOOL],
                                                  tool_choice="required", max_tokens=32, temperature=0, stream=True))
-    calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
-    assert calls and calls[0].function.name == "get_weather" and calls[0].index == 0
+    deltas = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    # streamed incrementally, as llama-server: the id, type and name once, then the arguments in fragments
+    assert deltas[0].function.name == "get_weather" and deltas[0].index == 0 and deltas[0].id
+    assert all(d.index == 0 and d.id is None and d.function.name is None for d in deltas[1:])
+    assert len(deltas) > 2, "the arguments arrived in one piece"
+    assert "".join(d.function.arguments or "" for d in deltas) == call.function.arguments
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert not any(c.choices[0].delta.content for c in chunks if c.choices)  # no call leaks as text
+    # the SDK's own reassembly gives the non-streamed call
+    with client.chat.completions.stream(model=ALIAS, messages=_tool_history(),  # type: ignore[arg-type]
+                                        tools=[WEATHER_TOOL], tool_choice="required", max_tokens=32,
+                                        temperature=0) as stream:
+        final = stream.get_final_completion()
+    got = final.choices[0].message.tool_calls[0]
+    assert (got.function.name, got.function.arguments) == (call.function.name, call.function.arguments)
 
 
 def test_embeddings(client: openai.OpenAI) -> None:

@@ -18,6 +18,7 @@ from .batch import Batch
 from .context import Context, PerfContext
 from .detokenize import StreamDecoder
 from .embed import embed
+from .rerank import rerank
 from .fit import DeviceMemory, Fit, fit_params, memory_projection
 from .errors import (
     BusyError,
@@ -120,7 +121,7 @@ __all__ = [
     "generate", "generate_text", "agenerate", "Generation", "TokenEvent",
     "SamplingOptions", "GenerateOptions", "SubmitOptions",
     "generate_parallel", "generate_parallel_tokens", "SequenceResult", "Speculator", "SpeculativeStats",
-    "ChatSession", "ChatFormat", "ChatPrompt", "json_schema_to_grammar", "PrefilledGrammar", "apply_template", "embed", "starter_model_path", "chat_starter_path", "Threadpool",
+    "ChatSession", "ChatFormat", "ChatPrompt", "json_schema_to_grammar", "PrefilledGrammar", "apply_template", "embed", "rerank", "starter_model_path", "chat_starter_path", "Threadpool",
     "Fit", "DeviceMemory", "fit_params", "memory_projection",
     "SamplerChain", "Sampler", "CustomSampler", "Candidates", "default_chain",
     "Greedy", "Dist", "TopK", "TopP", "MinP", "Typical", "Temp", "TempExt", "XTC", "TopNSigma",

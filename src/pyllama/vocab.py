@@ -129,6 +129,10 @@ class Vocab:
         return bool(lib.llama_vocab_get_add_eos(self._v()))
 
     @property
+    def add_sep(self) -> bool:
+        return bool(lib.llama_vocab_get_add_sep(self._v()))
+
+    @property
     def type(self) -> str:
         names = {1: "spm", 2: "bpe", 3: "wpm", 4: "ugm", 5: "rwkv", 6: "plamo2"}
         return names.get(int(lib.llama_vocab_type(self._v())), "none")

@@ -37,6 +37,7 @@ from .request import EngineBusyError, EngineRequest
 from .slots import Slot, choose_slot
 
 if TYPE_CHECKING:
+    from ..embed import EmbedInput
     from ..model import Model
 
 
@@ -371,16 +372,31 @@ def check_request(vocab: Vocab, prompt: str | bytes | Sequence[int] | npt.NDArra
     return tokens
 
 
-def check_embed_request(texts: Sequence[str], *, embeddings: bool) -> list[str]:
-    """``texts`` as a list, once known to be a non-empty list of strings for an engine with embeddings."""
+def check_embed_request(texts: Sequence[EmbedInput], *, embeddings: bool) -> list[EmbedInput]:
+    """``texts`` as a list, once known to be a non-empty list of inputs (strings or token id sequences) for an
+    engine with embeddings."""
     if not embeddings:
         raise ValueError("this engine was created with embeddings=False")
     if isinstance(texts, str):
-        raise TypeError("embed() takes a sequence of strings")
+        raise TypeError("embed() takes a sequence of inputs (strings or token id sequences)")
     items = list(texts)
-    if not items or not all(isinstance(t, str) for t in items):
-        raise ValueError("embed() needs a non-empty list of strings")
+    if not items or not all(isinstance(t, (str, Sequence, np.ndarray)) for t in items):
+        raise ValueError("embed() needs a non-empty list of strings or token id sequences")
     return items
+
+
+#: The embedding pooling names of :meth:`pyllama.Model.context`, by llama.cpp's enum value.
+POOLING_NAMES = {0: "none", 1: "mean", 2: "cls", 3: "last", 4: "rank"}
+
+
+def embedding_pooling(model: Model, pooling: str | None) -> str:
+    """The pooling an engine embeds with: ``pooling`` if given, else the model's own, else mean."""
+    if pooling is not None:
+        if pooling not in POOLING_NAMES.values():
+            raise ValueError(f"pooling must be one of {sorted(POOLING_NAMES.values())}, not {pooling!r}")
+        return pooling
+    own = model.meta(f"{model.architecture}.pooling_type")
+    return POOLING_NAMES.get(int(own), "mean") if own is not None and own.lstrip("-").isdigit() else "mean"
 
 
 class EngineFront:
@@ -388,10 +404,29 @@ class EngineFront:
     (shared by :class:`Engine` and the worker's ``IsolatedEngine``)."""
 
     model: Model
+    pooling: str
 
     def submit(self, prompt: EnginePrompt,
                **options: Unpack[SubmitOptions]) -> EngineRequest:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    async def aembed(self, texts: Sequence[EmbedInput], *,
+                     normalize: bool = True) -> npt.NDArray[np.float32]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def rerank_prompts(self, query: str, documents: Sequence[str]) -> list[npt.NDArray[np.int32]]:
+        """What :meth:`arerank` scores: one token sequence per document (see :func:`pyllama.rerank_tokens`)."""
+        from ..rerank import rerank_tokens
+
+        if self.pooling != "rank":
+            raise ValueError(f"this engine pools embeddings by {self.pooling!r}, not by rank: reranking needs "
+                             "a reranker model (or pooling='rank')")
+        return [rerank_tokens(self.model, query, d) for d in documents]
+
+    async def arerank(self, prompts: Sequence[npt.NDArray[np.int32]]) -> npt.NDArray[np.float32]:
+        """The reranker's score of each of :meth:`rerank_prompts`' sequences, computed with the embeddings."""
+        scores = await self.aembed(list(prompts), normalize=False)
+        return np.ascontiguousarray(scores[:, 0])
 
     def generate(self, prompt: EnginePrompt, **options: Unpack[SubmitOptions]) -> str:
         """Submit and wait: the whole completion as one string."""
@@ -432,8 +467,8 @@ class Engine(EngineFront):
                  n_batch: int = 512, n_ubatch: int = 512, n_threads: int | None = None,
                  n_threads_batch: int | None = None, flash_attn: FlashAttn = "auto", type_k: str | int = "f16",
                  type_v: str | int = "f16", max_queue: int = 64, slot_prompt_similarity: float = 0.1,
-                 embeddings: bool = True, draft: str | None = None, n_draft: int = 16,
-                 sampling: Sampling = "auto") -> None:
+                 embeddings: bool = True, pooling: str | None = None, draft: str | None = None,
+                 n_draft: int = 16, sampling: Sampling = "auto") -> None:
         if sampling not in SAMPLING_MODES:
             raise ValueError(f"sampling must be one of {SAMPLING_MODES}, not {sampling!r}")
         if not isinstance(n_slots, int) or n_slots < 1:
@@ -450,6 +485,7 @@ class Engine(EngineFront):
             n_ctx_slot = n_ctx
         else:
             raise ValueError(f"n_ctx must be 'auto' or an int >= 8 (tokens per slot), not {n_ctx!r}")
+        self.pooling = embedding_pooling(model, pooling)
         if draft is not None and not isinstance(draft, str):
             raise TypeError("the engine drafts with an n-gram drafter named by a string ('ngram', ...)")
         ctx = Context(model, n_ctx=n_ctx_slot * n_slots, n_batch=n_batch, n_ubatch=n_ubatch, n_seq_max=n_slots,
@@ -522,34 +558,37 @@ class Engine(EngineFront):
         return req
 
     # --- embeddings -----------------------------------------------------------------------------------
-    def _embed_task(self, texts: list[str], normalize: bool) -> Callable[[], npt.NDArray[np.float32]]:
+    def _embed_task(self, texts: list[EmbedInput], normalize: bool) -> Callable[[], npt.NDArray[np.float32]]:
         core = self._core
         model = self.model
         n_threads = self._n_threads
+        pooling = self.pooling
 
         def run() -> npt.NDArray[np.float32]:
             from ..embed import embed
 
             if core.embed_ctx is None:
-                has_pooling = model.meta(f"{model.architecture}.pooling_type") is not None
                 n = min(model.n_ctx_train, 2048)
-                core.embed_ctx = model.context(n_ctx=n, n_batch=n, n_ubatch=n, embeddings=True,
-                                               pooling=None if has_pooling else "mean", n_threads=n_threads)
+                core.embed_ctx = model.context(n_ctx=n, n_batch=n, n_ubatch=n, embeddings=True, pooling=pooling,
+                                               n_threads=n_threads)
             return embed(core.embed_ctx, texts, normalize=normalize)
 
         return run
 
-    def embed(self, texts: Sequence[str], *, normalize: bool = True) -> npt.NDArray[np.float32]:
-        """Embeddings of ``texts``, shape (len(texts), n_embd), computed on the engine thread."""
+    def embed(self, texts: Sequence[EmbedInput], *, normalize: bool = True) -> npt.NDArray[np.float32]:
+        """Embeddings of ``texts`` (strings or token id sequences), shape (len(texts), n_embd), computed on the
+        engine thread (under rank pooling: the scores, see :meth:`rerank`)."""
         items = self._embed_items(texts)
         return self._core.run_task(self._embed_task(items, normalize)).result()  # type: ignore[no-any-return]
 
-    async def aembed(self, texts: Sequence[str], *, normalize: bool = True) -> npt.NDArray[np.float32]:
+    async def aembed(self, texts: Sequence[EmbedInput], *, normalize: bool = True) -> npt.NDArray[np.float32]:
         items = self._embed_items(texts)
         fut = self._core.run_task(self._embed_task(items, normalize))
         return await asyncio.wrap_future(fut)
 
-    def _embed_items(self, texts: Sequence[str]) -> list[str]:
+    def _embed_items(self, texts: Sequence[EmbedInput]) -> list[EmbedInput]:
+        if self.pooling == "none":
+            raise ValueError("this engine embeds with pooling 'none' (one vector per token): not supported")
         return check_embed_request(texts, embeddings=self.embeddings)
 
     # --- state ----------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ that goes away cancels its request, which frees the slot within one engine step.
 
 from __future__ import annotations
 
-from typing import Awaitable, Callable, Sequence
+from typing import Any, Awaitable, Callable, Literal, Mapping, Sequence
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -29,12 +29,12 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ..chat import ReasoningFormat
-from . import chat_completions, completions, embeddings, info, native, tokens
+from . import chat_completions, completions, embeddings, info, native, rerank, tokens
 from . import props as props_routes  # (``props`` is create_app's switch)
 from . import anthropic, openai_responses
 from .cors import CORSOptions, LlamaCORS
 from .errors import api_error, exception_handlers
-from .front_door import FrontDoor
+from .front_door import FrontDoor, WireHeaderNames
 from .params import RequestDefaults
 from .state import EngineSource, ServerState
 
@@ -45,7 +45,8 @@ def create_app(engine: EngineSource, *, api_key: str | Sequence[str] | None = No
                keepalive_s: float = 10.0, chat_template: str | None = None, aliases: Sequence[str] = (),
                defaults: RequestDefaults | None = None, metrics: bool = True,
                cors: CORSOptions | None = None, reasoning_format: ReasoningFormat = "auto", slots: bool = True,
-               props: bool = False) -> Starlette:
+               props: bool = False, reasoning: Literal["on", "off", "auto"] = "auto",
+               chat_template_kwargs: Mapping[str, Any] | None = None) -> Starlette:
     """The OpenAI-compatible app over ``engine``.
 
     ``engine`` is an :class:`~pyllama.engine.Engine` (the caller keeps owning
@@ -59,7 +60,10 @@ def create_app(engine: EngineSource, *, api_key: str | Sequence[str] | None = No
     spaces the SSE comments sent while a stream waits for its first token;
     ``chat_template`` (Jinja source) replaces the model's own template and
     ``reasoning_format`` says where thinking goes (llama-server's
-    ``--reasoning-format``). ``defaults`` are what requests that leave a
+    ``--reasoning-format``), ``reasoning="off"`` renders chats with thinking
+    turned off (its ``--reasoning``; "auto": on where the template thinks) and
+    ``chat_template_kwargs`` are template variables for every chat (its
+    ``--chat-template-kwargs``; a request's own are added). ``defaults`` are what requests that leave a
     sampling parameter or ``max_tokens`` unset get. ``metrics=False`` answers
     ``/metrics`` with 501, as llama-server without ``--metrics``; ``cors``
     configures CORS as llama-server's ``--cors-*`` flags (default: none; an
@@ -70,7 +74,8 @@ def create_app(engine: EngineSource, *, api_key: str | Sequence[str] | None = No
     """
     server = ServerState(engine, api_key=api_key, model_name=model_name, keepalive_s=keepalive_s,
                          chat_template=chat_template, aliases=aliases, defaults=defaults or RequestDefaults(),
-                         metrics=metrics, reasoning_format=reasoning_format, slots=slots, props=props)
+                         metrics=metrics, reasoning_format=reasoning_format, slots=slots, props=props,
+                         thinking=reasoning != "off", chat_template_kwargs=chat_template_kwargs)
 
     def bound(handler: Endpoint) -> Callable[[Request], Awaitable[Response]]:
         # A plain function (not a partial), so Starlette treats it as a request/response endpoint.
@@ -98,6 +103,7 @@ def create_app(engine: EngineSource, *, api_key: str | Sequence[str] | None = No
         *routes(("/completion", "/completions"), native.completion, "POST"),
         *routes(("/v1/embeddings",), embeddings.embeddings, "POST"),
         *routes(("/embedding", "/embeddings"), embeddings.embedding_native, "POST"),
+        *routes(("/rerank", "/v1/rerank", "/reranking", "/v1/reranking"), rerank.rerank, "POST"),
         *routes(("/tokenize",), tokens.tokenize, "POST"),
         *routes(("/detokenize",), tokens.detokenize, "POST"),
         *routes(("/apply-template",), tokens.apply_template, "POST"),
@@ -110,7 +116,8 @@ def create_app(engine: EngineSource, *, api_key: str | Sequence[str] | None = No
     ]
     middleware = [Middleware(FrontDoor, server=server)]
     if cors is not None:
-        middleware.insert(0, Middleware(LlamaCORS, options=cors))  # outermost: a preflight needs no API key
+        middleware.insert(0, Middleware(LlamaCORS, options=cors))  # before the key: a preflight needs none
+    middleware.insert(0, Middleware(WireHeaderNames))
     app = Starlette(routes=table, middleware=middleware, exception_handlers=exception_handlers(),
                     lifespan=server.lifespan)
     app.state.server = server

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from ..chat import LEGACY_FORMAT, ChatFormat, ChatTemplate, ReasoningFormat
 from ..errors import LlamaError
@@ -51,11 +51,13 @@ def schema_grammar(schema: dict[str, Any]) -> Grammar:
 class ChatPrompter:
     """Turns chat requests into prompts for one model."""
 
-    def __init__(self, model: Model, *, template: str | None = None,
-                 reasoning_format: ReasoningFormat = "auto") -> None:
+    def __init__(self, model: Model, *, template: str | None = None, reasoning_format: ReasoningFormat = "auto",
+                 thinking: bool = True, template_kwargs: Mapping[str, Any] | None = None) -> None:
         self.model = model
         self.template = template
         self.reasoning_format = reasoning_format  # llama-server's --reasoning-format
+        self.thinking = thinking  # its --reasoning on|off|auto (auto: on where the template can think)
+        self.template_kwargs = dict(template_kwargs or {})  # its --chat-template-kwargs
         self.chat = ChatTemplate(model, template=template)
         if self.chat.format is None:
             log.warning("llama.cpp's Jinja chat handling is unavailable for this model: plain chat only, "
@@ -86,7 +88,8 @@ class ChatPrompter:
         if tools and tool_choice != "none" and self.format is None:
             raise APIError(400, "tool calls need llama.cpp's Jinja chat handling, which cannot use this model's "
                            "chat template", param="tools", code="unsupported")
-        options: dict[str, Any] = {"reasoning_format": self.reasoning_format}
+        options: dict[str, Any] = {"reasoning_format": req.reasoning_format or self.reasoning_format,
+                                   **self._turn_options(req, messages)}
         if tools:
             options["tools"] = tools
             options["tool_choice"] = tool_choice if tool_choice is not None else "auto"
@@ -103,6 +106,42 @@ class ChatPrompter:
         return ChatPlan(prompt=prompt, add_special=self._add_special(prompt), stops=list(cp.additional_stops),
                         grammar=grammar, parse=None if cp.format == LEGACY_FORMAT else cp.parse,
                         tools=bool(tools) and tool_choice != "none")
+
+
+    def _turn_options(self, req: ChatCompletionRequest, messages: list[dict[str, Any]]) -> dict[str, Any]:
+        """The template switches of a request, as llama-server reads them (oaicompat_chat_params_parse): a
+        conversation ending in an assistant message is continued (its prefill) unless the request says how;
+        ``chat_template_kwargs`` add to the server's, ``enable_thinking`` among them overrides --reasoning, and
+        ``reasoning_effort: "none"`` turns thinking off."""
+        cont = req.continue_final_message
+        add_generation_prompt = req.add_generation_prompt
+        if cont is None and messages and messages[-1].get("role") == "assistant":
+            if len(messages) >= 2 and messages[-2].get("role") == "assistant":
+                raise APIError(400, "Cannot have 2 or more assistant messages at the end of the list.",
+                               param="messages", code="invalid_messages")
+            cont, add_generation_prompt = True, False
+        if cont and add_generation_prompt:  # as llama-server, vLLM and transformers: say which one
+            raise APIError(400, "Cannot set both add_generation_prompt and continue_final_message to true.",
+                           param="continue_final_message")
+        kwargs = {**self.template_kwargs, **(req.chat_template_kwargs or {})}
+        thinking = self.thinking
+        flag = kwargs.get("enable_thinking")
+        if isinstance(flag, bool):
+            thinking = flag
+        elif flag is not None:
+            raise APIError(400, f'invalid type for "enable_thinking" (expected boolean, got {type(flag).__name__})',
+                           param="chat_template_kwargs")
+        if req.reasoning_effort == "none":
+            thinking = False
+            kwargs.pop("reasoning_effort", None)
+        elif req.reasoning_effort:
+            kwargs["reasoning_effort"] = req.reasoning_effort
+        out: dict[str, Any] = {"add_generation_prompt": add_generation_prompt, "enable_thinking": thinking}
+        if cont:
+            out["continue_final_message"] = cont
+        if kwargs:
+            out["template_kwargs"] = kwargs
+        return out
 
 
 __all__ = ["ChatPlan", "ChatPrompter", "schema_grammar"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 import uuid
 from typing import TYPE_CHECKING, Any, AsyncGenerator, AsyncIterator
@@ -10,19 +9,16 @@ from typing import TYPE_CHECKING, Any, AsyncGenerator, AsyncIterator
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from ..errors import LlamaError
 from ..samplers import Grammar
 from . import params, sse
 from .chat import ChatPlan
+from .chat_turn import Delta, MessageParser
 from .protocol import APIError, ChatCompletionRequest, JsonSchemaFormat, ResponseFormat, parse_request
 from .responses import gone, json_response
 from .state import ServerState, finish_reason, interleave
 
 if TYPE_CHECKING:
     from ..engine import EngineRequest
-
-log = logging.getLogger("pyllama.server")
-
 
 async def chat_completions(server: ServerState, request: Request) -> Response:
     engine = server.require_engine()
@@ -58,11 +54,7 @@ async def chat_completions(server: ServerState, request: Request) -> Response:
         return gone()
     choices = []
     for i, (er, evs) in enumerate(zip(ers, got)):
-        text = "".join(ev.text for ev in evs)
-        message: dict[str, Any] = {"role": "assistant", "content": text}
-        finish = finish_reason(er)
-        if plan.parse is not None:
-            message, finish = _parsed(server, plan, text, finish)
+        message, finish = _message(plan, "".join(ev.text for ev in evs), finish_reason(er))
         choice: dict[str, Any] = {"index": i, "message": message, "finish_reason": finish, "logprobs": None}
         if req.logprobs:
             choice["logprobs"] = {"content": [server.chat_logprob(ev) for ev in evs if ev.token >= 0],
@@ -73,27 +65,36 @@ async def chat_completions(server: ServerState, request: Request) -> Response:
                           "choices": choices, "usage": server.usage_all(ers), "timings": server.timings(ers[0])})
 
 
-def _parsed(server: ServerState, plan: ChatPlan, text: str, finish: str) -> tuple[dict[str, Any], str]:
-    assert plan.parse is not None
-    try:
-        parsed = dict(plan.parse(text))
-    except (LlamaError, ValueError) as exc:
-        log.warning("could not parse the model's output as a chat message: %s", exc)
-        return {"role": "assistant", "content": text}, finish
-    message: dict[str, Any] = {"role": "assistant", "content": parsed.get("content") or None}
-    if parsed.get("reasoning_content"):
-        message["reasoning_content"] = parsed["reasoning_content"]
-    calls = parsed.get("tool_calls") or []
-    if calls:
-        message["tool_calls"] = [
-            {"id": c.get("id") or f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-             "function": {"name": c["function"]["name"] if "function" in c else c["name"],
-                          "arguments": (c["function"] if "function" in c else c).get("arguments", "{}")}}
-            for c in calls]
+def _message(plan: ChatPlan, text: str, finish: str) -> tuple[dict[str, Any], str]:
+    """The assistant message of a whole output, parsed as a stream's deltas add up."""
+    reply = MessageParser(plan).whole(text)
+    message: dict[str, Any] = {"role": "assistant", "content": reply.content or (None if reply.tool_calls else "")}
+    if reply.reasoning:
+        message["reasoning_content"] = reply.reasoning
+    if reply.tool_calls:
+        message["tool_calls"] = [{"id": c.id, "type": "function",
+                                  "function": {"name": c.name, "arguments": c.arguments}} for c in reply.tool_calls]
         finish = "tool_calls"
-    elif message["content"] is None:
-        message["content"] = ""
     return message, finish
+
+
+def openai_delta(deltas: list[Delta]) -> dict[str, Any]:
+    """The chunk ``delta`` of what a turn added: ``content``, ``reasoning_content``, and ``tool_calls`` entries
+    keyed by ``index`` (``id``, ``type`` and the function's ``name`` once, then argument fragments)."""
+    out: dict[str, Any] = {}
+    for d in deltas:
+        if d.kind == "content":
+            out["content"] = out.get("content", "") + d.text
+        elif d.kind == "reasoning":
+            out["reasoning_content"] = out.get("reasoning_content", "") + d.text
+        else:
+            assert d.call is not None
+            entry: dict[str, Any] = {"index": d.index, "function": {"arguments": d.text}}
+            if d.opens:
+                entry = {"index": d.index, "id": d.call.id, "type": "function",
+                         "function": {"name": d.call.name, "arguments": d.text}}
+            out.setdefault("tool_calls", []).append(entry)
+    return out
 
 
 def _chat_stream(server: ServerState, ers: list[EngineRequest], rid: str, logprobs: bool, plan: ChatPlan,
@@ -113,35 +114,23 @@ def _chat_stream(server: ServerState, ers: list[EngineRequest], rid: str, logpro
             obj["timings"] = timings  # llama-server's, on the last chunk
         return sse.frame(obj)
 
-    # With tools the output is parsed as a whole before it is sent (a tool call must not leak as content).
-    buffered = plan.tools and plan.parse is not None
-
     async def frames(index: int, er: EngineRequest) -> AsyncGenerator[bytes, None]:
-        parts: list[str] = []
-        yield chunk(index, {"role": "assistant", "content": ""})
+        # The output is parsed as it grows (llama-server's way): reasoning, content and each tool call's
+        # name and argument fragments arrive as their own deltas; a tool call never leaks as content.
+        message = MessageParser(plan)
+        yield chunk(index, {"role": "assistant", "content": None})
         async for ev in server.events(er, keepalive=len(ers) == 1):
             if ev is None:
                 yield sse.KEEPALIVE
                 continue
-            if buffered:
-                parts.append(ev.text)
-                continue
             lps = [server.chat_logprob(ev)] if logprobs and ev.token >= 0 else None
-            if ev.text or lps:
-                yield chunk(index, {"content": ev.text}, lps=lps,
-                            timings=server.timings(er) if timings_per_token else None)
-        finish = finish_reason(er)
-        if buffered:
-            message, finish = _parsed(server, plan, "".join(parts), finish)
-            delta: dict[str, Any] = {}
-            if message.get("reasoning_content"):
-                delta["reasoning_content"] = message["reasoning_content"]
-            if message.get("content"):
-                delta["content"] = message["content"]
-            if message.get("tool_calls"):
-                delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(message["tool_calls"])]
-            if delta:
-                yield chunk(index, delta)
+            delta = openai_delta(message.feed(ev.text))
+            if delta or lps:
+                yield chunk(index, delta, lps=lps, timings=server.timings(er) if timings_per_token else None)
+        last = openai_delta(message.finish())
+        if last:
+            yield chunk(index, last)
+        finish = "tool_calls" if message.reply.tool_calls else finish_reason(er)
         yield chunk(index, {}, finish, timings=server.timings(er))
 
     merged = frames(0, ers[0]) if len(ers) == 1 else interleave([frames(i, er) for i, er in enumerate(ers)])

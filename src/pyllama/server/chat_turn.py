@@ -1,5 +1,7 @@
-"""One assistant turn for the chat APIs that are not OpenAI's chat completions (Anthropic Messages,
-OpenAI Responses): their request translated to a :class:`~.protocol.ChatCompletionRequest` runs here.
+"""An assistant turn's output as a message, parsed as it grows (:class:`MessageParser`: every chat API's
+streams use it), and one whole turn for the chat APIs that are not OpenAI's chat completions (Anthropic
+Messages, OpenAI Responses): their request translated to a :class:`~.protocol.ChatCompletionRequest` runs
+here.
 
 The request goes the chat-completions way: rendered by the same
 :class:`~.chat.ChatPrompter` (llama.cpp's common/chat: template, tool grammar,
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, AsyncGenerator, AsyncIterator, Callable, Literal, cast
 
@@ -61,12 +64,14 @@ class Reply:
 @dataclass(frozen=True)
 class Delta:
     """What a streamed turn added: ``text`` of the content or the reasoning, or a fragment of the
-    arguments of tool call ``index`` (``call``: that call, with its id and name)."""
+    arguments of tool call ``index`` (``call``: that call, with its id and name; ``opens``: the call's first
+    delta)."""
 
     kind: Literal["content", "reasoning", "tool_call"]
     text: str = ""
     index: int = 0
     call: ToolCallOut | None = None
+    opens: bool = False
 
 
 class _Differ:
@@ -98,15 +103,66 @@ class _Differ:
             if i == len(r.tool_calls):
                 if not name:
                     break  # not named yet: wait for more text
-                call = ToolCallOut(id=str(c.get("id") or ""), name=name, arguments=args)
+                call = ToolCallOut(id=str(c.get("id") or f"call_{uuid.uuid4().hex[:24]}"), name=name,
+                                   arguments=args)
                 r.tool_calls.append(call)
-                out.append(Delta("tool_call", args, i, call))
+                out.append(Delta("tool_call", args, i, call, opens=True))
             elif i < len(r.tool_calls):
                 call = r.tool_calls[i]
                 if len(args) > len(call.arguments) and args.startswith(call.arguments):
                     out.append(Delta("tool_call", args[len(call.arguments):], i, call))
                     call.arguments = args
         return out
+
+
+class MessageParser:
+    """One turn's output parsed as it grows, by the chat format's own parser (llama.cpp's partial parsing,
+    as llama-server streams a message): :meth:`feed` each piece of text, then :meth:`finish`; each returns
+    the :class:`Delta` s that are new. :attr:`reply` is the message so far. Without a parser (the legacy
+    template path) the text is the content."""
+
+    def __init__(self, plan: ChatPlan) -> None:
+        self.plan = plan
+        self.reply = Reply()
+        self.text = ""
+        self._differ = _Differ(self.reply)
+
+    def _parse(self, *, partial: bool) -> dict[str, Any] | None:
+        assert self.plan.parse is not None
+        parse = cast(Callable[..., dict[str, Any]], self.plan.parse)  # ChatPrompt.parse(text, partial=...)
+        try:
+            return dict(parse(self.text, partial=partial))
+        except (LlamaError, ValueError) as exc:
+            if not partial:
+                log.warning("could not parse the model's output as a chat message: %s", exc)
+            return None
+
+    def feed(self, piece: str) -> list[Delta]:
+        if not piece:
+            return []
+        self.text += piece
+        if self.plan.parse is None:
+            self.reply.content = self.text
+            return [Delta("content", piece)]
+        msg = self._parse(partial=True)
+        return self._differ.update(msg) if msg is not None else []
+
+    def whole(self, text: str) -> Reply:
+        """The message of a whole output (nothing streamed)."""
+        self.text = text
+        if self.plan.parse is None:
+            self.reply.content = text
+        self.finish()
+        return self.reply
+
+    def finish(self) -> list[Delta]:
+        """The last deltas: from parsing the whole output."""
+        if self.plan.parse is None:
+            return []
+        msg = self._parse(partial=False)
+        if msg is None and not self.reply.tool_calls and self.text.startswith(self.reply.content):
+            msg = {"content": self.text}  # not the format's shape: the text is the content
+        return self._differ.update(msg) if msg is not None else []
 
 
 class ChatTurn:
@@ -126,28 +182,12 @@ class ChatTurn:
         self.er: EngineRequest = server.submit(engine, plan.prompt, max_tokens=limit,
                                                stop=[*self.user_stops, *plan.stops], sampler=sampler,
                                                add_special=plan.add_special, parse_special=True)
-        self.result = Reply()
+        self.message = MessageParser(plan)
+        self.result = self.message.reply
 
-    # --- the output as a message --------------------------------------------------------------
-    def _parse(self, text: str, *, partial: bool) -> dict[str, Any] | None:
-        assert self.plan.parse is not None
-        parse = cast(Callable[..., dict[str, Any]], self.plan.parse)  # ChatPrompt.parse(text, partial=...)
-        try:
-            return dict(parse(text, partial=partial))
-        except (LlamaError, ValueError) as exc:
-            if not partial:
-                log.warning("could not parse the model's output as a chat message: %s", exc)
-            return None
-
-    def _finish(self, differ: _Differ, text: str) -> list[Delta]:
-        """The last deltas (from parsing the whole output) and the reply's end."""
-        out: list[Delta] = []
-        if self.plan.parse is not None:
-            msg = self._parse(text, partial=False)
-            if msg is None and not self.result.tool_calls and text.startswith(self.result.content):
-                msg = {"content": text}  # not the format's shape: the text is the content (as chat completions)
-            if msg is not None:
-                out = differ.update(msg)
+    def _finish(self) -> list[Delta]:
+        """The last deltas and the reply's end."""
+        out = self.message.finish()
         self.result.finish = "length" if finish_reason(self.er) == "length" else "stop"
         self.result.stop_sequence = self._matched_stop()
         return out
@@ -166,35 +206,24 @@ class ChatTurn:
         evs = await self.server.collect(request, self.er)
         if evs is None:
             return None
-        text = "".join(ev.text for ev in evs)
-        differ = _Differ(self.result)
+        self.message.text = "".join(ev.text for ev in evs)
         if self.plan.parse is None:
-            self.result.content = text
-        self._finish(differ, text)
+            self.result.content = self.message.text
+        self._finish()
         return self.result
 
     async def deltas(self) -> AsyncGenerator[Delta | None, None]:
         """The reply as it grows; ``None`` is a keep-alive tick (before the first token). When it is
         exhausted, :attr:`result` holds the whole reply."""
-        differ = _Differ(self.result)
-        text = ""
         events = cast("AsyncGenerator[TokenEvent | None, None]", self.server.events(self.er, keepalive=True))
         async with contextlib.aclosing(events):
             async for ev in events:  # closed at once when the client goes away: that cancels the request
                 if ev is None:
                     yield None
                     continue
-                if not ev.text:
-                    continue
-                text += ev.text
-                if self.plan.parse is None:
-                    self.result.content = text
-                    yield Delta("content", ev.text)
-                    continue
-                msg = self._parse(text, partial=True)
-                for d in differ.update(msg) if msg is not None else ():
+                for d in self.message.feed(ev.text):
                     yield d
-        for d in self._finish(differ, text):
+        for d in self._finish():
             yield d
 
     def usage(self) -> tuple[int, int, int]:
@@ -226,4 +255,4 @@ async def sse_stream(frames: AsyncGenerator[bytes, None], rid: str,
         yield error_frame(err)
 
 
-__all__ = ["ChatTurn", "Delta", "Reply", "ToolCallOut", "prompt_tokens", "sse_stream"]
+__all__ = ["ChatTurn", "Delta", "MessageParser", "Reply", "ToolCallOut", "prompt_tokens", "sse_stream"]

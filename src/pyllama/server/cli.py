@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import logging
 import os
 import sys
@@ -49,13 +50,10 @@ IGNORED: tuple[tuple[tuple[str, ...], bool, str], ...] = (
 #: (flags, whether they take a value, the feature pyllama lacks)
 NOT_YET: tuple[tuple[tuple[str, ...], bool, str], ...] = (
     (("--slot-save-path",), True, "saving and restoring slots"),
-    (("--rerank", "--reranking"), False, "the /rerank endpoint"),
-    (("--pooling",), True, "choosing the embedding pooling (the model's own is used, else mean)"),
     (("--lora", "--lora-scaled"), True, "LoRA adapters in the server"),
     (("--lora-init-without-apply",), False, "LoRA adapters in the server"),
     (("--no-jinja",), False, "the legacy chat renderer by choice (it stands in where the Jinja path cannot)"),
-    (("--chat-template-kwargs", "-rea", "--reasoning", "--reasoning-budget"), True,
-     "server-wide chat template variables and reasoning switches"),
+    (("--reasoning-budget",), True, "a budget of thinking tokens"),
     (("--cache-reuse",), True, "reusing cached chunks past a changed prefix (the common prefix is reused)"),
     (("--context-shift",), False, "context shift (generation stops at the end of the slot's context)"),
     (("--api-prefix",), True, "a path prefix (mount pyllama.server.create_app under one)"),
@@ -230,6 +228,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("-a", "--alias", default=None, metavar="NAME[,NAME]",
                    help="model id for clients, then more names /v1/models lists (default: the file name); "
                         "requests may name any model")
+    p.add_argument("--pooling", default=None, choices=["none", "mean", "cls", "last", "rank"],
+                   help="the pooling of /embeddings (default: the model's own, else mean; 'none' serves none)")
+    p.add_argument("--rerank", "--reranking", dest="pooling", action="store_const", const="rank",
+                   help="serve /rerank: the model is a reranker (rank pooling); a reranker GGUF says so itself")
     p.add_argument("--metrics", action="store_true",
                    help="serve /metrics (Prometheus; without it: 501, as llama-server)")
     p.add_argument("--props", action="store_true",
@@ -245,6 +247,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--ssl-cert-file", default=None, metavar="FNAME", help="... and this PEM certificate")
     p.add_argument("--chat-template", default=None, help="Jinja chat template replacing the model's own")
     p.add_argument("--chat-template-file", default=None, help="file holding the Jinja chat template")
+    p.add_argument("-rea", "--reasoning", default="auto", choices=["on", "off", "auto"],
+                   help="thinking in chats whose template can think: off renders them with thinking turned off "
+                        "(a request's chat_template_kwargs.enable_thinking or reasoning_effort overrides it)")
+    p.add_argument("--chat-template-kwargs", default=None, metavar="JSON",
+                   help='template variables for every chat, a JSON object (e.g. \'{"enable_thinking": false}\')')
     p.add_argument("--reasoning-format", default="auto", choices=["none", "auto", "deepseek", "deepseek-legacy"],
                    help="where a thinking model's reasoning goes: none (left in the content), deepseek "
                         "(reasoning_content), deepseek-legacy (both)")
@@ -292,7 +299,7 @@ def _loader(args: argparse.Namespace, path: str) -> Engine:
                       n_ubatch=args.ubatch_size, n_threads=args.threads, n_threads_batch=args.threads_batch,
                       flash_attn=args.flash_attn, type_k=args.cache_type_k, type_v=args.cache_type_v,
                       max_queue=args.max_queue, slot_prompt_similarity=args.slot_prompt_similarity, draft=args.draft,
-                      n_draft=args.draft_max, sampling=args.sampling)
+                      n_draft=args.draft_max, sampling=args.sampling, pooling=args.pooling)
     except BaseException:
         model.close()
         raise
@@ -305,7 +312,8 @@ def _isolated_loader(args: argparse.Namespace, path: str, ngl: Any) -> Engine:
                             n_ubatch=args.ubatch_size, n_threads=args.threads, n_threads_batch=args.threads_batch,
                             flash_attn=args.flash_attn, type_k=args.cache_type_k, type_v=args.cache_type_v,
                             max_queue=args.max_queue, slot_prompt_similarity=args.slot_prompt_similarity,
-                            draft=args.draft, n_draft=args.draft_max, sampling=args.sampling, progress=args.progress)
+                            draft=args.draft, n_draft=args.draft_max, sampling=args.sampling, progress=args.progress,
+                            pooling=args.pooling)
     return cast("Engine", engine)  # duck-typed: it offers the Engine API the server uses
 
 
@@ -445,6 +453,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except OSError as exc:
             print(f"pyllama serve: cannot read the chat template: {exc}", file=sys.stderr)
             return 1
+    kwargs = None
+    if args.chat_template_kwargs is not None:
+        try:
+            kwargs = json.loads(args.chat_template_kwargs)
+        except ValueError as exc:
+            print(f"pyllama serve: --chat-template-kwargs is not JSON: {exc}", file=sys.stderr)
+            return 2
+        if not isinstance(kwargs, dict):
+            print("pyllama serve: --chat-template-kwargs must be a JSON object", file=sys.stderr)
+            return 2
     from .cors import CORSOptions
     from .params import RequestDefaults
 
@@ -459,7 +477,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(lambda: _loader(args, path), api_key=args.api_keys, model_name=args.model_name,
                      aliases=args.aliases, keepalive_s=args.keepalive if args.keepalive > 0 else 1e9,
                      chat_template=template, defaults=defaults, metrics=args.metrics, cors=cors,
-                     reasoning_format=args.reasoning_format, slots=args.slots_endpoint, props=args.props)
+                     reasoning_format=args.reasoning_format, slots=args.slots_endpoint, props=args.props,
+                     reasoning=args.reasoning, chat_template_kwargs=kwargs)
     state = app.state.server
 
     class Server(uvicorn.Server):

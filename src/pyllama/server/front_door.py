@@ -1,7 +1,9 @@
-"""The front door every HTTP request passes: the API key check and the request counter."""
+"""The front door every HTTP request passes: the API key check, the request counter, and the header names
+written on the wire."""
 
 from __future__ import annotations
 
+import functools
 import hmac
 from typing import TYPE_CHECKING, Sequence
 
@@ -18,7 +20,7 @@ ENDPOINTS = ("/health", "/v1/health", "/metrics", "/v1/models", "/models", "/v1/
              "/chat/completions", "/v1/completions", "/completions", "/v1/embeddings", "/embeddings", "/tokenize",
              "/detokenize", "/v1/messages", "/v1/messages/count_tokens", "/v1/responses", "/responses",
              "/v1/responses/input_tokens", "/responses/input_tokens", "/completion", "/embedding", "/apply-template",
-             "/props", "/slots")
+             "/props", "/slots", "/rerank", "/v1/rerank", "/reranking", "/v1/reranking")
 
 
 class FrontDoor:
@@ -49,7 +51,8 @@ class FrontDoor:
             keys = self.server.api_keys
             if keys and path not in ("/health", "/v1/health") and not authorized(scope, keys):
                 err = APIError(401, "invalid or missing API key (send Authorization: Bearer <key> or "
-                               "x-api-key: <key>)", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                               "x-api-key: <key>)", type="authentication_error", code="invalid_api_key",
+                               headers={"WWW-Authenticate": "Bearer"})
                 answer = anthropic_error_response if path.startswith("/v1/messages") else error_response
                 await answer(err)(scope, receive, send_status)
                 return
@@ -72,3 +75,32 @@ def authorized(scope: Scope, keys: Sequence[str]) -> bool:
             if any([hmac.compare_digest(given, k.encode()) for k in keys]):
                 return True
     return False
+
+
+@functools.lru_cache(maxsize=256)
+def _title_case(name: bytes) -> bytes:
+    return b"-".join(part[:1].upper() + part[1:] for part in name.split(b"-"))
+
+
+class WireHeaderNames:
+    """Pure ASGI middleware, outermost: response header names go out in their usual capitalisation
+    (``Content-Type``, ``Access-Control-Allow-Origin``), as llama-server (cpp-httplib) sends them.
+
+    Header names are case-insensitive, but Starlette lowercases them and some clients do not: a
+    ``dict(response.headers)`` from ``requests`` keeps the wire's spelling, and llama.cpp's own server tests
+    look names up in such a dict."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_cased(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [(_title_case(bytes(k)), v) for k, v in message.get("headers", ())]
+            await send(message)
+
+        await self.app(scope, receive, send_cased)

@@ -184,6 +184,12 @@ class ChatCompletionRequest(SamplingRequest):
     grammar: str | None = None  # llama-server's extensions: a GBNF grammar, or a JSON schema, for the reply
     json_schema: dict[str, Any] | None = None
     timings_per_token: bool = False  # llama-server's: timings in every streamed chunk
+    # llama-server's (and vLLM's) template switches: what ChatTemplate.apply takes
+    add_generation_prompt: bool = True
+    continue_final_message: Union[bool, Literal["content", "reasoning_content"], None] = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_format: Literal["none", "auto", "deepseek", "deepseek-legacy"] | None = None
+    reasoning_effort: str | None = None
 
 
 class CompletionRequest(SamplingRequest):
@@ -196,10 +202,18 @@ class CompletionRequest(SamplingRequest):
 
 
 class EmbeddingRequest(_Request):
+    """``POST /v1/embeddings`` and llama-server's ``POST /embedding(s)``: ``input`` (or ``content``) in
+    llama-server's prompt forms (strings, token ids, both mixed, ``{"prompt_string": ...}``,
+    ``{"content": [parts]}``), checked by :func:`pyllama.server.embeddings.embedding_prompts`."""
+
+    model_config = ConfigDict(strict=False, extra="ignore", populate_by_name=True)
+
     model: str | None = None
-    input: Union[str, list[str], list[int], list[list[int]]]
+    input: Any = None
+    content: Any = None
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
+    embd_normalize: int | None = None
 
 
 class TokenizeRequest(_Request):
@@ -277,16 +291,6 @@ class NativeCompletionRequest(_Request):
         return [s for s in stops if s]  # llama-server drops empty stop strings
 
 
-class NativeEmbeddingRequest(_Request):
-    """llama-server's ``POST /embedding``: ``content`` (or ``input``), a string or a list of them."""
-
-    model_config = ConfigDict(strict=False, extra="ignore", populate_by_name=True)
-
-    content: Union[str, list[Any], None] = None
-    input: Union[str, list[Any], None] = None
-    embd_normalize: int = 2
-
-
 R = TypeVar("R", bound=_Request)
 
 
@@ -311,5 +315,5 @@ def parse_request(cls: type[R], body: bytes) -> R:
 __all__ = [
     "APIError", "error_body", "ChatMessage", "TextPart", "ToolCall", "Tool", "ResponseFormat", "StreamOptions",
     "SamplingRequest", "ChatCompletionRequest", "CompletionRequest", "EmbeddingRequest", "TokenizeRequest",
-    "DetokenizeRequest", "NativeCompletionRequest", "NativeEmbeddingRequest", "parse_request",
+    "DetokenizeRequest", "NativeCompletionRequest", "parse_request",
 ]

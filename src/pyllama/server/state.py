@@ -16,7 +16,7 @@ import threading
 import time
 import weakref
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncGenerator, AsyncIterator, Callable, Sequence, Union, cast
+from typing import TYPE_CHECKING, Any, AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence, Union, cast
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -83,11 +83,14 @@ class ServerState:
     def __init__(self, source: EngineSource, *, api_key: str | Sequence[str] | None, model_name: str | None,
                  keepalive_s: float, chat_template: str | None, aliases: Sequence[str] = (),
                  defaults: RequestDefaults = RequestDefaults(), metrics: bool = True,
-                 reasoning_format: ReasoningFormat = "auto", slots: bool = True, props: bool = False) -> None:
+                 reasoning_format: ReasoningFormat = "auto", slots: bool = True, props: bool = False,
+                 thinking: bool = True, chat_template_kwargs: Mapping[str, Any] | None = None) -> None:
         self.engine: Engine | None = None
         self.loader: Callable[[], Engine] | None = None
         self.chat_template = chat_template
         self.reasoning_format: ReasoningFormat = reasoning_format
+        self.thinking = thinking
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.aliases = [a for a in aliases if a != model_name]  # more names /v1/models lists
         if hasattr(source, "submit"):  # an Engine, or anything offering its API (e.g. an isolated one)
             self._adopt(cast("Engine", source))
@@ -132,7 +135,8 @@ class ServerState:
 
     def _adopt(self, engine: Engine) -> None:
         self.prompter = ChatPrompter(engine.model, template=self.chat_template,
-                                     reasoning_format=self.reasoning_format)
+                                     reasoning_format=self.reasoning_format, thinking=self.thinking,
+                                     template_kwargs=self.chat_template_kwargs)
         self.n_vocab = engine.model.vocab.n_tokens
         self._piece_cache = functools.lru_cache(maxsize=65536)(self._piece_uncached)
         path = Path(str(engine.model.path))

@@ -224,6 +224,7 @@ class Server:
             engine = self.ensure_engine()
             return {"pid": os.getpid(), "path": str(engine.model.path), "n_slots": engine.n_slots,
                     "n_ctx_slot": engine.n_ctx_slot, "n_batch": engine.n_batch, "embeddings": engine.embeddings,
+                    "pooling": engine.pooling,
                     "model_facts": {"n_embd": engine.model.n_embd, "n_ctx_train": engine.model.n_ctx_train,
                                     "n_params": engine.model.n_params, "size": engine.model.size}}
         model, ctx = self.ensure_loaded()

@@ -35,6 +35,7 @@ from .generation import portable_options
 from .process import _Inbox, _Process
 
 if TYPE_CHECKING:
+    from ..embed import EmbedInput
     from ..stream import SequenceStream
 
 
@@ -168,8 +169,9 @@ class IsolatedEngine(EngineFront):
                  n_threads: int | None = None, n_threads_batch: int | None = None,
                  flash_attn: Literal["auto", "on", "off"] | bool = "auto", type_k: str | int = "f16",
                  type_v: str | int = "f16", max_queue: int = 64, slot_prompt_similarity: float = 0.1,
-                 embeddings: bool = True, draft: str | None = None, n_draft: int = 16,
-                 sampling: Sampling = "auto", log_level: str = "WARNING", progress: bool | None = None) -> None:
+                 embeddings: bool = True, pooling: str | None = None, draft: str | None = None,
+                 n_draft: int = 16, sampling: Sampling = "auto", log_level: str = "WARNING",
+                 progress: bool | None = None) -> None:
         if not isinstance(n_slots, int) or n_slots < 1:
             raise ValueError("n_slots must be an int >= 1")
         if max_queue < 0:
@@ -187,7 +189,8 @@ class IsolatedEngine(EngineFront):
                                        "n_threads_batch": n_threads_batch, "flash_attn": flash_attn,
                                        "type_k": type_k, "type_v": type_v, "max_queue": max_queue,
                                        "slot_prompt_similarity": slot_prompt_similarity,
-                                       "embeddings": embeddings, "draft": draft, "n_draft": n_draft,
+                                       "embeddings": embeddings, "pooling": pooling, "draft": draft,
+                                       "n_draft": n_draft,
                                        "sampling": sampling}}
             info = self._worker._load_spec(spec)
         except BaseException:
@@ -200,6 +203,7 @@ class IsolatedEngine(EngineFront):
         self.n_ctx_slot: int = info["n_ctx_slot"]
         self.n_batch: int = info["n_batch"]
         self.embeddings: bool = info["embeddings"]
+        self.pooling: str = info["pooling"]
 
     # --- requests -------------------------------------------------------------------------------
     def submit(self, prompt: EnginePrompt, **options: Unpack[SubmitOptions]) -> IsolatedRequest:
@@ -239,13 +243,14 @@ class IsolatedEngine(EngineFront):
             self._lock.notify_all()
 
     # --- embeddings (generate, tokenize, detokenize: EngineFront, on the host's vocabulary) -----------
-    def embed(self, texts: Sequence[str], *, normalize: bool = True) -> npt.NDArray[np.float32]:
-        """Embeddings of ``texts``, shape (len(texts), n_embd), computed in the child."""
+    def embed(self, texts: Sequence[EmbedInput], *, normalize: bool = True) -> npt.NDArray[np.float32]:
+        """Embeddings of ``texts`` (strings or token id sequences), shape (len(texts), n_embd), computed in the
+        child."""
         items = check_embed_request(texts, embeddings=self.embeddings)
         vectors: npt.NDArray[np.float32] = self._worker._call(p.ENGINE_EMBED, items, normalize)
         return vectors
 
-    async def aembed(self, texts: Sequence[str], *, normalize: bool = True) -> npt.NDArray[np.float32]:
+    async def aembed(self, texts: Sequence[EmbedInput], *, normalize: bool = True) -> npt.NDArray[np.float32]:
         return await asyncio.to_thread(self.embed, texts, normalize=normalize)
 
     # --- state ----------------------------------------------------------------------------------
