@@ -139,3 +139,20 @@ def test_the_worker_renders_the_same_prompt(model: pyllama.Model, synth_model_pa
         worker.load(str(synth_model_path), n_ctx=256)
         assert worker.apply_template(messages, template=SMOLLM2_TEMPLATE) == pyllama.apply_template(
             model, messages, template=SMOLLM2_TEMPLATE)
+
+
+def test_the_legacy_renderer_by_choice(model: pyllama.Model) -> None:
+    """jinja=False (llama-server --no-jinja): llama_chat_apply_template alone; content parts joined by newlines
+    as common/chat joins them; a JSON schema becomes a plain grammar; a prefill is the earlier turns opened for
+    the assistant, then its text."""
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Hel"}, {"type": "text", "text": "lo"}]}]
+    with ChatTemplate(model, template="chatml", jinja=False) as chat:
+        cp = chat.apply(messages, json_schema={"const": "42"})
+        assert cp.format == LEGACY_FORMAT and chat.format is None
+        assert cp.prompt == "<|im_start|>user\nHel\nlo<|im_end|>\n<|im_start|>assistant\n"
+        assert cp.grammar == pyllama.json_schema_to_grammar({"const": "42"})
+        prefilled = chat.apply([*messages, {"role": "assistant", "content": "Wh"}], add_generation_prompt=False,
+                               continue_final_message=True)
+        assert prefilled.prompt == cp.prompt + "Wh"
+        with pytest.raises(ValueError, match="assistant message"):
+            chat.apply(messages, add_generation_prompt=False, continue_final_message=True)

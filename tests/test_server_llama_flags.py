@@ -179,3 +179,40 @@ def test_flag_folding() -> None:
     assert (a.model_name, a.aliases) == ("one", ["two"])
     assert [(flag, value, later) for flag, value, _, later in a.llama_notes] == [("--spec-type", "draft-simple", True)]
     assert parse("m.gguf", "-n", "0")[0] is not None
+
+
+def test_aliases_tags_verbose_backend_sampling_and_two_addresses(synth_model_path: Path) -> None:
+    """-a with several names and --tags (llama-server's /models card), -v (its "__verbose" answers),
+    --backend-sampling, --no-jinja, and --host with a list of addresses: each one serves."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+        hosts = "127.0.0.1,::1"
+    except OSError:
+        hosts = "127.0.0.1"  # no IPv6 loopback here: one address, the rest still checked
+    srv = llama_server(str(synth_model_path), "-c", "256", "-np", "1", "-a", "tiny,fim,code", "--tags", "chat,small",
+                       "-v", "--backend-sampling", "--temp", "0", "--no-jinja")
+    srv.cmd[srv.cmd.index("--host") + 1] = hosts
+    with srv:
+        card = httpx.get(srv.url_for("models")).json()["data"][0]
+        assert card["id"] == "code" and card["aliases"] == ["code", "fim", "tiny"]  # llama-server's order
+        assert card["tags"] == ["chat", "small"]
+        body = {"messages": [{"role": "system", "content": "Book"}, {"role": "user", "content": "hi"}],
+                "max_tokens": 2}
+        verbose = httpx.post(srv.url_for("chat", "completions"), json=body, timeout=60).json()
+        assert "Book" in verbose["__verbose"]["prompt"] and verbose["__verbose"]["tokens_predicted"] == 2
+        assert verbose["__verbose"]["content"] == verbose["choices"][0]["message"]["content"]
+        quiet = httpx.post(srv.url_for("chat", "completions"), json={**body, "verbose": False}, timeout=60).json()
+        assert "__verbose" not in quiet and quiet["choices"][0]["message"] == verbose["choices"][0]["message"]
+        eog = httpx.post(srv.url_for("completion"), json={"prompt": "x", "n_predict": 2, "ignore_eos": True},
+                         timeout=60).json()
+        assert eog["generation_settings"]["logit_bias"] and all(
+            b["bias"] is None for b in eog["generation_settings"]["logit_bias"])  # EOG at -inf, as llama-server
+        # --no-jinja: llama.cpp's legacy renderer alone (the synthetic model has no template: ChatML)
+        parts = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
+        rendered = httpx.post(srv.url_for("apply-template"), json={"messages": parts}, timeout=60).json()["prompt"]
+        assert rendered == "<|im_start|>user\na\nb<|im_end|>\n<|im_start|>assistant\n"
+        if "," in hosts:
+            assert httpx.get(f"http://[::1]:{srv.port}/health", timeout=10).json() == {"status": "ok"}

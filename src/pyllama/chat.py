@@ -57,6 +57,16 @@ def _validate_messages(messages: object) -> None:
                 raise TemplateError(f"messages[{i}][{key!r}]: contains a NUL character")
 
 
+def _joined_parts(message: Any) -> Any:
+    """A message whose content is a list of text parts, with the parts joined by newlines, as common/chat
+    joins them for a renderer that takes strings (other messages as they are)."""
+    content = message.get("content") if isinstance(message, Mapping) else None
+    if not isinstance(content, list) or not all(isinstance(p, Mapping) and p.get("type") == "text"
+                                                and isinstance(p.get("text"), str) for p in content):
+        return message
+    return {**message, "content": "\n".join(p["text"] for p in content)}
+
+
 def builtin_templates() -> list[str]:
     """Names of the chat templates llama.cpp renders itself (usable as ``template=``)."""
     n = lib.llama_chat_builtin_templates(ffi.NULL, 0)
@@ -365,10 +375,12 @@ class ChatTemplate:
     load or to render (when the legacy renderer recognises it), or a llama.cpp template
     name without a Jinja form (``"llama3"``, ``"phi3"``, ...; also a template-less model of
     such a family). A model without a template and without a known family gets ChatML, as
-    in llama-server. The legacy path renders plain messages only (no tools).
+    in llama-server. The legacy path renders plain messages only (no tools). ``jinja=False``
+    asks for the legacy renderer alone, as ``llama-server --no-jinja`` (a model without a
+    template it knows gets ChatML).
     """
 
-    def __init__(self, model: Model, *, template: str | None = None) -> None:
+    def __init__(self, model: Model, *, template: str | None = None, jinja: bool = True) -> None:
         if template is not None and not template.strip():
             raise TemplateError("template= is empty")
         self.model = model
@@ -380,6 +392,10 @@ class ChatTemplate:
         source = template if template is not None else model.chat_template()
         self._source = source  # the template as written (None: the model has none)
         name = _builtin_for_architecture(model.architecture) if source is None else source
+        if not jinja:
+            self._legacy = name if name is not None else "chatml"
+            self._why = "the legacy renderer was asked for (jinja=False)"
+            return
         if name is not None and name != "chatml" and name not in _FALLBACK_JINJA and name in builtin_templates():
             # A llama.cpp template name: the Jinja engine would print it as text; only the legacy renderer knows it.
             self._legacy = name
@@ -429,9 +445,15 @@ class ChatTemplate:
                       continue_final_message: bool = False, **ignored: Any) -> ChatPrompt:
         if tools and tool_choice != "none":
             raise TemplateError(f"this chat template cannot render tool calls: {why}")
-        if continue_final_message:
-            raise TemplateError(f"continue_final_message needs llama.cpp's Jinja path: {why}")
+        messages = [_joined_parts(m) for m in messages] if isinstance(messages, Sequence) else messages
         _validate_messages(messages)
+        prefill = ""
+        if continue_final_message:  # the turns before it, opened for the assistant, then its text to go on from
+            if not messages or messages[-1]["role"] != "assistant":
+                raise ValueError("continue_final_message needs an assistant message at the end")
+            if add_generation_prompt:
+                raise ValueError("cannot set both add_generation_prompt and continue_final_message")
+            messages, prefill, add_generation_prompt = messages[:-1], messages[-1]["content"], True
         text = _apply_builtin(legacy, messages, add_generation_prompt) if legacy is not None else None
         if text is None:
             raise TemplateError(f"{why}; llama_chat_apply_template does not know it either")
@@ -439,7 +461,7 @@ class ChatTemplate:
         if json_schema is not None and grammar is not None:
             raise ValueError("cannot use both json_schema and grammar")
         gbnf = json_schema_to_grammar(dict(json_schema) or {"type": "object"}) if json_schema is not None else grammar
-        return ChatPrompt(prompt=text, grammar=gbnf or "", grammar_lazy=False, grammar_triggers=[],
+        return ChatPrompt(prompt=text + prefill, grammar=gbnf or "", grammar_lazy=False, grammar_triggers=[],
                           preserved_tokens=[], additional_stops=[], format=LEGACY_FORMAT)
 
 

@@ -10,7 +10,6 @@ asks it to :meth:`~SequenceStream.sample` a batch row and to
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence, Union
 
@@ -249,7 +248,7 @@ class SequenceStream:
         # Greedy with end-of-generation tokens at -inf: argmax over the view, EOG logits set
         # aside for the call (the serving benchmark's case: greedy with ignore_eos).
         if self._eog_ids is None:
-            self._eog_ids = _eog_tokens(self.model)
+            self._eog_ids = self.model.vocab.eog_tokens()
         ptr = lib.llama_get_logits_ith(ctx_ptr, row)
         if ptr == ffi.NULL:
             raise IndexError(f"no logits for batch row {row}")
@@ -267,7 +266,7 @@ class SequenceStream:
     def _sample_without_eog(self, ctx_ptr: Any, row: int) -> int:
         # Like llama-server's ignore_eos: end-of-generation tokens get -inf before sampling.
         if self._eog_ids is None:
-            self._eog_ids = _eog_tokens(self.model)
+            self._eog_ids = self.model.vocab.eog_tokens()
         ptr = lib.llama_get_logits_ith(ctx_ptr, row)
         n = self._n_vocab
         arr = np.frombuffer(ffi.buffer(ptr, n * 4), dtype=np.float32)
@@ -371,20 +370,6 @@ def _logits(ctx_ptr: Any, row: int, n_vocab: int) -> npt.NDArray[np.float32]:
     if ptr == ffi.NULL:
         raise IndexError(f"no logits for batch row {row}")
     return np.frombuffer(ffi.buffer(ptr, n_vocab * 4), dtype=np.float32)
-
-
-_EOG_CACHE: weakref.WeakKeyDictionary[Model, npt.NDArray[np.intp]] = weakref.WeakKeyDictionary()
-
-
-def _eog_tokens(model: Model) -> npt.NDArray[np.intp]:
-    """The model's end-of-generation token ids (computed once per model)."""
-    ids = _EOG_CACHE.get(model)
-    if ids is None:
-        vp = model.vocab._v()
-        is_eog = lib.llama_vocab_is_eog
-        ids = np.array([t for t in range(model.vocab.n_tokens) if is_eog(vp, t)], dtype=np.intp)
-        _EOG_CACHE[model] = ids
-    return ids
 
 
 __all__ = ["TokenEvent", "StopMatcher", "SequenceStream", "StreamResults", "FinishReason", "SamplerArg", "build_chain",

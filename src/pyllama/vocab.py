@@ -58,6 +58,7 @@ class Vocab:
         self._add_space_prefix: bool | None = None
         self._cut_exact: dict[bool, bool] = {}
         self._byte_guard: ByteFallbackGuard | None = None  # set by Model for SPM vocabularies lacking bytes
+        self._eog: npt.NDArray[np.intp] | None = None
 
     def _v(self) -> Any:
         self._model._p()  # raises ClosedError once the model is closed
@@ -152,6 +153,13 @@ class Vocab:
         i = lib.pyllama_first_bad_token(ffi.from_buffer("llama_token[]", tokens), tokens.size, self.n_tokens)
         if i >= 0:
             raise TokenizationError(f"token id {int(tokens[i])} is outside the vocabulary [0, {self.n_tokens})")
+
+    def eog_tokens(self) -> npt.NDArray[np.intp]:
+        """Every end-of-generation token id, ascending (computed once: a pass over the vocabulary)."""
+        if self._eog is None:
+            vp, is_eog = self._v(), lib.llama_vocab_is_eog
+            self._eog = np.array([t for t in range(self.n_tokens) if is_eog(vp, t)], dtype=np.intp)
+        return self._eog
 
     def is_eog(self, token: int) -> bool:
         """True for end-of-generation tokens (eos, eot, and the model's other stop tokens)."""

@@ -46,7 +46,8 @@ def create_app(engine: EngineSource, *, api_key: str | Sequence[str] | None = No
                defaults: RequestDefaults | None = None, metrics: bool = True,
                cors: CORSOptions | None = None, reasoning_format: ReasoningFormat = "auto", slots: bool = True,
                props: bool = False, reasoning: Literal["on", "off", "auto"] = "auto",
-               chat_template_kwargs: Mapping[str, Any] | None = None) -> Starlette:
+               chat_template_kwargs: Mapping[str, Any] | None = None, verbose: bool = False,
+               tags: Sequence[str] = (), jinja: bool = True) -> Starlette:
     """The OpenAI-compatible app over ``engine``.
 
     ``engine`` is an :class:`~pyllama.engine.Engine` (the caller keeps owning
@@ -56,14 +57,18 @@ def create_app(engine: EngineSource, *, api_key: str | Sequence[str] | None = No
     ``api_key`` (one key or several) makes every endpoint but ``/health``
     require ``Authorization: Bearer <key>``; ``model_name`` is the id
     ``/v1/models`` reports (default: the model's file name), ``aliases`` more
-    names it lists; requests may name any model (there is one). ``keepalive_s``
+    names it lists (``tags``: labels it shows); requests may name any model (there is one). ``keepalive_s``
     spaces the SSE comments sent while a stream waits for its first token;
     ``chat_template`` (Jinja source) replaces the model's own template and
     ``reasoning_format`` says where thinking goes (llama-server's
     ``--reasoning-format``), ``reasoning="off"`` renders chats with thinking
     turned off (its ``--reasoning``; "auto": on where the template thinks) and
     ``chat_template_kwargs`` are template variables for every chat (its
-    ``--chat-template-kwargs``; a request's own are added). ``defaults`` are what requests that leave a
+    ``--chat-template-kwargs``; a request's own are added). ``verbose`` adds
+    llama-server's debugging field ``__verbose`` (the native answer, with the
+    rendered prompt) to chat completions that do not ask otherwise (its ``-v``).
+    ``jinja=False`` renders chats with llama.cpp's legacy renderer alone (its
+    ``--no-jinja``: no tools; a JSON schema is a plain grammar). ``defaults`` are what requests that leave a
     sampling parameter or ``max_tokens`` unset get. ``metrics=False`` answers
     ``/metrics`` with 501, as llama-server without ``--metrics``; ``cors``
     configures CORS as llama-server's ``--cors-*`` flags (default: none; an
@@ -75,7 +80,8 @@ def create_app(engine: EngineSource, *, api_key: str | Sequence[str] | None = No
     server = ServerState(engine, api_key=api_key, model_name=model_name, keepalive_s=keepalive_s,
                          chat_template=chat_template, aliases=aliases, defaults=defaults or RequestDefaults(),
                          metrics=metrics, reasoning_format=reasoning_format, slots=slots, props=props,
-                         thinking=reasoning != "off", chat_template_kwargs=chat_template_kwargs)
+                         thinking=reasoning != "off", chat_template_kwargs=chat_template_kwargs,
+                         verbose=verbose, tags=tags, jinja=jinja)
 
     def bound(handler: Endpoint) -> Callable[[Request], Awaitable[Response]]:
         # A plain function (not a partial), so Starlette treats it as a request/response endpoint.

@@ -52,14 +52,14 @@ class ChatPrompter:
     """Turns chat requests into prompts for one model."""
 
     def __init__(self, model: Model, *, template: str | None = None, reasoning_format: ReasoningFormat = "auto",
-                 thinking: bool = True, template_kwargs: Mapping[str, Any] | None = None) -> None:
+                 thinking: bool = True, template_kwargs: Mapping[str, Any] | None = None, jinja: bool = True) -> None:
         self.model = model
         self.template = template
         self.reasoning_format = reasoning_format  # llama-server's --reasoning-format
         self.thinking = thinking  # its --reasoning on|off|auto (auto: on where the template can think)
         self.template_kwargs = dict(template_kwargs or {})  # its --chat-template-kwargs
-        self.chat = ChatTemplate(model, template=template)
-        if self.chat.format is None:
+        self.chat = ChatTemplate(model, template=template, jinja=jinja)
+        if self.chat.format is None and jinja:
             log.warning("llama.cpp's Jinja chat handling is unavailable for this model: plain chat only, "
                         "no tool calls")
         bos = model.vocab.bos

@@ -13,6 +13,7 @@ from ..samplers import Grammar
 from . import params, sse
 from .chat import ChatPlan
 from .chat_turn import Delta, MessageParser
+from .native import native_result
 from .protocol import APIError, ChatCompletionRequest, JsonSchemaFormat, ResponseFormat, parse_request
 from .responses import gone, json_response
 from .state import ServerState, finish_reason, interleave
@@ -40,7 +41,8 @@ async def chat_completions(server: ServerState, request: Request) -> Response:
     if top and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
     n = params.choices(req.n, engine.n_slots)  # n choices: n requests in parallel slots (they batch)
-    ers = server.submit_n(engine, plan.prompt, n, params.native_settings(req, server.defaults), max_tokens=limit,
+    settings = params.native_settings(req, server.defaults)
+    ers = server.submit_n(engine, plan.prompt, n, settings, max_tokens=limit,
                           stop=[*req.stops(), *plan.stops], sampler=sampler, logprobs=req.logprobs,
                           top_logprobs=top, add_special=plan.add_special, parse_special=True,
                           ignore_eos=req.ignore_eos)
@@ -60,9 +62,12 @@ async def chat_completions(server: ServerState, request: Request) -> Response:
             choice["logprobs"] = {"content": [server.chat_logprob(ev) for ev in evs if ev.token >= 0],
                                   "refusal": None}
         choices.append(choice)
-    return json_response({"id": rid, "object": "chat.completion", "created": int(time.time()),
-                          "model": server.model_name, "system_fingerprint": server.fingerprint,
-                          "choices": choices, "usage": server.usage_all(ers), "timings": server.timings(ers[0])})
+    body = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": server.model_name,
+            "system_fingerprint": server.fingerprint, "choices": choices, "usage": server.usage_all(ers),
+            "timings": server.timings(ers[0])}
+    if req.verbose if req.verbose is not None else server.verbose:
+        body["__verbose"] = native_result(server, engine, ers[0], got[0], settings)
+    return json_response(body)
 
 
 def _message(plan: ChatPlan, text: str, finish: str) -> tuple[dict[str, Any], str]:

@@ -11,6 +11,7 @@ import ipaddress
 import json
 import logging
 import os
+import socket
 import sys
 from types import FrameType
 from typing import TYPE_CHECKING, Any, cast
@@ -34,14 +35,13 @@ IGNORED: tuple[tuple[tuple[str, ...], bool, str], ...] = (
     (("-cb", "--cont-batching", "-nocb", "--no-cont-batching"), False, "batching is always continuous"),
     (("-kvu", "--kv-unified", "-no-kvu", "--no-kv-unified"), False,
      "the KV cache is always one buffer of equal slots (--ctx-slot)"),
-    (("--jinja",), False, "chats are always rendered by llama.cpp's Jinja path (common/chat)"),
     (("--embedding", "--embeddings"), False, "embeddings are always served, next to completions"),
     (("--cache-prompt", "--no-cache-prompt"), False, "a slot's cached prompt prefix is always reused"),
     (("--no-context-shift",), False, "generation always stops at the end of the slot's context"),
     (("--warmup", "--no-warmup", "--perf", "--no-perf"), False, "no effect on answers"),
     (("--threads-http", "-to", "--timeout"), True, "uvicorn serves HTTP on one event loop"),
     (("--reuse-port",), False, "uvicorn binds the port"),
-    (("-v", "--verbose", "--log-verbose", "--log-disable", "--log-prefix", "--no-log-prefix", "--log-timestamps",
+    (("--log-disable", "--log-prefix", "--no-log-prefix", "--log-timestamps",
       "--no-log-timestamps"), False, "pyllama's log level: `pyllama --log-level LEVEL serve`"),
     (("-lv", "--verbosity", "--log-verbosity", "--log-file", "--log-colors"), True,
      "pyllama's log level: `pyllama --log-level LEVEL serve`"),
@@ -52,7 +52,6 @@ NOT_YET: tuple[tuple[tuple[str, ...], bool, str], ...] = (
     (("--slot-save-path",), True, "saving and restoring slots"),
     (("--lora", "--lora-scaled"), True, "LoRA adapters in the server"),
     (("--lora-init-without-apply",), False, "LoRA adapters in the server"),
-    (("--no-jinja",), False, "the legacy chat renderer by choice (it stands in where the Jinja path cannot)"),
     (("--reasoning-budget",), True, "a budget of thinking tokens"),
     (("--cache-reuse",), True, "reusing cached chunks past a changed prefix (the common prefix is reused)"),
     (("--context-shift",), False, "context shift (generation stops at the end of the slot's context)"),
@@ -232,6 +231,14 @@ def register(subparsers: Any) -> None:
                    help="the pooling of /embeddings (default: the model's own, else mean; 'none' serves none)")
     p.add_argument("--rerank", "--reranking", dest="pooling", action="store_const", const="rank",
                    help="serve /rerank: the model is a reranker (rank pooling); a reranker GGUF says so itself")
+    p.add_argument("-v", "--verbose", "--log-verbose", dest="verbose", action="store_true",
+                   help="llama-server's debugging answers: chat completions carry \"__verbose\" (the native answer "
+                        "with the rendered prompt) unless a request sends verbose: false; the log stays pyllama's "
+                        "(`pyllama --log-level LEVEL serve`)")
+    p.add_argument("--backend-sampling", "--backend_sampling", "-bs", dest="sampling", action="store_const",
+                   const="backend",
+                   help="llama-server's spelling of --sampling backend")
+    p.add_argument("--tags", default=None, metavar="TAG[,TAG]", help="tags /models lists for the model")
     p.add_argument("--metrics", action="store_true",
                    help="serve /metrics (Prometheus; without it: 501, as llama-server)")
     p.add_argument("--props", action="store_true",
@@ -247,6 +254,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--ssl-cert-file", default=None, metavar="FNAME", help="... and this PEM certificate")
     p.add_argument("--chat-template", default=None, help="Jinja chat template replacing the model's own")
     p.add_argument("--chat-template-file", default=None, help="file holding the Jinja chat template")
+    p.add_argument("--jinja", action=argparse.BooleanOptionalAction, default=True,
+                   help="render chats with llama.cpp's Jinja path, common/chat (default); --no-jinja: its legacy "
+                        "renderer alone, as llama-server --no-jinja (plain messages, no tools)")
     p.add_argument("-rea", "--reasoning", default="auto", choices=["on", "off", "auto"],
                    help="thinking in chats whose template can think: off renders them with thinking turned off "
                         "(a request's chat_template_kwargs.enable_thinking or reasoning_effort overrides it)")
@@ -317,6 +327,22 @@ def _isolated_loader(args: argparse.Namespace, path: str, ngl: Any) -> Engine:
     return cast("Engine", engine)  # duck-typed: it offers the Engine API the server uses
 
 
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host`` (an IPv4 or IPv6 address or a name) and ``port``."""
+    family, kind, proto, _, addr = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(addr)
+        sock.listen(2048)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -364,7 +390,8 @@ def _llama_server_args(args: argparse.Namespace) -> str | None:
         except OSError as exc:
             return f"cannot read --api-key-file: {exc}"
     args.api_keys = keys
-    names = [a.strip() for a in (args.alias or "").split(",") if a.strip()]
+    # as llama-server (a std::set): the names in order, the first of them the model's id
+    names = sorted({a.strip() for a in (args.alias or "").split(",") if a.strip()})
     args.model_name, args.aliases = (names[0], names[1:]) if names else (None, [])
     if args.n_predict is not None and (args.n_predict == 0 or args.n_predict < -1):
         return f"-n/--n-predict must be -1 (no limit) or >= 1, not {args.n_predict}"
@@ -438,7 +465,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.draft is not None and args.draft not in ("ngram", *NGRAM_TYPES):
         print(f"pyllama serve: --draft must be ngram or one of {', '.join(NGRAM_TYPES)}", file=sys.stderr)
         return 2
-    if not args.api_keys and not _is_loopback(args.host):
+    hosts = [h.strip() for h in args.host.split(",") if h.strip()]  # llama-server binds each of a list
+    if not hosts:
+        print("pyllama serve: --host names no address", file=sys.stderr)
+        return 2
+    if not args.api_keys and not all(_is_loopback(h) for h in hosts):
         print(f"pyllama serve: warning: listening on {args.host} without --api-key: anyone who can reach it "
               "can use it", file=sys.stderr)
     # llama.cpp's own log stays quiet unless `pyllama --log-level` asked for it; the server says what it does.
@@ -478,7 +509,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                      aliases=args.aliases, keepalive_s=args.keepalive if args.keepalive > 0 else 1e9,
                      chat_template=template, defaults=defaults, metrics=args.metrics, cors=cors,
                      reasoning_format=args.reasoning_format, slots=args.slots_endpoint, props=args.props,
-                     reasoning=args.reasoning, chat_template_kwargs=kwargs)
+                     reasoning=args.reasoning, chat_template_kwargs=kwargs, verbose=args.verbose,
+                     tags=[t.strip() for t in (args.tags or "").split(",") if t.strip()], jinja=args.jinja)
     state = app.state.server
 
     class Server(uvicorn.Server):
@@ -488,7 +520,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             super().handle_exit(sig, frame)
 
     # uvicorn's own deadline is the backstop: by then our requests have ended themselves
-    config = uvicorn.Config(app, host=args.host, port=args.port, lifespan="on", log_level="info",
+    config = uvicorn.Config(app, host=hosts[0], port=args.port, lifespan="on", log_level="info",
                             access_log=False, timeout_graceful_shutdown=args.shutdown_timeout + 5,
                             ssl_keyfile=args.ssl_key_file, ssl_certfile=args.ssl_cert_file)
     server = Server(config)
@@ -499,7 +531,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server.should_exit = True
 
     state.on_load_error.append(on_load_error)
-    server.run()  # handles SIGINT/SIGTERM: stops accepting, lets requests finish, then closes the engine
+    sockets = None
+    if len(hosts) > 1:
+        try:
+            sockets = [_bind(h, args.port) for h in hosts]
+        except OSError as exc:
+            print(f"pyllama serve: cannot listen on {args.host} port {args.port}: {exc}", file=sys.stderr)
+            return 1
+    server.run(sockets=sockets)  # handles SIGINT/SIGTERM: stops accepting, lets requests finish, closes the engine
     if failed:
         print(f"pyllama serve: could not load {path}: {failed[0]}", file=sys.stderr)
         return 1

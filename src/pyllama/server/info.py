@@ -34,7 +34,9 @@ async def metrics_endpoint(server: ServerState, request: Request) -> Response:
 
 
 def _model_card(server: ServerState) -> dict[str, Any]:
-    card: dict[str, Any] = {"id": server.model_name, "aliases": server.aliases, "object": "model",
+    # llama-server's card: every alias given (the id among them) and the --tags
+    names = sorted({server.model_name, *server.aliases}) if server.aliases or server.named else []
+    card: dict[str, Any] = {"id": server.model_name, "aliases": names, "tags": server.tags, "object": "model",
                             "created": server.created, "owned_by": "pyllama"}
     if server.engine is not None:
         e, m = server.engine, server.engine.model

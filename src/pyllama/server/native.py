@@ -119,6 +119,8 @@ async def completion(server: ServerState, request: Request) -> Response:
 
     bias = params.native_logit_bias(req.logit_bias, server.n_vocab, text_tokens)
     settings["logit_bias"] = [{"bias": b, "token": t} for t, b in bias.items()]
+    if req.ignore_eos:  # as llama-server reports it: each end-of-generation token at -inf (null in JSON)
+        settings["logit_bias"] += [{"bias": None, "token": int(t)} for t in engine.model.vocab.eog_tokens()]
     specs = params.native_sampler_specs(settings, bias, grammar=grammar)
     n_probs = int(settings["n_probs"])
     top = min(n_probs, 20)
@@ -236,6 +238,14 @@ class _Shape:
         return hits[0][2] if hits else ""
 
 
+def native_result(server: ServerState, engine: Engine, er: EngineRequest, evs: list[TokenEvent],
+                  settings: dict[str, Any]) -> dict[str, Any]:
+    """A finished request as llama-server's native answer: what its ``__verbose`` field shows (the prompt
+    as rendered, the raw content, the settings, timings) for a request asking for it."""
+    req = NativeCompletionRequest(prompt="")
+    return _Shape(server, engine, req, settings, 0).final(er, 0, evs, stream=False)
+
+
 def _slot(er: EngineRequest) -> int:
     slot = getattr(er, "slot_id", None)
     return -1 if slot is None else int(slot)
@@ -285,4 +295,4 @@ async def _stream(server: ServerState, shape: _Shape, ers: list[EngineRequest]) 
                 await task
 
 
-__all__ = ["completion", "native_prompts", "mixed_tokens"]
+__all__ = ["completion", "native_prompts", "native_result", "mixed_tokens"]

@@ -78,8 +78,11 @@ class ChatMessage(_Request):
         return "".join(p.text for p in self.content)
 
     def as_dict(self) -> dict[str, Any]:
-        """The message as the chat template expects it (plain content string, optional fields only when set)."""
-        d: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        """The message as llama.cpp's chat handling takes it (optional fields only when set). Text parts stay
+        parts: common/chat joins them as llama-server does (with a newline, or as the template renders them)."""
+        content: Any = ([{"type": "text", "text": p.text} for p in self.content] if isinstance(self.content, list)
+                        else self.text())
+        d: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": content}
         if self.name is not None:
             d["name"] = self.name
         if self.tool_calls:
@@ -184,6 +187,7 @@ class ChatCompletionRequest(SamplingRequest):
     grammar: str | None = None  # llama-server's extensions: a GBNF grammar, or a JSON schema, for the reply
     json_schema: dict[str, Any] | None = None
     timings_per_token: bool = False  # llama-server's: timings in every streamed chunk
+    verbose: bool | None = None  # llama-server's: its native answer as "__verbose" (default: serve -v)
     # llama-server's (and vLLM's) template switches: what ChatTemplate.apply takes
     add_generation_prompt: bool = True
     continue_final_message: Union[bool, Literal["content", "reasoning_content"], None] = None

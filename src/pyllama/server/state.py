@@ -84,14 +84,18 @@ class ServerState:
                  keepalive_s: float, chat_template: str | None, aliases: Sequence[str] = (),
                  defaults: RequestDefaults = RequestDefaults(), metrics: bool = True,
                  reasoning_format: ReasoningFormat = "auto", slots: bool = True, props: bool = False,
-                 thinking: bool = True, chat_template_kwargs: Mapping[str, Any] | None = None) -> None:
+                 thinking: bool = True, chat_template_kwargs: Mapping[str, Any] | None = None,
+                 verbose: bool = False, tags: Sequence[str] = (), jinja: bool = True) -> None:
         self.engine: Engine | None = None
         self.loader: Callable[[], Engine] | None = None
         self.chat_template = chat_template
         self.reasoning_format: ReasoningFormat = reasoning_format
         self.thinking = thinking
+        self.jinja = jinja
+        self.verbose = verbose  # llama-server -v: answers carry "__verbose" unless a request says otherwise
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.aliases = [a for a in aliases if a != model_name]  # more names /v1/models lists
+        self.tags = list(tags)
         if hasattr(source, "submit"):  # an Engine, or anything offering its API (e.g. an isolated one)
             self._adopt(cast("Engine", source))
         else:
@@ -102,6 +106,7 @@ class ServerState:
         self.defaults = defaults
         self.metrics_enabled = metrics
         self.model_name = model_name or (self._default_name() if self.engine is not None else "pyllama")
+        self.named = model_name is not None  # an alias names the model (llama-server's -a)
         self.keepalive_s = keepalive_s
         self.metrics = Metrics()
         self.created = int(time.time())
@@ -136,7 +141,7 @@ class ServerState:
     def _adopt(self, engine: Engine) -> None:
         self.prompter = ChatPrompter(engine.model, template=self.chat_template,
                                      reasoning_format=self.reasoning_format, thinking=self.thinking,
-                                     template_kwargs=self.chat_template_kwargs)
+                                     template_kwargs=self.chat_template_kwargs, jinja=self.jinja)
         self.n_vocab = engine.model.vocab.n_tokens
         self._piece_cache = functools.lru_cache(maxsize=65536)(self._piece_uncached)
         path = Path(str(engine.model.path))
@@ -345,8 +350,10 @@ class ServerState:
             async with contextlib.aclosing(frames):
                 async for frame in frames:
                     yield frame
-            if usage_base is not None:
-                yield sse.frame({**usage_base, "choices": [], "usage": self.usage_all(er)})
+            if usage_base is not None:  # with llama-server's timings, as it sends them in this chunk
+                first = er[0] if isinstance(er, Sequence) else er
+                yield sse.frame({**usage_base, "choices": [], "usage": self.usage_all(er),
+                                 "timings": self.timings(first)})
         except Exception as exc:  # noqa: BLE001 - the status line is gone: report in-band
             err = api_error(exc)
             log.warning("stream %s failed: %s", rid, err.message)
