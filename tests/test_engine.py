@@ -86,6 +86,30 @@ def test_long_prompt_is_chunked_and_streams_keep_going(model: Any) -> None:
     assert stats.batched_steps > 0  # the long prompt's chunks shared steps with the short stream
 
 
+def test_prompt_progress_events(model: Any, synth_model_path: Path) -> None:
+    """progress=True: one event as the slot is taken (the cached prefix), one per prompt chunk, then tokens;
+    the same through a worker process."""
+    from pyllama.engine import PromptProgress
+    from pyllama.worker.engine import IsolatedEngine
+
+    prompt = [1] + [5 + (i % 40) for i in range(80)]  # three chunks of 32
+
+    def check(events: list[Any], cache: int) -> None:
+        progress = [e for e in events if isinstance(e, PromptProgress)]
+        assert [p.processed for p in progress] == [cache, *range(cache + 32, len(prompt), 32), len(prompt)]
+        assert all(p.total == len(prompt) and p.cache == cache and p.token == -2 and p.text == "" for p in progress)
+        assert [p.time_ms for p in progress] == sorted(p.time_ms for p in progress) and progress[0].time_ms == 0
+        first_token = next(i for i, e in enumerate(events) if e.token >= 0)
+        assert first_token > events.index(progress[-1])  # all of them before the first token
+        assert [e.token for e in events if e.token >= 0] == alone_tokens(model, prompt, 3).tolist()
+
+    with Engine(model, n_slots=1, n_ctx=256, n_batch=32, n_ubatch=32, n_threads=1) as engine:
+        check(list(engine.submit(prompt, max_tokens=3, ignore_eos=True, progress=True)), 0)
+        assert not any(isinstance(e, PromptProgress) for e in engine.submit(prompt, max_tokens=3))  # not asked
+    with IsolatedEngine(synth_model_path, n_slots=1, n_ctx=256, n_batch=32, n_ubatch=32, n_threads=1) as iso:
+        check(list(iso.submit(prompt, max_tokens=3, ignore_eos=True, progress=True)), 0)
+
+
 def test_prompt_prefix_reuse(model: Any) -> None:
     base = [1] + list(range(5, 45))
     with Engine(model, n_slots=2, n_ctx=128, n_threads=1) as engine:

@@ -373,6 +373,31 @@ def test_template_switches(synth_model_path: Path) -> None:
             assert r.status_code == 400, (bad, r.text)
 
 
+def test_return_progress(srv: RemoteServer) -> None:
+    """llama-server's return_progress (the server runs -b 32): chat chunks without choices, native events
+    with timings, Responses' response.in_progress events; each stream's last report is the whole prompt."""
+    long = "Hello world the cat " * 12
+    chat = data(events(srv, "v1/chat/completions", {"messages": [{"role": "user", "content": long}], "stream": True,
+                                                    "max_tokens": 2, "return_progress": True}))
+    progress = [c["prompt_progress"] for c in chat if "prompt_progress" in c]
+    assert all(c["choices"] == [] for c in chat if "prompt_progress" in c)
+    assert len(progress) >= 3 and progress[0]["processed"] == progress[0]["cache"]
+    assert progress[-1]["processed"] == progress[-1]["total"] and [p["processed"] for p in progress] == sorted(
+        p["processed"] for p in progress)
+    native = data(events(srv, "completion", {"prompt": long, "n_predict": 2, "stream": True,
+                                             "return_progress": True, "cache_prompt": True}))
+    reports = [c for c in native if "prompt_progress" in c]
+    assert reports and reports[0]["timings"]["prompt_n"] == 0 and reports[-1]["timings"]["prompt_ms"] > 0
+    assert all(v is not None and v >= 0 for c in reports for v in c["timings"].values())
+    resp = data(events(srv, "v1/responses", {"input": long, "max_output_tokens": 2, "stream": True,
+                                             "return_progress": True, "timings_per_token": True}))
+    assert any(e["type"] == "response.in_progress" and "prompt_progress" in e for e in resp)
+    assert "timings" in resp[-1] and resp[-1]["type"] == "response.completed"
+    plain = data(events(srv, "v1/chat/completions", {"messages": [{"role": "user", "content": long}],
+                                                     "stream": True, "max_tokens": 2}))
+    assert not any("prompt_progress" in c for c in plain)  # only when asked
+
+
 def test_header_names_as_llama_server_sends_them(srv: RemoteServer) -> None:
     import http.client
 

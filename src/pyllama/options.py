@@ -111,11 +111,13 @@ class GenerateOptions(SamplingOptions, total=False):
 
 
 class SubmitOptions(SamplingOptions, total=False):
-    """:class:`SamplingOptions` plus a serving request's own: tokenization and what a full slot does."""
+    """:class:`SamplingOptions` plus a serving request's own: tokenization, what a full slot does, and
+    ``progress`` (:class:`pyllama.engine.PromptProgress` events while the prompt is evaluated)."""
 
     add_special: bool
     parse_special: bool
     context_full: ContextFull
+    progress: bool
 
 
 SAMPLING_KEYS = frozenset(SamplingOptions.__annotations__)

@@ -9,7 +9,7 @@
 """
 
 from .core import ContextFull, Engine, EngineStats
-from .request import EngineBusyError, EngineRequest
+from .request import EngineBusyError, EngineRequest, PromptProgress
 from .slots import Slot
 
-__all__ = ["Engine", "EngineStats", "EngineRequest", "EngineBusyError", "ContextFull", "Slot"]
+__all__ = ["Engine", "EngineStats", "EngineRequest", "EngineBusyError", "ContextFull", "PromptProgress", "Slot"]

@@ -33,7 +33,7 @@ from ..options import (CONTEXT_FULL, SAMPLING_MODES, SUBMIT_KEYS, ContextFull, S
 from ..speculative import SpeculativeStats, Speculator
 from ..stream import FinishReason, SequenceStream
 from ..vocab import Vocab, as_tokens
-from .request import EngineBusyError, EngineRequest
+from .request import EngineBusyError, EngineRequest, PromptProgress
 from .slots import Slot, choose_slot
 
 if TYPE_CHECKING:
@@ -260,6 +260,8 @@ class _Core:
                 continue
             req.n_cached = cursor.n_reused
             self.c["cached_prompt_tokens"] += cursor.n_reused
+            if req.progress:
+                self.waiters.append(req._channel.put(PromptProgress.of(req.n_prompt, req.n_cached, req.n_cached, 0.0)))
 
     def _step(self) -> None:
         """One decode for every active slot (the decoder runs it; the engine accounts and delivers)."""
@@ -287,6 +289,12 @@ class _Core:
                 continue
             stream = req._stream
             c["prompt_tokens"] += cur.n_prefilled
+            if cur.n_prefilled:
+                req.n_prefilled += cur.n_prefilled
+                if req.progress:  # before this step's token: the chunk that ends the prompt also samples
+                    ms = (now - req.t_start) * 1000.0 if req.t_start is not None else 0.0
+                    done = min(req.n_prompt, req.n_cached + req.n_prefilled)
+                    self.waiters.append(req._channel.put(PromptProgress.of(req.n_prompt, req.n_cached, done, ms)))
             if cur.generating:
                 slot.state = "generate"
             if cur.n_drafted:
@@ -552,6 +560,7 @@ class Engine(EngineFront):
         if self._core.spec is None:
             self._core.decoder.prefer_backend(stream)
         req = EngineRequest(tokens, stream, context_full, self._core.cancel)
+        req.progress = bool(options.get("progress", False))
         if self._core.spec is not None:
             req.speculative = SpeculativeStats()
         self._core.enqueue(req)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, AsyncIterator, Callable, Iterator
 
 import numpy as np
@@ -29,6 +30,30 @@ class EngineBusyError(LlamaError, RuntimeError):
 
 _ids = itertools.count(1)
 
+#: the ``token`` of a :class:`PromptProgress` event
+PROGRESS_TOKEN = -2
+
+
+@dataclass(slots=True)
+class PromptProgress(TokenEvent):
+    """How far the prompt's evaluation is (a request submitted with ``progress=True``): one event when the
+    request gets its slot (``processed == cache``, the prefix reused from the cache), then one per prompt
+    chunk decoded, the last with ``processed == total``; all before the first token. It carries no token
+    (``token`` -2) and no text, so a consumer of tokens may pass it by; ``time_ms`` counts from the slot."""
+
+    total: int = 0
+    cache: int = 0
+    processed: int = 0
+    time_ms: float = 0.0
+
+    @classmethod
+    def of(cls, total: int, cache: int, processed: int, time_ms: float) -> PromptProgress:
+        return cls(PROGRESS_TOKEN, "", -1, None, None, total, cache, processed, time_ms)
+
+    def as_dict(self) -> dict[str, float]:
+        """llama-server's ``prompt_progress``."""
+        return {"total": self.total, "cache": self.cache, "processed": self.processed, "time_ms": self.time_ms}
+
 
 class EngineRequest(StreamResults):
     """One generation in the engine: iterate it (``for`` or ``async for``) for :class:`TokenEvent` s.
@@ -51,6 +76,8 @@ class EngineRequest(StreamResults):
         self._async_claimed = False
         self.n_prompt = int(prompt_tokens.size)
         self.n_cached = 0
+        self.n_prefilled = 0  # prompt tokens decoded so far (besides the cached prefix)
+        self.progress = False  # PromptProgress events wanted
         self.n_counted = 0  # generated tokens the engine's counters have seen
         self.t_submit = time.perf_counter()
         self.t_start: float | None = None  # got a slot
@@ -129,4 +156,4 @@ class EngineRequest(StreamResults):
         return f"<EngineRequest {self.id} {state} prompt={self.n_prompt} generated={self.n_generated}>"
 
 
-__all__ = ["EngineRequest", "EngineBusyError"]
+__all__ = ["EngineRequest", "EngineBusyError", "PromptProgress"]

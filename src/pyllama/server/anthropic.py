@@ -27,6 +27,7 @@ from pydantic import Field
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from ..engine.request import PromptProgress
 from . import sse
 from .chat_turn import ChatTurn, Reply, prompt_tokens, sse_stream
 from .errors import anthropic_error_body, anthropic_error_response, api_error
@@ -254,6 +255,8 @@ def _stream(server: ServerState, turn: ChatTurn, rid: str) -> AsyncGenerator[byt
             async for d in deltas:
                 if d is None:
                     yield ev({"type": "ping"})  # keep-alive while the prompt is evaluated
+                    continue
+                if isinstance(d, PromptProgress):  # (not asked for: Anthropic's API has no such event)
                     continue
                 if not started:
                     started = True

@@ -18,6 +18,8 @@ from .protocol import APIError, ChatCompletionRequest, JsonSchemaFormat, Respons
 from .responses import gone, json_response
 from .state import ServerState, finish_reason, interleave
 
+from ..engine.request import PromptProgress
+
 if TYPE_CHECKING:
     from ..engine import EngineRequest
 
@@ -45,7 +47,7 @@ async def chat_completions(server: ServerState, request: Request) -> Response:
     ers = server.submit_n(engine, plan.prompt, n, settings, max_tokens=limit,
                           stop=[*req.stops(), *plan.stops], sampler=sampler, logprobs=req.logprobs,
                           top_logprobs=top, add_special=plan.add_special, parse_special=True,
-                          ignore_eos=req.ignore_eos)
+                          ignore_eos=req.ignore_eos, progress=req.stream and req.return_progress)
     rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     if req.stream:
         usage = req.stream_options is not None and req.stream_options.include_usage
@@ -127,6 +129,12 @@ def _chat_stream(server: ServerState, ers: list[EngineRequest], rid: str, logpro
         async for ev in server.events(er, keepalive=len(ers) == 1):
             if ev is None:
                 yield sse.KEEPALIVE
+                continue
+            if isinstance(ev, PromptProgress):  # llama-server's return_progress: a chunk without choices
+                progress: dict[str, Any] = {**base, "choices": [], "prompt_progress": ev.as_dict()}
+                if timings_per_token:
+                    progress["timings"] = server.progress_timings(ev)
+                yield sse.frame(progress)
                 continue
             lps = [server.chat_logprob(ev)] if logprobs and ev.token >= 0 else None
             delta = openai_delta(message.feed(ev.text))

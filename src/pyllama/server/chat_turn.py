@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, AsyncGenerator, AsyncIterator, Callable, 
 
 from starlette.requests import Request
 
+from ..engine.request import PromptProgress
 from ..errors import LlamaError
 from . import params
 from .chat import ChatPlan
@@ -181,7 +182,8 @@ class ChatTurn:
         self.user_stops = req.stops()
         self.er: EngineRequest = server.submit(engine, plan.prompt, max_tokens=limit,
                                                stop=[*self.user_stops, *plan.stops], sampler=sampler,
-                                               add_special=plan.add_special, parse_special=True)
+                                               add_special=plan.add_special, parse_special=True,
+                                               progress=req.return_progress)
         self.message = MessageParser(plan)
         self.result = self.message.reply
 
@@ -212,14 +214,18 @@ class ChatTurn:
         self._finish()
         return self.result
 
-    async def deltas(self) -> AsyncGenerator[Delta | None, None]:
-        """The reply as it grows; ``None`` is a keep-alive tick (before the first token). When it is
-        exhausted, :attr:`result` holds the whole reply."""
+    async def deltas(self) -> AsyncGenerator[Delta | PromptProgress | None, None]:
+        """The reply as it grows; ``None`` is a keep-alive tick (before the first token), a
+        :class:`~pyllama.engine.PromptProgress` the prompt's progress (when the request asked for it). When
+        it is exhausted, :attr:`result` holds the whole reply."""
         events = cast("AsyncGenerator[TokenEvent | None, None]", self.server.events(self.er, keepalive=True))
         async with contextlib.aclosing(events):
             async for ev in events:  # closed at once when the client goes away: that cancels the request
                 if ev is None:
                     yield None
+                    continue
+                if isinstance(ev, PromptProgress):
+                    yield ev
                     continue
                 for d in self.message.feed(ev.text):
                     yield d

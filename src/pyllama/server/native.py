@@ -26,6 +26,7 @@ from starlette.responses import Response, StreamingResponse
 from ..errors import LlamaError
 from ..grammar import json_schema_to_grammar
 from ..samplers import Grammar, Sampler
+from ..engine.request import PromptProgress
 from ..stream import TokenEvent
 from . import params, sse
 from .errors import api_error
@@ -130,7 +131,8 @@ async def completion(server: ServerState, request: Request) -> Response:
         for tokens in prompts:
             ers += server.submit_n(engine, tokens, n, settings, max_tokens=None if limit < 0 else limit,
                                    stop=settings["stop"], sampler=specs, logprobs=top > 0, top_logprobs=top,
-                                   ignore_eos=req.ignore_eos, add_special=False, parse_special=False)
+                                   ignore_eos=req.ignore_eos, add_special=False, parse_special=False,
+                                   progress=req.stream and req.return_progress)
     except BaseException:
         for er in ers:
             er.cancel()
@@ -181,6 +183,12 @@ class _Shape:
         if self.n_probs > 0 and ev.token >= 0:
             obj["completion_probabilities"] = [self.probs(ev)]
         return obj
+
+    def progress(self, er: EngineRequest, index: int, ev: PromptProgress) -> dict[str, Any]:
+        """llama-server's ``return_progress`` event: no content yet, the prompt's progress and its timings."""
+        return {"index": index, "content": "", "tokens": [], "stop": False, "id_slot": _slot(er),
+                "tokens_predicted": 0, "tokens_evaluated": er.n_prompt, "prompt_progress": ev.as_dict(),
+                "timings": self.server.progress_timings(ev)}
 
     def final(self, er: EngineRequest, index: int, evs: list[TokenEvent], *, stream: bool) -> dict[str, Any]:
         """The last answer of a request: the whole result, or (streamed) what was held back and the totals."""
@@ -261,6 +269,8 @@ async def _stream(server: ServerState, shape: _Shape, ers: list[EngineRequest]) 
         async for ev in server.events(er, keepalive=len(ers) == 1):
             if ev is None:
                 await queue.put(sse.KEEPALIVE)
+            elif isinstance(ev, PromptProgress):
+                await queue.put(sse.frame(shape.progress(er, index, ev)))
             elif ev.token < 0:
                 leftover.append(ev.text)  # text held back at the end: it goes with the final event
             else:

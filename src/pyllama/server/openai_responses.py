@@ -27,6 +27,7 @@ from pydantic import Discriminator, Field, Tag, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from ..engine.request import PromptProgress
 from . import sse
 from .chat_turn import ChatTurn, Reply, prompt_tokens, sse_stream
 from .protocol import (APIError, ChatCompletionRequest, ChatMessage, FunctionDef, NamedFunction, NamedToolChoice,
@@ -137,6 +138,8 @@ class ResponsesRequest(_Request):
     text: TextOptions | None = None
     previous_response_id: str | None = None
     stream: bool = False
+    timings_per_token: bool = False  # llama-server's: timings on each text delta and on response.completed
+    return_progress: bool = False  # llama-server's: response.in_progress events with prompt_progress
 
 
 # --- Responses -> chat completion -----------------------------------------------------------------
@@ -228,7 +231,8 @@ def to_chat(req: ResponsesRequest) -> ChatCompletionRequest:
     return ChatCompletionRequest(model=req.model, messages=messages, max_tokens=req.max_output_tokens,
                                  temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
                                  seed=req.seed, tools=_tools(req), tool_choice=choice,
-                                 parallel_tool_calls=req.parallel_tool_calls, response_format=response_format)
+                                 parallel_tool_calls=req.parallel_tool_calls, response_format=response_format,
+                                 return_progress=req.stream and req.return_progress)
 
 
 # --- the reply as a response object ---------------------------------------------------------------
@@ -326,8 +330,10 @@ def _stream(server: ServerState, turn: ChatTurn, req: ResponsesRequest, rid: str
         kind = it.key[0]
         where = {"item_id": it.item["id"], "output_index": it.index}
         if kind == "content":
-            return ev({"type": "response.output_text.delta", **where, "content_index": 0, "delta": text,
-                       "logprobs": []})
+            obj = {"type": "response.output_text.delta", **where, "content_index": 0, "delta": text, "logprobs": []}
+            if req.timings_per_token:
+                obj["timings"] = server.timings(turn.er)
+            return ev(obj)
         if kind == "reasoning":
             return ev({"type": "response.reasoning_text.delta", **where, "content_index": 0, "delta": text})
         return ev({"type": "response.function_call_arguments.delta", **where, "delta": text})
@@ -362,6 +368,9 @@ def _stream(server: ServerState, turn: ChatTurn, req: ResponsesRequest, rid: str
                 if d is None:
                     yield sse.KEEPALIVE
                     continue
+                if isinstance(d, PromptProgress):
+                    yield ev({"type": "response.in_progress", "response": start, "prompt_progress": d.as_dict()})
+                    continue
                 key = (d.kind, d.index)
                 if current is None or current.key != key:
                     if current is not None:
@@ -387,7 +396,10 @@ def _stream(server: ServerState, turn: ChatTurn, req: ResponsesRequest, rid: str
             for f in evs:
                 yield f
         final = _response(server, rid, req, created, output, turn, turn.result)
-        yield ev({"type": "response.completed", "response": final})
+        done = {"type": "response.completed", "response": final}
+        if req.timings_per_token:
+            done["timings"] = server.timings(turn.er)
+        yield ev(done)
 
     return frames()
 

@@ -187,6 +187,7 @@ class ChatCompletionRequest(SamplingRequest):
     grammar: str | None = None  # llama-server's extensions: a GBNF grammar, or a JSON schema, for the reply
     json_schema: dict[str, Any] | None = None
     timings_per_token: bool = False  # llama-server's: timings in every streamed chunk
+    return_progress: bool = False  # llama-server's: prompt_progress chunks while the prompt is evaluated
     verbose: bool | None = None  # llama-server's: its native answer as "__verbose" (default: serve -v)
     # llama-server's (and vLLM's) template switches: what ChatTemplate.apply takes
     add_generation_prompt: bool = True
@@ -285,6 +286,7 @@ class NativeCompletionRequest(_Request):
     id_slot: int = -1
     return_tokens: bool = False
     timings_per_token: bool = False
+    return_progress: bool = False
     response_fields: list[str] | None = None
     n_keep: int | None = None
 

@@ -33,7 +33,7 @@ from .protocol import APIError
 
 if TYPE_CHECKING:
     from ..chat import ReasoningFormat
-    from ..engine import Engine, EngineRequest
+    from ..engine import Engine, EngineRequest, PromptProgress
 
 log = logging.getLogger("pyllama.server")
 
@@ -435,6 +435,14 @@ class ServerState:
             out["draft_n"] = spec.n_drafted
             out["draft_n_accepted"] = spec.n_accepted
         return out
+
+    @staticmethod
+    def progress_timings(ev: PromptProgress) -> dict[str, Any]:
+        """llama-server's ``timings`` of a prompt still being evaluated: nothing predicted yet."""
+        n, ms = ev.processed - ev.cache, ev.time_ms
+        return {"cache_n": ev.cache, "prompt_n": n, "prompt_ms": ms, "prompt_per_token_ms": ms / n if n else 0.0,
+                "prompt_per_second": 1e3 / ms * n if ms > 0 else 0.0, "predicted_n": 0, "predicted_ms": 0.0,
+                "predicted_per_token_ms": 0.0, "predicted_per_second": 0.0}
 
     def usage_all(self, ers: EngineRequest | Sequence[EngineRequest]) -> dict[str, Any]:
         """The usage of the requests of one answer (``n`` choices: the prompt once, every choice's tokens)."""

@@ -318,9 +318,15 @@ class Server:
                          daemon=True).start()
 
     def _engine_forward(self, rid: int, er: EngineRequest) -> None:
+        from ..engine.request import PromptProgress
+
         send, token_kind = self.send, p.TOKEN
         try:
             for ev in er:
+                if isinstance(ev, PromptProgress):  # its numbers ride in the top_logprobs slot
+                    send((token_kind, rid, ev.token, "", ev.index, None, (ev.total, ev.cache, ev.processed,
+                                                                          ev.time_ms)))
+                    continue
                 send((token_kind, rid, ev.token, ev.text, ev.index, ev.logprob, ev.top_logprobs))
         except Exception as exc:  # noqa: BLE001 - the request's own failure goes back to its caller
             send((p.ERR, rid, p.encode_error(exc)))

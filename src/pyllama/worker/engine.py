@@ -23,6 +23,7 @@ import numpy.typing as npt
 
 from .._channel import wake
 from ..engine import EngineBusyError, EngineRequest, EngineStats
+from ..engine.request import PROGRESS_TOKEN, PromptProgress
 from ..engine.core import COUNTERS, EnginePrompt, EngineFront, check_embed_request, check_request
 from ..errors import ClosedError
 from ..model import Model
@@ -115,7 +116,8 @@ class IsolatedRequest(EngineRequest):
                 got.token_ids.append(token)
             if text:
                 got.texts.append(text)
-            waiter = self._channel.put(TokenEvent(token, text, index, logprob, top))
+            ev = (PromptProgress.of(*top) if token == PROGRESS_TOKEN else TokenEvent(token, text, index, logprob, top))
+            waiter = self._channel.put(ev)
             if waiter is not None:  # the consumer's loop is parked on this request
                 wake((waiter,))
         elif kind == p.END:
