@@ -17,6 +17,10 @@ runs beside another build on a shared machine.
                                       # (or set PYLLAMA_BUILD_LOCK_HELD=1, e.g. around a --native run)
     python bench/native.py --server   # also llama-server (bench/serve.py --compare), only when asked
 
+``PYLLAMA_NATIVE_BIN=DIR`` names a directory of tools built elsewhere — pyllama's own
+build tree configured with ``-DPYLLAMA_LLAMA_TOOLS=ON`` (tools/gpu_check.sh), where the
+tools link the very libraries the wheel carries — and nothing is built then.
+
 ``llama-server`` is built into the same tree on request only (its own stamp), with
 the web UI off and nothing downloaded (``LLAMA_BUILD_UI=OFF``,
 ``LLAMA_USE_PREBUILT_UI=OFF``); the tools' stamp and flags are unchanged by it.
@@ -216,6 +220,17 @@ def _exe(name: str) -> Path:
     return bin_dir() / (name + (".exe" if os.name == "nt" else ""))
 
 
+def _prebuilt(name: str) -> Path | None:
+    """The tool in ``PYLLAMA_NATIVE_BIN``, when that names a directory (an error if it lacks the tool)."""
+    where = os.environ.get("PYLLAMA_NATIVE_BIN")
+    if not where:
+        return None
+    path = Path(where) / (name + (".exe" if os.name == "nt" else ""))
+    if not path.is_file():
+        raise NativeBuildError(f"PYLLAMA_NATIVE_BIN={where} has no {path.name}")
+    return path
+
+
 def is_current(flags: list[str] | None = None) -> bool:
     flags = cmake_flags() if flags is None else flags
     return (STAMP.is_file() and STAMP.read_text() == _stamp_text(flags)
@@ -327,6 +342,9 @@ def build_server(*, force: bool = False, lock: bool = True, quiet: bool = False,
 
 def server_tool() -> Path:
     """The built ``llama-server`` (never builds: that takes minutes; run ``bench/native.py --server``)."""
+    pre = _prebuilt(SERVER_TOOL)
+    if pre is not None:
+        return pre
     path = _exe(SERVER_TOOL)
     if not path.is_file():
         raise NativeBuildError(f"{path} does not exist; build it with `python bench/native.py --server`")
@@ -340,6 +358,9 @@ def native_tool(name: str, *, build_if_needed: bool = True) -> Path:
     """The path of a native llama.cpp tool (``llama-bench``, ...), building the set if needed."""
     if name not in TOOLS:
         raise ValueError(f"unknown native tool {name!r}; expected one of {TOOLS}")
+    pre = _prebuilt(name)
+    if pre is not None:
+        return pre
     if build_if_needed:
         build(quiet=True)
     path = _exe(name)

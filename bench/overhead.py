@@ -9,6 +9,7 @@ paired differences, with their spread. The loops are those of the micro-benchmar
 the synthetic model, 64 tokens from an empty cache, one thread.
 
     python bench/overhead.py [--rounds 21] [--reps 60] [--threads 1]
+    python bench/overhead.py -m MODEL -ngl all     # another model, offloaded (tools/gpu_check.sh)
 """
 
 from __future__ import annotations
@@ -40,10 +41,13 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=21)
     ap.add_argument("--reps", type=int, default=60)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("-m", "--model", default=None, help="GGUF path (default: the synthetic model, written here)")
+    ap.add_argument("-ngl", "--n-gpu-layers", default="0", help="0 (the default), all, auto or a number")
     args = ap.parse_args()
+    ngl = args.n_gpu_layers if args.n_gpu_layers in ("all", "auto") else int(args.n_gpu_layers)
     with tempfile.TemporaryDirectory() as tmp:
-        path = synth.write_llama_model(Path(tmp) / "llama.gguf")
-        with pyllama.Model(path, n_gpu_layers=0) as model, \
+        path = args.model or synth.write_llama_model(Path(tmp) / "llama.gguf")
+        with pyllama.Model(path, n_gpu_layers=ngl) as model, \
                 model.context(n_ctx=N, n_batch=2048, n_ubatch=512, n_threads=args.threads,
                               n_threads_batch=args.threads, swa_full=False, no_perf=True) as ctx:
             return _run(model, ctx, args.rounds, args.reps)
@@ -97,7 +101,7 @@ def _run(model: pyllama.Model, ctx: pyllama.Context, rounds: int, reps: int) -> 
     loop.close()
     chain.close()
     base = per_token["C sample+decode loop"]
-    print(f"synthetic model, {N} tokens per loop, {rounds} interleaved rounds of {reps} runs each; µs per token")
+    print(f"{Path(model.path).name} (n_gpu_layers={model.n_gpu_layers}), {N} tokens per loop, {rounds} interleaved rounds of {reps} runs each; µs per token")
     for name, values in per_token.items():
         line = f"  {name:22s} {statistics.median(values):7.2f}"
         if values is not base:

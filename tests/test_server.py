@@ -159,7 +159,7 @@ def test_bad_requests_are_4xx_and_server_keeps_serving(server: RemoteServer) -> 
     assert_error(post(chat, json={"messages": []}), 400, message="messages must not be empty")
     assert_error(post(chat, json={"messages": [{"role": "wizard", "content": "x"}]}), 400, message="role")
     assert_error(post(chat, json={"messages": msgs, "max_tokens": -1}), 400, message="max_tokens")
-    assert_error(post(chat, json={"messages": msgs, "max_completion_tokens": 0}), 400, message="max_tokens")
+    assert_error(post(chat, json={"messages": msgs, "max_completion_tokens": 0}), 400, message="max_completion_tokens")
     assert_error(post(chat, json={"messages": msgs, "n": 5}), 400, message="n must be between 1 and 4")
     assert_error(post(chat, json={"messages": msgs, "logit_bias": {"999999": 5}}), 400, code="invalid_logit_bias")
     assert_error(post(chat, json={"messages": msgs, "logit_bias": {"-3": 5}}), 400, code="invalid_logit_bias")

@@ -44,7 +44,12 @@ class InvalidBatchError(DecodeError, ValueError):
 
 
 class ContextOverflowError(LlamaError):
-    """The tokens do not fit in the context window."""
+    """The tokens do not fit in the context window (``n_tokens`` and ``n_ctx`` where the raiser knew them)."""
+
+    def __init__(self, message: str, *, n_tokens: int | None = None, n_ctx: int | None = None) -> None:
+        super().__init__(message)
+        self.n_tokens = n_tokens
+        self.n_ctx = n_ctx
 
 
 class StateError(LlamaError):

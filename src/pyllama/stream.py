@@ -194,7 +194,9 @@ class SequenceStream:
         self._vocab_p = model.vocab._v()
         n_vocab = self._n_vocab = int(model.vocab.n_tokens)
         self._scratch = np.empty(n_vocab, dtype=np.float32) if (self.want_logprobs or ignore_eos) else None
-        self._gen = np.empty(max_tokens if max_tokens is not None and max_tokens > 0 else 256, dtype=np.int32)
+        # grown by doubling past this: a large max_tokens (a server request's) never sizes an allocation
+        self._gen = np.empty(min(max_tokens, 4096) if max_tokens is not None and max_tokens > 0 else 256,
+                             dtype=np.int32)
         self.n_generated = 0
         self.finish_reason: FinishReason | None = None
         self._parts: list[str] = []  # the emitted text, joined on demand (no copy of it per token)

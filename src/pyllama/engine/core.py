@@ -374,7 +374,7 @@ def check_request(vocab: Vocab, prompt: str | bytes | Sequence[int] | npt.NDArra
         raise ValueError("empty prompt: nothing to condition the generation on")
     if tokens.size >= n_ctx_slot:
         raise ContextOverflowError(f"the prompt has {tokens.size} tokens; a slot holds {n_ctx_slot} "
-                                   "(prompt and reply together)")
+                                   "(prompt and reply together)", n_tokens=int(tokens.size), n_ctx=n_ctx_slot)
     if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 0):
         raise ValueError("max_tokens must be an int >= 0 or None")
     return tokens

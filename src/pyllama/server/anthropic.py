@@ -303,7 +303,7 @@ def _stream(server: ServerState, turn: ChatTurn, rid: str) -> AsyncGenerator[byt
 async def messages(server: ServerState, request: Request) -> Response:
     try:
         req = parse_request(MessagesRequest, await request.body())
-        turn = ChatTurn(server, to_chat(req))
+        turn = await ChatTurn.open(server, to_chat(req))
         rid = f"msg_{uuid.uuid4().hex[:24]}"
         if req.stream:
             body = sse_stream(_stream(server, turn, rid), rid,
@@ -320,7 +320,7 @@ async def messages(server: ServerState, request: Request) -> Response:
 async def count_tokens(server: ServerState, request: Request) -> Response:
     try:
         req = parse_request(MessagesRequest, await request.body())
-        return json_response({"input_tokens": prompt_tokens(server, to_chat(req))})
+        return json_response({"input_tokens": await prompt_tokens(server, to_chat(req))})
     except Exception as exc:  # noqa: BLE001 - every error in Anthropic's shape
         return _error(request, exc)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AsyncGenerator, AsyncIterator
 
 from starlette.requests import Request
@@ -21,15 +22,27 @@ from .state import ServerState, finish_reason, interleave
 from ..engine.request import PromptProgress
 
 if TYPE_CHECKING:
-    from ..engine import EngineRequest
+    from ..engine import Engine, EngineRequest
 
-async def chat_completions(server: ServerState, request: Request) -> Response:
-    engine = server.require_engine()
-    req = parse_request(ChatCompletionRequest, await request.body())
+@dataclass
+class _Prepared:
+    req: ChatCompletionRequest
+    plan: ChatPlan
+    limit: int | None
+    sampler: Any
+    top: int
+    n: int
+    settings: dict[str, Any]
+    tokens: Any
+
+
+def _prepare(server: ServerState, engine: Engine, body: bytes) -> _Prepared:
+    """Everything before the engine sees the request (in a worker thread: a large body costs seconds)."""
+    req = parse_request(ChatCompletionRequest, body)
     server.check_model(req.model)
     if not req.messages:
         raise APIError(400, "messages must not be empty", param="messages", code="invalid_messages")
-    limit = params.max_tokens(req.max_completion_tokens, req.max_tokens, default=server.defaults.max_tokens)
+    limit = params.max_tokens(req, "max_completion_tokens", "max_tokens", default=server.defaults.max_tokens)
     if req.json_schema is not None and req.response_format is None:  # llama-server's shortcut
         req.response_format = ResponseFormat(type="json_schema", json_schema=JsonSchemaFormat(schema=req.json_schema))
     plan: ChatPlan = server.prompter.plan(req)
@@ -44,10 +57,18 @@ async def chat_completions(server: ServerState, request: Request) -> Response:
         raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
     n = params.choices(req.n, engine.n_slots)  # n choices: n requests in parallel slots (they batch)
     settings = params.native_settings(req, server.defaults)
-    ers = server.submit_n(engine, plan.prompt, n, settings, max_tokens=limit,
-                          stop=[*req.stops(), *plan.stops], sampler=sampler, logprobs=req.logprobs,
-                          top_logprobs=top, add_special=plan.add_special, parse_special=True,
-                          ignore_eos=req.ignore_eos, progress=req.stream and req.return_progress)
+    tokens = server.prompt_ids(engine, plan.prompt, add_special=plan.add_special, parse_special=True)
+    return _Prepared(req, plan, limit, sampler, top, n, settings, tokens)
+
+
+async def chat_completions(server: ServerState, request: Request) -> Response:
+    engine = server.require_engine()
+    p = await server.off_loop(_prepare, server, engine, await request.body())
+    req, plan, top = p.req, p.plan, p.top
+    ers = server.submit_n(engine, p.tokens, p.n, p.settings, max_tokens=p.limit,
+                          stop=[*req.stops(), *plan.stops], sampler=p.sampler, logprobs=req.logprobs,
+                          top_logprobs=top, ignore_eos=req.ignore_eos, progress=req.stream and req.return_progress)
+    settings = p.settings
     rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     if req.stream:
         usage = req.stream_options is not None and req.stream_options.include_usage

@@ -32,7 +32,7 @@ from .protocol import APIError, ChatCompletionRequest
 from .state import ServerState, finish_reason
 
 if TYPE_CHECKING:
-    from ..engine import EngineRequest
+    from ..engine import Engine, EngineRequest
     from ..stream import TokenEvent
 
 log = logging.getLogger("pyllama.server")
@@ -170,22 +170,34 @@ class ChatTurn:
     """A translated chat request, submitted: consume it with :meth:`reply` or :meth:`deltas` (then
     :attr:`result`). Bad parameters, a prompt too long or a full queue raise :class:`APIError` here."""
 
-    def __init__(self, server: ServerState, req: ChatCompletionRequest) -> None:
-        engine = server.require_engine()
-        server.check_model(req.model)
-        limit = params.max_tokens(req.max_completion_tokens, req.max_tokens, default=server.defaults.max_tokens)
-        plan: ChatPlan = server.prompter.plan(req)
-        sampler = params.sampler_specs(req, server.n_vocab, grammar=plan.grammar, defaults=server.defaults)
+    def __init__(self, server: ServerState, req: ChatCompletionRequest, engine: Engine, plan: ChatPlan,
+                 tokens: Any, limit: int | None, sampler: Any) -> None:
         self.server = server
         self.req = req
         self.plan = plan
         self.user_stops = req.stops()
-        self.er: EngineRequest = server.submit(engine, plan.prompt, max_tokens=limit,
+        self.er: EngineRequest = server.submit(engine, tokens, max_tokens=limit,
                                                stop=[*self.user_stops, *plan.stops], sampler=sampler,
-                                               add_special=plan.add_special, parse_special=True,
                                                progress=req.return_progress)
         self.message = MessageParser(plan)
         self.result = self.message.reply
+
+    @classmethod
+    async def open(cls, server: ServerState, req: ChatCompletionRequest) -> ChatTurn:
+        """Render, tokenize and check the request off the event loop, then submit it."""
+        engine = server.require_engine()
+
+        def prepare() -> tuple[ChatPlan, Any, int | None, Any]:
+            server.check_model(req.model)
+            limit = params.max_tokens(req, "max_completion_tokens", "max_tokens",
+                                      default=server.defaults.max_tokens)
+            plan: ChatPlan = server.prompter.plan(req)
+            sampler = params.sampler_specs(req, server.n_vocab, grammar=plan.grammar, defaults=server.defaults)
+            tokens = server.prompt_ids(engine, plan.prompt, add_special=plan.add_special, parse_special=True)
+            return plan, tokens, limit, sampler
+
+        plan, tokens, limit, sampler = await server.off_loop(prepare)
+        return cls(server, req, engine, plan, tokens, limit, sampler)
 
     def _finish(self) -> list[Delta]:
         """The last deltas and the reply's end."""
@@ -237,15 +249,15 @@ class ChatTurn:
         return self.er.n_prompt, self.er.n_cached, self.er.n_generated
 
 
-def prompt_tokens(server: ServerState, req: ChatCompletionRequest) -> int:
-    """How many tokens the request's rendered prompt is (nothing is generated)."""
+async def prompt_tokens(server: ServerState, req: ChatCompletionRequest) -> int:
+    """How many tokens the request's rendered prompt is (nothing is generated; counted off the event loop)."""
     engine = server.require_engine()
-    server.check_model(req.model)
-    plan = server.prompter.plan(req)
-    try:
-        return int(engine.tokenize(plan.prompt, add_special=plan.add_special, parse_special=True).size)
-    except Exception as exc:  # noqa: BLE001 - a 4xx in the caller's shape
-        raise api_error(exc) from None
+
+    def count() -> int:
+        server.check_model(req.model)
+        plan = server.prompter.plan(req)
+        return int(server.prompt_ids(engine, plan.prompt, add_special=plan.add_special, parse_special=True).size)
+    return await server.off_loop(count)
 
 
 async def sse_stream(frames: AsyncGenerator[bytes, None], rid: str,

@@ -159,6 +159,19 @@ def _gpu_layers(text: str) -> int | str:
     return "auto" if n < 0 else n
 
 
+def _byte_size(text: str) -> int:
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = t[-1] if t and t[-1] in "KMG" else ""
+    try:
+        n = int(float(t[: len(t) - len(unit)]) * units[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size in bytes: {text!r} (e.g. 1048576, 512K, 32M)") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"the size must be positive, not {text!r}")
+    return n
+
+
 def register(subparsers: Any) -> None:
     """Add the ``serve`` subcommand to ``pyllama``'s parser."""
     p: argparse.ArgumentParser = subparsers.add_parser(
@@ -239,6 +252,9 @@ def register(subparsers: Any) -> None:
                    const="backend",
                    help="llama-server's spelling of --sampling backend")
     p.add_argument("--tags", default=None, metavar="TAG[,TAG]", help="tags /models lists for the model")
+    p.add_argument("--max-body-size", type=_byte_size, default=None, metavar="BYTES",
+                   help="largest request body read, e.g. 32M (413 past it; default: a slot's context as JSON, "
+                        "at least 16M)")
     p.add_argument("--metrics", action="store_true",
                    help="serve /metrics (Prometheus; without it: 501, as llama-server)")
     p.add_argument("--props", action="store_true",
@@ -510,7 +526,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                      chat_template=template, defaults=defaults, metrics=args.metrics, cors=cors,
                      reasoning_format=args.reasoning_format, slots=args.slots_endpoint, props=args.props,
                      reasoning=args.reasoning, chat_template_kwargs=kwargs, verbose=args.verbose,
-                     tags=[t.strip() for t in (args.tags or "").split(",") if t.strip()], jinja=args.jinja)
+                     tags=[t.strip() for t in (args.tags or "").split(",") if t.strip()], jinja=args.jinja,
+                     max_body_size=args.max_body_size)
     state = app.state.server
 
     class Server(uvicorn.Server):

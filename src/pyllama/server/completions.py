@@ -17,12 +17,13 @@ from .responses import gone, json_response
 from .state import ServerState, finish_reason, interleave
 
 if TYPE_CHECKING:
-    from ..engine import EngineRequest
+    from ..engine import Engine, EngineRequest
 
 
-async def completions(server: ServerState, request: Request) -> Response:
-    engine = server.require_engine()
-    req = parse_request(CompletionRequest, await request.body())
+def _prepare(server: ServerState, engine: Engine, body: bytes) -> tuple[CompletionRequest, list[Any], list[Any],
+                                                                        int | None, Any, int, dict[str, Any]]:
+    """Everything before the engine sees the request (in a worker thread: a large body costs seconds)."""
+    req = parse_request(CompletionRequest, body)
     server.check_model(req.model)
     prompts = _completion_prompts(server, req.prompt)
     if req.suffix:
@@ -31,21 +32,28 @@ async def completions(server: ServerState, request: Request) -> Response:
         raise APIError(400, "best_of must be 1", param="best_of", code="unsupported")
     if req.echo and req.logprobs is not None:
         raise APIError(400, "echo with logprobs is not supported", param="echo", code="unsupported")
-    limit = params.max_tokens(req.max_tokens, default=server.defaults.max_tokens)
+    limit = params.max_tokens(req, "max_tokens", default=server.defaults.max_tokens)
     schema = req.response_format.schema_or_none() if req.response_format is not None else None
     grammar = schema_grammar(schema) if schema is not None else None
     sampler = params.sampler_specs(req, server.n_vocab, grammar=grammar, defaults=server.defaults)
     n = params.choices(req.n, engine.n_slots)
-    want_lp = req.logprobs is not None
     settings = params.native_settings(req, server.defaults)
+    tokens = [server.prompt_ids(engine, p, add_special=True, parse_special=True) for p in prompts]
+    return req, prompts, tokens, limit, sampler, n, settings
+
+
+async def completions(server: ServerState, request: Request) -> Response:
+    engine = server.require_engine()
+    req, prompts, tokens, limit, sampler, n, settings = await server.off_loop(_prepare, server, engine,
+                                                                              await request.body())
+    want_lp = req.logprobs is not None
     # a list of prompts and n choices: one choice each, prompt by prompt (choice index = prompt * n + k)
     ers: list[EngineRequest] = []
     echoes: list[str] = []
     try:
-        for prompt in prompts:
-            ers += server.submit_n(engine, prompt, n, settings, max_tokens=limit, stop=req.stops(), sampler=sampler,
-                                   logprobs=want_lp, top_logprobs=req.logprobs or 0, add_special=True,
-                                   parse_special=True, ignore_eos=req.ignore_eos)
+        for prompt, ids in zip(prompts, tokens):
+            ers += server.submit_n(engine, ids, n, settings, max_tokens=limit, stop=req.stops(), sampler=sampler,
+                                   logprobs=want_lp, top_logprobs=req.logprobs or 0, ignore_eos=req.ignore_eos)
             echo = (prompt if isinstance(prompt, str) else engine.detokenize(prompt)) if req.echo else ""
             echoes += [echo] * n
     except BaseException:

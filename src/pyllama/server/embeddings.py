@@ -85,7 +85,7 @@ async def _embed(server: ServerState, request: Request, *, oai: bool) -> Respons
     if normalize not in (-1, 2):
         raise APIError(400, "embd_normalize must be 2 (Euclidean) or -1 (none)", param="embd_normalize",
                        code="unsupported")
-    prompts = embedding_prompts(server, engine, given)
+    prompts = await server.off_loop(embedding_prompts, server, engine, given)  # tokenizing: off the event loop
     try:
         vecs = np.asarray(await engine.aembed(prompts, normalize=normalize == 2), dtype=np.float32)
     except Exception as exc:  # noqa: BLE001

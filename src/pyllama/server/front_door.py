@@ -48,6 +48,12 @@ class FrontDoor:
             await send(message)
 
         try:
+            limit = self.server.max_body_size
+            length = _content_length(scope)
+            if length is not None and length > limit:  # refused before a byte of it is read
+                await error_response(_too_large(limit))(scope, receive, send_status)
+                return
+            receive = _bounded(receive, limit)
             keys = self.server.api_keys
             if keys and path not in ("/health", "/v1/health") and not authorized(scope, keys):
                 err = APIError(401, "invalid or missing API key (send Authorization: Bearer <key> or "
@@ -59,6 +65,36 @@ class FrontDoor:
             await self.app(scope, receive, send_status)
         finally:
             self.server.metrics.count_request(endpoint, status)
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(413, f"the request body is larger than this server takes ({limit} bytes; "
+                    "pyllama serve --max-body-size)", code="request_too_large")
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+def _bounded(receive: Receive, limit: int) -> Receive:
+    """``receive`` that raises a 413 once the body (a chunked one has no length up front) passes ``limit``."""
+    seen = 0
+
+    async def bounded() -> Message:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise _too_large(limit)
+        return message
+    return bounded
 
 
 def authorized(scope: Scope, keys: Sequence[str]) -> bool:

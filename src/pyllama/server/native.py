@@ -74,20 +74,25 @@ def mixed_tokens(server: ServerState, engine: Engine, items: Sequence[int | str]
                  parse_special: bool) -> npt.NDArray[np.int32]:
     """Token ids and strings in one sequence (llama-server's tokenize_mixed): only a string in first place
     gets the special tokens (BOS); ids are checked against the vocabulary."""
-    out: list[int] = []
+    parts: list[npt.NDArray[np.int32]] = []
+    ids: list[int] = []  # a run of ids, until the next string
     for i, item in enumerate(items):
         if isinstance(item, str):
+            if ids:
+                parts.append(np.asarray(ids, dtype=np.int32))
+                ids = []
             try:
-                out += engine.tokenize(item, add_special=add_special and i == 0,
-                                       parse_special=parse_special).tolist()
+                parts.append(engine.tokenize(item, add_special=add_special and i == 0, parse_special=parse_special))
             except Exception as exc:  # noqa: BLE001
                 raise api_error(exc) from None
         else:
             if not 0 <= item < server.n_vocab:
                 raise APIError(400, f"prompt token id {item} is outside the vocabulary [0, {server.n_vocab})",
                                param="prompt", code="invalid_token")
-            out.append(item)
-    return np.asarray(out, dtype=np.int32)
+            ids.append(item)
+    if ids:
+        parts.append(np.asarray(ids, dtype=np.int32))
+    return np.concatenate(parts).astype(np.int32, copy=False) if parts else np.empty(0, dtype=np.int32)
 
 
 def _grammar(req: NativeCompletionRequest) -> Sampler | None:
@@ -104,9 +109,10 @@ def _grammar(req: NativeCompletionRequest) -> Sampler | None:
     return None
 
 
-async def completion(server: ServerState, request: Request) -> Response:
-    engine = server.require_engine()
-    req = parse_request(NativeCompletionRequest, await request.body())
+def _prepare(server: ServerState, engine: Engine, body: bytes) -> tuple[NativeCompletionRequest, list[Any], int,
+                                                                        dict[str, Any], Any, int]:
+    """Everything before the engine sees the request (in a worker thread: a large body costs seconds)."""
+    req = parse_request(NativeCompletionRequest, body)
     prompts = native_prompts(server, engine, req.prompt)
     n = params.choices(req.n_cmpl if req.n_cmpl is not None else req.n, engine.n_slots)
     settings = params.native_settings(req, server.defaults)
@@ -123,7 +129,13 @@ async def completion(server: ServerState, request: Request) -> Response:
     if req.ignore_eos:  # as llama-server reports it: each end-of-generation token at -inf (null in JSON)
         settings["logit_bias"] += [{"bias": None, "token": int(t)} for t in engine.model.vocab.eog_tokens()]
     specs = params.native_sampler_specs(settings, bias, grammar=grammar)
-    n_probs = int(settings["n_probs"])
+    return req, prompts, n, settings, specs, int(settings["n_probs"])
+
+
+async def completion(server: ServerState, request: Request) -> Response:
+    engine = server.require_engine()
+    req, prompts, n, settings, specs, n_probs = await server.off_loop(_prepare, server, engine,
+                                                                      await request.body())
     top = min(n_probs, 20)
     limit = int(settings["n_predict"])
     ers: list[EngineRequest] = []

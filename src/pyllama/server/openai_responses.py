@@ -408,7 +408,7 @@ def _stream(server: ServerState, turn: ChatTurn, req: ResponsesRequest, rid: str
 
 async def responses(server: ServerState, request: Request) -> Response:
     req = parse_request(ResponsesRequest, await request.body())
-    turn = ChatTurn(server, to_chat(req))
+    turn = await ChatTurn.open(server, to_chat(req))
     rid, created = _id("resp"), int(time.time())
     if req.stream:
         body = sse_stream(_stream(server, turn, req, rid, created), rid,
@@ -422,7 +422,7 @@ async def responses(server: ServerState, request: Request) -> Response:
 
 async def input_tokens(server: ServerState, request: Request) -> Response:
     req = parse_request(ResponsesRequest, await request.body())
-    return json_response({"object": "response.input_tokens", "input_tokens": prompt_tokens(server, to_chat(req))})
+    return json_response({"object": "response.input_tokens", "input_tokens": await prompt_tokens(server, to_chat(req))})
 
 
 __all__ = ["ResponsesRequest", "input_tokens", "responses", "to_chat"]

@@ -69,15 +69,27 @@ def logit_bias(raw: dict[str, float], n_vocab: int) -> dict[int, float]:
     return out
 
 
-def max_tokens(*values: int | None, default: int | None = None) -> int | None:
-    """The first value that is set, else ``default`` (the server's ``-n``); None: no limit but the context.
-    Must be >= 1."""
-    for v in values:
+# llama.cpp counts tokens to predict in an int32 (common_params_sampling.n_predict, the C step's
+# limit): a larger request is refused by name rather than wrapped or turned into an allocation.
+MAX_PREDICT = 2**31 - 1
+
+
+def _predict_bound(v: int, name: str) -> int:
+    if v > MAX_PREDICT:
+        raise APIError(400, f"{name} must be at most {MAX_PREDICT}, not {v} (generation also stops when the "
+                       "slot's context is full)", param=name, code="invalid_value")
+    return v
+
+
+def max_tokens(req: Any, *names: str, default: int | None = None) -> int | None:
+    """The first of the request's fields ``names`` that is set, else ``default`` (the server's ``-n``);
+    None: no limit but the context. Must be >= 1 and fit llama.cpp's int32; an error names the field."""
+    for name in names or ("max_tokens",):
+        v = getattr(req, name, None)
         if v is not None:
             if v < 1:
-                raise APIError(400, f"max_tokens must be at least 1, not {v}", param="max_tokens",
-                               code="invalid_value")
-            return v
+                raise APIError(400, f"{name} must be at least 1, not {v}", param=name, code="invalid_value")
+            return _predict_bound(v, name)
     return default
 
 
@@ -148,8 +160,8 @@ def native_settings(req: Any, defaults: RequestDefaults) -> dict[str, Any]:
     def get(name: str) -> Any:
         return getattr(req, name, None) if req is not None else None
 
-    n_predict = next((v for v in (get("n_predict"), get("max_completion_tokens"), get("max_tokens"))
-                      if v is not None), None)
+    n_predict = next((_predict_bound(v, name) for name in ("n_predict", "max_completion_tokens", "max_tokens")
+                      if (v := get(name)) is not None), None)
     n_probs = get("n_probs")
     if n_probs is None:  # llama-server's alias; a chat request's logprobs is a switch, its top_logprobs the count
         lp = get("logprobs")

@@ -51,7 +51,7 @@ async def rerank(server: ServerState, request: Request) -> Response:
     if not isinstance(top_n, int) or isinstance(top_n, bool):
         raise APIError(400, '"top_n" must be an integer', param="top_n")
     try:
-        prompts = engine.rerank_prompts(query, documents)
+        prompts = await server.off_loop(engine.rerank_prompts, query, documents)
         scores = await engine.arerank(prompts)
     except APIError:
         raise

@@ -16,8 +16,10 @@ import threading
 import time
 import weakref
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence, Union, cast
+from typing import TYPE_CHECKING, Any, AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence, TypeVar, Union, cast
 
+import anyio
+import anyio.to_thread
 from starlette.applications import Starlette
 from starlette.requests import Request
 
@@ -77,6 +79,11 @@ def finish_reason(er: EngineRequest) -> str:
     return _FINISH.get(er.finish_reason or "stop", "stop")
 
 
+DEFAULT_MAX_BODY_SIZE = 16 << 20
+PREP_THREADS = 4  # requests prepared at once off the event loop (tokenizing holds no GIL; templating does)
+T = TypeVar("T")
+
+
 class ServerState:
     """The state behind one app: the engine (or its loader), metrics and the request handlers."""
 
@@ -85,8 +92,11 @@ class ServerState:
                  defaults: RequestDefaults = RequestDefaults(), metrics: bool = True,
                  reasoning_format: ReasoningFormat = "auto", slots: bool = True, props: bool = False,
                  thinking: bool = True, chat_template_kwargs: Mapping[str, Any] | None = None,
-                 verbose: bool = False, tags: Sequence[str] = (), jinja: bool = True) -> None:
+                 verbose: bool = False, tags: Sequence[str] = (), jinja: bool = True,
+                 max_body_size: int | None = None) -> None:
         self.engine: Engine | None = None
+        self._max_body_size = max_body_size
+        self._prep_limiter: anyio.CapacityLimiter | None = None
         self.loader: Callable[[], Engine] | None = None
         self.chat_template = chat_template
         self.reasoning_format: ReasoningFormat = reasoning_format
@@ -205,6 +215,15 @@ class ServerState:
                 engine = self.engine
                 await asyncio.to_thread(engine.close)
                 await asyncio.to_thread(engine.model.close)
+
+    @property
+    def max_body_size(self) -> int:
+        """The largest request body read (bytes): the configured one, else room for a whole slot's context
+        written as JSON text (64 bytes a token: escapes, token-id arrays) and never under 16 MiB."""
+        if self._max_body_size is not None:
+            return self._max_body_size
+        n_ctx = self.engine.n_ctx_slot if self.engine is not None else 0
+        return max(DEFAULT_MAX_BODY_SIZE, 64 * n_ctx)
 
     def require_engine(self) -> Engine:
         if self.closing:
@@ -366,6 +385,9 @@ class ServerState:
         except Exception as exc:  # noqa: BLE001 - every refusal becomes a 4xx/503 in OpenAI's shape
             err = api_error(exc)
             if isinstance(exc, ContextOverflowError):  # llama-server's fields of this error
+                if exc.n_tokens is not None:  # (counted once: a long prompt is not tokenized again)
+                    err.extra.update(n_prompt_tokens=exc.n_tokens, n_ctx=engine.n_ctx_slot)
+                    raise err from None
                 try:
                     n = (engine.tokenize(prompt, add_special=options.get("add_special", True),
                                          parse_special=options.get("parse_special", True)).size
@@ -374,6 +396,24 @@ class ServerState:
                     n = 0
                 err.extra.update(n_prompt_tokens=int(n), n_ctx=engine.n_ctx_slot)
             raise err from None
+
+    async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in a worker thread: the CPU-heavy part of a request (validating a large body,
+        rendering its chat template, tokenizing, building a grammar) never delays another request's tokens
+        or ``/health`` on the event loop. At most PREP_THREADS at once."""
+        if self._prep_limiter is None:  # (made in the loop: anyio's limiter belongs to one)
+            self._prep_limiter = anyio.CapacityLimiter(PREP_THREADS)
+        return await anyio.to_thread.run_sync(functools.partial(fn, *args), limiter=self._prep_limiter)
+
+    def prompt_ids(self, engine: Engine, prompt: Any, *, add_special: bool,
+                   parse_special: bool) -> Any:
+        """A text prompt's tokens (what submit would compute), for a worker thread; ids pass unchanged."""
+        if isinstance(prompt, (str, bytes)):
+            try:
+                return engine.tokenize(prompt, add_special=add_special, parse_special=parse_special)
+            except Exception as exc:  # noqa: BLE001 - a 4xx in OpenAI's shape
+                raise api_error(exc) from None
+        return prompt
 
     def submit_n(self, engine: Engine, prompt: Any, n: int, settings: dict[str, Any] | None = None,
                  **options: Unpack[SubmitOptions]) -> list[EngineRequest]:

@@ -3,27 +3,36 @@ endpoints, and the prompt of chat messages."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 
+from .chat_turn import prompt_tokens
 from .errors import api_error
 from .native import mixed_tokens
 from .protocol import APIError, ChatCompletionRequest, DetokenizeRequest, TokenizeRequest, parse_request
 from .responses import json_response
 from .state import ServerState
 
+if TYPE_CHECKING:
+    from ..engine import Engine
+
 
 async def tokenize(server: ServerState, request: Request) -> Response:
     engine = server.require_engine()
-    req = parse_request(TokenizeRequest, await request.body())
+    return json_response(await server.off_loop(_tokenize, server, engine, await request.body()))
+
+
+def _tokenize(server: ServerState, engine: Engine, body: bytes) -> dict[str, Any]:
+    """The answer of /tokenize (in a worker thread: a long text costs seconds)."""
+    req = parse_request(TokenizeRequest, body)
     if req.content is None:
-        return json_response({"tokens": []})  # as llama-server
+        return {"tokens": []}  # as llama-server
     items = [req.content] if isinstance(req.content, str) else req.content
     toks = mixed_tokens(server, engine, items, add_special=req.add_special, parse_special=req.parse_special).tolist()
     if not req.with_pieces:
-        return json_response({"tokens": toks})
+        return {"tokens": toks}
     out = []
     for t in toks:
         raw: bytes = server.piece_bytes(t)
@@ -32,7 +41,7 @@ async def tokenize(server: ServerState, request: Request) -> Response:
         except UnicodeDecodeError:
             piece = list(raw)  # llama-server's shape for a piece that is not valid UTF-8 alone
         out.append({"id": t, "piece": piece})
-    return json_response({"tokens": out})
+    return {"tokens": out}
 
 
 async def detokenize(server: ServerState, request: Request) -> Response:
@@ -49,22 +58,19 @@ async def apply_template(server: ServerState, request: Request) -> Response:
     """``POST /apply-template``: the prompt a chat request's messages make (the server's chat renderer), not
     generated from."""
     server.require_engine()
-    req = parse_request(ChatCompletionRequest, await request.body())
-    if not req.messages:
-        raise APIError(400, "messages must not be empty", param="messages", code="invalid_messages")
-    plan = server.prompter.plan(req)
-    return json_response({"prompt": plan.prompt})
+
+    def render(body: bytes) -> str:
+        req = parse_request(ChatCompletionRequest, body)
+        if not req.messages:
+            raise APIError(400, "messages must not be empty", param="messages", code="invalid_messages")
+        return server.prompter.plan(req).prompt
+    return json_response({"prompt": await server.off_loop(render, await request.body())})
 
 
 async def chat_input_tokens(server: ServerState, request: Request) -> Response:
     """``POST /v1/chat/completions/input_tokens``: how many tokens a chat request's prompt holds (llama-server's)."""
-    engine = server.require_engine()
+    server.require_engine()
     req = parse_request(ChatCompletionRequest, await request.body())
     if not req.messages:
         raise APIError(400, "messages must not be empty", param="messages", code="invalid_messages")
-    plan = server.prompter.plan(req)
-    try:
-        n = int(engine.tokenize(plan.prompt, add_special=plan.add_special, parse_special=True).size)
-    except Exception as exc:  # noqa: BLE001
-        raise api_error(exc) from None
-    return json_response({"input_tokens": n, "object": "response.input_tokens"})
+    return json_response({"input_tokens": await prompt_tokens(server, req), "object": "response.input_tokens"})
