@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import threading
 import time
 import weakref
 from collections import deque
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Sequence, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -95,6 +96,7 @@ class _Core:
         self.closing = False
         self.drain = False
         self.closed = False
+        self.held = 0  # groups being submitted (Engine.together): admission waits for the whole group
         self.embed_ctx: Context | None = None
         self.c = dict.fromkeys(COUNTERS, 0)
         self.waiters: list[Waiter | None] = []
@@ -177,7 +179,8 @@ class _Core:
     def _run(self) -> None:
         while True:
             with self.lock:
-                while not (self.queue or self.active or self.cancels or self.tasks or self.closing):
+                while not ((self.queue and not self.held) or self.active or self.cancels or self.tasks
+                           or self.closing):
                     self.cv.wait()
                 cancels, self.cancels = self.cancels, []
                 tasks = list(self.tasks)
@@ -242,7 +245,7 @@ class _Core:
         decoder = self.decoder
         while free:
             with self.lock:
-                if not self.queue:
+                if not self.queue or self.held:
                     return
                 req = self.queue.popleft()
             slot, _ = choose_slot(free, req.prompt_tokens, self.similarity, decoder.held)
@@ -418,6 +421,13 @@ class EngineFront:
                **options: Unpack[SubmitOptions]) -> EngineRequest:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    @contextlib.contextmanager
+    def together(self) -> Iterator[None]:
+        """Requests submitted inside are admitted in the same step (n choices, a list of prompts): their
+        prompts are prefilled in one batch, so identical requests compute identically, as in llama-server.
+        (Here: nothing to hold; :class:`Engine` holds its admission.)"""
+        yield
+
     async def aembed(self, texts: Sequence[EmbedInput], *,
                      normalize: bool = True) -> npt.NDArray[np.float32]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -519,6 +529,21 @@ class Engine(EngineFront):
         self._finalizer = weakref.finalize(self, self._core.shutdown)
 
     # --- requests -------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def together(self) -> Iterator[None]:
+        """Requests submitted inside are admitted in the same step: their prompts are prefilled in one
+        batch (a request admitted a step earlier would be computed in other batches, so identical greedy
+        requests could drift apart in their last bits, and then in their text)."""
+        core = self._core
+        with core.lock:
+            core.held += 1
+        try:
+            yield
+        finally:
+            with core.lock:
+                core.held -= 1
+                core.cv.notify()
+
     def submit(self, prompt: EnginePrompt, **options: Unpack[SubmitOptions]) -> EngineRequest:
         """Queue a generation; iterate the returned request for its token events.
 

@@ -51,11 +51,13 @@ async def completions(server: ServerState, request: Request) -> Response:
     ers: list[EngineRequest] = []
     echoes: list[str] = []
     try:
-        for prompt, ids in zip(prompts, tokens):
-            ers += server.submit_n(engine, ids, n, settings, max_tokens=limit, stop=req.stops(), sampler=sampler,
-                                   logprobs=want_lp, top_logprobs=req.logprobs or 0, ignore_eos=req.ignore_eos)
-            echo = (prompt if isinstance(prompt, str) else engine.detokenize(prompt)) if req.echo else ""
-            echoes += [echo] * n
+        with engine.together():  # a list of prompts is prefilled in one batch, as in llama-server
+            for prompt, ids in zip(prompts, tokens):
+                ers += server.submit_n(engine, ids, n, settings, max_tokens=limit, stop=req.stops(),
+                                       sampler=sampler, logprobs=want_lp, top_logprobs=req.logprobs or 0,
+                                       ignore_eos=req.ignore_eos)
+                echo = (prompt if isinstance(prompt, str) else engine.detokenize(prompt)) if req.echo else ""
+                echoes += [echo] * n
     except BaseException:
         for er in ers:
             er.cancel()

@@ -140,11 +140,12 @@ async def completion(server: ServerState, request: Request) -> Response:
     limit = int(settings["n_predict"])
     ers: list[EngineRequest] = []
     try:
-        for tokens in prompts:
-            ers += server.submit_n(engine, tokens, n, settings, max_tokens=None if limit < 0 else limit,
-                                   stop=settings["stop"], sampler=specs, logprobs=top > 0, top_logprobs=top,
-                                   ignore_eos=req.ignore_eos, add_special=False, parse_special=False,
-                                   progress=req.stream and req.return_progress)
+        with engine.together():  # a list of prompts is prefilled in one batch, as in llama-server
+            for tokens in prompts:
+                ers += server.submit_n(engine, tokens, n, settings, max_tokens=None if limit < 0 else limit,
+                                       stop=settings["stop"], sampler=specs, logprobs=top > 0, top_logprobs=top,
+                                       ignore_eos=req.ignore_eos, add_special=False, parse_special=False,
+                                       progress=req.stream and req.return_progress)
     except BaseException:
         for er in ers:
             er.cancel()

@@ -422,8 +422,9 @@ class ServerState:
         kept for ``GET /slots``."""
         ers: list[EngineRequest] = []
         try:
-            for _ in range(n):
-                ers.append(self.submit(engine, prompt, **options))
+            with engine.together():
+                for _ in range(n):
+                    ers.append(self.submit(engine, prompt, **options))
         except BaseException:
             for er in ers:
                 er.cancel()
