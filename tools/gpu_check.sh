@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck disable=SC2329  # the phases are functions that run_phase calls by name
 # pyllama's own CUDA build on a bare NVIDIA machine, in ONE call of at most ten
 # minutes: build, GPU tests, benchmarks against llama.cpp's tools from the same
 # CMake tree, serving against llama-server. Everything lands in $OUT.
@@ -71,7 +72,7 @@ run_phase() {
   # timeout signals its whole process group (compilers, servers); a shell function runs in a child bash
   local out=$work/out-$name.txt
   if declare -F "$1" >/dev/null; then
-    export -f "$1"
+    export -f "${1?}"
     timeout --kill-after=5 "$lim" bash -c "$*" 2>&1 | tee "$out" >> "$logf"
   else
     timeout --kill-after=5 "$lim" "$@" 2>&1 | tee "$out" >> "$logf"
@@ -90,7 +91,7 @@ report() {
   set +e
   printf '[%s]\n' "$(IFS=,; echo "${phases[*]}")" > "$OUT/phases.json"
   {
-    echo "# pyllama on $(jq_name) — tools/gpu_check.sh$([ $cpu = 1 ] && echo ' --cpu (rehearsal)')"
+    echo "# pyllama on $(jq_name) — tools/gpu_check.sh$([ "$cpu" = 1 ] && echo ' --cpu (rehearsal)')"
     echo
     echo "Total $(( $(date +%s) - t0 )) s of a ${budget} s budget."
     echo
@@ -118,14 +119,15 @@ vpy=python3
 trap report EXIT
 
 # --- the machine ------------------------------------------------------------------
-if [ $cpu = 0 ]; then
+if [ "$cpu" = 0 ]; then
   command -v nvidia-smi >/dev/null || { log "no nvidia-smi: not an NVIDIA machine (use --cpu to rehearse)"; exit 1; }
   IFS=, read -r gname gdriver gmem gcap < <(nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap \
     --format=csv,noheader | head -n1)
   arch=${PYLLAMA_CUDA_ARCH:-$(echo "$gcap" | tr -d ' .')}
+  trim() { local v=$1; v=${v#"${v%%[![:space:]]*}"}; printf '%s' "${v%"${v##*[![:space:]]}"}"; }
   nvcc_ver=$(nvcc --version 2>/dev/null | sed -n 's/.*release \([0-9.]*\).*/\1/p')
   printf '{"name": "%s", "driver": "%s", "memory": "%s", "compute_cap": "%s", "arch": "%s", "nvcc": "%s", "cores": %s}\n' \
-    "$(echo $gname)" "$(echo $gdriver)" "$(echo $gmem)" "$(echo $gcap)" "$arch" "$nvcc_ver" "$(nproc)" > "$OUT/machine.json"
+    "$(trim "$gname")" "$(trim "$gdriver")" "$(trim "$gmem")" "$(trim "$gcap")" "$arch" "$nvcc_ver" "$(nproc)" > "$OUT/machine.json"
   backend=cuda
 else
   printf '{"name": "CPU rehearsal (%s)", "cores": %s}\n' "$(uname -n)" "$(nproc)" > "$OUT/machine.json"
@@ -162,13 +164,13 @@ bdir=$root/build/gpu-$backend
 build() {
   set -e
   local defs=(-C "build-dir=$bdir" -C "cmake.define.PYLLAMA_BACKEND=$backend" -C cmake.define.PYLLAMA_LLAMA_TOOLS=ON)
-  [ $cpu = 0 ] && defs+=(-C "cmake.define.CMAKE_CUDA_ARCHITECTURES=$arch")
+  [ "$cpu" = 0 ] && defs+=(-C "cmake.define.CMAKE_CUDA_ARCHITECTURES=$arch")
   CMAKE_BUILD_PARALLEL_LEVEL=$jobs "$vpy" -m pip install --no-index --no-deps --no-build-isolation "${defs[@]}" .
   find "$bdir" -maxdepth 3 \( -name 'llama-*' -o -name '*.so' \) -type f | sort
 }
 s=$(date +%s)
 run_phase build 330 build || exit 1
-echo "- build: $(( $(date +%s) - s )) s on $jobs cores ($backend$([ $cpu = 0 ] && echo ", sm_$arch"))" > "$work/report-build.md"
+echo "- build: $(( $(date +%s) - s )) s on $jobs cores ($backend$([ "$cpu" = 0 ] && echo ", sm_$arch"))" > "$work/report-build.md"
 export PYLLAMA_NATIVE_BIN=$bdir/bin PYLLAMA_NATIVE_BENCH=$bdir/bin/llama-bench  # llama.cpp writes its programs and libraries to bin/
 
 # --- models -----------------------------------------------------------------------------
@@ -176,15 +178,16 @@ models=$work/models
 mkdir -p "$models"
 write_models() {
   set -e
-  if [ $cpu = 0 ]; then
-    small=(--n-layer 18 --n-embd 640 --n-head 4 --n-head-kv 1 --n-ff 2048 --n-vocab 262144 --n-ctx-train 8192)
-    large=(--n-layer 22 --n-embd 2048 --n-head 32 --n-head-kv 4 --n-ff 5632 --n-vocab 32000 --n-ctx-train 8192)
+  local small_shape large_shape
+  if [ "$cpu" = 0 ]; then
+    small_shape=(--n-layer 18 --n-embd 640 --n-head 4 --n-head-kv 1 --n-ff 2048 --n-vocab 262144 --n-ctx-train 8192)
+    large_shape=(--n-layer 22 --n-embd 2048 --n-head 32 --n-head-kv 4 --n-ff 5632 --n-vocab 32000 --n-ctx-train 8192)
   else
-    small=(--n-layer 4 --n-embd 256 --n-head 4 --n-head-kv 1 --n-ff 512 --n-vocab 32768 --n-ctx-train 4096)
-    large=(--n-layer 4 --n-embd 512 --n-head 8 --n-head-kv 2 --n-ff 1408 --n-vocab 32000 --n-ctx-train 4096)
+    small_shape=(--n-layer 4 --n-embd 256 --n-head 4 --n-head-kv 1 --n-ff 512 --n-vocab 32768 --n-ctx-train 4096)
+    large_shape=(--n-layer 4 --n-embd 512 --n-head 8 --n-head-kv 2 --n-ff 1408 --n-vocab 32000 --n-ctx-train 4096)
   fi
-  "$vpy" tests/synth.py "$models/small-f16.gguf" "${small[@]}" --dtype f16
-  "$vpy" tests/synth.py "$models/large-f16.gguf" "${large[@]}" --dtype f16
+  "$vpy" tests/synth.py "$models/small-f16.gguf" "${small_shape[@]}" --dtype f16
+  "$vpy" tests/synth.py "$models/large-f16.gguf" "${large_shape[@]}" --dtype f16
   for m in small large; do
     "$PYLLAMA_NATIVE_BIN/llama-quantize" "$models/$m-f16.gguf" "$models/$m.gguf" Q4_0 "$jobs" > /dev/null
     rm -f "$models/$m-f16.gguf"
@@ -198,7 +201,7 @@ large=$models/large.gguf
 # --- tests --------------------------------------------------------------------------------
 tests() {
   local env=()
-  [ $cpu = 1 ] && env=(PYLLAMA_GPU_TESTS_ON_CPU=1)
+  [ "$cpu" = 1 ] && env=(PYLLAMA_GPU_TESTS_ON_CPU=1)
   env "${env[@]}" "$vpy" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_binding.py \
     --junitxml="$OUT/tests.xml" -o addopts="" -x
 }
@@ -211,7 +214,7 @@ print(f"- tests: {s.get('tests')} run, {s.get('failures')} failed, {s.get('error
 EOF
 
 # --- bench: llama-bench's matrix through pyllama and llama-bench, interleaved -----------
-if [ $cpu = 0 ]; then reps=3; pp=512; tg=128; else reps=1; pp=64; tg=16; fi
+if [ "$cpu" = 0 ]; then reps=3; pp=512; tg=128; else reps=1; pp=64; tg=16; fi
 bench_native() {
   "$vpy" -m pyllama bench --native -m "$small" -m "$large" -p "$pp" -n "$tg" -fa 0,1 -ngl 99 -r "$reps" \
     -o jsonl -oe md > "$OUT/bench.jsonl"  # llama-bench's table (its CUDA scoreboard's columns) on stderr
@@ -222,11 +225,11 @@ bench_sampling() {
 }
 run_phase bench-sampling 45 bench_sampling
 # --- serving ----------------------------------------------------------------------------------
-if [ $cpu = 0 ]; then levels=1,8,32; slots=32; sn=128; else levels=1,2; slots=2; sn=16; fi
+if [ "$cpu" = 0 ]; then levels=1,8,32; slots=32; sn=128; else levels=1,2; slots=2; sn=16; fi
 run_phase serve 120 "$vpy" bench/serve.py --compare "$small" -c "$levels" --slots "$slots" -n "$sn" --rounds 2 \
   --threads 4 -o "$OUT/serve.json"
 
-if [ $cpu = 0 ]; then pairs=5; n=256; rounds=9; reps2=20; else pairs=1; n=16; rounds=3; reps2=3; fi
+if [ "$cpu" = 0 ]; then pairs=5; n=256; rounds=9; reps2=20; else pairs=1; n=16; rounds=3; reps2=3; fi
 run_phase greedy 40 "$vpy" bench/greedy.py -m "$small" -n "$n" --pairs "$pairs" -t 4
 run_phase overhead 40 "$vpy" bench/overhead.py -m "$small" -ngl all --rounds "$rounds" --reps "$reps2" --threads 4
 run_phase backend-sampling 40 "$vpy" bench/backend_sampling.py -m "$small" -n "$n" --rounds 3 -t 4
