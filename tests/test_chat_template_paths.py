@@ -60,6 +60,7 @@ def test_the_vendored_templates_are_there() -> None:
     assert len(TEMPLATES) >= 40, "vendor/llama.cpp is not materialised (python tools/vendor.py)"
 
 
+@pytest.mark.may_skip  # a vendored template may render none of the conversations
 @pytest.mark.parametrize("path", TEMPLATES, ids=[p.stem for p in TEMPLATES])
 def test_library_and_server_prompts_are_identical(model: pyllama.Model, path: Path) -> None:
     template = path.read_text(encoding="utf-8")

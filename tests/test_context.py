@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import pyllama
 from pyllama._ffi import ffi, lib
+from bounded import join_all
 
 
 
@@ -101,7 +101,7 @@ def test_abort_from_another_thread_leaves_context_usable(model: pyllama.Model) -
         while not done.is_set():
             ctx.abort()
             done.wait(0.001)
-        t.join()
+        join_all([t])
         assert errors and isinstance(errors[0], pyllama.DecodeAbortedError)
         assert ctx.kv.pos_range(0) is None  # partial work removed
         assert pyllama.generate_text(ctx, "Hello", max_tokens=3)

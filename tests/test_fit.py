@@ -72,6 +72,7 @@ def test_fit_of_an_unreadable_file_is_an_error(tmp_path: Path) -> None:
     assert result.status == "error"
 
 
+@pytest.mark.may_skip  # the accelerator machines run tests/test_vulkan.py and tests/test_gpu.py
 def test_auto_without_accelerator_stays_on_cpu(synth_model_path: Path) -> None:
     if pyllama.fit.has_accelerator():
         pytest.skip("this machine has an accelerator; tests/test_vulkan.py covers the device side")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import pyllama
+from bounded import join_all
 
 
 
@@ -221,8 +222,7 @@ def test_two_threads_two_contexts_match_sequential(model: pyllama.Model) -> None
     threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, run(prompts[i]))) for i in range(2)]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join()
+    join_all(threads)
     assert [results[0], results[1]] == sequential
 
 
@@ -243,8 +243,7 @@ def test_one_context_from_two_threads_is_serialized(model: pyllama.Model) -> Non
         ts = [threading.Thread(target=hammer, args=(i,)) for i in range(2)]
         for t in ts:
             t.start()
-        for t in ts:
-            t.join()
+        join_all(ts)
         # Each call is serialized by the context's lock. The threads' clear/decode
         # pairs still interleave, so a decode may find its positions taken: that
         # must surface as a clear pyllama error, never a crash.
@@ -286,3 +285,42 @@ def test_c_baseline_loop_matches_generate(model: pyllama.Model) -> None:
         with pyllama.SamplerChain([pyllama.Greedy()], model) as chain:
             n = lib.pyllama_c_generate_loop(ctx._p(), chain._p(), prompt.size, 20, ffi.from_buffer("llama_token[]", out))
     assert n == 20 and out.tolist() == py
+
+
+def _log_softmax_steps(model: pyllama.Model, prompt: str, tokens: list[int]) -> list[np.ndarray]:
+    """The reference: each step's log-softmax over the raw logits, in float64 with numpy, the tokens fed back."""
+    prompt_ids = [int(t) for t in model.tokenize(prompt)]
+    steps = []
+    with model.context(n_ctx=256, n_threads=1) as ctx:
+        for i in range(len(tokens)):
+            ctx.evaluate(prompt_ids + tokens[:i])
+            x = ctx.logits().astype(np.float64)
+            m = x.max()
+            steps.append(x - m - np.log(np.exp(x - m).sum()))
+    return steps
+
+
+@pytest.mark.parametrize("how", ["greedy", "sampled", "engine"])
+def test_logprobs_equal_a_numpy_log_softmax_of_the_logits(model: pyllama.Model, how: str) -> None:
+    """An independent reference for logprobs and top_logprobs: numpy's log-softmax of the step's logits,
+    for the chosen token whether or not the sampler picked the most likely one, on every path."""
+    prompt, n, k = "Hello world", 12, 4
+    sampler = [pyllama.TopK(40), pyllama.Temp(1.5), pyllama.Dist(seed=11)] if how == "sampled" else None
+    if how == "engine":
+        with pyllama.Engine(model, n_slots=2, n_ctx=256, n_threads=1) as engine:
+            events = [ev for ev in engine.submit(prompt, max_tokens=n, ignore_eos=True, logprobs=True, top_logprobs=k)
+                      if ev.token >= 0]
+    else:
+        with model.context(n_ctx=256, n_threads=1) as ctx:
+            with pyllama.generate(ctx, prompt, max_tokens=n, ignore_eos=True, logprobs=True, top_logprobs=k,
+                                  sampler=sampler) as gen:
+                events = [ev for ev in gen if ev.token >= 0]
+    tokens = [ev.token for ev in events]
+    assert len(tokens) == n
+    if how == "sampled":
+        assert any(ev.token != ev.top_logprobs[0][0] for ev in events), "the sampler never left the top token"
+    for ev, ref in zip(events, _log_softmax_steps(model, prompt, tokens)):
+        assert ev.logprob == pytest.approx(ref[ev.token], abs=1e-4)
+        best = np.argsort(-ref, kind="stable")[:k]
+        assert [t for t, _ in ev.top_logprobs] == best.tolist()
+        assert [lp for _, lp in ev.top_logprobs] == pytest.approx(ref[best].tolist(), abs=1e-4)

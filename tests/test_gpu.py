@@ -27,7 +27,7 @@ import pytest
 
 import pyllama
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.may_skip]
 
 PROMPTS = ["The quick brown fox", "Once upon a time", "In the beginning the", "A cat and a dog"]
 N_PREDICT = 32

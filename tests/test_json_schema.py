@@ -34,9 +34,20 @@ def test_dict_and_text_give_the_same_grammar() -> None:
     assert "root ::=" in grammar and '\\"age\\"' in grammar
 
 
-def test_grammar_builds_a_sampler(model: pyllama.Model) -> None:
-    chain = pyllama.SamplerChain([pyllama.Grammar(pyllama.json_schema_to_grammar(PERSON)), pyllama.Greedy()], model)
-    chain.close()
+@pytest.mark.parametrize("seed", [None, 1, 2])
+def test_grammar_makes_a_random_model_write_valid_json(model: pyllama.Model, seed: int | None) -> None:
+    """The synthetic model writes noise; under the schema's grammar, greedy or sampled, its output parses and
+    validates against the schema (and without the grammar it does not parse)."""
+    import jsonschema
+
+    pick = pyllama.Greedy() if seed is None else pyllama.Dist(seed)
+    with model.context(n_ctx=512, n_threads=1) as ctx:
+        text = pyllama.generate_text(ctx, "Hello", max_tokens=300,
+                                     sampler=[pyllama.Grammar(pyllama.json_schema_to_grammar(PERSON)), pick])
+        free = pyllama.generate_text(ctx, "Hello", max_tokens=40, sampler=[pick])
+    jsonschema.validate(json.loads(text), PERSON)
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(free)
 
 
 @pytest.mark.starter

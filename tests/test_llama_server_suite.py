@@ -13,30 +13,22 @@ Select or leave out with `-m llama_server_suite` / `-m "not llama_server_suite"`
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-pytestmark = [pytest.mark.llama_server_suite, pytest.mark.starter, pytest.mark.slow]
+import bench_scripts
+
+pytestmark = [pytest.mark.llama_server_suite, pytest.mark.starter, pytest.mark.slow,
+              pytest.mark.timeout(1800)]  # the first test runs the whole suite (total_timeout=900 s)
 
 ROOT = Path(__file__).resolve().parent.parent
 RECORD = json.loads((Path(__file__).parent / "llama_server_suite.json").read_text())
 
 
-def _suite_module() -> Any:
-    spec = importlib.util.spec_from_file_location("pyllama_bench_server_suite", ROOT / "bench" / "server_suite.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-suite = _suite_module()
+suite = bench_scripts.load("server_suite")
 
 
 def _ids_of(ids: list[str], file: str) -> list[str]:

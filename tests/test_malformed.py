@@ -33,6 +33,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 import mutants  # noqa: E402
 import synth  # noqa: E402
+from bounded import join_all
 
 # ggml prints a gdb backtrace on abort (seconds each); a finding needs only the exit status.
 CHILD_ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "GGML_NO_BACKTRACE": "1"}
@@ -153,8 +154,7 @@ def run_corpus(paths: list[Path], *, timeout: float = PER_FILE_TIMEOUT_S, jobs: 
     threads = [threading.Thread(target=_run_batch, args=(s, result, timeout)) for s in shards if s]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join()
+    join_all(threads)
     return result
 
 

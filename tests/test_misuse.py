@@ -20,6 +20,7 @@ import pytest
 
 import pyllama
 from pyllama.context_params import MAX_THREADS
+from bounded import join_all
 
 PROMPT = "Hello world, the people of the world"
 
@@ -296,8 +297,7 @@ def test_concurrent_generations_on_one_context_raise_busy_or_match_serial(model:
         threads = [threading.Thread(target=worker) for _ in range(4)]
         for t in threads:
             t.start()
-        for t in threads:
-            t.join()
+        join_all(threads)
         for r in results:
             if isinstance(r, Exception):
                 assert isinstance(r, pyllama.BusyError) and "one generation at a time" in str(r), repr(r)
@@ -331,8 +331,7 @@ def test_threads_with_their_own_contexts_match_the_serial_run(synth_model_path: 
         threads = [threading.Thread(target=worker, args=(k,)) for k in range(len(prompts))]
         for t in threads:
             t.start()
-        for t in threads:
-            t.join()
+        join_all(threads)
         assert not errors
         for k in range(len(prompts)):
             assert got[k] == [serial[k]] * 5

@@ -15,6 +15,7 @@ from pyllama.options import GENERATE_KEYS, SAMPLING_KEYS, SUBMIT_KEYS, chain_spe
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.timeout(900)  # mypy --strict over the package, cold
 def test_mypy_rejects_a_misspelled_option(tmp_path: Path) -> None:
     user = tmp_path / "user_code.py"
     user.write_text(textwrap.dedent("""

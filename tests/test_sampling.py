@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -76,26 +76,90 @@ def test_chain_must_end_with_a_selector(model: pyllama.Model) -> None:
         pyllama.SamplerChain([pyllama.Grammar('root ::= "a"'), pyllama.Greedy()])
 
 
-ALL_SPECS = [
-    [S.TopK(20), S.TopP(0.9), S.MinP(0.05), S.Typical(0.95), S.Temp(0.7), S.Dist(3)],
-    [S.TempExt(0.8, 0.2, 1.0), S.XTC(0.5, 0.1, 1, 4), S.TopNSigma(1.5), S.Dist(4)],
-    [S.Mirostat(seed=5)],
-    [S.MirostatV2(seed=6)],
-    [S.Penalties(32, 1.3, 0.1, 0.1), S.DRY(), S.Dist(7)],
-    [S.LogitBias({300: 5.0}), S.Greedy()],
-    [S.AdaptiveP(0.5, 0.9, 8)],
-    [S.Grammar('root ::= (" the" | " cat")+'), S.Greedy()],
+def _top_k(k: int) -> Rule:
+    return lambda logits, tok, seen: bool(logits[tok] >= np.sort(logits)[-k])
+
+
+def _top_n_sigma(n: float) -> Rule:
+    # llama.cpp keeps the logits within n standard deviations of the largest
+    return lambda logits, tok, seen: bool(logits[tok] >= logits.max() - n * logits.std() - 1e-5)
+
+
+def _min_p(p: float) -> Rule:
+    return lambda logits, tok, seen: bool(logits[tok] >= logits.max() + np.log(p) - 1e-5)
+
+
+def _greedy_with(bias: dict[int, float] | None = None, forbid_seen: bool = False) -> Rule:
+    def rule(logits: np.ndarray, tok: int, seen: list[int]) -> bool:
+        want = logits.astype(np.float64)
+        for t, b in (bias or {}).items():
+            want[t] += b
+        if forbid_seen and seen:
+            want[seen] = -np.inf
+        return tok == int(np.argmax(want))
+    return rule
+
+
+def _anything(logits: np.ndarray, tok: int, seen: list[int]) -> bool:
+    return True  # no independent rule: checked for reproducibility only
+
+
+Rule = Callable[[np.ndarray, int, list[int]], bool]
+
+# Each chain with the rule its choice must obey at every step, computed from the step's logits with numpy.
+ALL_SPECS: list[tuple[list[S.Sampler], Rule]] = [
+    ([S.TopK(20), S.TopP(0.9), S.MinP(0.05), S.Typical(0.95), S.Temp(0.7), S.Dist(3)], _top_k(20)),
+    ([S.TopNSigma(1.5), S.Dist(4)], _top_n_sigma(1.5)),
+    ([S.MinP(0.05), S.Dist(5)], _min_p(0.05)),
+    ([S.TempExt(0.8, 0.2, 1.0), S.XTC(0.5, 0.1, 1, 4), S.TopNSigma(1.5), S.Dist(4)], _anything),
+    ([S.Mirostat(seed=5)], _anything),
+    ([S.MirostatV2(seed=6)], _anything),
+    ([S.Penalties(64, 1.0, 0.0, 1000.0), S.Greedy()], _greedy_with(forbid_seen=True)),
+    ([S.Penalties(32, 1.3, 0.1, 0.1), S.DRY(), S.Dist(7)], _anything),
+    ([S.LogitBias({300: 5.0}), S.Greedy()], _greedy_with({300: 5.0})),
+    ([S.LogitBias({300: 50.0}), S.Greedy()], _greedy_with({300: 50.0})),
+    ([S.AdaptiveP(0.5, 0.9, 8)], _anything),
+    ([S.Grammar('root ::= (" the" | " cat")+'), S.Greedy()], _anything),  # tests/test_grammar* check the text
 ]
 
 
-@pytest.mark.parametrize("specs", ALL_SPECS, ids=lambda s: "+".join(type(x).__name__ for x in s))
-def test_every_builtin_sampler_runs(model: pyllama.Model, specs: list[S.Sampler]) -> None:
-    with model.context(n_ctx=256) as ctx:
-        chain = pyllama.SamplerChain(specs, model)
+def _sample_steps(model: pyllama.Model, specs: list[S.Sampler], n: int = 6) -> tuple[list[int], list[np.ndarray]]:
+    """n tokens sampled by a fresh chain, one decode at a time, with a copy of the logits each choice saw."""
+    toks: list[int] = []
+    seen_logits: list[np.ndarray] = []
+    prompt = [int(t) for t in model.tokenize("Hello world the")]
+    with model.context(n_ctx=256, n_threads=1) as ctx, pyllama.SamplerChain(specs, model) as chain:
         assert len(chain) == len(specs)
-        toks = _tokens(ctx, chain, n=6)
-        chain.close()
+        for _ in range(n):
+            ctx.evaluate(prompt + toks)
+            seen_logits.append(np.array(ctx.logits(), dtype=np.float32))
+            toks.append(chain.sample(ctx))
+    return toks, seen_logits
+
+
+@pytest.mark.parametrize("specs,rule", ALL_SPECS, ids=lambda s: "+".join(type(x).__name__ for x in s)
+                         if isinstance(s, list) else "")
+def test_every_builtin_sampler_obeys_its_rule(model: pyllama.Model, specs: list[S.Sampler], rule: Rule) -> None:
+    """Every built-in sampler runs in a chain, each choice obeys the chain's rule recomputed from that step's
+    logits with numpy (top-k, top-n-sigma, min-p, a logit bias, a presence penalty), and a fresh chain with
+    the same seeds chooses the same tokens."""
+    toks, logits = _sample_steps(model, specs)
     assert len(toks) == 6 and all(0 <= t < model.vocab.n_tokens for t in toks)
+    for i, (tok, lg) in enumerate(zip(toks, logits)):
+        assert rule(lg, tok, toks[:i]), f"step {i}: token {tok} breaks the rule of {specs}"
+    assert _sample_steps(model, specs)[0] == toks
+
+
+def test_the_rules_above_can_fail(model: pyllama.Model) -> None:
+    """The rules are not vacuous: plain greedy breaks the bias rule whose bias changes the choice, and a
+    wide random choice breaks top-k."""
+    toks, logits = _sample_steps(model, [S.Greedy()], n=1)
+    assert not _greedy_with({toks[0]: -100.0})(logits[0], toks[0], [])
+    worst = int(np.argmin(logits[0]))
+    assert not _top_k(20)(logits[0], worst, [])
+    assert not _top_n_sigma(1.5)(logits[0], worst, [])
+    assert not _min_p(0.05)(logits[0], worst, [])
+    assert not _greedy_with(forbid_seen=True)(logits[0], toks[0], [toks[0]])
 
 
 def test_grammar_constrains_output(model: pyllama.Model) -> None:

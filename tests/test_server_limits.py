@@ -20,6 +20,7 @@ from server_fixture import RemoteServer  # noqa: E402
 
 from pyllama.server.cli import _byte_size
 from pyllama.server.params import MAX_PREDICT
+from bounded import join_all
 
 LIMIT = 1 << 20
 CTX = 256
@@ -155,8 +156,7 @@ def test_a_large_request_stalls_no_other(synth_model_path: Path) -> None:
                 last = now
                 if "status" in done:
                     break
-        for th in threads:
-            th.join()
+        join_all(threads)
         assert done["status"] == 400, done  # the prompt does not fit a slot: refused, after tokenizing it
         assert done["seconds"] > 1.0, f"the big request took only {done['seconds']:.2f} s: nothing to overlap"
         assert len(gaps) > 100 and max(gaps) < 1.0, f"a stream stalled {max(gaps):.2f} s"

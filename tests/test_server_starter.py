@@ -239,10 +239,11 @@ def test_eight_concurrent_streams_on_four_slots(server: RemoteServer, client: op
 
     Exact equality with the alone runs is not guaranteed on a real model (batched
     matrix products round differently; near-ties flip): the count of identical
-    streams and the top-2 logprob gap at each first divergence are reported.
+    streams and the top-2 logprob gap at each first divergence are reported, and
+    each divergence must be a flip between the alone run's best candidates.
     """
     n = 12
-    kwargs: dict[str, Any] = dict(model=ALIAS, temperature=0, max_tokens=n, logprobs=True, top_logprobs=2,
+    kwargs: dict[str, Any] = dict(model=ALIAS, temperature=0, max_tokens=n, logprobs=True, top_logprobs=5,
                                   extra_body={"ignore_eos": True})
 
     def msgs(p: str) -> list[dict[str, str]]:
@@ -283,7 +284,12 @@ def test_eight_concurrent_streams_on_four_slots(server: RemoteServer, client: op
             identical += 1
             continue
         i = next(k for k in range(min(len(a), len(b))) if a[k] != b[k])
-        gaps.append(round(_top2_gap(solo.choices[0].logprobs.content[i]), 4))
+        step = solo.choices[0].logprobs.content[i]
+        gaps.append(round(_top2_gap(step), 4))
+        # A flip, not a wrong context: the batched stream took one of the alone run's best candidates there
+        # (llama.cpp's numerics depend on where a sequence's cells sit in the unified cache; on Gemma 3 a
+        # logit moves by up to ~1.4, so the alone run's top two can swap, never a token from nowhere).
+        assert b[i] in {t.token for t in step.top_logprobs}, (i, b[i], step.top_logprobs)
     report = f"{identical}/{len(PROMPTS)} streams identical to their alone runs; top-2 gaps at divergence: {gaps}"
     record_property("batched_vs_alone", report)
-    print("\n" + report)
+    assert all(g < 2.0 for g in gaps), report

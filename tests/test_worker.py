@@ -49,12 +49,16 @@ def _alive(pid: int) -> bool:
 
 
 def _wait_gone(pid: int, seconds: float = 10.0) -> bool:
+    return _until(seconds, lambda: not _alive(pid))
+
+
+def _until(seconds: float, condition: Callable[[], bool]) -> bool:
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if not _alive(pid):
-            return True
-        time.sleep(0.05)
-    return not _alive(pid)
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def _within(seconds: float, fn: Callable[[], T]) -> T:
@@ -288,7 +292,8 @@ def test_sigkill_mid_stream(synth_model_path: Path) -> None:
 
         t = threading.Thread(target=another_call)
         t.start()
-        time.sleep(0.2)
+        # the kill comes once the call is sent (the child answers it only after the endless generation)
+        assert _until(10, lambda: len(w._slot.proc._pending) >= 2), "the second call was never sent"
         os.kill(pid, signal.SIGKILL)
         with pytest.raises(WorkerCrashedError) as info:
             _within(20, lambda: [ev for ev in gen])

@@ -44,6 +44,8 @@ case "$mode" in
     exec pyllama run -p "${PYLLAMA_PROMPT:-The three primary colors are}" -n 64 --temp 0 -v "$@"
     ;;
   test)
+    # every dependency and model is installed above: a test that skips for want of one fails the run
+    export PYLLAMA_TESTS_STRICT="${PYLLAMA_TESTS_STRICT:-1}"
     exec python -m pytest -q "$@"
     ;;
   *)
