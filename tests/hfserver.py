@@ -45,6 +45,9 @@ class HFServer:
         self.stalls = 0
         self.corrupt_offset: int | None = None
         self.throttle: tuple[int, float] | None = None
+        self.busy: list[tuple[int, str | None]] = []  # the next requests answer (status, Retry-After)
+        self.html_page = False  # files answer 200 with a web page (a proxy's or a captive portal's)
+        self.redirect_loop = False  # files answer 302 to themselves
         self.token: str | None = None
         self.etag_salt = ""
         self.api_sizes: dict[str, int] = {}
@@ -221,6 +224,31 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _file(self, file: Path, body: bool, extra: dict[str, str]) -> None:
         hf = self.hf
+        with hf._lock:
+            busy = hf.busy.pop(0) if hf.busy else None
+        if busy is not None:
+            status, after = busy
+            self.send_response(status)
+            if after is not None:
+                self.send_header("Retry-After", after)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return self._log(status, self.headers.get("Range"))
+        if hf.redirect_loop:
+            self.send_response(302)
+            self.send_header("Location", self.path)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return self._log(302, None)
+        if hf.html_page:
+            page = b"<!DOCTYPE html><html><body><h1>Please sign in to continue</h1></body></html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            if body:
+                self.wfile.write(page)
+            return self._log(200, None)
         if not file.is_file():
             return self._send_json(404, {"error": "Entry not found"}, body)
         data = bytearray(file.read_bytes())

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -209,3 +210,110 @@ def test_token_is_sent_to_the_hub(server: HFServer, store_env: Path, monkeypatch
     monkeypatch.setenv("HF_TOKEN", "s3cret")
     assert store.pull("hf:org/private:Q4_K_M").stat().st_size == 4096
     assert server.auth_seen[-1] == "Bearer s3cret"
+
+
+# --- faults: each a clear error or a recovery, nothing at the final path ---------------------------
+
+def _nothing_left(cache: Path, name: str) -> None:
+    assert {p.name for p in cache.rglob(f"{name}*")} <= {f"{name}.lock"}
+
+
+def test_busy_server_is_waited_out_as_it_asks(server: HFServer, store_env: Path) -> None:
+    data = fake_gguf(SIZE, seed=30)
+    url = server.add_file("busy.gguf", data, sha256_file=True)
+    server.busy = [(429, "1"), (503, "1")]
+    t0 = time.monotonic()
+    assert store.pull(url, retries=3).read_bytes() == data
+    assert time.monotonic() - t0 >= 2.0  # Retry-After honoured (the backoff alone would be ~1.5 s)
+    server.busy = [(503, "3600")]  # an hour: an error now, not a pull that sleeps an hour
+    url2 = server.add_file("later.gguf", data, sha256_file=True)
+    t0 = time.monotonic()
+    with pytest.raises(DownloadError, match="retry after 3600 s"):
+        store.pull(url2, retries=3)
+    assert time.monotonic() - t0 < 10
+    _nothing_left(store_env, "later.gguf")
+    server.busy = [(429, None)] * 3  # no Retry-After: the usual backoff, then the retries run out
+    with pytest.raises(DownloadError, match="HTTP 429"):
+        store.pull(url2, retries=2)
+    _nothing_left(store_env, "later.gguf")
+
+
+def test_an_html_page_instead_of_the_file_is_refused(server: HFServer, store_env: Path) -> None:
+    data = fake_gguf(SIZE, seed=31)
+    url = server.add_file("portal.gguf", data)  # no sha256: without the check, the page would be the model
+    server.html_page = True
+    with pytest.raises(DownloadError, match="web page"):
+        store.pull(url)
+    _nothing_left(store_env, "portal.gguf")
+    server.html_page = False
+    assert store.pull(url).read_bytes() == data
+
+
+def test_a_redirect_loop_is_a_clear_error(server: HFServer, store_env: Path) -> None:
+    url = server.add_file("loop.gguf", fake_gguf(SIZE, seed=32))
+    server.redirect_loop = True
+    with pytest.raises(DownloadError, match="redirect loop"):
+        store.pull(url)
+    _nothing_left(store_env, "loop.gguf")
+
+
+def test_a_body_shorter_than_its_length_is_resumed(server: HFServer, store_env: Path) -> None:
+    data = fake_gguf(SIZE, seed=33)
+    url = server.add_file("short.gguf", data, sha256_file=True)
+    server.drop_after, server.drops = 400_000, 1  # Content-Length says SIZE; the connection closes early
+    assert store.pull(url, retries=1).read_bytes() == data
+    assert server.range_requests("short.gguf") == [None, "bytes=400000-"]
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Any:
+    """A 2 MiB tmpfs (root mounts it; elsewhere the test is skipped)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.may_skip
+def test_a_disk_filling_up_mid_download_keeps_the_partial(server: HFServer, small_disk: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The space check passes, then another writer fills the disk: a clear error, the bytes written so far
+    kept, nothing at the final path; with space again, the pull resumes where it stopped."""
+    monkeypatch.setenv("PYLLAMA_CACHE", str(small_disk / "cache"))
+    data = fake_gguf(SIZE, seed=34)
+    url = server.add_file("full.gguf", data, sha256_file=True)
+    server.throttle = (64 * 1024, 0.05)
+    ballast = small_disk / "ballast"
+    filled = threading.Event()
+
+    def fill() -> None:  # once the download is under way
+        deadline = time.monotonic() + 30
+        while not list((small_disk / "cache").rglob("full.gguf.part")) or \
+                list((small_disk / "cache").rglob("full.gguf.part"))[0].stat().st_size < 128 * 1024:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        with open(ballast, "wb", buffering=0) as f:
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+            except OSError:
+                filled.set()
+
+    t = threading.Thread(target=fill, daemon=True)
+    t.start()
+    with pytest.raises(DownloadError, match="disk is full") as err:
+        store.pull(url, retries=0)
+    assert filled.is_set() and "kept" in str(err.value)
+    (part,) = list((small_disk / "cache").rglob("full.gguf.part"))
+    kept = part.stat().st_size
+    assert 0 < kept < SIZE and part.read_bytes() == data[:kept]
+    assert not [p for p in (small_disk / "cache").rglob("full.gguf") if p.is_file()]
+    ballast.unlink()
+    server.throttle = None
+    assert store.pull(url).read_bytes() == data
+    assert server.range_requests("full.gguf")[-1] == f"bytes={kept}-"

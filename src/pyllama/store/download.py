@@ -21,6 +21,8 @@ inside functions only, so ``import pyllama`` stays fast.
 
 from __future__ import annotations
 
+import email.utils
+import errno
 import hashlib
 import json
 import logging
@@ -70,9 +72,12 @@ class RetryPolicy:
     retries: int = 5  #: consecutive failures without progress before giving up
     backoff: float = 0.5  #: first wait in seconds, doubled each time (jittered)
     max_backoff: float = 10.0
+    #: the longest ``Retry-After`` (429, 503) waited out; a server asking for more is an error at once
+    max_retry_after: float = 60.0
 
-    def wait(self, failures: int) -> None:
-        time.sleep(min(self.max_backoff, self.backoff * 2 ** (failures - 1)) * random.uniform(0.8, 1.2))
+    def wait(self, failures: int, retry_after: float | None = None) -> None:
+        backoff = min(self.max_backoff, self.backoff * 2 ** (failures - 1)) * random.uniform(0.8, 1.2)
+        time.sleep(backoff if retry_after is None else max(retry_after, backoff))
 
 
 def new_client(read_timeout: float) -> httpx.Client:
@@ -86,7 +91,36 @@ def new_client(read_timeout: float) -> httpx.Client:
 
 
 class _Retry(Exception):
-    """A transient failure: wait, then continue from the current offset."""
+    """A transient failure: wait (at least ``retry_after`` seconds when the server said so), then continue
+    from the current offset."""
+
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
+
+
+def retry_after(resp: httpx.Response, policy: RetryPolicy) -> float | None:
+    """The wait a 429/503 asks for (``Retry-After``: seconds or an HTTP date); a DownloadError when it is
+    longer than the policy waits out."""
+    value = resp.headers.get("retry-after", "").strip()
+    if not value:
+        return None
+    if value.isdigit():
+        seconds = float(value)
+    else:
+        try:
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return None  # unreadable: the usual backoff
+    seconds = max(0.0, seconds)
+    if seconds > policy.max_retry_after:
+        raise DownloadError(f"{resp.request.url}: HTTP {resp.status_code}, the server asks to retry after "
+                            f"{seconds:.0f} s (more than {policy.max_retry_after:.0f} s); try again later")
+    return seconds
+
+
+def _redirect_loop(url: str, exc: BaseException) -> DownloadError:
+    return DownloadError(f"{url}: too many redirects (a redirect loop?): {exc}")
 
 
 def _transient() -> tuple[type[BaseException], ...]:
@@ -98,20 +132,26 @@ def _transient() -> tuple[type[BaseException], ...]:
 def request(client: httpx.Client, url: str, *, headers: Mapping[str, str], policy: RetryPolicy,
             params: Mapping[str, str] | None = None) -> httpx.Response:
     """A small GET (metadata, checksums) with the same retries as downloads; the body is read."""
+    import httpx
+
     failures = 0
     while True:
+        wait: float | None = None
         try:
             resp = client.get(url, headers=dict(headers), params=params)
             if resp.status_code not in _RETRY_STATUS:
                 return resp
             reason = f"HTTP {resp.status_code}"
+            wait = retry_after(resp, policy)
+        except httpx.TooManyRedirects as exc:
+            raise _redirect_loop(url, exc) from None
         except _transient() as exc:
             reason = f"{type(exc).__name__}: {exc}"
         failures += 1
         if failures > policy.retries:
             raise DownloadError(f"GET {url} failed after {policy.retries} retries: {reason}") from None
         log.info("GET %s: %s; retrying", url, reason)
-        policy.wait(failures)
+        policy.wait(failures, wait)
 
 
 def http_error(resp: httpx.Response, *, token_hint: bool) -> StoreError:
@@ -200,7 +240,7 @@ class _Transfer:
                     raise DownloadError(f"downloading {self.rf.url} failed after {self.policy.retries} retries "
                                         f"({exc}); {self.offset} bytes are kept for a later resume") from None
                 log.info("%s: %s; retrying from byte %d", self.rf.dest.name, exc, self.offset)
-                self.policy.wait(failures)
+                self.policy.wait(failures, exc.retry_after)
         self._finish()
 
     def _load(self) -> None:
@@ -252,10 +292,12 @@ class _Transfer:
             headers["Range"] = f"bytes={self.offset}-"
             if self.etag and not self.etag.startswith("W/") and not self.rf.immutable:  # needs a strong ETag
                 headers["If-Range"] = self.etag
+        import httpx
+
         try:
             with self.client.stream("GET", self.rf.url, headers=headers) as resp:
                 if resp.status_code in _RETRY_STATUS:
-                    raise _Retry(f"HTTP {resp.status_code}")
+                    raise _Retry(f"HTTP {resp.status_code}", retry_after(resp, self.policy))
                 if resp.status_code == 416 and self.offset:
                     self._reset()
                     raise _Retry("HTTP 416 to the resume request; starting over")
@@ -265,7 +307,9 @@ class _Transfer:
                 self._save_state()
                 with open(self.part, "ab", buffering=0) as f:
                     for chunk in resp.iter_raw():
-                        f.write(chunk)
+                        if self.offset == 0:
+                            self._check_start(resp, chunk)
+                        self._write(f, chunk)
                         self.hasher.update(chunk)
                         self.offset += len(chunk)
                         self.meter.add(len(chunk))
@@ -273,6 +317,8 @@ class _Transfer:
                             self._reset()
                             raise DownloadError(f"{self.rf.url}: the server sent more than the {self.size} "
                                                 "bytes it announced")
+        except httpx.TooManyRedirects as exc:
+            raise _redirect_loop(self.rf.url, exc) from None
         except _transient() as exc:
             raise _Retry(f"{type(exc).__name__}: {exc}") from None
         if self.size is None:
@@ -280,6 +326,33 @@ class _Transfer:
         if self.offset < self.size:
             raise _Retry(f"connection closed at byte {self.offset} of {self.size}")
         return False
+
+    def _write(self, f: Any, chunk: bytes) -> None:
+        view = memoryview(chunk)
+        try:
+            while view:  # an unbuffered write may take part of the chunk (a disk filling up): write the rest
+                view = view[f.write(view):]
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise
+            kept = self.part.stat().st_size  # a prefix of the file: a resume hashes it again and continues
+            raise DownloadError(f"{self.rf.dest.name}: the disk is full ({os.strerror(exc.errno)}) in "
+                                f"{self.part.parent}; {kept} bytes are kept: free some space and pull again to "
+                                "resume") from None
+
+    def _check_start(self, resp: httpx.Response, chunk: bytes) -> None:
+        """The first bytes of the file: an error page answered with 200 (a proxy's, a captive portal's) is
+        not saved as the model."""
+        ctype = resp.headers.get("content-type", "").split(";")[0].strip().lower()
+        head = bytes(chunk[:64]).lstrip().lower()
+        page = ctype in ("text/html", "application/xhtml+xml") or head.startswith((b"<!doctype html", b"<html"))
+        not_gguf = self.rf.dest.suffix == ".gguf" and len(chunk) >= 4 and bytes(chunk[:4]) != b"GGUF"
+        if page or not_gguf:
+            self.part.unlink(missing_ok=True)
+            self.state.unlink(missing_ok=True)
+            what = f"a web page ({ctype or 'HTML'})" if page else f"data that is not GGUF (it starts {bytes(chunk[:4])!r})"
+            raise DownloadError(f"{self.rf.url}: the server answered HTTP {resp.status_code} with {what}, not the "
+                                "file; nothing was kept")
 
     def _accept(self, resp: httpx.Response) -> None:
         """Check the answer against the request; start over from zero when it is the whole file."""
