@@ -42,9 +42,14 @@ def anthropic_error_response(err: APIError) -> Response:
 def api_error(exc: BaseException) -> APIError:
     """Map an exception from the engine or the library to the answer the client gets."""
     from ..engine import EngineBusyError
+    from ..worker.errors import WorkerCrashedError
 
     if isinstance(exc, APIError):
         return exc
+    if isinstance(exc, WorkerCrashedError):
+        # --isolate: the request died with the worker; the next one runs on a fresh worker
+        return APIError(503, f"generation failed: {exc}", type="server_error", code=type(exc).__name__,
+                        headers={"Retry-After": "1"})
     if isinstance(exc, EngineBusyError):
         retry = str(max(1, math.ceil(exc.retry_after)))
         return APIError(503, f"the server is busy: {exc}", type="server_error", code="server_busy",

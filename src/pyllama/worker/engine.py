@@ -4,9 +4,10 @@ API that the server uses, with the real engine (and the model's weights) in a ch
 The host keeps a vocabulary-only model, so prompts are tokenized and checked
 here and chat templates render here; the child receives token ids and
 streams each request's events back (several requests decode together in its
-engine). If the child dies, every request in flight raises
-:class:`WorkerCrashedError` and the next request starts a fresh child with
-the same settings: the host process, a server included, stays up.
+engine). If the child dies, every request that had streamed something raises
+:class:`WorkerCrashedError`; those that had not (queued, or in prefill) are
+sent once more, to a fresh child with the same settings (a request that
+crashes that child too fails). The host process, a server included, stays up.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from ..options import SUBMIT_KEYS, Sampling, SubmitOptions, Unpack
 from ..stream import FinishReason, TokenEvent
 from . import protocol as p
 from .client import Worker
-from .errors import WorkerError
+from .errors import WorkerCrashedError, WorkerError
 from .generation import portable_options
 from .process import _Inbox, _Process
 
@@ -90,13 +91,16 @@ class IsolatedRequest(EngineRequest):
     """A request to an :class:`IsolatedEngine`, used as a :class:`pyllama.engine.EngineRequest`
     (``for`` or ``async for`` its :class:`TokenEvent` s); :meth:`cancel` stops it in the child."""
 
-    def __init__(self, prompt_tokens: npt.NDArray[np.int32], on_end: Callable[[], None]) -> None:
+    def __init__(self, prompt_tokens: npt.NDArray[np.int32], on_end: Callable[[], None],
+                 resubmit: Callable[[IsolatedRequest], None] | None = None) -> None:
         self._received = _Received()
         super().__init__(prompt_tokens, cast("SequenceStream", self._received), "stop", _stop)
         self._on_end = on_end
         self._end_lock = threading.Lock()
         self._proc: _Process | None = None
         self._rid = 0
+        self._delivered = False  # an event reached the consumer: the request can no longer be run again
+        self._resubmit = resubmit  # once: a request the crash caught before its first event
 
     def _halt(self) -> None:
         """What :meth:`cancel` does (once): stop the request in the child and end its stream."""
@@ -107,7 +111,10 @@ class IsolatedRequest(EngineRequest):
     def _take(self, msg: tuple[Any, ...]) -> None:
         """One reply, on the worker's reader thread: no queue and no thread hop per token."""
         kind = msg[0]
+        if self.t_done is not None:
+            return  # cancelled meanwhile: whatever the child still sends is dropped
         if kind == p.TOKEN:
+            self._delivered = True
             _, _, token, text, index, logprob, top = msg
             got = self._received
             if token >= 0:
@@ -126,7 +133,22 @@ class IsolatedRequest(EngineRequest):
         elif kind == p.ERR:
             self._end(None, p.decode_error(msg[2], WorkerError))
         else:  # CRASH: WorkerCrashedError, or ClosedError when the engine was closed
-            self._end(None, msg[2])
+            error, resubmit = msg[2], self._resubmit
+            self._resubmit = None
+            if isinstance(error, WorkerCrashedError) and not self._delivered and resubmit is not None:
+                # Queued or in prefill when the child died: nothing was seen, so it runs on the fresh child
+                # (once: a request that crashes a child twice fails). Off this reader thread, which belongs
+                # to the dead child.
+                threading.Thread(target=self._again, args=(resubmit, error), daemon=True,
+                                 name="pyllama-isolated-resubmit").start()
+                return
+            self._end(None, error)
+
+    def _again(self, resubmit: Callable[[IsolatedRequest], None], crash: BaseException) -> None:
+        try:
+            resubmit(self)
+        except BaseException:  # noqa: BLE001 - no fresh child: the request fails with the crash it met
+            self._end(None, crash)
 
     def _end(self, reason: FinishReason | None, error: BaseException | None) -> None:
         with self._end_lock:  # the reader's END and a consumer's cancel may race: the first one counts
@@ -228,16 +250,24 @@ class IsolatedEngine(EngineFront):
                                       f"(max_queue={self.max_queue})",
                                       retry_after=1.0 + self._in_flight / self.n_slots)
             self._in_flight += 1
-        req = IsolatedRequest(tokens, self._request_ended)
+        req = IsolatedRequest(tokens, self._request_ended, lambda again: self._send(again, tokens, sent))
         try:
-            proc, rid, _ = self._worker._submit(p.ENGINE_SUBMIT, tokens, sent, inbox=_Sink(req))
+            self._send(req, tokens, sent)
         except BaseException:
             self._request_ended()
             raise
-        req._proc, req._rid = proc, rid
-        if req.done:  # it ended before we got here (the reader thread was quicker)
-            proc.done(rid)
         return req
+
+    def _send(self, req: IsolatedRequest, tokens: npt.NDArray[np.int32], sent: dict[str, Any]) -> None:
+        if self._closed:
+            raise ClosedError("the engine is closed")
+        proc, rid, _ = self._worker._submit(p.ENGINE_SUBMIT, tokens, sent, inbox=_Sink(req))
+        req._proc, req._rid = proc, rid
+        if req.done:  # it ended (or was cancelled) before we got here
+            if req.finish_reason == "cancelled":
+                proc.cancel(rid)
+            else:
+                proc.done(rid)
 
     def _request_ended(self) -> None:
         with self._lock:
