@@ -47,7 +47,8 @@ def create_app(engine: EngineSource, *, api_key: str | Sequence[str] | None = No
                cors: CORSOptions | None = None, reasoning_format: ReasoningFormat = "auto", slots: bool = True,
                props: bool = False, reasoning: Literal["on", "off", "auto"] = "auto",
                chat_template_kwargs: Mapping[str, Any] | None = None, verbose: bool = False,
-               tags: Sequence[str] = (), jinja: bool = True, max_body_size: int | None = None) -> Starlette:
+               tags: Sequence[str] = (), jinja: bool = True, max_body_size: int | None = None,
+               read_timeout: float = 600.0) -> Starlette:
     """The OpenAI-compatible app over ``engine``.
 
     ``engine`` is an :class:`~pyllama.engine.Engine` (the caller keeps owning
@@ -76,14 +77,16 @@ def create_app(engine: EngineSource, *, api_key: str | Sequence[str] | None = No
     with 501 (llama-server's ``--no-slots``), ``props=True`` lets ``POST /props``
     answer (its ``--props``). ``max_body_size`` bounds a request's body in bytes (413 past it, refused
     before reading when the length is declared; default: a whole slot's context as JSON, at least
-    16 MiB). ``app.state.server`` exposes
+    16 MiB); ``read_timeout`` bounds the wait for each part of a request's body (408 past it; llama-server's
+    ``--timeout``, 600 s). ``app.state.server`` exposes
     ``on_load_error`` (callbacks run when the loader fails).
     """
     server = ServerState(engine, api_key=api_key, model_name=model_name, keepalive_s=keepalive_s,
                          chat_template=chat_template, aliases=aliases, defaults=defaults or RequestDefaults(),
                          metrics=metrics, reasoning_format=reasoning_format, slots=slots, props=props,
                          thinking=reasoning != "off", chat_template_kwargs=chat_template_kwargs,
-                         verbose=verbose, tags=tags, jinja=jinja, max_body_size=max_body_size)
+                         verbose=verbose, tags=tags, jinja=jinja, max_body_size=max_body_size,
+                         read_timeout=read_timeout)
 
     def bound(handler: Endpoint) -> Callable[[Request], Awaitable[Response]]:
         # A plain function (not a partial), so Starlette treats it as a request/response endpoint.

@@ -39,7 +39,7 @@ IGNORED: tuple[tuple[tuple[str, ...], bool, str], ...] = (
     (("--cache-prompt", "--no-cache-prompt"), False, "a slot's cached prompt prefix is always reused"),
     (("--no-context-shift",), False, "generation always stops at the end of the slot's context"),
     (("--warmup", "--no-warmup", "--perf", "--no-perf"), False, "no effect on answers"),
-    (("--threads-http", "-to", "--timeout"), True, "uvicorn serves HTTP on one event loop"),
+    (("--threads-http",), True, "uvicorn serves HTTP on one event loop"),
     (("--reuse-port",), False, "uvicorn binds the port"),
     (("--log-disable", "--log-prefix", "--no-log-prefix", "--log-timestamps",
       "--no-log-timestamps"), False, "pyllama's log level: `pyllama --log-level LEVEL serve`"),
@@ -255,6 +255,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-body-size", type=_byte_size, default=None, metavar="BYTES",
                    help="largest request body read, e.g. 32M (413 past it; default: a slot's context as JSON, "
                         "at least 16M)")
+    p.add_argument("-to", "--timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="longest wait for each part of a request's body (408 past it; llama-server's read "
+                        "timeout; default 600)")
+    p.add_argument("--header-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="time a client has to send a request's line and headers, from connecting or from the "
+                        "previous response (past it: 408 and the connection closed; slowloris; default 30)")
     p.add_argument("--metrics", action="store_true",
                    help="serve /metrics (Prometheus; without it: 501, as llama-server)")
     p.add_argument("--props", action="store_true",
@@ -512,6 +518,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return 2
     from .cors import CORSOptions
     from .params import RequestDefaults
+    from .slow_clients import protocol_with
 
     defaults = RequestDefaults(
         temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
@@ -527,7 +534,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                      reasoning_format=args.reasoning_format, slots=args.slots_endpoint, props=args.props,
                      reasoning=args.reasoning, chat_template_kwargs=kwargs, verbose=args.verbose,
                      tags=[t.strip() for t in (args.tags or "").split(",") if t.strip()], jinja=args.jinja,
-                     max_body_size=args.max_body_size)
+                     max_body_size=args.max_body_size, read_timeout=args.timeout)
     state = app.state.server
 
     class Server(uvicorn.Server):
@@ -537,7 +544,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             super().handle_exit(sig, frame)
 
     # uvicorn's own deadline is the backstop: by then our requests have ended themselves
+    # h11 with a deadline on each request's head (uvicorn has none: slowloris); request lines and headers
+    # larger than h11's 16 KiB default are refused with a 400 by h11 itself
     config = uvicorn.Config(app, host=hosts[0], port=args.port, lifespan="on", log_level="info",
+                            http=protocol_with(args.header_timeout),
                             access_log=False, timeout_graceful_shutdown=args.shutdown_timeout + 5,
                             ssl_keyfile=args.ssl_key_file, ssl_certfile=args.ssl_cert_file)
     server = Server(config)

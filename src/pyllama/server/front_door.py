@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import functools
 import hmac
+
+import anyio
 from typing import TYPE_CHECKING, Sequence
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -53,7 +55,7 @@ class FrontDoor:
             if length is not None and length > limit:  # refused before a byte of it is read
                 await error_response(_too_large(limit))(scope, receive, send_status)
                 return
-            receive = _bounded(receive, limit)
+            receive = _bounded(receive, limit, self.server.read_timeout)
             keys = self.server.api_keys
             if keys and path not in ("/health", "/v1/health") and not authorized(scope, keys):
                 err = APIError(401, "invalid or missing API key (send Authorization: Bearer <key> or "
@@ -82,17 +84,29 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-def _bounded(receive: Receive, limit: int) -> Receive:
-    """``receive`` that raises a 413 once the body (a chunked one has no length up front) passes ``limit``."""
+def _bounded(receive: Receive, limit: int, timeout: float) -> Receive:
+    """``receive`` that raises a 413 once the body (a chunked one has no length up front) passes ``limit``,
+    and a 408 when a part of the body takes longer than ``timeout`` seconds to arrive (a client that trickles
+    its body holds a connection and a task). Once the body is in, ``receive`` waits without a limit: it
+    then only tells a disconnect."""
     seen = 0
+    complete = False
 
     async def bounded() -> Message:
-        nonlocal seen
-        message = await receive()
+        nonlocal seen, complete
+        if complete:
+            return await receive()
+        try:
+            with anyio.fail_after(timeout):
+                message = await receive()
+        except TimeoutError:
+            raise APIError(408, f"the request body stalled for more than {timeout:g} s (pyllama serve --timeout)",
+                           code="request_timeout", headers={"Connection": "close"}) from None
         if message["type"] == "http.request":
             seen += len(message.get("body", b""))
             if seen > limit:
                 raise _too_large(limit)
+            complete = not message.get("more_body", False)
         return message
     return bounded
 

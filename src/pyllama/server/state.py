@@ -93,8 +93,9 @@ class ServerState:
                  reasoning_format: ReasoningFormat = "auto", slots: bool = True, props: bool = False,
                  thinking: bool = True, chat_template_kwargs: Mapping[str, Any] | None = None,
                  verbose: bool = False, tags: Sequence[str] = (), jinja: bool = True,
-                 max_body_size: int | None = None) -> None:
+                 max_body_size: int | None = None, read_timeout: float = 600.0) -> None:
         self.engine: Engine | None = None
+        self.read_timeout = read_timeout
         self._max_body_size = max_body_size
         self._prep_limiter: anyio.CapacityLimiter | None = None
         self.loader: Callable[[], Engine] | None = None
