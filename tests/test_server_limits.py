@@ -161,3 +161,21 @@ def test_a_large_request_stalls_no_other(synth_model_path: Path) -> None:
         assert done["seconds"] > 1.0, f"the big request took only {done['seconds']:.2f} s: nothing to overlap"
         assert len(gaps) > 100 and max(gaps) < 1.0, f"a stream stalled {max(gaps):.2f} s"
         assert health and max(health) < 1.0, f"/health took {max(health):.2f} s"
+
+
+OUT_OF_RANGE = [  # found by schemathesis (tests/test_server_openapi.py): each was an OverflowError, a 500
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_k": 2**62}, "top_k"),
+    ("/v1/responses", {"input": "hi", "top_k": 4611686018427387904}, "top_k"),
+    ("/completion", {"prompt": "hi", "min_keep": 2**40}, "min_keep"),
+    ("/v1/completions", {"prompt": [[1, 2, 2**70]]}, "token id"),
+    ("/v1/completions", {"prompt": [1, -2**65]}, "token id"),
+    ("/tokenize", {"content": [1, 2**80]}, "token id"),
+]
+
+
+@pytest.mark.parametrize("path,body,named", OUT_OF_RANGE, ids=[f"{p}:{n}" for p, _, n in OUT_OF_RANGE])
+def test_numbers_past_int32_are_a_400_naming_them(srv: RemoteServer, path: str, body: dict[str, Any],
+                                                   named: str) -> None:
+    r = httpx.post(srv.url + path, json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    assert named in r.text, r.text

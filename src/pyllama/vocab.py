@@ -35,7 +35,12 @@ def as_tokens(tokens: Iterable[int] | npt.ArrayLike) -> TokenArray:
     if isinstance(tokens, np.ndarray) and tokens.dtype == np.int32:
         arr = np.ascontiguousarray(tokens)
     else:
-        src = np.asarray(tokens)
+        try:
+            src = np.asarray(tokens)
+        except OverflowError:  # an int past int64 in a list
+            raise TokenizationError("a token id does not fit a 32-bit token id") from None
+        if src.size and src.dtype.kind == "O" and all(isinstance(t, int) for t in src.ravel()):
+            raise TokenizationError("a token id does not fit a 32-bit token id")  # ints mixed past uint64
         if src.size and src.dtype.kind not in "iu":
             raise TokenizationError(f"token ids must be integers, not {src.dtype} values")
         if src.size and src.dtype.itemsize >= 4 and src.dtype != np.int32:

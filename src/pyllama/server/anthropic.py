@@ -32,7 +32,7 @@ from . import sse
 from .chat_turn import ChatTurn, Reply, prompt_tokens, sse_stream
 from .errors import anthropic_error_body, anthropic_error_response, api_error
 from .protocol import (APIError, ChatCompletionRequest, ChatMessage, FunctionDef, NamedFunction, NamedToolChoice,
-                       TextPart, Tool, ToolCall, ToolCallFunction, _Request, parse_request)
+                       TextPart, Tool, ToolCall, ToolCallFunction, _Request, parse_request, INT32_MAX)
 from .responses import gone, json_response
 from .state import ServerState
 
@@ -107,7 +107,7 @@ class MessagesRequest(_Request):
     stop_sequences: list[str] | None = None
     temperature: float | None = Field(default=None, ge=0)
     top_p: float | None = Field(default=None, ge=0, le=1)
-    top_k: int | None = Field(default=None, ge=0)
+    top_k: int | None = Field(default=None, ge=0, le=INT32_MAX)
     stream: bool = False
     tools: list[AnthropicTool] | None = None
     tool_choice: AnthropicToolChoice | None = None

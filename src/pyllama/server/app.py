@@ -31,11 +31,15 @@ from starlette.routing import Route
 from ..chat import ReasoningFormat
 from . import chat_completions, completions, embeddings, info, native, rerank, tokens
 from . import props as props_routes  # (``props`` is create_app's switch)
-from . import anthropic, openai_responses
+from . import anthropic, answers, openai_responses
 from .cors import CORSOptions, LlamaCORS
 from .errors import api_error, exception_handlers
 from .front_door import FrontDoor, WireHeaderNames
+from .openapi import Doc, document
 from .params import RequestDefaults
+from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest,
+                       NativeCompletionRequest, RerankRequest, TokenizeRequest)
+from .responses import json_response
 from .state import EngineSource, ServerState
 
 Endpoint = Callable[[ServerState, Request], Awaitable[Response]]
@@ -56,7 +60,7 @@ def create_app(engine: EngineSource, *, api_key: str | Sequence[str] | None = No
     thread at startup (``/health`` answers 503 ``{"status": "loading"}``
     meanwhile) and the app closes the engine and its model at shutdown.
     ``api_key`` (one key or several) makes every endpoint but ``/health``
-    require ``Authorization: Bearer <key>``; ``model_name`` is the id
+    require ``Authorization: Bearer <key>`` (``/openapi.json`` neither); ``model_name`` is the id
     ``/v1/models`` reports (default: the model's file name), ``aliases`` more
     names it lists (``tags``: labels it shows); requests may name any model (there is one). ``keepalive_s``
     spaces the SSE comments sent while a stream waits for its first token;
@@ -94,37 +98,77 @@ def create_app(engine: EngineSource, *, api_key: str | Sequence[str] | None = No
             return await handler(server, request)
         return endpoint
 
-    def routes(paths: Sequence[str], handler: Endpoint, method: str) -> list[Route]:
+    described: list[tuple[Sequence[str], str, Doc]] = []
+
+    def routes(paths: Sequence[str], handler: Endpoint, method: str, doc: Doc) -> list[Route]:
+        described.append((paths, method, doc))
         endpoint = bound(handler)
         return [Route(path, endpoint, methods=[method]) for path in paths]
 
+    A = answers
+    engine_down = (503,)
     table = [
-        *routes(("/health", "/v1/health"), info.health, "GET"),
-        *routes(("/metrics",), info.metrics_endpoint, "GET"),
-        *routes(("/v1/models", "/models"), info.models, "GET"),
-        *routes(("/v1/models/{model:path}",), info.model, "GET"),
-        *routes(("/v1/chat/completions", "/chat/completions"), chat_completions.chat_completions, "POST"),
+        *routes(("/health", "/v1/health"), info.health, "GET",
+                Doc("Whether the model is loaded", answer=A.Health, errors=(500, 503))),
+        *routes(("/metrics",), info.metrics_endpoint, "GET",
+                Doc("Prometheus metrics (llama-server's llamacpp: names, then pyllama_)",
+                    text="text/plain", errors=(501,))),
+        *routes(("/v1/models", "/models"), info.models, "GET",
+                Doc("The model", answer=A.ModelList, errors=engine_down)),
+        *routes(("/v1/models/{model:path}",), info.model, "GET",
+                Doc("One model by name", answer=A.ModelCard, errors=(404, 503))),
+        *routes(("/v1/chat/completions", "/chat/completions"), chat_completions.chat_completions, "POST",
+                Doc("OpenAI chat completion", request=ChatCompletionRequest, answer=A.ChatCompletion, stream=True)),
         # Anthropic's Messages and OpenAI's Responses, translated onto the chat path (as llama-server)
-        *routes(("/v1/messages",), anthropic.messages, "POST"),
-        *routes(("/v1/messages/count_tokens",), anthropic.count_tokens, "POST"),
-        *routes(("/v1/responses", "/responses"), openai_responses.responses, "POST"),
-        *routes(("/v1/responses/input_tokens", "/responses/input_tokens"), openai_responses.input_tokens, "POST"),
+        *routes(("/v1/messages",), anthropic.messages, "POST",
+                Doc("Anthropic Messages", request=anthropic.MessagesRequest, answer=A.AnthropicMessageOut,
+                    stream=True, anthropic=True)),
+        *routes(("/v1/messages/count_tokens",), anthropic.count_tokens, "POST",
+                Doc("Anthropic token count", request=anthropic.MessagesRequest, answer=A.InputTokens,
+                    anthropic=True)),
+        *routes(("/v1/responses", "/responses"), openai_responses.responses, "POST",
+                Doc("OpenAI Responses", request=openai_responses.ResponsesRequest, answer=A.ResponseObject,
+                    stream=True)),
+        *routes(("/v1/responses/input_tokens", "/responses/input_tokens"), openai_responses.input_tokens, "POST",
+                Doc("OpenAI Responses token count", request=openai_responses.ResponsesRequest,
+                    answer=A.InputTokens)),
         # as llama-server: /completions and /embeddings without /v1 answer in its native shapes
-        *routes(("/v1/completions",), completions.completions, "POST"),
-        *routes(("/completion", "/completions"), native.completion, "POST"),
-        *routes(("/v1/embeddings",), embeddings.embeddings, "POST"),
-        *routes(("/embedding", "/embeddings"), embeddings.embedding_native, "POST"),
-        *routes(("/rerank", "/v1/rerank", "/reranking", "/v1/reranking"), rerank.rerank, "POST"),
-        *routes(("/tokenize",), tokens.tokenize, "POST"),
-        *routes(("/detokenize",), tokens.detokenize, "POST"),
-        *routes(("/apply-template",), tokens.apply_template, "POST"),
+        *routes(("/v1/completions",), completions.completions, "POST",
+                Doc("OpenAI text completion", request=CompletionRequest, answer=A.Completion, stream=True)),
+        *routes(("/completion", "/completions"), native.completion, "POST",
+                Doc("llama-server's completion", request=NativeCompletionRequest, answer=A.NativeCompletion,
+                    also_lists=(A.NativeCompletion,), stream=True)),
+        *routes(("/v1/embeddings",), embeddings.embeddings, "POST",
+                Doc("OpenAI embeddings (llama-server's shape when the input is given as content)",
+                    request=EmbeddingRequest, answer=A.EmbeddingList, also_lists=(A.NativeEmbedding,))),
+        *routes(("/embedding", "/embeddings"), embeddings.embedding_native, "POST",
+                Doc("llama-server's embeddings", request=EmbeddingRequest, also_lists=(A.NativeEmbedding,))),
+        *routes(("/rerank", "/v1/rerank", "/reranking", "/v1/reranking"), rerank.rerank, "POST",
+                Doc("Rerank documents against a query (a reranker, --reranking)", request=RerankRequest,
+                    answer=A.Rerank, also_lists=(A.RerankResult,), errors=(501,))),  # a list: TEI's shape
+        *routes(("/tokenize",), tokens.tokenize, "POST", Doc("Tokenize", request=TokenizeRequest, answer=A.Tokens)),
+        *routes(("/detokenize",), tokens.detokenize, "POST",
+                Doc("Detokenize", request=DetokenizeRequest, answer=A.Detokenized)),
+        *routes(("/apply-template",), tokens.apply_template, "POST",
+                Doc("The prompt a chat renders to", request=ChatCompletionRequest, answer=A.RenderedPrompt)),
         *routes(("/v1/chat/completions/input_tokens", "/chat/completions/input_tokens"), tokens.chat_input_tokens,
-                "POST"),
-        *routes(("/props",), props_routes.get_props, "GET"),
-        *routes(("/props",), props_routes.post_props, "POST"),
-        *routes(("/slots",), props_routes.get_slots, "GET"),
-        *routes(("/slots/{id_slot}",), props_routes.post_slot, "POST"),
+                "POST", Doc("A chat's prompt tokens", request=ChatCompletionRequest, answer=A.InputTokens)),
+        *routes(("/props",), props_routes.get_props, "GET",
+                Doc("llama-server's server properties", answer=A.Props, errors=engine_down)),
+        *routes(("/props",), props_routes.post_props, "POST", Doc("Change properties (--props)", answer=A.Success,
+                                                                 errors=(501,))),
+        *routes(("/slots",), props_routes.get_slots, "GET", Doc("The slots (--no-slots: 501)", errors=(501, 503))),
+        *routes(("/slots/{id_slot}",), props_routes.post_slot, "POST",
+                Doc("Save, restore or erase a slot (not supported yet)", errors=(501,))),
     ]
+    openapi: list[Response] = []  # built on first request, once
+
+    async def openapi_json(srv: ServerState, request: Request) -> Response:
+        if not openapi:
+            openapi.append(json_response(document(described, secured=bool(srv.api_keys))))
+        return openapi[0]
+
+    table.append(Route("/openapi.json", bound(openapi_json), methods=["GET"]))
     middleware = [Middleware(FrontDoor, server=server)]
     if cors is not None:
         middleware.insert(0, Middleware(LlamaCORS, options=cors))  # before the key: a preflight needs none

@@ -10,6 +10,8 @@ import numpy as np
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from ..errors import TokenizationError
+from ..vocab import as_tokens
 from . import params, sse
 from .chat import schema_grammar
 from .protocol import APIError, CompletionRequest, parse_request
@@ -110,12 +112,15 @@ def _completion_prompt(server: ServerState, prompt: Any) -> str | np.ndarray[Any
         raise APIError(400, "prompt must not be empty", param="prompt")
     if not all(isinstance(t, int) for t in prompt):
         raise APIError(400, "prompt must be a string, token ids, or a list of either", param="prompt")
-    tokens = np.asarray(prompt, dtype=np.int64)
+    try:
+        tokens = as_tokens(prompt)
+    except TokenizationError as exc:
+        raise APIError(400, f"prompt: {exc}", param="prompt", code="invalid_token") from None
     if int(tokens.min()) < 0 or int(tokens.max()) >= server.n_vocab:
         bad = int(tokens[(tokens < 0) | (tokens >= server.n_vocab)][0])
         raise APIError(400, f"prompt token id {bad} is outside the vocabulary [0, {server.n_vocab})",
                        param="prompt", code="invalid_token")
-    return tokens.astype(np.int32)
+    return tokens
 
 
 def _completion_stream(server: ServerState, ers: list[EngineRequest], rid: str, logprobs: bool, echoes: list[str],

@@ -65,6 +65,8 @@ def api_error(exc: BaseException) -> APIError:
         return APIError(400, str(exc), code="invalid_value")
     if isinstance(exc, ValueError):
         return APIError(400, str(exc), code="invalid_value")
+    if isinstance(exc, OverflowError):  # a request's number past what llama.cpp's C types hold
+        return APIError(400, f"a number in the request is out of range: {exc}", code="invalid_value")
     if isinstance(exc, LlamaError):
         return APIError(500, f"generation failed: {exc}", type="server_error", code=type(exc).__name__)
     return APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")

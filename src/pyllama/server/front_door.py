@@ -22,7 +22,11 @@ ENDPOINTS = ("/health", "/v1/health", "/metrics", "/v1/models", "/models", "/v1/
              "/chat/completions", "/v1/completions", "/completions", "/v1/embeddings", "/embeddings", "/tokenize",
              "/detokenize", "/v1/messages", "/v1/messages/count_tokens", "/v1/responses", "/responses",
              "/v1/responses/input_tokens", "/responses/input_tokens", "/completion", "/embedding", "/apply-template",
-             "/props", "/slots", "/rerank", "/v1/rerank", "/reranking", "/v1/reranking")
+             "/props", "/slots", "/rerank", "/v1/rerank", "/reranking", "/v1/reranking", "/openapi.json")
+
+
+# Answered without the API key: a load balancer's probe, and the API's description (it holds no secret).
+PUBLIC = ("/health", "/v1/health", "/openapi.json")
 
 
 class FrontDoor:
@@ -57,7 +61,7 @@ class FrontDoor:
                 return
             receive = _bounded(receive, limit, self.server.read_timeout)
             keys = self.server.api_keys
-            if keys and path not in ("/health", "/v1/health") and not authorized(scope, keys):
+            if keys and path not in PUBLIC and not authorized(scope, keys):
                 err = APIError(401, "invalid or missing API key (send Authorization: Bearer <key> or "
                                "x-api-key: <key>)", type="authentication_error", code="invalid_api_key",
                                headers={"WWW-Authenticate": "Bearer"})

@@ -31,7 +31,7 @@ from ..engine.request import PromptProgress
 from . import sse
 from .chat_turn import ChatTurn, Reply, prompt_tokens, sse_stream
 from .protocol import (APIError, ChatCompletionRequest, ChatMessage, FunctionDef, NamedFunction, NamedToolChoice,
-                       ResponseFormat, TextPart, Tool, ToolCall, ToolCallFunction, _Request, parse_request)
+                       ResponseFormat, TextPart, Tool, ToolCall, ToolCallFunction, _Request, parse_request, INT32_MAX)
 from .responses import gone, json_response
 from .state import ServerState
 
@@ -129,7 +129,7 @@ class ResponsesRequest(_Request):
     max_output_tokens: int | None = None
     temperature: float | None = Field(default=None, ge=0)
     top_p: float | None = Field(default=None, ge=0, le=1)
-    top_k: int | None = Field(default=None, ge=0)
+    top_k: int | None = Field(default=None, ge=0, le=INT32_MAX)
     min_p: float | None = Field(default=None, ge=0, le=1)
     seed: int | None = None
     tools: list[dict[str, Any]] | None = None

@@ -39,6 +39,10 @@ def error_body(message: str, *, type: str = "invalid_request_error", code: str |
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+# llama.cpp takes these counts as int32: a larger number is a 400 naming the field, not an OverflowError.
+INT32_MAX = 2**31 - 1
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True)
 
@@ -151,13 +155,13 @@ class SamplingRequest(_Request):
     model: str | None = None
     temperature: float | None = Field(default=None, ge=0)
     top_p: float | None = Field(default=None, ge=0, le=1)
-    top_k: int | None = Field(default=None, ge=0)
+    top_k: int | None = Field(default=None, ge=0, le=INT32_MAX)
     min_p: float | None = Field(default=None, ge=0, le=1)
     seed: int | None = None
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     repeat_penalty: float | None = Field(default=None, gt=0)
-    repeat_last_n: int | None = Field(default=None, ge=-1)
+    repeat_last_n: int | None = Field(default=None, ge=-1, le=INT32_MAX)
     logit_bias: dict[str, float] | None = None
     stop: Union[str, list[str], None] = None
     max_tokens: int | None = None
@@ -253,7 +257,7 @@ class NativeCompletionRequest(_Request):
     temperature: float | None = Field(default=None, ge=0)
     dynatemp_range: float | None = None
     dynatemp_exponent: float | None = None
-    top_k: int | None = None
+    top_k: int | None = Field(default=None, ge=-INT32_MAX, le=INT32_MAX)
     top_p: float | None = None
     min_p: float | None = None
     typical_p: float | None = None
@@ -261,18 +265,18 @@ class NativeCompletionRequest(_Request):
     xtc_probability: float | None = None
     xtc_threshold: float | None = None
     repeat_penalty: float | None = None
-    repeat_last_n: int | None = Field(default=None, ge=-1)
+    repeat_last_n: int | None = Field(default=None, ge=-1, le=INT32_MAX)
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     dry_multiplier: float | None = None
     dry_base: float | None = None
-    dry_allowed_length: int | None = None
-    dry_penalty_last_n: int | None = None
+    dry_allowed_length: int | None = Field(default=None, ge=-INT32_MAX, le=INT32_MAX)
+    dry_penalty_last_n: int | None = Field(default=None, ge=-INT32_MAX, le=INT32_MAX)
     dry_sequence_breakers: list[str] | None = None
     mirostat: int | None = Field(default=None, ge=0, le=2)
     mirostat_tau: float | None = None
     mirostat_eta: float | None = None
-    min_keep: int | None = Field(default=None, ge=0)
+    min_keep: int | None = Field(default=None, ge=0, le=INT32_MAX)
     seed: int | None = None
     samplers: Union[list[str], str, None] = None
     logit_bias: Union[list[Any], dict[str, Any], None] = None
@@ -283,18 +287,32 @@ class NativeCompletionRequest(_Request):
     logprobs: int | None = Field(default=None, ge=0)
     post_sampling_probs: bool = False
     cache_prompt: bool = True
-    id_slot: int = -1
+    id_slot: int = Field(default=-1, ge=-INT32_MAX, le=INT32_MAX)
     return_tokens: bool = False
     timings_per_token: bool = False
     return_progress: bool = False
     response_fields: list[str] | None = None
-    n_keep: int | None = None
+    n_keep: int | None = Field(default=None, ge=-INT32_MAX, le=INT32_MAX)
 
     def stops(self) -> list[str]:
         if self.stop is None:
             return []
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop)
         return [s for s in stops if s]  # llama-server drops empty stop strings
+
+
+class RerankRequest(_Request):
+    """``POST /rerank`` (Jina's shape: ``documents``; TEI's: ``texts``, ``return_text``). The handler checks
+    these fields itself, with llama-server's messages, which its clients and tests match."""
+
+    model_config = ConfigDict(strict=False, extra="ignore", populate_by_name=True)
+
+    model: str | None = None
+    query: str
+    documents: list[str] | None = None
+    texts: list[str] | None = None
+    top_n: int | None = None
+    return_text: bool = False
 
 
 R = TypeVar("R", bound=_Request)
@@ -321,5 +339,5 @@ def parse_request(cls: type[R], body: bytes) -> R:
 __all__ = [
     "APIError", "error_body", "ChatMessage", "TextPart", "ToolCall", "Tool", "ResponseFormat", "StreamOptions",
     "SamplingRequest", "ChatCompletionRequest", "CompletionRequest", "EmbeddingRequest", "TokenizeRequest",
-    "DetokenizeRequest", "NativeCompletionRequest", "parse_request",
+    "DetokenizeRequest", "NativeCompletionRequest", "RerankRequest", "parse_request",
 ]

@@ -1,0 +1,102 @@
+"""``/openapi.json``: every route described, and schemathesis against a live server finds no answer >= 500
+and none that breaks the document.
+
+The schemathesis run is bounded (a fixed seed, ``PYLLAMA_FUZZ_EXAMPLES`` examples per operation, 25 by
+default); the longer run is the same test with a larger budget:
+
+    PYLLAMA_FUZZ_EXAMPLES=300 python -m pytest tests/test_server_openapi.py -k schemathesis -s
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from pyllama.server import create_app
+from server_fixture import RemoteServer
+
+EXAMPLES = int(os.environ.get("PYLLAMA_FUZZ_EXAMPLES", "25"))
+
+
+def _document(**options: Any) -> tuple[Any, dict[str, Any]]:
+    app = create_app(lambda: None, **options)  # the loader never runs: no lifespan in this client
+    r = TestClient(app).get("/openapi.json")
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    return app, r.json()
+
+
+def test_every_route_is_described_and_nothing_else() -> None:
+    app, doc = _document()
+    routes = {(re.sub(r"\{(\w+)(?::\w+)?\}", r"{\1}", r.path), m.lower())
+              for r in app.routes if isinstance(r, Route) for m in (r.methods or ()) if m != "HEAD"}
+    routes.discard(("/openapi.json", "get"))
+    described = {(path, method) for path, ops in doc["paths"].items() for method in ops}
+    assert routes == described
+    assert doc["openapi"] == "3.1.0"
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            assert "200" in op["responses"], (path, method)
+            if method == "post":
+                assert {"400", "413", "503"} <= set(op["responses"]), (path, method)
+                assert "requestBody" in op or path.startswith("/slots/") or path == "/props", (path, method)
+
+
+def test_every_schema_reference_resolves() -> None:
+    _, doc = _document()
+    schemas = doc["components"]["schemas"]
+    refs = set(re.findall(r'"#/components/schemas/([^"]+)"', json.dumps(doc)))
+    assert refs and refs <= set(schemas), refs - set(schemas)
+
+
+def test_an_api_key_is_described() -> None:
+    _, doc = _document(api_key="k")
+    assert set(doc["components"]["securitySchemes"]) == {"bearer", "x-api-key"}
+    chat = doc["paths"]["/v1/chat/completions"]["post"]
+    assert "401" in chat["responses"] and chat["security"]
+    assert "security" not in doc["paths"]["/health"]["get"]
+
+
+CHECKS = "not_a_server_error,response_schema_conformance,status_code_conformance,content_type_conformance"
+
+
+def _schemathesis(url: str, report: Path, *selection: str) -> tuple[int, str]:
+    st = shutil.which("st", path=str(Path(sys.executable).parent)) or shutil.which("st")
+    assert st is not None, "schemathesis is part of the test extra"
+    cmd = [st, "run", url, "--checks", CHECKS, "--max-examples", str(EXAMPLES), "--seed", "20261206",
+           "--workers", "2", "--request-timeout", "60", "--no-shrink", "--generation-database", "none",
+           "--warnings", "off", "--report", "junit", "--report-junit-path", str(report), *selection]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=1700)
+    out = run.stdout + run.stderr
+    print("\n".join(out.splitlines()[-14:]))
+    return run.returncode, out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_schemathesis_finds_no_server_error_and_no_answer_outside_the_document(synth_model_path: Path,
+                                                                              synth_reranker_path: Path,
+                                                                              tmp_path: Path) -> None:
+    """Every operation, positive and negative inputs (schemathesis' coverage and fuzzing phases): no answer
+    >= 500, every status and body as the document says. The rerank routes run on a reranker (on a generating
+    model they are a 501 by design, as llama-server's without --reranking); ``POST /slots/{id_slot}`` is a
+    501 (saving slots is not supported yet) and is left out."""
+    with RemoteServer(synth_model_path, "--slots", "2", "--ctx-slot", "256", "--metrics", "--props") as srv:
+        rc, out = _schemathesis(srv.url_for("openapi.json"), tmp_path / "generate.xml",
+                                "--exclude-path-regex", "^/(v1/)?rerank", "--exclude-path", "/slots/{id_slot}")
+        assert rc == 0, out[-6000:]
+        assert httpx.get(srv.url_for("health"), timeout=10).status_code == 200  # and the server is still up
+    with RemoteServer(synth_reranker_path, "--reranking", "--slots", "1", "--ctx-slot", "512") as srv:
+        rc, out = _schemathesis(srv.url_for("openapi.json"), tmp_path / "rerank.xml",
+                                "--include-path-regex", "^/(v1/)?rerank")
+        assert rc == 0, out[-6000:]
