@@ -179,3 +179,28 @@ def test_numbers_past_int32_are_a_400_naming_them(srv: RemoteServer, path: str, 
     r = httpx.post(srv.url + path, json=body, timeout=30)
     assert r.status_code == 400, r.text
     assert named in r.text, r.text
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/completion", "/v1/embeddings", "/tokenize",
+                                  "/v1/messages", "/v1/responses"])
+def test_json_nested_past_the_parsers_limit_is_a_400(srv: RemoteServer, path: str) -> None:
+    """pydantic's JSON parser stops at depth 200: a 100,000-deep body is a 400 in milliseconds."""
+    deep = '{"x": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    r = httpx.post(srv.url + path, content=deep, headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 400 and "recursion limit" in r.text, r.text
+    _ok_after(srv)
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stop": [f"s{i}" for i in range(257)]}),
+    ("/v1/completions", {"prompt": "hi", "stop": ["x" * 2049]}),
+    ("/completion", {"prompt": "hi", "stop": [f"s{i}" for i in range(1000)]}),
+    ("/v1/messages", {"max_tokens": 4, "messages": [{"role": "user", "content": "hi"}],
+                      "stop_sequences": [f"s{i}" for i in range(300)]}),
+], ids=["chat:count", "completions:length", "native:count", "anthropic:count"])
+def test_too_many_or_too_long_stop_strings_are_a_400(srv: RemoteServer, path: str, body: dict[str, Any]) -> None:
+    """Stop strings are matched on the engine's thread for every token: 200,000 of them slowed a whole batch."""
+    r = httpx.post(srv.url + path, json=body, timeout=30)
+    assert r.status_code == 400 and "stop" in r.text, r.text
+    ok = {**body, "stop": ["zz"] * 256} if "stop" in body else {**body, "stop_sequences": ["zz"] * 256}
+    assert httpx.post(srv.url + path, json={**ok, "max_tokens": 2}, timeout=30).status_code == 200

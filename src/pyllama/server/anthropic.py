@@ -198,8 +198,8 @@ def _stop_reason(reply: Reply) -> str:
 def _input(arguments: str) -> Any:
     try:
         value = json.loads(arguments) if arguments else {}
-    except ValueError:
-        return {}  # cut short by max_tokens
+    except (ValueError, RecursionError):
+        return {}  # cut short by max_tokens (or nested past Python's parser)
     return value if isinstance(value, dict) else {}
 
 

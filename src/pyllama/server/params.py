@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 from ..options import DEFAULT_MIN_P, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, chain_specs
 from ..samplers import Sampler
@@ -72,6 +72,21 @@ def logit_bias(raw: dict[str, float], n_vocab: int) -> dict[int, float]:
 # llama.cpp counts tokens to predict in an int32 (common_params_sampling.n_predict, the C step's
 # limit): a larger request is refused by name rather than wrapped or turned into an allocation.
 MAX_PREDICT = 2**31 - 1
+
+# Stop strings are matched on the engine's thread after every token of their request: a request with
+# 200,000 of them slowed every request in its batch to its pace. OpenAI takes 4; these bounds leave room.
+MAX_STOPS = 256
+MAX_STOP_CHARS = 2048
+
+
+def check_stops(stops: Sequence[str]) -> None:
+    """A 400 naming the limit when a request's stop strings are too many or too long."""
+    if len(stops) > MAX_STOPS:
+        raise APIError(400, f"stop: at most {MAX_STOPS} stop strings are taken ({len(stops)} given)", param="stop")
+    long = next((s for s in stops if len(s) > MAX_STOP_CHARS), None)
+    if long is not None:
+        raise APIError(400, f"stop: a stop string may be at most {MAX_STOP_CHARS} characters ({len(long)} given)",
+                       param="stop")
 
 
 def _predict_bound(v: int, name: str) -> int:

@@ -26,6 +26,8 @@ def _body(raw: bytes) -> dict[str, Any]:
         body = json.loads(raw)
     except ValueError:
         raise APIError(400, "the request body is not valid JSON") from None
+    except RecursionError:  # the other routes' parser (pydantic's) stops at depth 200 the same way
+        raise APIError(400, "the request body is not valid JSON: nested too deeply") from None
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     return body

@@ -26,7 +26,7 @@ from starlette.requests import Request
 from ..errors import ContextOverflowError
 from ..stream import TokenEvent
 from ..options import SubmitOptions, Unpack
-from . import sse
+from . import params, sse
 from .chat import ChatPrompter
 from .errors import api_error
 from .metrics import Metrics
@@ -381,6 +381,7 @@ class ServerState:
         yield sse.DONE
 
     def submit(self, engine: Engine, prompt: Any, **options: Unpack[SubmitOptions]) -> EngineRequest:
+        params.check_stops(options.get("stop") or ())
         try:
             return engine.submit(prompt, **options)
         except Exception as exc:  # noqa: BLE001 - every refusal becomes a 4xx/503 in OpenAI's shape
