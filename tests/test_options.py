@@ -80,3 +80,17 @@ def test_every_api_takes_the_same_options() -> None:
         params = inspect.signature(fn).parameters
         assert any(p.kind is p.VAR_KEYWORD for p in params.values()), fn
         assert not SAMPLING_KEYS & set(params), fn  # no option written out a second time
+
+
+def test_context_options_are_the_context_signature() -> None:
+    """ContextOptions (what model.context, embed and rerank take) lists exactly Context's keywords."""
+    import inspect
+    import typing
+
+    from pyllama.context_params import ContextOptions
+
+    params = inspect.signature(pyllama.Context.__init__).parameters
+    keywords = {n for n, p in params.items() if p.kind is p.KEYWORD_ONLY}
+    assert set(typing.get_type_hints(ContextOptions)) == keywords
+    for fn in (pyllama.Model.context, pyllama.embed, pyllama.rerank):
+        assert any(p.kind is p.VAR_KEYWORD for p in inspect.signature(fn).parameters.values()), fn

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Union
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, Union
 
 from ._ffi import ffi, lib
 
@@ -16,6 +16,44 @@ if TYPE_CHECKING:
     from .model import Model
 
 FlashAttn = Union[Literal["auto", "on", "off"], bool]
+
+
+class ContextKnobs(TypedDict, total=False):
+    """The keywords of :class:`pyllama.Context` (its signature documents each) but what it computes
+    (``embeddings``, ``pooling``): what ``pyllama.embed(model, ...)`` and ``pyllama.rerank(model, ...)`` take
+    for the context they make."""
+
+    n_ctx: int | Literal["auto"]
+    n_batch: int
+    n_ubatch: int
+    n_seq_max: int
+    n_threads: int | None
+    n_threads_batch: int | None
+    flash_attn: FlashAttn
+    type_k: str | int
+    type_v: str | int
+    offload_kqv: bool
+    op_offload: bool
+    attention: str | None
+    rope_scaling: str | None
+    rope_freq_base: float
+    rope_freq_scale: float
+    yarn_ext_factor: float
+    yarn_attn_factor: float
+    yarn_beta_fast: float
+    yarn_beta_slow: float
+    yarn_orig_ctx: int
+    swa_full: bool
+    kv_unified: bool
+    no_perf: bool
+
+
+class ContextOptions(ContextKnobs, total=False):
+    """Every keyword of :class:`pyllama.Context`, for ``model.context(...)``; tests/test_options.py checks
+    that the two lists are the same."""
+
+    embeddings: bool
+    pooling: str | None
 
 _FLASH = {"auto": -1, "on": 1, "off": 0, True: 1, False: 0}
 

@@ -13,7 +13,9 @@ from .vocab import as_tokens
 
 if TYPE_CHECKING:
     from .context import Context
+    from .context_params import ContextKnobs
     from .model import Model
+    from .options import Unpack
     from .vocab import TokenArray
 
 #: One input of :func:`embed`: a text (tokenized with the model's special tokens, BOS for one) or token ids,
@@ -44,7 +46,7 @@ def embed_tokens(model: Model, item: EmbedInput, row: int = 0) -> TokenArray:
 
 
 def embed(target: Model | Context, texts: EmbedInput | Sequence[EmbedInput], *, normalize: bool = True,
-          pooling: str | None = None, **context_options: Any) -> npt.NDArray[np.float32]:
+          pooling: str | None = None, **context_options: Unpack[ContextKnobs]) -> npt.NDArray[np.float32]:
     """Embed texts: an array of shape (len(texts), n_embd) (or (n_embd,) for one input).
 
     An input is a string or a sequence of token ids (a list of them is several inputs). Uses the model's
@@ -62,8 +64,8 @@ def embed(target: Model | Context, texts: EmbedInput | Sequence[EmbedInput], *, 
         if not ctx.embeddings_enabled:
             raise ValueError("the context was not created with embeddings=True")
     else:
-        opts = {"n_ctx": "auto", "n_batch": 2048, "n_ubatch": 2048, **context_options}
-        ctx, own = target.context(embeddings=True, pooling=pooling, **opts), True
+        knobs: ContextKnobs = {"n_ctx": "auto", "n_batch": 2048, "n_ubatch": 2048, **context_options}
+        ctx, own = target.context(embeddings=True, pooling=pooling, **knobs), True
     try:
         ranks = ctx.pooling == 4  # rank pooling gives scores, not directions: never normalised
         if ctx.pooling == 0:

@@ -23,7 +23,9 @@ from .vocab import TokenArray, Vocab
 
 if TYPE_CHECKING:
     from .context import Context
+    from .context_params import ContextOptions
     from .lora import LoraAdapter
+    from .options import Unpack
 
 GpuLayers = Union[int, Literal["all", "auto"]]
 ProgressArg = Union[bool, Callable[[float], Any], None]
@@ -316,7 +318,7 @@ class Model(Handle):
         return self.vocab.detokenize(tokens, remove_special=remove_special, unparse_special=unparse_special)
 
     # --- children ------------------------------------------------------------------
-    def context(self, **params: Any) -> Context:
+    def context(self, **params: Unpack[ContextOptions]) -> Context:
         """A new inference context on this model; see :class:`pyllama.Context` for the knobs."""
         from .context import Context
 

@@ -15,7 +15,9 @@ import numpy.typing as npt
 
 if TYPE_CHECKING:
     from .context import Context
+    from .context_params import ContextKnobs
     from .model import Model
+    from .options import Unpack
     from .vocab import TokenArray
 
 
@@ -42,7 +44,7 @@ def rerank_tokens(model: Model, query: str, document: str) -> TokenArray:
 
 
 def rerank(target: Model | Context, query: str, documents: Sequence[str],
-           **context_options: Any) -> npt.NDArray[np.float32]:
+           **context_options: Unpack[ContextKnobs]) -> npt.NDArray[np.float32]:
     """The relevance score of each document to ``query``, in the documents' order (higher: more relevant).
 
     ``target`` is a reranker model (a temporary context with rank pooling is made and closed) or a context
@@ -60,8 +62,10 @@ def rerank(target: Model | Context, query: str, documents: Sequence[str],
     if isinstance(target, Context) and target.pooling != 4:
         raise ValueError("the context does not pool by rank: create it with embeddings=True, pooling='rank'")
     tokens = [rerank_tokens(model, query, d) for d in docs]
-    scores = embed(target, tokens, normalize=False, **({} if isinstance(target, Context) else
-                                                        {"pooling": "rank", **context_options}))
+    if isinstance(target, Context):
+        scores = embed(target, tokens, normalize=False)
+    else:
+        scores = embed(target, tokens, normalize=False, pooling="rank", **context_options)
     return np.ascontiguousarray(scores[:, 0])
 
 
