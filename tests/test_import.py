@@ -39,9 +39,24 @@ def test_lazy_names_are_the_modules_own() -> None:
     assert pyllama.Worker is Worker and pyllama.pull is pull
     # the submodules that used to load with pyllama are still reachable as attributes
     assert pyllama.store.pull is pull  # type: ignore[attr-defined]
-    # a name that is also a submodule stays the function
+    # the functions stay functions once their modules are loaded (by the engine, say)
     importlib.import_module("pyllama.embed")
+    importlib.import_module("pyllama.rerank")
+    importlib.import_module("pyllama.generate")
+    importlib.import_module("pyllama.devices")
     assert callable(pyllama.embed) and pyllama.embed.__name__ == "embed"
+    assert callable(pyllama.rerank) and pyllama.rerank.__name__ == "rerank"
+    assert callable(pyllama.generate) and callable(pyllama.devices)
+
+
+def test_import_loads_neither_numpy_nor_llama_cpp() -> None:
+    """`import pyllama` is the errors and the option types; numpy and llama.cpp's libraries load with the
+    first model (an app that imports pyllama at start-up, `pyllama --help`, pay nothing for them)."""
+    loaded = _fresh("import sys, pyllama; print([m for m in ('numpy', 'pyllama._ffi', 'pyllama._cffi') "
+                    "if m in sys.modules])")
+    assert loaded.strip() == "[]"
+    assert _fresh("import pyllama; print(pyllama.Model.__name__, pyllama.generate.__module__)").split() == [
+        "Model", "pyllama.generate"]
 
 
 def test_unknown_name_is_an_attribute_error() -> None:

@@ -76,7 +76,7 @@ def _schemathesis(url: str, report: Path, *selection: str) -> tuple[int, str]:
     cmd = [st, "run", url, "--checks", CHECKS, "--max-examples", str(EXAMPLES), "--seed", "20261206",
            "--workers", "2", "--request-timeout", "60", "--no-shrink", "--generation-database", "none",
            "--warnings", "off", "--report", "junit", "--report-junit-path", str(report), *selection]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=1700)
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=1700, cwd=report.parent)
     out = run.stdout + run.stderr
     print("\n".join(out.splitlines()[-14:]))
     return run.returncode, out

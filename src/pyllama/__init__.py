@@ -9,17 +9,11 @@ Quick start::
             print(event.text, end="", flush=True)
 """
 
+import sys as _sys
+import types as _types
 from typing import TYPE_CHECKING
 
 from ._version import __version__
-from ._ffi import build_info
-from .devices import Device, UnavailableBackend, backends, devices, supports_gpu_offload, system_info, unavailable_backends
-from .batch import Batch
-from .context import Context, PerfContext
-from .detokenize import StreamDecoder
-from .embed import embed
-from .rerank import rerank
-from .fit import DeviceMemory, Fit, fit_params, memory_projection
 from .errors import (
     BusyError,
     ClosedError,
@@ -36,39 +30,30 @@ from .errors import (
     TemplateError,
     TokenizationError,
 )
-from .generate import Generation, TokenEvent, agenerate, generate, generate_text
-from .kv import KVCache
-from .model import Model
 from .options import GenerateOptions, SamplingOptions, SubmitOptions
-from .speculative import SpeculativeStats, Speculator
-from .samplers import (
-    DRY,
-    XTC,
-    AdaptiveP,
-    Dist,
-    Greedy,
-    Grammar,
-    Infill,
-    LogitBias,
-    MinP,
-    Mirostat,
-    MirostatV2,
-    Penalties,
-    Sampler,
-    Temp,
-    TempExt,
-    TopK,
-    TopNSigma,
-    TopP,
-    Typical,
-    default_chain,
-)
-from .sampling import Candidates, CustomSampler, SamplerChain
-from .vocab import Vocab
 
-# What a plain Model/generate user does not need loads on first use (PEP 562): chat templates, the
-# store's HTTP client, the worker process and the engine (asyncio), RPC servers, ... Each name -> its module.
+# Every name but the errors and the option types loads on first use (PEP 562), so `import pyllama` costs
+# neither llama.cpp's libraries nor numpy until a model is opened: `pyllama --help` and an app that only
+# imports the package start fast. Each name -> its module.
 _LAZY = {
+    "build_info": "_ffi",
+    **dict.fromkeys(("Device", "UnavailableBackend", "backends", "devices", "supports_gpu_offload", "system_info",
+                     "unavailable_backends"), "devices"),
+    "Batch": "batch",
+    **dict.fromkeys(("Context", "PerfContext"), "context"),
+    "StreamDecoder": "detokenize",
+    "embed": "embed",
+    "rerank": "rerank",
+    **dict.fromkeys(("DeviceMemory", "Fit", "fit_params", "memory_projection"), "fit"),
+    **dict.fromkeys(("Generation", "TokenEvent", "agenerate", "generate", "generate_text"), "generate"),
+    "KVCache": "kv",
+    "Model": "model",
+    **dict.fromkeys(("SpeculativeStats", "Speculator"), "speculative"),
+    **dict.fromkeys(("DRY", "XTC", "AdaptiveP", "Dist", "Greedy", "Grammar", "Infill", "LogitBias", "MinP",
+                     "Mirostat", "MirostatV2", "Penalties", "Sampler", "Temp", "TempExt", "TopK", "TopNSigma",
+                     "TopP", "Typical", "default_chain"), "samplers"),
+    **dict.fromkeys(("Candidates", "CustomSampler", "SamplerChain"), "sampling"),
+    "Vocab": "vocab",
     **dict.fromkeys(("ChatFormat", "ChatPrompt", "ChatSession", "apply_template"), "chat"),
     **dict.fromkeys(("Engine", "EngineStats"), "engine"),
     **dict.fromkeys(("PrefilledGrammar", "json_schema_to_grammar"), "grammar"),
@@ -85,6 +70,23 @@ _LAZY = {
 _LAZY_MODULES = frozenset(_LAZY.values())
 
 if TYPE_CHECKING:
+    from ._ffi import build_info
+    from .batch import Batch
+    from .context import Context, PerfContext
+    from .detokenize import StreamDecoder
+    from .devices import (Device, UnavailableBackend, backends, devices, supports_gpu_offload, system_info,
+                          unavailable_backends)
+    from .embed import embed
+    from .fit import DeviceMemory, Fit, fit_params, memory_projection
+    from .generate import Generation, TokenEvent, agenerate, generate, generate_text
+    from .kv import KVCache
+    from .model import Model
+    from .rerank import rerank
+    from .samplers import (DRY, XTC, AdaptiveP, Dist, Greedy, Grammar, Infill, LogitBias, MinP, Mirostat, MirostatV2,
+                           Penalties, Sampler, Temp, TempExt, TopK, TopNSigma, TopP, Typical, default_chain)
+    from .sampling import Candidates, CustomSampler, SamplerChain
+    from .speculative import SpeculativeStats, Speculator
+    from .vocab import Vocab
     from .chat import ChatFormat, ChatPrompt, ChatSession, apply_template
     from .engine import Engine, EngineStats
     from .grammar import PrefilledGrammar, json_schema_to_grammar
@@ -99,15 +101,31 @@ else:  # hidden from type checkers, so that a misspelt pyllama.X stays an error 
 
     def __getattr__(name: str) -> object:
         import importlib
+        import importlib.util
 
         module = _LAZY.get(name)
         if module is not None:
             value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
             globals()[name] = value  # once: later lookups do not come here
             return value
-        if name in _LAZY_MODULES:
-            return importlib.import_module(f"{__name__}.{name}")
+        if name in _LAZY_MODULES or (not name.startswith("__")
+                                     and importlib.util.find_spec(f"{__name__}.{name}") is not None):
+            return importlib.import_module(f"{__name__}.{name}")  # pyllama.fit, pyllama.store, ...
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class _Package(_types.ModuleType):
+    """pyllama's module type: ``generate``, ``devices``, ``embed`` and ``rerank`` are functions named like the
+    modules that hold them. Python binds a submodule to its package's attribute when it is imported (by
+    the engine, say), which would put the module where the function belongs; this keeps the function."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if isinstance(value, _types.ModuleType) and _LAZY.get(name) == name:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+_sys.modules[__name__].__class__ = _Package
 
 
 def __dir__() -> list[str]:
