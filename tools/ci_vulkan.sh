@@ -7,7 +7,7 @@
 #    plus Debian 13's Vulkan headers in build/vulkan-sdk (private apt state);
 # 2. `pip wheel` with PYLLAMA_BACKEND=vulkan into build/dist-vulkan, build
 #    directory build/vulkan, under `flock /tmp/pyllama-build.lock` (ccache on);
-# 3. a fresh venv /tmp/venv-vulkan with that wheel, pytest and gguf;
+# 3. a fresh venv /tmp/venv-vulkan with that wheel, pytest, pytest-timeout and gguf;
 # 4. tests/test_vulkan.py there (device listed; greedy tokens on the synthetic
 #    model fully offloaded to Vulkan == CPU; host, argmax and backend sampling
 #    == CPU greedy), the wheel smoke test with a
@@ -57,7 +57,7 @@ log "built $(basename "$wheel") ($(stat -c %s "$wheel") bytes) in $(( $(date +%s
 # --- 3. a fresh environment -------------------------------------------------------
 rm -rf "$venv"
 "$py" -m venv "$venv"
-"$venv/bin/pip" install --quiet "$wheel" pytest gguf
+"$venv/bin/pip" install --quiet "$wheel" pytest pytest-timeout gguf  # pytest-timeout: the suite's per-test limit and its marks
 
 # --- 4. tests ---------------------------------------------------------------------
 # Run from the checkout's tests/ with the installed wheel: src/ is not on sys.path.

@@ -25,7 +25,8 @@ import numpy.typing as npt
 from .._channel import wake
 from ..engine import EngineBusyError, EngineRequest, EngineStats
 from ..engine.request import PROGRESS_TOKEN, PromptProgress
-from ..engine.core import COUNTERS, EnginePrompt, EngineFront, check_embed_request, check_request
+from ..engine.core import COUNTERS
+from ..engine.front import EnginePrompt, EngineFront, check_embed_request, check_request
 from ..errors import ClosedError
 from ..model import Model
 from ..options import SUBMIT_KEYS, Sampling, SubmitOptions, Unpack

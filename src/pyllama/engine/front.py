@@ -1,0 +1,133 @@
+"""What every engine offers, in process (:class:`~pyllama.engine.Engine`) or in a worker
+(``IsolatedEngine``): the checks a request passes before it is queued, and :class:`EngineFront`, the API
+both build on ``submit`` and ``aembed`` (blocking generate, tokens, reranking, closing)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import TYPE_CHECKING, Any, Iterator, Sequence, Union
+
+import numpy as np
+import numpy.typing as npt
+
+from ..errors import ContextOverflowError
+from ..options import CONTEXT_FULL, SubmitOptions, Unpack
+from ..vocab import Vocab, as_tokens
+
+if TYPE_CHECKING:
+    from ..embed import EmbedInput
+    from ..model import Model
+    from .request import EngineRequest
+
+EnginePrompt = Union[str, bytes, Sequence[int], npt.NDArray[np.integer[Any]]]
+
+
+def check_request(vocab: Vocab, prompt: str | bytes | Sequence[int] | npt.NDArray[np.integer[Any]], *,
+                  n_ctx_slot: int, max_tokens: int | None, add_special: bool, parse_special: bool,
+                  context_full: str) -> npt.NDArray[np.int32]:
+    """The prompt's tokens, once the request is known to fit a slot (else ValueError or ContextOverflowError)."""
+    if context_full not in CONTEXT_FULL:
+        raise ValueError(f"context_full must be one of {CONTEXT_FULL}, not {context_full!r}")
+    if isinstance(prompt, (str, bytes)):
+        tokens = vocab.tokenize(prompt, add_special=add_special, parse_special=parse_special)
+    else:
+        tokens = as_tokens(prompt)
+        vocab.check_tokens(tokens)
+    if tokens.size == 0:
+        raise ValueError("empty prompt: nothing to condition the generation on")
+    if tokens.size >= n_ctx_slot:
+        raise ContextOverflowError(f"the prompt has {tokens.size} tokens; a slot holds {n_ctx_slot} "
+                                   "(prompt and reply together)", n_tokens=int(tokens.size), n_ctx=n_ctx_slot)
+    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 0):
+        raise ValueError("max_tokens must be an int >= 0 or None")
+    return tokens
+
+
+def check_embed_request(texts: Sequence[EmbedInput], *, embeddings: bool) -> list[EmbedInput]:
+    """``texts`` as a list, once known to be a non-empty list of inputs (strings or token id sequences) for an
+    engine with embeddings."""
+    if not embeddings:
+        raise ValueError("this engine was created with embeddings=False")
+    if isinstance(texts, str):
+        raise TypeError("embed() takes a sequence of inputs (strings or token id sequences)")
+    items = list(texts)
+    if not items or not all(isinstance(t, (str, Sequence, np.ndarray)) for t in items):
+        raise ValueError("embed() needs a non-empty list of strings or token id sequences")
+    return items
+
+
+#: The embedding pooling names of :meth:`pyllama.Model.context`, by llama.cpp's enum value.
+POOLING_NAMES = {0: "none", 1: "mean", 2: "cls", 3: "last", 4: "rank"}
+
+
+def embedding_pooling(model: Model, pooling: str | None) -> str:
+    """The pooling an engine embeds with: ``pooling`` if given, else the model's own, else mean."""
+    if pooling is not None:
+        if pooling not in POOLING_NAMES.values():
+            raise ValueError(f"pooling must be one of {sorted(POOLING_NAMES.values())}, not {pooling!r}")
+        return pooling
+    own = model.meta(f"{model.architecture}.pooling_type")
+    return POOLING_NAMES.get(int(own), "mean") if own is not None and own.lstrip("-").isdigit() else "mean"
+
+
+class EngineFront:
+    """What every engine offers on top of ``submit``: a blocking generate, and tokens on its model's vocabulary
+    (shared by :class:`Engine` and the worker's ``IsolatedEngine``)."""
+
+    model: Model
+    pooling: str
+
+    def submit(self, prompt: EnginePrompt,
+               **options: Unpack[SubmitOptions]) -> EngineRequest:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def together(self) -> Iterator[None]:
+        """Requests submitted inside are admitted in the same step (n choices, a list of prompts): their
+        prompts are prefilled in one batch, so identical requests compute identically, as in llama-server.
+        (Here: nothing to hold; :class:`Engine` holds its admission.)"""
+        yield
+
+    async def aembed(self, texts: Sequence[EmbedInput], *,
+                     normalize: bool = True) -> npt.NDArray[np.float32]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def rerank_prompts(self, query: str, documents: Sequence[str]) -> list[npt.NDArray[np.int32]]:
+        """What :meth:`arerank` scores: one token sequence per document (see :func:`pyllama.rerank_tokens`)."""
+        from ..rerank import rerank_tokens
+
+        if self.pooling != "rank":
+            raise ValueError(f"this engine pools embeddings by {self.pooling!r}, not by rank: reranking needs "
+                             "a reranker model (or pooling='rank')")
+        return [rerank_tokens(self.model, query, d) for d in documents]
+
+    async def arerank(self, prompts: Sequence[npt.NDArray[np.int32]]) -> npt.NDArray[np.float32]:
+        """The reranker's score of each of :meth:`rerank_prompts`' sequences, computed with the embeddings."""
+        scores = await self.aembed(list(prompts), normalize=False)
+        return np.ascontiguousarray(scores[:, 0])
+
+    def generate(self, prompt: EnginePrompt, **options: Unpack[SubmitOptions]) -> str:
+        """Submit and wait: the whole completion as one string."""
+        return self.submit(prompt, **options).result()
+
+    def tokenize(self, text: str | bytes, *, add_special: bool = True,
+                 parse_special: bool = False) -> npt.NDArray[np.int32]:
+        return self.model.vocab.tokenize(text, add_special=add_special, parse_special=parse_special)
+
+    def detokenize(self, tokens: Sequence[int] | npt.NDArray[np.integer[Any]]) -> str:
+        return self.model.vocab.detokenize(tokens)
+
+    def close(self, *, drain: bool = False, timeout: float | None = None) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    async def aclose(self, *, drain: bool = False, timeout: float | None = None) -> None:
+        """:meth:`close` without blocking the event loop."""
+        await asyncio.to_thread(self.close, drain=drain, timeout=timeout)
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+__all__ = ["EngineFront", "EnginePrompt", "check_request", "check_embed_request", "embedding_pooling",
+           "POOLING_NAMES"]
