@@ -33,7 +33,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve import ServerProcess, free_port  # noqa: E402 - bench/serve.py: the server child process
+from serve import ServerProcess, free_port, percentiles  # noqa: E402 - bench/serve.py's server and quantiles
 
 MIX = (("chat-stream", 35), ("chat", 15), ("completion-stream", 15), ("completion", 10), ("embedding", 10),
        ("tokenize", 15))
@@ -63,13 +63,6 @@ def _proc_facts(pid: int) -> dict[str, float]:
     except OSError:
         pass
     return facts
-
-
-def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
 
 
 class Load:
@@ -191,8 +184,8 @@ async def _run(url: str, args: argparse.Namespace, pid: int) -> dict[str, Any]:
     for o in outs:
         statuses[o.status] = statuses.get(o.status, 0) + 1
     full = [o for o in outs if o.ttft is not None and not o.slow]
-    ttft = [o.ttft for o in full if o.ttft is not None]
-    itl = [g for o in full for g in o.gaps]
+    ttft = percentiles([o.ttft for o in full if o.ttft is not None])
+    itl = percentiles([g for o in full for g in o.gaps])
     xs = [t for t, f in samples if "rss_mb" in f]
     ys = [f["rss_mb"] for _, f in samples if "rss_mb" in f]
     slope = statistics.linear_regression(xs, ys).slope * 60 if len(xs) >= 3 else None
@@ -202,8 +195,8 @@ async def _run(url: str, args: argparse.Namespace, pid: int) -> dict[str, Any]:
         "requests_per_s": round(len(outs) / took, 2), "statuses": statuses,
         "by_kind": {k: sum(1 for o in outs if o.kind == k) for k in load.kinds},
         "slow_streams": sum(1 for o in outs if o.slow),
-        "ttft_p50_s": _pct(ttft, 0.5), "ttft_p99_s": _pct(ttft, 0.99),
-        "itl_p50_s": _pct(itl, 0.5), "itl_p99_s": _pct(itl, 0.99),
+        "ttft_p50_s": ttft["median"], "ttft_p99_s": ttft["p99"],
+        "itl_p50_s": itl["median"], "itl_p99_s": itl["p99"],
         "rss_mb_start": before.get("rss_mb"), "rss_mb_end": after.get("rss_mb"),
         "rss_mb_max": max(ys) if ys else None, "rss_slope_mb_per_min": slope,
         "fds": [before.get("fds"), after.get("fds")], "threads": [before.get("threads"), after.get("threads")],

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from typing import Iterable
+from typing import Any, Iterable, Sequence
 
 
 def join_all(threads: Iterable[threading.Thread], timeout: float = 60.0) -> None:
@@ -17,3 +17,18 @@ def join_all(threads: Iterable[threading.Thread], timeout: float = 60.0) -> None
         if t.is_alive():
             stuck.append(t.name)
     assert not stuck, f"threads still running after {timeout:.0f} s (a deadlock?): {stuck}"
+
+
+def tokens_on_threads(requests: Sequence[Any], timeout: float = 60.0) -> list[list[int]]:
+    """The token ids of each engine request, each consumed on a thread of its own (as concurrent clients
+    would), joined with a bound."""
+    got: list[list[int]] = [[] for _ in requests]
+
+    def consume(i: int) -> None:
+        got[i] = [ev.token for ev in requests[i] if ev.token >= 0]
+
+    threads = [threading.Thread(target=consume, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    join_all(threads, timeout)
+    return got

@@ -14,6 +14,7 @@ import pytest
 
 import pyllama
 from pyllama.engine import Engine, EngineBusyError
+from bounded import tokens_on_threads
 
 PROMPTS = [[1, 5 + i, 9 + 2 * i, 14 + i] for i in range(8)]
 
@@ -33,16 +34,7 @@ def test_concurrent_streams_equal_alone_runs_and_share_decodes(model: Any) -> No
     expected = [alone_tokens(model, p, n) for p in PROMPTS]
     with Engine(model, n_slots=4, n_ctx=128, n_threads=1) as engine:
         reqs = [engine.submit(p, max_tokens=n, ignore_eos=True) for p in PROMPTS]
-        results: list[Any] = [None] * len(reqs)
-
-        def consume(i: int) -> None:
-            results[i] = [ev.token for ev in reqs[i] if ev.token >= 0]
-
-        threads = [threading.Thread(target=consume, args=(i,)) for i in range(len(reqs))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
+        results = tokens_on_threads(reqs)
         stats = engine.stats()
     for i, req in enumerate(reqs):
         assert req.finish_reason == "length"

@@ -19,13 +19,13 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import pyllama
+from bounded import tokens_on_threads
 
 pytestmark = [pytest.mark.gpu, pytest.mark.may_skip]
 
@@ -101,16 +101,7 @@ def test_parallel_and_engine_equal_alone(gpu_model: Any) -> None:
 
     with pyllama.Engine(gpu_model, n_slots=len(PROMPTS), n_ctx=256, n_threads=2) as engine:
         reqs = [engine.submit(p, max_tokens=N_PREDICT, ignore_eos=True) for p in PROMPTS]
-        got: list[list[int]] = [[] for _ in reqs]
-
-        def consume(i: int) -> None:
-            got[i] = [ev.token for ev in reqs[i] if ev.token >= 0]
-
-        threads = [threading.Thread(target=consume, args=(i,)) for i in range(len(reqs))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
+        got = tokens_on_threads(reqs, 120)
         stats = engine.stats()
     assert got == alone
     assert stats.max_requests_in_step == len(PROMPTS)
