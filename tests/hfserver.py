@@ -8,7 +8,7 @@ Serves what the test wrote under ``root``:
   ``/api/models/{org}/{repo}/tree/{rev}`` (``lfs.oid``/``size``), the Hub's shapes;
 - ``/files/{path}`` from ``root/files/{path}`` (plain URLs; ``x.sha256`` files are served like any other).
 
-Every body honours ``Range: bytes=N-`` (and ``If-Range``) unless ``ignore_range``; the ETag is the
+Every body honours ``Range: bytes=N-`` and ``bytes=N-M`` (and ``If-Range``) unless ``ignore_range``; the ETag is the
 content's sha256 (plus ``etag_salt``). Switches, settable while it runs: ``ignore_range``,
 ``wrong_range`` (a 206 that starts at 0), ``drop_after``/``drops`` (close the connection after N body
 bytes, for the next ``drops`` bodies), ``stall_after``/``stall_seconds``/``stalls``, ``corrupt_offset``
@@ -259,11 +259,14 @@ class _Handler(BaseHTTPRequestHandler):
         rng = self.headers.get("Range")
         start = 0
         status = 200
+        end = size - 1  # the last byte sent
         if rng and not hf.ignore_range:
             if_range = self.headers.get("If-Range")
             if if_range is None or if_range == etag:
-                first = rng.removeprefix("bytes=").split("-")[0]
+                first, _, last = rng.removeprefix("bytes=").partition("-")
                 start = int(first)
+                if last:
+                    end = min(int(last), size - 1)
                 if start >= size:
                     self.send_response(416)
                     self.send_header("Content-Range", f"bytes */{size}")
@@ -277,16 +280,16 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("ETag", etag)
         self.send_header("Accept-Ranges", "none" if hf.ignore_range else "bytes")
-        self.send_header("Content-Length", str(size - start))
+        self.send_header("Content-Length", str(end + 1 - start))
         if status == 206:
-            self.send_header("Content-Range", f"bytes {start if not hf.wrong_range else 0}-{size - 1}/{size}")
+            self.send_header("Content-Range", f"bytes {start if not hf.wrong_range else 0}-{end}/{size}")
         for k, v in extra.items():
             self.send_header(k, v)
         self.end_headers()
         self._log(status, rng)
         if not body:
             return
-        length = size - start
+        length = end + 1 - start
         with hf._lock:  # faults apply to bodies long enough to have them (not to .sha256 files)
             drop = hf.drop_after if hf.drops > 0 and hf.drop_after is not None and hf.drop_after < length else None
             if drop is not None:

@@ -248,12 +248,22 @@ def _atomic_write(path: Path, writer: gguf.GGUFWriter, tmp: Path) -> Path:
     return path
 
 
-def _write_model(path: PathLike, params: LlamaParams, *, name: str, pooling: gguf.PoolingType | None) -> Path:
+#: fill-in-the-middle control tokens (Qwen2.5-Coder's names), appended by write_fim_model, by GGUF key
+FIM_TOKENS = {"fim_pre": "<|fim_prefix|>", "fim_suf": "<|fim_suffix|>", "fim_mid": "<|fim_middle|>",
+              "fim_pad": "<|fim_pad|>", "fim_rep": "<|repo_name|>", "fim_sep": "<|file_sep|>"}
+
+
+def _write_model(path: PathLike, params: LlamaParams, *, name: str, pooling: gguf.PoolingType | None,
+                 fim: bool = False) -> Path:
     """Shared body of the model writers: hyper-parameters, tokenizer, tensors."""
     params.validate()
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     vocab = build_vocab()
+    if fim:
+        vocab = Vocab(tokens=vocab.tokens + list(FIM_TOKENS.values()),
+                      scores=vocab.scores + [0.0] * len(FIM_TOKENS),
+                      types=vocab.types + [int(gguf.TokenType.CONTROL)] * len(FIM_TOKENS))
     if params.n_vocab:  # a large vocabulary (a real model's 262,144 logits) of pieces no text produces
         if params.n_vocab < len(vocab.tokens):
             raise ValueError(f"n_vocab must be 0 or at least {len(vocab.tokens)}")
@@ -292,6 +302,9 @@ def _write_model(path: PathLike, params: LlamaParams, *, name: str, pooling: ggu
     w.add_add_eos_token(False)
     w.add_add_space_prefix(True)
     w.add_chat_template(CHATML_TEMPLATE)
+    if fim:
+        for key, text in FIM_TOKENS.items():
+            w.add_uint32(f"tokenizer.ggml.{key}_token_id", vocab.tokens.index(text))
 
     qtype = _QUANT.get(params.dtype)
     for tensor_name, data in _random_weights(params, vocab).items():
@@ -343,6 +356,12 @@ def write_embedding_model(
     """
     params = LlamaParams(n_layer, n_embd, n_head, n_head_kv, n_ff, n_ctx_train, seed, dtype)
     return _write_model(path, params, name="pyllama-synth-embedding", pooling=gguf.PoolingType.MEAN)
+
+
+def write_fim_model(path: PathLike, *, seed: int = 1357) -> Path:
+    """Write a tiny "llama" model whose vocabulary has fill-in-the-middle tokens (prefix, suffix, middle, pad,
+    repository and file separators, as Qwen2.5-Coder's), for ``/infill``; returns ``path``."""
+    return _write_model(path, LlamaParams(seed=seed), name="pyllama-synth-fim", pooling=None, fim=True)
 
 
 def write_reranker_model(path: PathLike, *, seed: int = 2468) -> Path:

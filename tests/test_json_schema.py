@@ -1,14 +1,21 @@
-"""JSON schema -> GBNF with llama.cpp's own converter (common/json-schema-to-grammar.cpp)."""
+"""JSON schema -> GBNF with llama.cpp's own converter (common/json-schema-to-grammar.cpp), and the bounds on
+what a grammar may cost llama.cpp (pyllama.grammar.gbnf_cost)."""
 
 from __future__ import annotations
 
 import json
+import re
+import sys
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
 import pyllama
+from pyllama.grammar import GRAMMAR_MAX_STACKS
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 PERSON = {
     "type": "object",
@@ -91,3 +98,117 @@ def test_schema_of_wrong_python_type_raises_value_error(schema: Any) -> None:
 def test_unserialisable_schema_raises_value_error() -> None:
     with pytest.raises(ValueError, match="serialisable"):
         pyllama.json_schema_to_grammar({"type": "object", "default": object()})
+
+
+# --- what a grammar costs llama.cpp (pyllama.grammar.gbnf_cost) and the bounds every grammar meets -----
+
+def _nested(levels: int) -> dict[str, Any]:
+    return {"type": "string", "pattern": "^" + "(" * levels + "x?" + "){2}" * levels + "$"}
+
+
+def _object(depth: int) -> dict[str, Any]:
+    s: dict[str, Any] = {"type": "string"}
+    for _ in range(depth):
+        s = {"type": "object", "properties": {"a": s, "b": {"type": "integer"}}, "required": ["a"]}
+    return s
+
+
+REFUSED = [  # schema, what the error names; each took llama.cpp from 24 s to hours (or was a parse error)
+    (_nested(14), "parse stacks"),  # 12 levels took 30 s to create, and 513 stacks 29 s a token
+    ({"enum": [f"v{i}" for i in range(100_000)]}, "parse stacks"),  # 24 s to create
+    ({"anyOf": [{"const": i} for i in range(1000)]}, "parse stacks"),
+    ({"type": "array", "items": {"type": "integer"}, "minItems": 100_000}, "2000 repetitions"),
+    ({"type": "string", "minLength": 1_000_000}, "2000 repetitions"),
+]
+ALLOWED = [  # schemas within the depth and size a request may have: each builds in well under a second
+    _object(150),
+    {"type": "array", "items": {"type": "integer"}, "maxItems": 100_000},  # llama.cpp reads it as unbounded
+    {"type": "string", "maxLength": 1_000_000},
+    {"type": "string", "pattern": "^((a+)+)+b{1,1000}$"},
+    {"type": "integer", "minimum": -10**15, "maximum": 10**15},
+    {"enum": [f"value {i}" for i in range(200)]},
+    _nested(7),
+]
+
+
+@pytest.mark.parametrize("schema,named", REFUSED, ids=[f"refused{i}" for i in range(len(REFUSED))])
+def test_costly_schemas_are_refused_before_llama_cpp_builds_them(model: pyllama.Model, schema: Any,
+                                                                  named: str) -> None:
+    from pyllama.grammar import gbnf_cost
+
+    grammar = pyllama.json_schema_to_grammar(schema)
+    t = time.perf_counter()
+    with pytest.raises(pyllama.SamplerError, match=named):
+        pyllama.SamplerChain([pyllama.Grammar(grammar), pyllama.Greedy()], model)
+    assert time.perf_counter() - t < 2.0
+    if named == "parse stacks":
+        assert gbnf_cost(grammar).stacks > GRAMMAR_MAX_STACKS
+
+
+@pytest.mark.parametrize("schema", ALLOWED, ids=[f"allowed{i}" for i in range(len(ALLOWED))])
+def test_allowed_schemas_build_fast(model: pyllama.Model, schema: Any) -> None:
+    grammar = pyllama.Grammar(pyllama.json_schema_to_grammar(schema))
+    t = time.perf_counter()
+    pyllama.SamplerChain([grammar, pyllama.Greedy()], model).close()
+    assert time.perf_counter() - t < 1.0
+
+
+def test_llama_cpp_grammars_are_within_the_bounds(model: pyllama.Model) -> None:
+    """The grammars llama.cpp ships parse as llama.cpp parses them, and cost little."""
+    from pyllama.grammar import check_gbnf
+
+    files = sorted((Path(__file__).resolve().parents[1] / "vendor" / "llama.cpp" / "grammars").glob("*.gbnf"))
+    assert len(files) >= 8
+    for f in files:
+        cost = check_gbnf(f.read_text())
+        assert 0 < cost.stacks <= 12 and cost.rules < 100, (f.name, cost)
+        pyllama.SamplerChain([pyllama.Grammar(f.read_text()), pyllama.Greedy()], model).close()
+
+
+def test_a_call_to_one_of_128_tools_is_within_the_bounds(model: pyllama.Model) -> None:
+    """The server takes 128 tools (OpenAI's limit): the template's tool-call grammar for them is allowed."""
+    from test_server_starter import TOOL_TEMPLATE
+
+    from pyllama.chat import ChatTemplate
+    from pyllama.grammar import check_gbnf
+
+    params = {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+              "required": ["city"]}
+    tools = [{"type": "function", "function": {"name": f"tool_{i}", "parameters": params}} for i in range(128)]
+    with ChatTemplate(model, template=TOOL_TEMPLATE) as chat:
+        out = chat.apply([{"role": "user", "content": "hi"}], tools=tools, tool_choice="required")
+        grammar = out.grammar_sampler()
+    assert grammar is not None
+    assert 128 <= check_gbnf(grammar.grammar).stacks <= GRAMMAR_MAX_STACKS
+    grammar.check(model)
+
+
+@pytest.mark.parametrize("grammar,message", [
+    ('root ::= "a" | b\n', "undefined rule identifier 'b'"),
+    ('root ::= "a\n', "malformed string literal"),
+    ("root ::= [a-\n", "malformed character class"),
+    ('root ::= "a" )\n', "expecting newline or end"),
+    ('root ::= ("a"\n', "expecting ')'"),
+    ('root ::= "a"{3001}\n', "2000 repetitions"),
+    ('root ::= ("a"{0,50}){0,50}\n', "2000"),
+    ('root ::= "\\q"\n', "malformed string literal"),
+    ("root ::= ?\n", "expecting preceding item"),
+])
+def test_grammar_syntax_errors_name_the_place(grammar: str, message: str) -> None:
+    """Found before llama.cpp parses the text (which prints all of it to stderr on an error)."""
+    from pyllama.grammar import gbnf_cost
+
+    with pytest.raises(pyllama.SamplerError, match=re.escape(message)):
+        gbnf_cost(grammar)
+
+
+def test_gbnf_cost_counts_as_llama_cpp_rewrites() -> None:
+    from pyllama.grammar import gbnf_cost
+
+    assert gbnf_cost('root ::= "a" | "b" | "c"\n').stacks == 3
+    assert gbnf_cost('root ::= "a"{0,1999}\n').rules == 1 + 1999  # S{0,n}: n nested optional rules
+    assert gbnf_cost('root ::= x x x\nx ::= "a" | ""\n').stacks == 1 + 1 + 1 + 1  # three "a"s, or the end
+    nested = "root ::= a0\n" + "".join(f"a{i} ::= a{i + 1} a{i + 1}\n" for i in range(10)) + 'a10 ::= "x" | ""\n'
+    assert gbnf_cost(nested).stacks == 2**10 + 1
+    # a rule that loops back through a part that may match nothing meets a stack already expanded: finite
+    assert gbnf_cost('root ::= ("a"?)*\n').stacks <= 3

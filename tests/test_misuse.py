@@ -165,6 +165,10 @@ BAD_GRAMMARS = [  # each killed the process before (std::terminate, SIGSEGV, or 
     ({"grammar": "root ::= <[999999]>"}, "allows no token"),
     ({"grammar": 'root ::= "a"{5,2}'}, "maximum is below the minimum"),
     ({"grammar": "root ::= " + "(" * 20000 + '"a"' + ")" * 20000}, "deeper than"),
+    # (and these took llama.cpp minutes to hours: 2**16 parse stacks; 2 million rules from 12 KB)
+    ({"grammar": "root ::= a0\n" + "".join(f"a{i} ::= a{i + 1} a{i + 1}\n" for i in range(16)) + 'a16 ::= "x" | ""'},
+     "parse stacks"),
+    ({"grammar": "root ::= " + '"a"{0,1999} ' * 1000}, "rules"),
     ({"grammar": 'root ::= "a"', "trigger_patterns": ["(("]}, "not a valid regular expression"),
     ({"grammar": 'root ::= "a"', "trigger_patterns": ["(?P<x>a)"]}, "not ECMAScript"),
 ]

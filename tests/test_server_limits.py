@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,8 +20,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from server_fixture import RemoteServer  # noqa: E402
 
-from pyllama.server.cli import _byte_size
-from pyllama.server.params import MAX_PREDICT
+from pyllama._units import byte_size as _byte_size
+from pyllama.server.params import MAX_PREDICT, MAX_SCHEMA_CHARS, MAX_TOOLS
 from bounded import join_all
 
 LIMIT = 1 << 20
@@ -204,3 +206,112 @@ def test_too_many_or_too_long_stop_strings_are_a_400(srv: RemoteServer, path: st
     assert r.status_code == 400 and "stop" in r.text, r.text
     ok = {**body, "stop": ["zz"] * 256} if "stop" in body else {**body, "stop_sequences": ["zz"] * 256}
     assert httpx.post(srv.url + path, json={**ok, "max_tokens": 2}, timeout=30).status_code == 200
+
+
+# --- tools, JSON schemas and grammars ----------------------------------------------------------------
+
+def _tool(i: int, parameters: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"type": "function", "function": {"name": f"tool_{i}", "parameters": parameters or {"type": "object"}}}
+
+
+def _nested_pattern(levels: int) -> dict[str, Any]:
+    """70 characters of schema: its grammar has 2**levels + 1 parse stacks at its start (12 levels took
+    llama.cpp 30 s to create, 14 over a minute)."""
+    return {"type": "string", "pattern": "^" + "(" * levels + "x?" + "){2}" * levels + "$"}
+
+
+def _nested_gbnf(levels: int) -> str:
+    """Each rule twice a rule that may match nothing: 2**levels stacks (12 levels took llama.cpp 24 s)."""
+    return ("root ::= a0\n" + "".join(f"a{i} ::= a{i + 1} a{i + 1}\n" for i in range(levels))
+            + f'a{levels} ::= "x" | ""\n')
+
+
+HI = [{"role": "user", "content": "hi"}]
+TOO_MANY_TOOLS = [
+    ("/v1/chat/completions", {"messages": HI, "max_tokens": 2, "tools": [_tool(i) for i in range(MAX_TOOLS + 1)]}),
+    ("/v1/messages", {"max_tokens": 2, "messages": HI,
+                      "tools": [{"name": f"t{i}", "input_schema": {"type": "object"}} for i in range(200)]}),
+    ("/v1/responses", {"input": "hi", "max_output_tokens": 2,
+                       "tools": [{"type": "function", "name": f"t{i}", "parameters": {}} for i in range(10_000)]}),
+]
+
+
+@pytest.mark.parametrize("path,body", TOO_MANY_TOOLS, ids=[p for p, _ in TOO_MANY_TOOLS])
+def test_too_many_tools_are_a_400_naming_the_limit(srv: RemoteServer, path: str, body: dict[str, Any]) -> None:
+    r = httpx.post(srv.url + path, json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    assert f"at most {MAX_TOOLS} tools" in r.text and "tools" in r.text, r.text
+
+
+BIG_ENUM = {"enum": [f"value {i}" for i in range(20_000)]}  # 250 K characters of JSON
+TOO_LARGE = [
+    ("/v1/chat/completions", {"messages": HI, "tools": [_tool(0, {"type": "object", "description": "x" * MAX_SCHEMA_CHARS})]},
+     "tools"),
+    ("/v1/chat/completions", {"messages": HI, "response_format": {"type": "json_schema",
+                                                                   "json_schema": {"schema": BIG_ENUM}}},
+     "response_format"),
+    ("/v1/chat/completions", {"messages": HI, "json_schema": BIG_ENUM}, "response_format"),
+    ("/v1/completions", {"prompt": "hi", "response_format": {"type": "json_object", "schema": BIG_ENUM}},
+     "response_format"),
+    ("/v1/chat/completions", {"messages": HI, "grammar": 'root ::= "a"' + ' | "a"' * 30_000}, "grammar"),
+]
+
+
+@pytest.mark.parametrize("path,body,param", TOO_LARGE, ids=[f"{p}:{k}:{i}" for i, (p, _, k) in enumerate(TOO_LARGE)])
+def test_tools_schemas_and_grammars_past_the_size_limit_are_a_400(srv: RemoteServer, path: str,
+                                                                  body: dict[str, Any], param: str) -> None:
+    r = httpx.post(srv.url + path, json={**body, "max_tokens": 2}, timeout=30)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and str(MAX_SCHEMA_CHARS) in err["message"], err
+
+
+COSTLY = [  # each took llama.cpp from 30 s to hours to build, on the event loop or the engine's thread
+    ("/v1/chat/completions", {"messages": HI, "response_format": {"type": "json_schema",
+                                                                   "json_schema": {"schema": _nested_pattern(14)}}}),
+    ("/v1/completions", {"prompt": "hi", "response_format": {"type": "json_object", "schema": _nested_pattern(14)}}),
+    ("/completion", {"prompt": "hi", "json_schema": _nested_pattern(14)}),
+    ("/completion", {"prompt": "hi", "grammar": _nested_gbnf(14)}),
+    ("/v1/chat/completions", {"messages": HI, "grammar": _nested_gbnf(14)}),
+    ("/v1/chat/completions", {"messages": HI, "json_schema": {"enum": list(range(5000))}}),  # 1.7 s a token at 1023
+    ("/v1/chat/completions", {"messages": HI, "grammar": "root ::= " + '"a"{0,1999} ' * 1000}),  # 2 M rules
+]
+
+
+@pytest.mark.parametrize("path,body", COSTLY, ids=[f"{p}:{i}" for i, (p, _) in enumerate(COSTLY)])
+def test_a_grammar_too_costly_for_llama_cpp_is_a_400_at_once(srv: RemoteServer, path: str,
+                                                             body: dict[str, Any]) -> None:
+    t = time.perf_counter()
+    r = httpx.post(srv.url + path, json={**body, "max_tokens": 2, "n_predict": 2}, timeout=120)
+    took = time.perf_counter() - t
+    assert r.status_code == 400 and "at most" in r.text, r.text
+    assert took < 10, f"refused after {took:.1f} s"
+
+
+def test_health_answers_while_grammars_are_checked(srv: RemoteServer) -> None:
+    """Schemas become grammars, and grammars are checked and built, off the event loop: meanwhile /health
+    answers at once. (Building the costly ones on it stalled the server for minutes.)"""
+    names = [f"p{i}" for i in range(300)]
+    allowed = {"type": "object", "properties": {p: {"type": "string", "maxLength": 200} for p in names},
+               "required": names}  # 75,000 rules once llama.cpp rewrites the repetitions
+    bodies = [*(b for _, b in COSTLY), {"prompt": "hi", "response_format": {"type": "json_object", "schema": allowed}}]
+    paths = [*(p for p, _ in COSTLY), "/v1/completions"]
+    done: list[int] = []
+    health: list[float] = []
+
+    def send(path: str, body: dict[str, Any]) -> None:
+        r = httpx.post(srv.url + path, json={**body, "max_tokens": 2, "n_predict": 2}, timeout=120)
+        done.append(r.status_code)
+
+    threads = [threading.Thread(target=send, args=pb) for pb in zip(paths, bodies) for _ in range(2)]
+    for th in threads:
+        th.start()
+    while len(done) < len(threads):
+        t = time.perf_counter()
+        assert httpx.get(srv.url + "/health", timeout=60).status_code == 200
+        health.append(time.perf_counter() - t)
+        time.sleep(0.01)
+    join_all(threads)
+    assert sorted(set(done)) == [200, 400], done
+    assert max(health) < 1.0, f"/health took {max(health):.2f} s"
+    _ok_after(srv)

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 import pyllama
-from pyllama.worker import Worker, WorkerCrashedError, WorkerError
+from pyllama.worker import Worker, WorkerCrashedError, WorkerError, WorkerMemoryError
 
 T = TypeVar("T")
 CTX = {"n_ctx": 256, "n_threads": 1, "n_threads_batch": 1}
@@ -455,3 +455,50 @@ def test_logprobs_and_stop_strings_match_in_process(worker: Worker, model: pylla
     with worker.generate("Hello world", max_tokens=12, stop=[stop], reuse_prefix=False) as gen:
         list(gen)
     assert gen.finish_reason == "stop" and stop not in gen.text
+
+
+# --- a memory limit ---------------------------------------------------------------------------------
+
+LINUX = sys.platform.startswith("linux")
+
+
+@pytest.mark.skipif(not LINUX, reason="memory_limit sets RLIMIT_AS (Linux)")
+def test_a_load_past_the_memory_limit_is_reported_as_such(synth_model_path: Path) -> None:
+    """A context the limit cannot hold is WorkerMemoryError naming the limit (not a ContextCreationError
+    that blames the arguments); the child lives on and loads what fits; without a limit the same load works."""
+    limit = 1 << 30
+    big = {**CTX, "n_ctx": 1 << 20}  # its KV cache and compute buffers need more than 1 GiB
+    with Worker(memory_limit=limit) as w:
+        assert w.memory_limit == limit
+        pid = w.pid
+        with pytest.raises(WorkerMemoryError) as info:
+            w.load(synth_model_path, n_gpu_layers=0, **big)
+        err = info.value
+        assert err.memory_limit == limit and f"memory_limit={limit}" in str(err) and "1024 MiB" in str(err)
+        assert "failed to allocate" in str(err)  # llama.cpp's own words
+        assert isinstance(err, MemoryError) and isinstance(err, WorkerCrashedError)
+        assert isinstance(err.__cause__, pyllama.ContextCreationError)
+        assert err.exit_code is None and err.signal is None and err.pid == pid
+        assert w.pid == pid and not w.status()["loaded"]  # the same child, alive
+        w.load(synth_model_path, n_gpu_layers=0, **CTX)
+        with w.generate("Hello", max_tokens=4) as gen:
+            assert len(list(gen)) == 4
+        assert w.pid == pid
+    with Worker() as w:
+        assert w.load(synth_model_path, n_gpu_layers=0, **big)["n_ctx"] == 1 << 20
+
+
+@pytest.mark.skipif(not LINUX, reason="memory_limit sets RLIMIT_AS (Linux)")
+def test_a_child_that_dies_of_its_memory_limit_is_reported_as_such() -> None:
+    """100 MiB cannot hold the child's own start (Python, numpy, OpenBLAS): it dies, and the error says why."""
+    with Worker(memory_limit=100 << 20, restart=False) as w, pytest.raises(WorkerMemoryError) as info:
+        w.status()
+    err = info.value
+    assert err.exit_code is not None or err.signal is not None
+    assert "100 MiB" in str(err) and err.memory_limit == 100 << 20
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 1.5, "1G"])
+def test_memory_limit_must_be_bytes(bad: Any) -> None:
+    with pytest.raises(ValueError, match="memory_limit"):
+        Worker(memory_limit=bad, start=False)

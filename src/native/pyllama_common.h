@@ -78,6 +78,9 @@ PYLLAMA_COMMON_API int32_t pyllama_spec_process(pyllama_spec * s, int32_t seq_id
 PYLLAMA_COMMON_API int32_t pyllama_spec_accept(pyllama_spec * s, int32_t seq_id, int32_t n_accepted);
 PYLLAMA_COMMON_API const char * pyllama_spec_error(void);
 
+/* files.cpp: llama.cpp's check of a file name a client gives (fs_validate_filename): 1 valid, 0 not, -1 error. */
+PYLLAMA_COMMON_API int32_t pyllama_validate_filename(const char * name, bool allow_subdirs);
+
 /* vulkan.cpp: the Vulkan drivers and their versions, as JSON. */
 PYLLAMA_COMMON_API char * pyllama_vulkan_drivers(void);
 

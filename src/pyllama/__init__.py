@@ -44,6 +44,7 @@ _LAZY = {
     "StreamDecoder": "detokenize",
     "embed": "embed",
     "rerank": "rerank",
+    **dict.fromkeys(("InfillFile", "infill_tokens"), "infill"),
     **dict.fromkeys(("DeviceMemory", "Fit", "fit_params", "memory_projection"), "fit"),
     **dict.fromkeys(("Generation", "TokenEvent", "agenerate", "generate", "generate_text"), "generate"),
     "KVCache": "kv",
@@ -63,7 +64,8 @@ _LAZY = {
     **dict.fromkeys(("starter_model_path", "chat_starter_path"), "starter"),
     **dict.fromkeys(("pull", "DownloadProgress", "DownloadError", "ChecksumError", "NotCachedError"), "store"),
     "Threadpool": "threadpool",
-    **dict.fromkeys(("Worker", "WorkerGeneration", "WorkerChatSession", "WorkerError", "WorkerCrashedError"),
+    **dict.fromkeys(("Worker", "WorkerGeneration", "WorkerChatSession", "WorkerError", "WorkerCrashedError",
+                     "WorkerMemoryError"),
                     "worker"),
 }
 # Submodules that `import pyllama` loaded before they became lazy: `pyllama.store.pull(...)` still works.
@@ -82,6 +84,7 @@ if TYPE_CHECKING:
     from .kv import KVCache
     from .model import Model
     from .rerank import rerank
+    from .infill import InfillFile, infill_tokens
     from .samplers import (DRY, XTC, AdaptiveP, Dist, Greedy, Grammar, Infill, LogitBias, MinP, Mirostat, MirostatV2,
                            Penalties, Sampler, Temp, TempExt, TopK, TopNSigma, TopP, Typical, default_chain)
     from .sampling import Candidates, CustomSampler, SamplerChain
@@ -96,7 +99,7 @@ if TYPE_CHECKING:
     from .starter import chat_starter_path, starter_model_path
     from .store import ChecksumError, DownloadError, DownloadProgress, NotCachedError, pull
     from .threadpool import Threadpool
-    from .worker import Worker, WorkerChatSession, WorkerCrashedError, WorkerError, WorkerGeneration
+    from .worker import Worker, WorkerChatSession, WorkerCrashedError, WorkerError, WorkerGeneration, WorkerMemoryError
 else:  # hidden from type checkers, so that a misspelt pyllama.X stays an error there
 
     def __getattr__(name: str) -> object:
@@ -139,7 +142,7 @@ __all__ = [
     "generate", "generate_text", "agenerate", "Generation", "TokenEvent",
     "SamplingOptions", "GenerateOptions", "SubmitOptions",
     "generate_parallel", "generate_parallel_tokens", "SequenceResult", "Speculator", "SpeculativeStats",
-    "ChatSession", "ChatFormat", "ChatPrompt", "json_schema_to_grammar", "PrefilledGrammar", "apply_template", "embed", "rerank", "starter_model_path", "chat_starter_path", "Threadpool",
+    "ChatSession", "ChatFormat", "ChatPrompt", "json_schema_to_grammar", "PrefilledGrammar", "apply_template", "embed", "rerank", "infill_tokens", "InfillFile", "starter_model_path", "chat_starter_path", "Threadpool",
     "Fit", "DeviceMemory", "fit_params", "memory_projection",
     "SamplerChain", "Sampler", "CustomSampler", "Candidates", "default_chain",
     "Greedy", "Dist", "TopK", "TopP", "MinP", "Typical", "Temp", "TempExt", "XTC", "TopNSigma",
@@ -149,6 +152,6 @@ __all__ = [
     "StateError", "SamplerError", "TemplateError", "BusyError",
     "pull", "DownloadProgress", "DownloadError", "ChecksumError", "NotCachedError",
     "rpc_server", "RpcServer", "RpcError",
-    "Worker", "WorkerGeneration", "WorkerChatSession", "WorkerError", "WorkerCrashedError",
+    "Worker", "WorkerGeneration", "WorkerChatSession", "WorkerError", "WorkerCrashedError", "WorkerMemoryError",
     "Engine", "EngineStats",
 ]

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 from . import chat_cli, rpc
 from .server import cli as serve_cli
 from .store import cli as store_cli
+from ._units import byte_size
 from .options import SamplingOptions
 
 
@@ -99,6 +100,19 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     if args.model and args.model in ("build", "devices", "gpu"):
         raise SystemExit("usage: pyllama inspect fit [MODEL]")
+    if _is_repository(args.model):  # every quantisation of a repository, measured from its header alone
+        from .store.cli import print_candidates
+        from .store.remote import choose_quant, fit_candidates
+
+        candidates = fit_candidates(args.model, n_ctx=args.ctx or 4096, budget=args.memory_budget,
+                                    margin=args.margin_mib << 20)
+        chosen = choose_quant(candidates)
+        if args.json:
+            print(json.dumps({"model": args.model, "chosen": chosen.quant if chosen else None,
+                              "candidates": [asdict(c) for c in candidates]}, indent=2))
+        else:
+            print_candidates(candidates, chosen, out=sys.stdout)
+        return 0
     path = _model_path(args.model)
     fit = fit_params(path, margin_mib=args.margin_mib, min_ctx=args.min_ctx)
     n_ctx = args.ctx or (min(fit.n_ctx, 4096) if fit.n_ctx else 4096)
@@ -120,12 +134,40 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_repository(arg: str | None) -> bool:
+    """``hf:org/repo`` (no file, no quantisation): a repository whose quantisations ``inspect fit`` compares."""
+    from .store.refs import HfRef, is_reference, parse_reference
+
+    if not is_reference(arg):
+        return False
+    parsed = parse_reference(arg)
+    return isinstance(parsed, HfRef) and parsed.path is None and parsed.quant is None
+
+
+def cmd_model(args: argparse.Namespace) -> int:
+    """``pyllama inspect model REF|URL``: a remote GGUF's metadata, read from its header alone."""
+    from .store.remote import header_of
+
+    if not args.model:
+        raise SystemExit("usage: pyllama inspect model hf:org/repo[:QUANT]|hf:org/repo/file.gguf|URL")
+    h = header_of(args.model)
+    facts = {"url": h.url, "size": h.size, "header_bytes_fetched": h.fetched, **h.meta}
+    if args.json:
+        print(json.dumps(facts, indent=2))
+    else:
+        for key, value in facts.items():
+            print(f"{key:<28} {value}")
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .context_params import thread_choice
     from .devices import backends, build_info, devices, supports_gpu_offload, system_info, unavailable_backends
 
     if args.what == "fit":
         return cmd_fit(args)
+    if args.what == "model":
+        return cmd_model(args)
 
     threads = thread_choice()
     info: dict[str, Any] = {"build": build_info(), "backends": backends(),
@@ -211,8 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-v", "--verbose", action="store_true", help="print timings to stderr")
 
     i = sub.add_parser("inspect", help="the build, the devices, the GPUs, or how a model fits them")
-    i.add_argument("what", choices=["build", "devices", "gpu", "fit"])
-    i.add_argument("model", nargs="?", help="for `fit`: GGUF file (default: the starter model)")
+    i.add_argument("what", choices=["build", "devices", "gpu", "fit", "model"])
+    i.add_argument("model", nargs="?", help="for `fit`: a GGUF file or reference (default: the starter model), or "
+                                            "hf:org/repo to compare its quantisations from their headers; for "
+                                            "`model`: a reference or URL whose header is read")
+    i.add_argument("--memory-budget", type=byte_size, default=None, metavar="BYTES",
+                   help="for `fit hf:org/repo`: the memory to fit in, in all (default: the devices and the RAM)")
     i.add_argument("--json", action="store_true")
     i.add_argument("--margin-mib", type=int, default=1024, help="for `fit`: memory to leave free per device")
     i.add_argument("--min-ctx", type=int, default=4096, help="for `fit`: smallest context the fit may choose")
@@ -248,9 +294,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         except LlamaError as exc:
             print(f"pyllama: {exc}", file=sys.stderr)
             return 1
+    from .store.errors import StoreError
+
     try:
         return cmd_inspect(args)
-    except (OSError, ValueError) as exc:  # a missing or unreadable model for `inspect fit`
+    except (OSError, ValueError, StoreError) as exc:  # a missing or unreadable model, an unreachable one
         print(f"pyllama: {exc}", file=sys.stderr)
         return 1
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -466,7 +466,12 @@ class Context(Handle):
         self._apply_loras()
 
     def _apply_loras(self) -> None:
-        items = [(a, s) for a, s in self._loras.items() if not a.closed]
+        self._set_adapters([(a, s) for a, s in self._loras.items() if not a.closed])
+        self._seq_tokens.clear()  # cached prefixes were computed with other weights
+
+    def _set_adapters(self, items: Sequence[tuple[LoraAdapter, float]]) -> None:
+        """The adapters the next decodes use (the engine's per-step choice; it keeps its slots' caches
+        apart itself)."""
         n = len(items)
         ptrs = ffi.new("struct llama_adapter_lora *[]", max(n, 1))
         scales = ffi.new("float[]", max(n, 1))
@@ -477,7 +482,6 @@ class Context(Handle):
             rc = lib.llama_set_adapters_lora(self._p(), ptrs, n, scales)
         if rc != 0:
             raise DecodeError(f"llama_set_adapters_lora failed ({rc})", rc)
-        self._seq_tokens.clear()  # cached prefixes were computed with other weights
 
     # --- prefix reuse --------------------------------------------------------------------
     def _invalidate_tracking(self, batch: Batch) -> None:

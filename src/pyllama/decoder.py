@@ -29,6 +29,7 @@ from .stream import SequenceStream, TokenEvent
 
 if TYPE_CHECKING:
     from .context import Context
+    from .lora import LoraAdapter
     from .sampling import SamplerChain
     from .speculative import SpeculativeStats, Speculator
 
@@ -133,6 +134,11 @@ class Decoder:
     def backend_refusal(self) -> str | None:
         """Why sampler chains must not run in this context's graph, or None."""
         return self.ctx._backend_sampling_refusal
+
+    def use_adapters(self, items: Sequence[tuple[LoraAdapter, float]]) -> None:
+        """Decode with these LoRA adapters and scales from the next step on. The sequences keep what they
+        hold: the caller keeps a sequence computed under other adapters away from prompts that would reuse it."""
+        self.ctx._set_adapters(items)
 
     def attach(self, seq_id: int, chain: SamplerChain | None) -> None:
         """Run ``chain`` inside the graph for ``seq_id`` (backend sampling); None detaches whatever is there."""

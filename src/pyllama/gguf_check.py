@@ -339,4 +339,30 @@ def _check(path: str | os.PathLike[str], vocab_only: bool, mapped: bool,
         lib.gguf_free(ctx)
 
 
-__all__ = ["check_model_file", "ByteFallbackGuard", "Guard", "GUARDS", "LLAMA_MAX_LAYERS", "LLAMA_MAX_EXPERTS"]
+def header_facts(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """What a model's header says (architecture, name, file type, sizes, where the data starts), read by
+    llama.cpp's GGUF parser from a file that may hold only the header; None when the header is incomplete
+    or not GGUF (the caller reads more)."""
+    params = ffi.new("struct gguf_init_params *")
+    params.no_alloc = True
+    params.ctx = ffi.NULL
+    ctx = lib.gguf_init_from_file(os.fsencode(path), params[0])
+    if ctx == ffi.NULL:
+        return None
+    try:
+        m = _Meta(ctx, {})
+        arch = m.string("general.architecture") or ""
+        facts: dict[str, Any] = {"data_offset": int(lib.gguf_get_data_offset(ctx)),
+                                 "n_tensors": int(lib.gguf_get_n_tensors(ctx)), "architecture": arch,
+                                 "name": m.string("general.name"), "file_type": m.integer("general.file_type")}
+        for key in ("context_length", "block_count", "embedding_length", "attention.head_count",
+                    "attention.head_count_kv"):
+            facts[key] = m.integer(f"{arch}.{key}")
+        tokens = m.str_array("tokenizer.ggml.tokens")
+        facts["n_vocab"] = len(tokens) if tokens is not None else None
+        return facts
+    finally:
+        lib.gguf_free(ctx)
+
+
+__all__ = ["header_facts", "check_model_file", "ByteFallbackGuard", "Guard", "GUARDS", "LLAMA_MAX_LAYERS", "LLAMA_MAX_EXPERTS"]

@@ -111,13 +111,17 @@ class GenerateOptions(SamplingOptions, total=False):
 
 
 class SubmitOptions(SamplingOptions, total=False):
-    """:class:`SamplingOptions` plus a serving request's own: tokenization, what a full slot does, and
-    ``progress`` (:class:`pyllama.engine.PromptProgress` events while the prompt is evaluated)."""
+    """:class:`SamplingOptions` plus a serving request's own: tokenization, what a full slot does,
+    ``progress`` (:class:`pyllama.engine.PromptProgress` events while the prompt is evaluated) and ``slot``
+    (run in this slot, waiting for it if busy, as llama-server's ``id_slot``; None: any free slot), ``lora``
+    (the scale of each of the engine's LoRA adapters, by index; those not named: 0; None: the engine's)."""
 
     add_special: bool
     parse_special: bool
     context_full: ContextFull
     progress: bool
+    slot: int | None
+    lora: Mapping[int, float] | None
 
 
 SAMPLING_KEYS = frozenset(SamplingOptions.__annotations__)

@@ -206,6 +206,15 @@ class Grammar(Sampler):
     trigger_tokens: Sequence[int] = ()
     needs_model: ClassVar[bool] = True
 
+    def check(self, model: Model) -> None:
+        """Build the native sampler once and free it: raises what building a chain with it would raise.
+
+        Its bound (:func:`pyllama.grammar.check_gbnf`) and its pass over the vocabulary are remembered, so
+        a chain built with it next (on a server's event loop, say) only pays llama.cpp's parse: run this
+        where a slow grammar delays nobody else.
+        """
+        lib.llama_sampler_free(self._create(model))
+
     def _create(self, model: Model | None) -> Any:
         vp = _vocab(model, "grammar")
         _check_gbnf(self.grammar)
@@ -229,27 +238,26 @@ class Grammar(Sampler):
         return _ptr(p, "grammar (GBNF parse error? see the 'pyllama.llama' log)")
 
 
-# llama-grammar.cpp parses nested groups recursively (about 20,000 levels overflow an 8 MiB
-# stack: SIGSEGV) and loops for ever on a repetition {m,n} with n < m. It reports every other
-# error itself. Strings, character classes and comments are skipped; what is left is checked.
-_GBNF_MAX_NESTING = 1000
-_GBNF_SCAN = re.compile(r'"(?:\\.|[^"\\])*"|\[(?:\\.|[^\]\\])*\]|#[^\n]*|[(){]')
-_GBNF_REPEAT = re.compile(r"\{\s*(\d+)\s*,\s*(\d+)\s*\}")
 # What std::regex (ECMAScript), which compiles trigger patterns, throws on though Python's re accepts it.
 _NOT_ECMASCRIPT = re.compile(r"\(\?(?![:=!])|\\[AZz]|\{,|(?<!\\)[*+?}][+]")
 
 
 # Grammars known to allow a first token, per model: the check costs one grammar pass over the
-# vocabulary (tens of ms for 262k tokens), which a server repeating one schema pays once.
-_GRAMMARS_OK: weakref.WeakKeyDictionary[Any, set[tuple[str, str]]] = weakref.WeakKeyDictionary()
+# vocabulary (on 262k tokens: 60 ms for a tool's JSON schema, 0.8 s for an enum of 256 values), which
+# a server repeating one schema pays once. The most recently used are kept: a server that saw more
+# distinct grammars still remembers the ones it is sent now.
+_GRAMMARS_OK: weakref.WeakKeyDictionary[Any, dict[tuple[str, str], None]] = weakref.WeakKeyDictionary()
 _GRAMMARS_LOCK = threading.Lock()
+_GRAMMARS_KEPT = 256
 
 
 def _allows_any_token(smpl: Any, vp: Any, model: Any, grammar: str, root: str) -> bool:
     """Whether a grammar sampler leaves any token of the vocabulary possible (applied once, at creation)."""
+    key = (grammar, root)
     with _GRAMMARS_LOCK:
-        known = _GRAMMARS_OK.setdefault(model, set())
-        if (grammar, root) in known:
+        known = _GRAMMARS_OK.setdefault(model, {})
+        if key in known:
+            known[key] = known.pop(key)  # now the most recent
             return True
     n = int(lib.llama_vocab_n_tokens(vp))
     cand = np.zeros(n, dtype=TOKEN_DATA)
@@ -261,25 +269,18 @@ def _allows_any_token(smpl: Any, vp: Any, model: Any, grammar: str, root: str) -
     ok = bool(np.isfinite(cand["logit"]).any())
     if ok:
         with _GRAMMARS_LOCK:
-            if len(known) < 256:
-                known.add((grammar, root))
+            known[key] = None
+            if len(known) > _GRAMMARS_KEPT:
+                del known[next(iter(known))]
     return ok
 
 
 def _check_gbnf(text: str) -> None:
-    depth = 0
-    for m in _GBNF_SCAN.finditer(text):
-        c = m.group()
-        if c == "(":
-            depth += 1
-            if depth > _GBNF_MAX_NESTING:
-                raise SamplerError(f"grammar nests groups deeper than {_GBNF_MAX_NESTING} levels")
-        elif c == ")":
-            depth -= 1
-        elif c == "{":
-            rep = _GBNF_REPEAT.match(text, m.start())
-            if rep is not None and int(rep.group(2)) < int(rep.group(1)):
-                raise SamplerError(f"grammar repetition {rep.group()}: the maximum is below the minimum")
+    # What llama-grammar.cpp cannot survive (nesting that overflows its stack, a repetition {m,n} with
+    # n < m that it loops on for ever) and what would take it seconds to hours, found from the text.
+    from .grammar import check_gbnf
+
+    check_gbnf(text)
 
 
 def _check_trigger_pattern(pattern: str) -> None:

@@ -45,6 +45,7 @@ _HEADER = struct.Struct("<8sIIIIQ32sQIIIiiIiI")
 # llama.cpp's formats (llama.h, src/llama-context.cpp)
 _SESSION_MAGIC, _SESSION_VERSION = 0x6767736E, 10  # LLAMA_SESSION_MAGIC 'ggsn', LLAMA_SESSION_VERSION
 _SEQ_FILE_MAGIC, _SEQ_FILE_VERSION = 0x67677371, 3  # LLAMA_STATE_SEQ_MAGIC 'ggsq', LLAMA_STATE_SEQ_VERSION
+_TOKEN_NULL, _SERVER_TOKENS_VERSION = -1, 1  # llama-server's packed slot tokens (tools/server/server-common.cpp)
 _SEQ_IO_MAGIC = 0xAF143CD8  # llama-context.cpp io_magic, first word of llama_state_seq_get_data
 
 
@@ -241,12 +242,19 @@ class State:
         _write(Path(path), self._pack(KIND_SEQUENCE, seq_id, self._tokens(tokens)))
 
     def load_seq_file(self, path: str | os.PathLike[str], seq_id: int = 0) -> TokenArray:
-        """Restore a sequence file (from :meth:`save_seq_file` or llama.cpp) into ``seq_id``."""
+        """Restore a sequence file (from :meth:`save_seq_file`, llama.cpp or llama-server's slot save) into
+        ``seq_id``; returns its token history. When that history covers exactly the positions restored, the
+        context knows the sequence holds it, so a prompt that starts with it reuses it."""
         seq_id = self._ctx.kv._seq(seq_id)
         data = _read(Path(path))
         if data[:len(MAGIC)] != MAGIC:
-            return self._load_llama_file(Path(path), data, KIND_SEQUENCE, seq_id)
-        return self._load(data, KIND_SEQUENCE, seq_id)
+            tokens = self._load_llama_file(Path(path), data, KIND_SEQUENCE, seq_id)
+        else:
+            tokens = self._load(data, KIND_SEQUENCE, seq_id)
+        if tokens.size and self._ctx.kv.pos_range(seq_id) == (0, tokens.size - 1):
+            with guard(self._ctx):
+                held_record(self._ctx).set(seq_id, tokens)
+        return tokens
 
     # --- helpers ----------------------------------------------------------------------
     def _tokens(self, tokens: npt.ArrayLike) -> TokenArray:
@@ -271,6 +279,8 @@ class State:
         if len(data) < start:
             raise StateError(f"{path}: truncated inside its token list")
         toks = np.frombuffer(data, dtype=np.int32, count=n_tokens, offset=12)
+        if kind == KIND_SEQUENCE and toks.size and toks[0] == _TOKEN_NULL:
+            toks = _server_tokens(path, toks)
         if toks.size and (int(toks.min()) < 0 or int(toks.max()) >= ctx.n_vocab):
             raise StateError(f"{path}: token history holds ids outside the vocabulary")
         # Restored from memory, not by llama_state_load_file: llama.cpp's file reader does not notice a
@@ -282,6 +292,21 @@ class State:
         self._restore(payload, kind, seq_id)
         out: TokenArray = toks.copy()
         return out
+
+
+def _server_tokens(path: Path, packed: npt.NDArray[np.int32]) -> TokenArray:
+    """The tokens of llama-server's packed slot history (tools/server server_tokens::serialize: a null token,
+    a version, the token vector and its media chunks, each vector led by its length)."""
+    if packed.size < 4 or int(packed[1]) != _SERVER_TOKENS_VERSION:
+        raise StateError(f"{path.name}: a llama-server slot file of an unknown version")
+    n = int(packed[2])
+    if n < 0 or 3 + n + 1 > packed.size:
+        raise StateError(f"{path.name}: a llama-server slot file truncated inside its token list")
+    if int(packed[3 + n]) != 0:
+        raise StateError(f"{path.name}: the slot holds images or audio, which this build cannot restore")
+    if packed.size != 3 + n + 1:
+        raise StateError(f"{path.name}: trailing data after the token list of a llama-server slot file")
+    return packed[3:3 + n]
 
 
 def _read(path: Path) -> bytes:

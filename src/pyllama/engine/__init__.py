@@ -10,6 +10,6 @@
 
 from .core import ContextFull, Engine, EngineStats
 from .request import EngineBusyError, EngineRequest, PromptProgress
-from .slots import Slot
+from .slots import Slot, SlotFile
 
-__all__ = ["Engine", "EngineStats", "EngineRequest", "EngineBusyError", "ContextFull", "PromptProgress", "Slot"]
+__all__ = ["Engine", "EngineStats", "EngineRequest", "EngineBusyError", "ContextFull", "PromptProgress", "Slot", "SlotFile"]

@@ -14,12 +14,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import math
+import os
 import threading
 import time
 import weakref
 from collections import deque
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -28,17 +30,18 @@ from .._channel import Waiter, wake
 from ..context import Context
 from ..context_params import FlashAttn
 from ..decoder import Cursor, Decoder
-from ..errors import ClosedError, LlamaError
+from ..errors import ClosedError, LlamaError, StateError
 from ..options import (SAMPLING_MODES, SUBMIT_KEYS, ContextFull, Sampling, SubmitOptions, Unpack,
                        check, stream_options)
 from ..speculative import SpeculativeStats, Speculator
 from ..stream import FinishReason, SequenceStream
-from .front import EngineFront, EnginePrompt, check_embed_request, check_request, embedding_pooling
+from .front import EngineFront, EnginePrompt, check_embed_request, check_request, check_slot, embedding_pooling
 from .request import EngineBusyError, EngineRequest, PromptProgress
-from .slots import Slot, choose_slot
+from .slots import Slot, SlotFile, choose_slot
 
 if TYPE_CHECKING:
     from ..embed import EmbedInput
+    from ..lora import LoraAdapter
     from ..model import Model
 
 
@@ -70,6 +73,24 @@ class EngineStats:
 
 #: The engine's counters: every EngineStats field but the live gauges.
 COUNTERS = tuple(f.name for f in fields(EngineStats) if f.name not in ("n_slots", "busy_slots", "queue_len"))
+_NONE = np.empty(0, dtype=np.int32)  # what a slot computed under other LoRA scales offers a prompt to reuse
+
+
+def _scale(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"a LoRA scale must be a finite number, not {value!r}")
+    return float(value)
+
+
+def lora_scales(scales: Mapping[int, float], n: int) -> tuple[float, ...]:
+    """The scale of each of ``n`` adapters: those ``scales`` names (by index), 0 for the others."""
+    if not isinstance(scales, Mapping):
+        raise TypeError("LoRA scales are a mapping of adapter index to scale")
+    for i in scales:
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n:
+            raise ValueError(f"no LoRA adapter {i!r}: this engine has {n} (indices 0 to {n - 1})" if n else
+                             "this engine has no LoRA adapters")
+    return tuple(_scale(scales[i]) if i in scales else 0.0 for i in range(n))
 
 
 class _Core:
@@ -77,14 +98,20 @@ class _Core:
     dropping the Engine, not the thread's reference, decides when it shuts down)."""
 
     def __init__(self, model: Model, ctx: Context, n_slots: int, n_ctx_slot: int, max_queue: int,
-                 similarity: float, spec: Speculator | None = None) -> None:
+                 similarity: float, spec: Speculator | None = None,
+                 adapters: Sequence[LoraAdapter] = (), lora_scales: tuple[float, ...] = ()) -> None:
         self.model = model
+        self.adapters = list(adapters)
+        self.lora_scales = lora_scales  # what a request that names no scales of its own gets
+        self.lora_now: tuple[float, ...] = tuple(0.0 for _ in self.adapters)  # what the context decodes with
         self.ctx = ctx
         self.spec = spec
         self.n_ctx_slot = n_ctx_slot
         self.max_queue = max_queue
         self.similarity = similarity
         self.slots = [Slot(i) for i in range(n_slots)]
+        for slot in self.slots:
+            slot.lora = self.lora_now
         self.active: list[Slot] = []  # slots serving a request, in admission order
         self.decoder = Decoder(ctx, capacity=ctx.n_batch)
         self.lock = threading.Lock()
@@ -92,6 +119,7 @@ class _Core:
         self.queue: deque[EngineRequest] = deque()
         self.cancels: list[EngineRequest] = []
         self.tasks: deque[Callable[[], None]] = deque()
+        self.slot_tasks: list[tuple[int, Callable[[], None]]] = []  # each waits for its slot to be idle
         self.closing = False
         self.drain = False
         self.closed = False
@@ -127,7 +155,9 @@ class _Core:
             self.cancels.append(req)
             self.cv.notify()
 
-    def run_task(self, fn: Callable[[], Any]) -> concurrent.futures.Future[Any]:
+    def run_task(self, fn: Callable[[], Any], slot: int | None = None) -> concurrent.futures.Future[Any]:
+        """Run ``fn`` on the engine thread between steps; with ``slot``, once that slot serves no request
+        (as llama-server defers a slot action until its slot is free)."""
         fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
 
         def task() -> None:
@@ -141,9 +171,19 @@ class _Core:
         with self.lock:
             if self.closing:
                 raise ClosedError("the engine is closed")
-            self.tasks.append(task)
+            if slot is None:
+                self.tasks.append(task)
+            else:
+                self.slot_tasks.append((slot, task))
             self.cv.notify()
         return fut
+
+    def _slot_tasks_ready(self) -> list[Callable[[], None]]:
+        """Take the slot tasks whose slot is idle (called under the lock, on the engine thread)."""
+        ready = [task for slot, task in self.slot_tasks if self.slots[slot].request is None]
+        if ready:
+            self.slot_tasks = [(slot, task) for slot, task in self.slot_tasks if self.slots[slot].request is not None]
+        return ready
 
     def stats(self) -> EngineStats:
         with self.lock:
@@ -173,16 +213,18 @@ class _Core:
         if self.spec is not None:
             self.spec.close()
         self.ctx.close()
+        for adapter in self.adapters:
+            adapter.close()
 
     # --- the engine thread ------------------------------------------------------------------------
     def _run(self) -> None:
         while True:
             with self.lock:
                 while not ((self.queue and not self.held) or self.active or self.cancels or self.tasks
-                           or self.closing):
+                           or self.closing or any(self.slots[i].request is None for i, _ in self.slot_tasks)):
                     self.cv.wait()
                 cancels, self.cancels = self.cancels, []
-                tasks = list(self.tasks)
+                tasks = list(self.tasks) + self._slot_tasks_ready()
                 self.tasks.clear()
                 stop = self.closing and not (self.drain and (self.queue or self.active))
                 if stop:
@@ -204,9 +246,10 @@ class _Core:
                     self._finish(running, "cancelled")
                 self._flush_waiters()
                 with self.lock:
-                    for task in self.tasks:  # never leave a caller of embed() waiting
+                    for task in [*self.tasks, *(t for _, t in self.slot_tasks)]:  # never leave a caller waiting
                         task()
                     self.tasks.clear()
+                    self.slot_tasks.clear()
                 return
             self._admit()
             if self.active:
@@ -246,9 +289,20 @@ class _Core:
             with self.lock:
                 if not self.queue or self.held:
                     return
-                req = self.queue.popleft()
-            slot, _ = choose_slot(free, req.prompt_tokens, self.similarity, decoder.held)
+                # the first queued request that can run now: a pinned one waits for its slot
+                req = next((r for r in self.queue if r.slot_pin is None or self.slots[r.slot_pin] in free), None)
+                if req is None:
+                    return
+                self.queue.remove(req)
+            if req.slot_pin is not None:
+                slot = self.slots[req.slot_pin]
+            else:  # a slot computed under other LoRA scales has nothing to reuse
+                slot, _ = choose_slot(free, req.prompt_tokens, self.similarity,
+                                      lambda i: decoder.held(i) if self.slots[i].lora == req.lora else _NONE)
             free.remove(slot)
+            if slot.lora != req.lora:
+                decoder.drop(slot.id)
+                slot.lora = req.lora
             cursor = Cursor(slot.id, req._stream, req.prompt_tokens, limit=self.n_ctx_slot,
                             on_full=req.context_full, spec=self.spec, stats=req.speculative)
             slot.request, slot.cursor, slot.state = req, cursor, "prefill"
@@ -269,7 +323,8 @@ class _Core:
         """One decode for every active slot (the decoder runs it; the engine accounts and delivers)."""
         # The events of the previous step go out as this decode starts: the event loops that consume
         # them take the GIL while llama.cpp runs without it, not while this thread needs it.
-        held = self.decoder.step([s.cursor for s in self.active if s.cursor is not None], self._flush_waiters)
+        turn = self._lora_turn()
+        held = self.decoder.step([s.cursor for s in turn if s.cursor is not None], self._flush_waiters)
         if not held:
             self._end_full_slots()
             return
@@ -283,7 +338,7 @@ class _Core:
                 c["max_requests_in_step"] = len(held)
             c["busy_slot_steps"] += len(held)
         now = time.perf_counter()
-        for slot in list(self.active):
+        for slot in turn:
             cur, req = slot.cursor, slot.request
             assert cur is not None and req is not None
             if cur.error is not None:
@@ -316,6 +371,21 @@ class _Core:
             if stream.finish_reason is not None:
                 self._release(slot)
                 self._finish(req, None)
+
+    def _lora_turn(self) -> list[Slot]:
+        """The active slots this step decodes: all of them, or with LoRA adapters those under one set of
+        scales (one decode runs under one set, as llama-server batches only slots with equal adapters),
+        taking the sets in turn."""
+        if not self.adapters:
+            return list(self.active)
+        keys = list(dict.fromkeys(s.lora for s in self.active))
+        key = keys[0]
+        if len(keys) > 1:
+            key = keys[(keys.index(self.lora_now) + 1) % len(keys)] if self.lora_now in keys else keys[0]
+        if key != self.lora_now:
+            self.decoder.use_adapters([(a, sc) for a, sc in zip(self.adapters, key) if sc != 0.0])
+            self.lora_now = key
+        return [s for s in self.active if s.lora == key]
 
     def _end_full_slots(self) -> None:
         """Slots that reached their limit in a step that decoded nothing."""
@@ -371,6 +441,9 @@ class Engine(EngineFront):
     (``"ngram"`` or one of :data:`pyllama.speculative.NGRAM_TYPES`; at most
     ``n_draft`` tokens per request and step, verified in the same batch).
     ``sampling`` is the requests' default mode (:data:`pyllama.stream.Sampling`).
+    ``lora`` loads LoRA adapters (path, scale) the requests run under: at those
+    scales unless :meth:`set_lora_scales` changes them or a request names its own
+    (``lora={index: scale}``); one step decodes the requests of one set of scales.
     Use as a context manager or call :meth:`close`.
     """
 
@@ -379,7 +452,8 @@ class Engine(EngineFront):
                  n_threads_batch: int | None = None, flash_attn: FlashAttn = "auto", type_k: str | int = "f16",
                  type_v: str | int = "f16", max_queue: int = 64, slot_prompt_similarity: float = 0.1,
                  embeddings: bool = True, pooling: str | None = None, draft: str | None = None,
-                 n_draft: int = 16, sampling: Sampling = "auto") -> None:
+                 n_draft: int = 16, sampling: Sampling = "auto",
+                 lora: Sequence[tuple[str | os.PathLike[str], float]] = ()) -> None:
         if sampling not in SAMPLING_MODES:
             raise ValueError(f"sampling must be one of {SAMPLING_MODES}, not {sampling!r}")
         if not isinstance(n_slots, int) or n_slots < 1:
@@ -402,12 +476,18 @@ class Engine(EngineFront):
         ctx = Context(model, n_ctx=n_ctx_slot * n_slots, n_batch=n_batch, n_ubatch=n_ubatch, n_seq_max=n_slots,
                       n_threads=n_threads, n_threads_batch=n_threads_batch, flash_attn=flash_attn,
                       type_k=type_k, type_v=type_v, kv_unified=True)
+        adapters: list[LoraAdapter] = []
         try:
             refusal = Decoder(ctx).backend_refusal() if sampling == "backend" else None
             if refusal is not None:
                 raise ValueError(refusal)
+            scales = tuple(_scale(scale) for _, scale in lora)
+            for path, _ in lora:
+                adapters.append(model.lora(path))
             spec = Speculator(ctx, draft, n_max=n_draft) if draft is not None else None
         except BaseException:
+            for adapter in adapters:
+                adapter.close()
             ctx.close()
             raise
         self.model = model
@@ -418,7 +498,8 @@ class Engine(EngineFront):
         self.embeddings = embeddings
         self._n_threads = n_threads
         self.draft = draft
-        self._core = _Core(model, ctx, n_slots, self.n_ctx_slot, max_queue, slot_prompt_similarity, spec)
+        self._core = _Core(model, ctx, n_slots, self.n_ctx_slot, max_queue, slot_prompt_similarity, spec,
+                           adapters, scales)
         self._finalizer = weakref.finalize(self, self._core.shutdown)
 
     # --- requests -------------------------------------------------------------------------------
@@ -479,6 +560,10 @@ class Engine(EngineFront):
             self._core.decoder.prefer_backend(stream)
         req = EngineRequest(tokens, stream, context_full, self._core.cancel)
         req.progress = bool(options.get("progress", False))
+        pin = options.get("slot")
+        req.slot_pin = None if pin is None else check_slot(pin, self.n_slots)
+        own = options.get("lora")
+        req.lora = self._core.lora_scales if own is None else lora_scales(own, len(self._core.adapters))
         if self._core.spec is not None:
             req.speculative = SpeculativeStats()
         self._core.enqueue(req)
@@ -517,6 +602,67 @@ class Engine(EngineFront):
         if self.pooling == "none":
             raise ValueError("this engine embeds with pooling 'none' (one vector per token): not supported")
         return check_embed_request(texts, embeddings=self.embeddings)
+
+    # --- a slot's cache ---------------------------------------------------------------------------
+    def _on_slot(self, slot: int, fn: Callable[[int], Any]) -> Any:
+        index = check_slot(slot, self.n_slots)
+        return self._core.run_task(lambda: fn(index), slot=index).result()
+
+    def save_slot(self, slot: int, path: str | os.PathLike[str]) -> SlotFile:
+        """Write what slot ``slot`` holds (KV cache and token history) to ``path``, once it serves no request
+        (pyllama's checksummed sequence file, :meth:`pyllama.state.State.save_seq_file`)."""
+        core = self._core
+
+        def save(i: int) -> SlotFile:
+            t0 = time.perf_counter()
+            tokens = core.decoder.held(i)
+            core.ctx.state.save_seq_file(path, i, tokens)
+            return SlotFile(i, int(tokens.size), os.path.getsize(path), (time.perf_counter() - t0) * 1e3)
+
+        return self._on_slot(slot, save)  # type: ignore[no-any-return]
+
+    def restore_slot(self, slot: int, path: str | os.PathLike[str]) -> SlotFile:
+        """Replace what slot ``slot`` holds by a file of :meth:`save_slot` (or llama-server's slot save, or
+        llama.cpp's sequence file), once it serves no request; a prompt that starts with the restored history
+        reuses it. Raises :class:`pyllama.StateError` for a file that does not fit (the slot is then empty)."""
+        core = self._core
+
+        def restore(i: int) -> SlotFile:
+            t0 = time.perf_counter()
+            try:
+                tokens = core.ctx.state.load_seq_file(path, i)
+                if tokens.size > self.n_ctx_slot:
+                    raise StateError(f"the file holds {tokens.size} tokens; a slot holds {self.n_ctx_slot}")
+            except BaseException:
+                core.decoder.drop(i)
+                raise
+            return SlotFile(i, int(tokens.size), os.path.getsize(path), (time.perf_counter() - t0) * 1e3)
+
+        return self._on_slot(slot, restore)  # type: ignore[no-any-return]
+
+    def erase_slot(self, slot: int) -> int:
+        """Empty slot ``slot``'s cache once it serves no request; returns the number of tokens it held."""
+        core = self._core
+
+        def erase(i: int) -> int:
+            n = int(core.decoder.held(i).size)
+            core.decoder.drop(i)
+            return n
+
+        return self._on_slot(slot, erase)  # type: ignore[no-any-return]
+
+    # --- LoRA adapters ----------------------------------------------------------------------------
+    @property
+    def lora(self) -> list[tuple[str, float]]:
+        """The LoRA adapters (path, the scale requests get unless they name their own), by index."""
+        core = self._core
+        return [(str(a.path), s) for a, s in zip(core.adapters, core.lora_scales)]
+
+    def set_lora_scales(self, scales: Mapping[int, float]) -> None:
+        """The scales requests submitted from now on get (by adapter index; an adapter not named: 0, as
+        llama-server's ``POST /lora-adapters``). Requests already submitted keep theirs."""
+        core = self._core
+        core.lora_scales = lora_scales(scales, len(core.adapters))
 
     # --- state ----------------------------------------------------------------------------------
     def stats(self) -> EngineStats:

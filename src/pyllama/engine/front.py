@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import TYPE_CHECKING, Any, Iterator, Sequence, Union
+import os
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
     from ..embed import EmbedInput
     from ..model import Model
     from .request import EngineRequest
+    from .slots import SlotFile
 
 EnginePrompt = Union[str, bytes, Sequence[int], npt.NDArray[np.integer[Any]]]
 
@@ -42,6 +44,13 @@ def check_request(vocab: Vocab, prompt: str | bytes | Sequence[int] | npt.NDArra
     if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 0):
         raise ValueError("max_tokens must be an int >= 0 or None")
     return tokens
+
+
+def check_slot(slot: object, n_slots: int) -> int:
+    """``slot`` once known to name one of an engine's ``n_slots`` slots (else ValueError)."""
+    if not isinstance(slot, int) or isinstance(slot, bool) or not 0 <= slot < n_slots:
+        raise ValueError(f"slot must be an int in [0, {n_slots}), not {slot!r}")
+    return slot
 
 
 def check_embed_request(texts: Sequence[EmbedInput], *, embeddings: bool) -> list[EmbedInput]:
@@ -118,6 +127,22 @@ class EngineFront:
     def detokenize(self, tokens: Sequence[int] | npt.NDArray[np.integer[Any]]) -> str:
         return self.model.vocab.detokenize(tokens)
 
+    def save_slot(self, slot: int, path: str | os.PathLike[str]) -> SlotFile:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def restore_slot(self, slot: int, path: str | os.PathLike[str]) -> SlotFile:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def erase_slot(self, slot: int) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def lora(self) -> list[tuple[str, float]]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def set_lora_scales(self, scales: Mapping[int, float]) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
     def close(self, *, drain: bool = False, timeout: float | None = None) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -129,5 +154,5 @@ class EngineFront:
         self.close()
 
 
-__all__ = ["EngineFront", "EnginePrompt", "check_request", "check_embed_request", "embedding_pooling",
+__all__ = ["EngineFront", "EnginePrompt", "check_request", "check_slot", "check_embed_request", "embedding_pooling",
            "POOLING_NAMES"]

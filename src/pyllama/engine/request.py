@@ -82,6 +82,8 @@ class EngineRequest(StreamResults):
         self.t_submit = time.perf_counter()
         self.t_start: float | None = None  # got a slot
         self.slot_id: int | None = None  # the slot serving it, once it got one
+        self.slot_pin: int | None = None  # the slot it must run in (None: any)
+        self.lora: tuple[float, ...] = ()  # the scale of each of the engine's LoRA adapters for it
         self.t_first_token: float | None = None
         self.t_done: float | None = None
         self.error: BaseException | None = None

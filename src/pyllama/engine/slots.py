@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Literal, Sequence
 
 import numpy as np
@@ -20,7 +21,7 @@ SlotState = Literal["idle", "prefill", "generate"]
 class Slot:
     """One KV-cache sequence: the request it serves (through its decoder cursor) and when it was last used."""
 
-    __slots__ = ("id", "request", "cursor", "state", "t_last_used")
+    __slots__ = ("id", "request", "cursor", "state", "t_last_used", "lora")
 
     def __init__(self, seq_id: int) -> None:
         self.id = seq_id
@@ -28,12 +29,23 @@ class Slot:
         self.cursor: Cursor | None = None
         self.state: SlotState = "idle"
         self.t_last_used = 0.0
+        self.lora: tuple[float, ...] = ()  # the LoRA scales its cache was computed under
 
     def release(self) -> None:
         self.request = None
         self.cursor = None
         self.state = "idle"
         self.t_last_used = time.perf_counter()
+
+
+@dataclass(frozen=True)
+class SlotFile:
+    """What saving or restoring a slot's cache did: the tokens it holds, the file's bytes, the time it took."""
+
+    slot: int
+    n_tokens: int
+    n_bytes: int
+    ms: float
 
 
 def choose_slot(free: Sequence[Slot], prompt: npt.NDArray[np.int32], similarity: float,
@@ -52,4 +64,4 @@ def choose_slot(free: Sequence[Slot], prompt: npt.NDArray[np.int32], similarity:
     return lru, common_prefix(held(lru.id), prompt)
 
 
-__all__ = ["Slot", "choose_slot"]
+__all__ = ["Slot", "SlotFile", "choose_slot"]

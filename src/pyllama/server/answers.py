@@ -38,6 +38,12 @@ class AnthropicErrorDetail(_Answer):
     message: str
 
 
+class OllamaErrorAnswer(_Answer):
+    """Errors on Ollama's routes (``/api/...``)."""
+
+    error: str
+
+
 class AnthropicErrorAnswer(_Answer):
     """Errors on ``/v1/messages``: Anthropic's shape."""
 
@@ -77,6 +83,87 @@ class Props(_Answer):
 
 class Success(_Answer):
     success: bool
+
+
+class LoraAdapter(_Answer):
+    """One of ``GET /lora-adapters``' list."""
+
+    id: int
+    path: str
+    scale: float
+
+
+class OllamaMessage(_Answer):
+    role: str
+    content: str
+
+
+class OllamaChat(_Answer):
+    """``/api/chat``: the whole answer, or (streamed) each NDJSON line."""
+
+    model: str
+    created_at: str
+    message: OllamaMessage
+    done: bool
+
+
+class OllamaGenerate(_Answer):
+    model: str
+    created_at: str
+    response: str
+    done: bool
+
+
+class OllamaEmbed(_Answer):
+    model: str
+    embeddings: list[list[float]]
+
+
+class OllamaEmbedding(_Answer):
+    embedding: list[float]
+
+
+class OllamaModel(_Answer):
+    name: str
+    model: str
+    size: int
+    digest: str
+    details: dict[str, Any]
+
+
+class OllamaModels(_Answer):
+    """``/api/tags`` and ``/api/ps``."""
+
+    models: list[OllamaModel]
+
+
+class OllamaShow(_Answer):
+    details: dict[str, Any]
+    model_info: dict[str, Any]
+    capabilities: list[str]
+    template: str
+
+
+class OllamaVersion(_Answer):
+    version: str
+
+
+class OllamaStatus(_Answer):
+    status: str
+
+
+class SlotAction(_Answer):
+    """``POST /slots/{id}``: ``n_saved``/``n_written`` (save), ``n_restored``/``n_read`` (restore) with
+    ``filename`` and ``timings``, or ``n_erased`` (erase)."""
+
+    id_slot: int
+    filename: str | None = None
+    n_saved: int | None = None
+    n_written: int | None = None
+    n_restored: int | None = None
+    n_read: int | None = None
+    n_erased: int | None = None
+    timings: dict[str, float] | None = None
 
 
 # --- generation ------------------------------------------------------------------------------------

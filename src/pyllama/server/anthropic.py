@@ -28,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from ..engine.request import PromptProgress
-from . import sse
+from . import params, sse
 from .chat_turn import ChatTurn, Reply, prompt_tokens, sse_stream
 from .errors import anthropic_error_body, anthropic_error_response, api_error
 from .protocol import (APIError, ChatCompletionRequest, ChatMessage, FunctionDef, NamedFunction, NamedToolChoice,
@@ -166,6 +166,7 @@ def to_chat(req: MessagesRequest) -> ChatCompletionRequest:
     if not req.messages:
         raise APIError(400, "messages: at least one message is required", param="messages",
                        code="invalid_messages")
+    params.check_tool_count(len(req.tools or ()))
     tools = [Tool(type="function", function=FunctionDef(name=t.name, description=t.description,
                                                          parameters=t.input_schema))
              for t in req.tools or ()] or None

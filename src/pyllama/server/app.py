@@ -20,6 +20,7 @@ that goes away cancels its request, which frees the slot within one engine step.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Awaitable, Callable, Literal, Mapping, Sequence
 
 from starlette.applications import Starlette
@@ -30,6 +31,7 @@ from starlette.routing import Route
 
 from ..chat import ReasoningFormat
 from . import chat_completions, completions, embeddings, info, native, rerank, tokens
+from . import lora_adapters, ollama
 from . import props as props_routes  # (``props`` is create_app's switch)
 from . import anthropic, answers, openai_responses
 from .cors import CORSOptions, LlamaCORS
@@ -38,7 +40,7 @@ from .front_door import FrontDoor, WireHeaderNames
 from .openapi import Doc, document
 from .params import RequestDefaults
 from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest,
-                       NativeCompletionRequest, RerankRequest, TokenizeRequest)
+                       InfillRequest, LoraScalesRequest, NativeCompletionRequest, RerankRequest, SlotActionRequest, TokenizeRequest)
 from .responses import json_response
 from .state import EngineSource, ServerState
 
@@ -52,7 +54,8 @@ def create_app(engine: EngineSource, *, api_key: str | Sequence[str] | None = No
                props: bool = False, reasoning: Literal["on", "off", "auto"] = "auto",
                chat_template_kwargs: Mapping[str, Any] | None = None, verbose: bool = False,
                tags: Sequence[str] = (), jinja: bool = True, max_body_size: int | None = None,
-               read_timeout: float = 600.0) -> Starlette:
+               read_timeout: float = 600.0, slot_save_path: str | os.PathLike[str] | None = None,
+               spm_infill: bool = False, load_at_start: bool = True) -> Starlette:
     """The OpenAI-compatible app over ``engine``.
 
     ``engine`` is an :class:`~pyllama.engine.Engine` (the caller keeps owning
@@ -82,7 +85,11 @@ def create_app(engine: EngineSource, *, api_key: str | Sequence[str] | None = No
     answer (its ``--props``). ``max_body_size`` bounds a request's body in bytes (413 past it, refused
     before reading when the length is declared; default: a whole slot's context as JSON, at least
     16 MiB); ``read_timeout`` bounds the wait for each part of a request's body (408 past it; llama-server's
-    ``--timeout``, 600 s). ``app.state.server`` exposes
+    ``--timeout``, 600 s). ``slot_save_path`` is the directory ``POST /slots/{id}?action=save|restore``
+    reads and writes (its ``--slot-save-path``; file names are confined to it; without it: 501);
+    ``spm_infill`` puts the suffix first in ``/infill``'s prompt (its ``--spm-infill``).
+    ``load_at_start=False`` loads the model on the first request that needs it (the router's models).
+    ``app.state.server`` exposes
     ``on_load_error`` (callbacks run when the loader fails).
     """
     server = ServerState(engine, api_key=api_key, model_name=model_name, keepalive_s=keepalive_s,
@@ -90,7 +97,9 @@ def create_app(engine: EngineSource, *, api_key: str | Sequence[str] | None = No
                          metrics=metrics, reasoning_format=reasoning_format, slots=slots, props=props,
                          thinking=reasoning != "off", chat_template_kwargs=chat_template_kwargs,
                          verbose=verbose, tags=tags, jinja=jinja, max_body_size=max_body_size,
-                         read_timeout=read_timeout)
+                         read_timeout=read_timeout, slot_save_path=slot_save_path, spm_infill=spm_infill)
+    if not load_at_start and server.loader is not None:
+        server.unloaded = True  # loaded on demand, by the first request that needs it
 
     def bound(handler: Endpoint) -> Callable[[Request], Awaitable[Response]]:
         # A plain function (not a partial), so Starlette treats it as a request/response endpoint.
@@ -122,10 +131,10 @@ def create_app(engine: EngineSource, *, api_key: str | Sequence[str] | None = No
         # Anthropic's Messages and OpenAI's Responses, translated onto the chat path (as llama-server)
         *routes(("/v1/messages",), anthropic.messages, "POST",
                 Doc("Anthropic Messages", request=anthropic.MessagesRequest, answer=A.AnthropicMessageOut,
-                    stream=True, anthropic=True)),
+                    stream=True, errors_shape="anthropic")),
         *routes(("/v1/messages/count_tokens",), anthropic.count_tokens, "POST",
                 Doc("Anthropic token count", request=anthropic.MessagesRequest, answer=A.InputTokens,
-                    anthropic=True)),
+                    errors_shape="anthropic")),
         *routes(("/v1/responses", "/responses"), openai_responses.responses, "POST",
                 Doc("OpenAI Responses", request=openai_responses.ResponsesRequest, answer=A.ResponseObject,
                     stream=True)),
@@ -135,6 +144,10 @@ def create_app(engine: EngineSource, *, api_key: str | Sequence[str] | None = No
         # as llama-server: /completions and /embeddings without /v1 answer in its native shapes
         *routes(("/v1/completions",), completions.completions, "POST",
                 Doc("OpenAI text completion", request=CompletionRequest, answer=A.Completion, stream=True)),
+        *routes(("/infill",), native.infill, "POST",
+                Doc("Fill in the middle (a model without FIM tokens: 501)", request=InfillRequest,
+                    answer=A.NativeCompletion, also_lists=(A.NativeCompletion,), stream=True,
+                    errors=(400, 501, 503))),
         *routes(("/completion", "/completions"), native.completion, "POST",
                 Doc("llama-server's completion", request=NativeCompletionRequest, answer=A.NativeCompletion,
                     also_lists=(A.NativeCompletion,), stream=True)),
@@ -153,13 +166,47 @@ def create_app(engine: EngineSource, *, api_key: str | Sequence[str] | None = No
                 Doc("The prompt a chat renders to", request=ChatCompletionRequest, answer=A.RenderedPrompt)),
         *routes(("/v1/chat/completions/input_tokens", "/chat/completions/input_tokens"), tokens.chat_input_tokens,
                 "POST", Doc("A chat's prompt tokens", request=ChatCompletionRequest, answer=A.InputTokens)),
+        *routes(("/lora-adapters",), lora_adapters.get_lora_adapters, "GET",
+                Doc("The LoRA adapters and the scales requests get", also_lists=(A.LoraAdapter,),
+                    errors=engine_down)),
+        *routes(("/lora-adapters",), lora_adapters.post_lora_adapters, "POST",
+                Doc("Set the LoRA scales of requests from now on ([{id, scale}])", request=LoraScalesRequest,
+                    answer=A.Success, errors=(400,))),
+        *routes(("/api/chat",), ollama.chat, "POST",
+                Doc("Ollama's chat (NDJSON stream unless stream is false)", request=ollama.OllamaChatRequest,
+                    answer=A.OllamaChat, text_stream=ollama.NDJSON, errors=(404, 500), errors_shape="ollama")),
+        *routes(("/api/generate",), ollama.generate, "POST",
+                Doc("Ollama's generate (NDJSON stream unless stream is false)", request=ollama.OllamaGenerateRequest,
+                    answer=A.OllamaGenerate, text_stream=ollama.NDJSON, errors=(404, 500), errors_shape="ollama")),
+        *routes(("/api/embed",), ollama.embed, "POST",
+                Doc("Ollama's embeddings (L2-normalised)", request=ollama.OllamaEmbedRequest,
+                    answer=A.OllamaEmbed, errors=(500,), errors_shape="ollama")),
+        *routes(("/api/embeddings",), ollama.embeddings, "POST",
+                Doc("Ollama's older embedding route", request=ollama.OllamaEmbeddingsRequest,
+                    answer=A.OllamaEmbedding, errors=(500,), errors_shape="ollama")),
+        *routes(("/api/tags",), ollama.tags, "GET",
+                Doc("Ollama's model list", answer=A.OllamaModels, errors=(500, 503), errors_shape="ollama")),
+        *routes(("/api/ps",), ollama.ps, "GET",
+                Doc("Ollama's loaded models", answer=A.OllamaModels, errors=(500,), errors_shape="ollama")),
+        *routes(("/api/show",), ollama.show, "POST",
+                Doc("Ollama's model details", request=ollama.OllamaModelRequest, answer=A.OllamaShow,
+                    errors=(404, 500), errors_shape="ollama")),
+        *routes(("/api/version",), ollama.version, "GET", Doc("Ollama's version route", answer=A.OllamaVersion)),
+        *routes(("/api/pull",), ollama.pull, "POST",
+                Doc("Pull a model into the store (Ollama's status stream unless stream is false)",
+                    request=ollama.OllamaModelRequest, answer=A.OllamaStatus, text_stream=ollama.NDJSON,
+                    errors=(404, 500, 502, 507), errors_shape="ollama")),
+        *routes(("/api/delete",), ollama.delete, "DELETE",
+                Doc("Remove a model from the store", request=ollama.OllamaModelRequest, errors=(400, 404, 500, 502),
+                    errors_shape="ollama")),
         *routes(("/props",), props_routes.get_props, "GET",
                 Doc("llama-server's server properties", answer=A.Props, errors=engine_down)),
         *routes(("/props",), props_routes.post_props, "POST", Doc("Change properties (--props)", answer=A.Success,
                                                                  errors=(501,))),
         *routes(("/slots",), props_routes.get_slots, "GET", Doc("The slots (--no-slots: 501)", errors=(501, 503))),
         *routes(("/slots/{id_slot}",), props_routes.post_slot, "POST",
-                Doc("Save, restore or erase a slot (not supported yet)", errors=(501,))),
+                Doc("Save, restore or erase a slot's cache (?action=; --slot-save-path, else 501)",
+                    request=SlotActionRequest, answer=A.SlotAction, errors=(400, 500, 501))),
     ]
     openapi: list[Response] = []  # built on first request, once
 

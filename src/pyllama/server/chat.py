@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping, TypeVar
 
 from ..chat import LEGACY_FORMAT, ChatFormat, ChatTemplate, ReasoningFormat
 from ..errors import LlamaError
 from ..grammar import json_schema_to_grammar
 from ..samplers import Grammar, Sampler
+from . import params
 from .protocol import APIError, ChatCompletionRequest, NamedToolChoice
 
 if TYPE_CHECKING:
@@ -39,13 +40,33 @@ class ChatPlan:
     tools: bool = False  # the output may hold tool calls: parse it before sending it
 
 
-def schema_grammar(schema: dict[str, Any]) -> Grammar:
-    """A grammar sampler for a JSON schema (llama.cpp's json-schema-to-grammar); a bad schema is a 400."""
+G = TypeVar("G", bound=Grammar)
+
+
+def checked_grammar(grammar: G, model: Model, param: str) -> G:
+    """``grammar``, built once (call it off the event loop): past :mod:`pyllama.grammar`'s bounds, or refused
+    by llama.cpp, it is a 400 naming ``param``. The engine's build of it on submit is then llama.cpp's parse
+    alone (the costly checks are remembered)."""
     try:
-        return Grammar(json_schema_to_grammar(schema))
+        grammar.check(model)
     except (LlamaError, ValueError) as exc:
-        raise APIError(400, f"response_format: the JSON schema cannot be used: {exc}", param="response_format",
+        raise APIError(400, f"{param}: {exc}", param=param, code="invalid_grammar") from None
+    return grammar
+
+
+def schema_grammar(schema: dict[str, Any], model: Model | None = None, param: str = "response_format") -> Grammar:
+    """A grammar sampler for a JSON schema (llama.cpp's json-schema-to-grammar), built once as
+    :func:`checked_grammar` builds it when ``model`` is given (without it, when the engine builds the request's
+    chain); a schema too large or one that cannot be used is a 400 naming ``param``."""
+    params.check_json_size(schema, param)
+    try:
+        grammar = Grammar(json_schema_to_grammar(schema))
+        if model is not None:
+            grammar.check(model)
+    except (LlamaError, ValueError) as exc:
+        raise APIError(400, f"{param}: the JSON schema cannot be used: {exc}", param=param,
                        code="invalid_schema") from None
+    return grammar
 
 
 class ChatPrompter:
@@ -80,7 +101,13 @@ class ChatPrompter:
     def plan(self, req: ChatCompletionRequest) -> ChatPlan:
         messages = [m.as_dict() for m in req.messages]
         schema = req.response_format.schema_or_none() if req.response_format is not None else None
+        if req.tools:  # counted before each is copied
+            params.check_tool_count(len(req.tools))
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+        if tools:
+            params.check_json_size(tools, "tools")
+        if schema is not None:
+            params.check_json_size(schema, "response_format")
         tool_choice: Any = (req.tool_choice.model_dump() if isinstance(req.tool_choice, NamedToolChoice)
                             else req.tool_choice)
         if tools and schema is not None:
@@ -102,6 +129,8 @@ class ChatPrompter:
         except (LlamaError, ValueError, KeyError, TypeError) as exc:
             raise APIError(400, f"the chat request cannot be formatted: {exc}", param="messages",
                            code="invalid_messages") from None
+        if grammar is not None:  # the tool-call grammar or the schema's: built here, off the event loop
+            grammar = checked_grammar(grammar, self.model, "tools" if tools else "response_format")
         prompt = str(cp.prompt)
         return ChatPlan(prompt=prompt, add_special=self._add_special(prompt), stops=list(cp.additional_stops),
                         grammar=grammar, parse=None if cp.format == LEGACY_FORMAT else cp.parse,
@@ -144,4 +173,4 @@ class ChatPrompter:
         return out
 
 
-__all__ = ["ChatPlan", "ChatPrompter", "schema_grammar"]
+__all__ = ["ChatPlan", "ChatPrompter", "checked_grammar", "schema_grammar"]

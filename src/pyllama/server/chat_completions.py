@@ -12,7 +12,7 @@ from starlette.responses import Response, StreamingResponse
 
 from ..samplers import Grammar
 from . import params, sse
-from .chat import ChatPlan
+from .chat import ChatPlan, checked_grammar
 from .chat_turn import Delta, MessageParser
 from .native import native_result
 from .protocol import APIError, ChatCompletionRequest, JsonSchemaFormat, ResponseFormat, parse_request
@@ -45,12 +45,14 @@ def _prepare(server: ServerState, engine: Engine, body: bytes) -> _Prepared:
     limit = params.max_tokens(req, "max_completion_tokens", "max_tokens", default=server.defaults.max_tokens)
     if req.json_schema is not None and req.response_format is None:  # llama-server's shortcut
         req.response_format = ResponseFormat(type="json_schema", json_schema=JsonSchemaFormat(schema=req.json_schema))
+    if req.grammar:
+        params.check_grammar(req.grammar)
     plan: ChatPlan = server.prompter.plan(req)
     if req.grammar:
         if plan.grammar is not None:
             raise APIError(400, "grammar cannot be combined with response_format, json_schema or tools",
                            param="grammar")
-        plan.grammar = Grammar(req.grammar)  # checked as the request's chain is built: a bad one is a 400
+        plan.grammar = checked_grammar(Grammar(req.grammar), engine.model, "grammar")
     sampler = params.sampler_specs(req, server.n_vocab, grammar=plan.grammar, defaults=server.defaults)
     top = req.top_logprobs or 0
     if top and not req.logprobs:
@@ -62,12 +64,13 @@ def _prepare(server: ServerState, engine: Engine, body: bytes) -> _Prepared:
 
 
 async def chat_completions(server: ServerState, request: Request) -> Response:
-    engine = server.require_engine()
+    engine = await server.ensure_engine()
     p = await server.off_loop(_prepare, server, engine, await request.body())
     req, plan, top = p.req, p.plan, p.top
     ers = server.submit_n(engine, p.tokens, p.n, p.settings, max_tokens=p.limit,
                           stop=[*req.stops(), *plan.stops], sampler=p.sampler, logprobs=req.logprobs,
-                          top_logprobs=top, ignore_eos=req.ignore_eos, progress=req.stream and req.return_progress)
+                          top_logprobs=top, ignore_eos=req.ignore_eos, progress=req.stream and req.return_progress,
+                          lora=params.lora_scales(req.lora, len(engine.lora)))
     settings = p.settings
     rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     if req.stream:

@@ -185,7 +185,7 @@ class ChatTurn:
     @classmethod
     async def open(cls, server: ServerState, req: ChatCompletionRequest) -> ChatTurn:
         """Render, tokenize and check the request off the event loop, then submit it."""
-        engine = server.require_engine()
+        engine = await server.ensure_engine()
 
         def prepare() -> tuple[ChatPlan, Any, int | None, Any]:
             server.check_model(req.model)
@@ -251,7 +251,7 @@ class ChatTurn:
 
 async def prompt_tokens(server: ServerState, req: ChatCompletionRequest) -> int:
     """How many tokens the request's rendered prompt is (nothing is generated; counted off the event loop)."""
-    engine = server.require_engine()
+    engine = await server.ensure_engine()
 
     def count() -> int:
         server.check_model(req.model)

@@ -7,16 +7,25 @@ the rest of the command line works without the ``server`` extra.
 from __future__ import annotations
 
 import argparse
+import functools
 import ipaddress
 import json
 import logging
+import math
 import os
 import socket
 import sys
+from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Callable, cast
+
+from .._units import byte_size
+
+log = logging.getLogger("pyllama.server")
 
 if TYPE_CHECKING:
+    from starlette.applications import Starlette
+
     from ..engine import Engine
 
 
@@ -49,9 +58,6 @@ IGNORED: tuple[tuple[tuple[str, ...], bool, str], ...] = (
 
 #: (flags, whether they take a value, the feature pyllama lacks)
 NOT_YET: tuple[tuple[tuple[str, ...], bool, str], ...] = (
-    (("--slot-save-path",), True, "saving and restoring slots"),
-    (("--lora", "--lora-scaled"), True, "LoRA adapters in the server"),
-    (("--lora-init-without-apply",), False, "LoRA adapters in the server"),
     (("--reasoning-budget",), True, "a budget of thinking tokens"),
     (("--cache-reuse",), True, "reusing cached chunks past a changed prefix (the common prefix is reused)"),
     (("--context-shift",), False, "context shift (generation stops at the end of the slot's context)"),
@@ -64,7 +70,7 @@ NOT_YET: tuple[tuple[tuple[str, ...], bool, str], ...] = (
     (("-lm", "--load-mode"), True, "choosing how the weights are loaded"),
     (("--mlock", "--no-mmap", "--mmap"), False, "choosing how the weights are loaded (older llama-server flags)"),
     (("--sleep-idle-seconds",), True, "unloading the model while idle"),
-    (("--models-dir", "--models-preset", "--models-max"), True, "the router mode (several models)"),
+    (("--models-preset",), True, "a presets file of per-model options (the router takes the server's options)"),
 )
 
 
@@ -159,17 +165,72 @@ def _gpu_layers(text: str) -> int | str:
     return "auto" if n < 0 else n
 
 
-def _byte_size(text: str) -> int:
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    unit = t[-1] if t and t[-1] in "KMG" else ""
-    try:
-        n = int(float(t[: len(t) - len(unit)]) * units[unit])
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size in bytes: {text!r} (e.g. 1048576, 512K, 32M)") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"the size must be positive, not {text!r}")
-    return n
+def _lora_file(path: str) -> str:
+    if not Path(path).is_file():
+        raise argparse.ArgumentTypeError(f"no LoRA adapter file {path}")
+    return path
+
+
+def _lora_files(text: str) -> list[tuple[str, float]]:
+    return [(_lora_file(p), 1.0) for p in text.split(",") if p]
+
+
+def _scaled_lora_files(text: str) -> list[tuple[str, float]]:
+    out = []
+    for item in text.split(","):
+        path, sep, scale = item.rpartition(":")
+        try:
+            value = float(scale)
+        except ValueError:
+            value = float("nan")
+        if not sep or not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"not FNAME:SCALE: {item!r}")
+        out.append((_lora_file(path), value))
+    return out
+
+
+def _lora_list(args: argparse.Namespace) -> list[tuple[str, float]]:
+    """The adapters in command-line order; at scale 0 with --lora-init-without-apply."""
+    adapters = [item for group in args.lora for item in group]
+    return [(path, 0.0) for path, _ in adapters] if args.lora_init_without_apply else adapters
+
+
+def _router_models(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(name, path) of each model the router serves: --models-dir's GGUF files, then --models' entries."""
+    from ..store import is_reference, resolve
+    from ..store.refs import split_parts
+
+    out: list[tuple[str, str]] = []
+    if args.models_dir is not None:
+        folder = Path(args.models_dir)
+        if not folder.is_dir():
+            raise ValueError(f"--models-dir: not a directory: {folder}")
+        for f in sorted(folder.glob("*.gguf")):
+            parts = split_parts(f.name)
+            if "mmproj" in f.name.lower() or (parts is not None and parts[0] != f.name):
+                continue
+            out.append((f.stem, str(f)))
+    for item in (args.models or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        name, sep, ref = item.partition("=")
+        if not sep or is_reference(item):
+            name, ref = "", item
+        path = str(resolve(ref, progress=True, offline=True if args.offline else None)) if is_reference(ref) else ref
+        if not os.path.isfile(path):
+            raise ValueError(f"--models: no such model file: {ref}")
+        out.append((name or Path(path).stem, path))
+    if not out:
+        raise ValueError("no models to serve (--models-dir holds no GGUF files, --models names none)")
+    return out
+
+
+def _directory(text: str) -> Path:
+    path = Path(text)
+    if not path.is_dir():  # as llama-server: the directory must exist
+        raise argparse.ArgumentTypeError(f"not a directory: {text}")
+    return path
 
 
 def register(subparsers: Any) -> None:
@@ -252,7 +313,7 @@ def register(subparsers: Any) -> None:
                    const="backend",
                    help="llama-server's spelling of --sampling backend")
     p.add_argument("--tags", default=None, metavar="TAG[,TAG]", help="tags /models lists for the model")
-    p.add_argument("--max-body-size", type=_byte_size, default=None, metavar="BYTES",
+    p.add_argument("--max-body-size", type=byte_size, default=None, metavar="BYTES",
                    help="largest request body read, e.g. 32M (413 past it; default: a slot's context as JSON, "
                         "at least 16M)")
     p.add_argument("-to", "--timeout", type=float, default=600.0, metavar="SECONDS",
@@ -263,6 +324,32 @@ def register(subparsers: Any) -> None:
                         "previous response (past it: 408 and the connection closed; slowloris; default 30)")
     p.add_argument("--metrics", action="store_true",
                    help="serve /metrics (Prometheus; without it: 501, as llama-server)")
+    p.add_argument("--slot-save-path", type=_directory, default=None, metavar="DIR",
+                   help="let POST /slots/{id}?action=save|restore write and read slot caches in DIR (file names "
+                        "confined to it; without it: 501, as llama-server)")
+    p.add_argument("--lora", dest="lora", action="append", type=_lora_files, default=[], metavar="FNAME[,FNAME]",
+                   help="a LoRA adapter (scale 1; a comma-separated list loads several; may repeat; adapters are "
+                        "numbered in the order given, as /lora-adapters and a request's `lora` name them)")
+    p.add_argument("--lora-scaled", dest="lora", action="append", type=_scaled_lora_files, default=[],
+                   metavar="FNAME:SCALE[,...]", help="a LoRA adapter with its scale (a comma-separated list; may repeat)")
+    p.add_argument("--lora-init-without-apply", action="store_true",
+                   help="load the adapters at scale 0 (set scales with POST /lora-adapters)")
+    m = p.add_argument_group("several models (llama-server's router mode; each model in its own worker process)")
+    m.add_argument("--models-dir", default=None, metavar="DIR",
+                   help="serve every GGUF model in DIR, named by file stem (projectors and later parts of split "
+                        "sets left out)")
+    m.add_argument("--models", default=None, metavar="[NAME=]MODEL,...",
+                   help="serve these models (files or store references such as hf:org/repo:Q4_K_M), each named "
+                        "NAME or by its file stem")
+    m.add_argument("--models-max", type=int, default=4, metavar="N",
+                   help="most models loaded at once; the least recently used idle one makes room (default 4)")
+    m.add_argument("--models-autoload", action=argparse.BooleanOptionalAction, default=True,
+                   help="load a model on its first request (default); without: POST /models/load first")
+    m.add_argument("--memory-budget", type=byte_size, default=None, metavar="BYTES",
+                   help="the memory the loaded models may take together, each measured by llama.cpp's projection "
+                        "(e.g. 8G; default: no budget but --models-max)")
+    p.add_argument("--spm-infill", action="store_true",
+                   help="/infill: suffix before prefix in the prompt (the Suffix/Prefix/Middle order some models use)")
     p.add_argument("--props", action="store_true",
                    help="let POST /props answer (without it: 501, as llama-server; GET /props always answers)")
     p.add_argument("--cors-origins", default="*", metavar="ORIGINS",
@@ -331,7 +418,7 @@ def _loader(args: argparse.Namespace, path: str) -> Engine:
                       n_ubatch=args.ubatch_size, n_threads=args.threads, n_threads_batch=args.threads_batch,
                       flash_attn=args.flash_attn, type_k=args.cache_type_k, type_v=args.cache_type_v,
                       max_queue=args.max_queue, slot_prompt_similarity=args.slot_prompt_similarity, draft=args.draft,
-                      n_draft=args.draft_max, sampling=args.sampling, pooling=args.pooling)
+                      n_draft=args.draft_max, sampling=args.sampling, pooling=args.pooling, lora=_lora_list(args))
     except BaseException:
         model.close()
         raise
@@ -345,7 +432,7 @@ def _isolated_loader(args: argparse.Namespace, path: str, ngl: Any) -> Engine:
                             flash_attn=args.flash_attn, type_k=args.cache_type_k, type_v=args.cache_type_v,
                             max_queue=args.max_queue, slot_prompt_similarity=args.slot_prompt_similarity,
                             draft=args.draft, n_draft=args.draft_max, sampling=args.sampling, progress=args.progress,
-                            pooling=args.pooling)
+                            pooling=args.pooling, lora=_lora_list(args))
     return cast("Engine", engine)  # duck-typed: it offers the Engine API the server uses
 
 
@@ -460,7 +547,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     from ..starter import STARTERS
 
-    if args.model is None or args.model in STARTERS:
+    routed = None
+    if args.models_dir is not None or args.models is not None:  # several models: the router
+        try:
+            routed = _router_models(args)
+        except (OSError, ValueError) as exc:
+            print(f"pyllama serve: {exc}", file=sys.stderr)
+            return 1
+        path = ""
+    elif args.model is None or args.model in STARTERS:
         from ..errors import LlamaError
 
         try:
@@ -528,14 +623,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_tokens=None if args.n_predict is None or args.n_predict < 0 else args.n_predict)
     cors = None if args.no_cors else CORSOptions(origins=args.cors_origins, methods=args.cors_methods,
                                                  headers=args.cors_headers, credentials=args.cors_credentials)
-    app = create_app(lambda: _loader(args, path), api_key=args.api_keys, model_name=args.model_name,
-                     aliases=args.aliases, keepalive_s=args.keepalive if args.keepalive > 0 else 1e9,
-                     chat_template=template, defaults=defaults, metrics=args.metrics, cors=cors,
-                     reasoning_format=args.reasoning_format, slots=args.slots_endpoint, props=args.props,
-                     reasoning=args.reasoning, chat_template_kwargs=kwargs, verbose=args.verbose,
-                     tags=[t.strip() for t in (args.tags or "").split(",") if t.strip()], jinja=args.jinja,
-                     max_body_size=args.max_body_size, read_timeout=args.timeout)
-    state = app.state.server
+    def make_app(loader: Callable[[], Engine], name: str | None, load_at_start: bool) -> Starlette:
+        return create_app(loader, api_key=args.api_keys, model_name=name,
+                          aliases=args.aliases if load_at_start else (),
+                          keepalive_s=args.keepalive if args.keepalive > 0 else 1e9,
+                          chat_template=template, defaults=defaults, metrics=args.metrics, cors=cors,
+                          reasoning_format=args.reasoning_format, slots=args.slots_endpoint, props=args.props,
+                          reasoning=args.reasoning, chat_template_kwargs=kwargs, verbose=args.verbose,
+                          tags=[t.strip() for t in (args.tags or "").split(",") if t.strip()], jinja=args.jinja,
+                          max_body_size=args.max_body_size, read_timeout=args.timeout,
+                          slot_save_path=args.slot_save_path, spm_infill=args.spm_infill,
+                          load_at_start=load_at_start)
+
+    app: Any
+    if routed is not None:
+        from .router import ModelRouter, RoutedModel
+
+        ngl: Any = args.ngl if args.ngl in ("auto", "all") else int(args.ngl)
+        router = ModelRouter(
+            [RoutedModel(name, Path(p), make_app(functools.partial(_isolated_loader, args, p, ngl), name, False))
+             for name, p in routed],
+            models_max=max(1, args.models_max), memory_budget=args.memory_budget, autoload=args.models_autoload,
+            api_keys=args.api_keys or (), n_ctx=args.slot_ctx * args.slots if isinstance(args.slot_ctx, int) else 4096)
+        app, state = router, router
+        log.info("serving %d models: %s", len(routed), ", ".join(name for name, _ in routed))
+    else:
+        app = make_app(lambda: _loader(args, path), args.model_name, True)
+        state = app.state.server
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
@@ -557,7 +671,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         failed.append(exc)
         server.should_exit = True
 
-    state.on_load_error.append(on_load_error)
+    if routed is None:
+        app.state.server.on_load_error.append(on_load_error)
     sockets = None
     if len(hosts) > 1:
         try:

@@ -36,7 +36,7 @@ def _prepare(server: ServerState, engine: Engine, body: bytes) -> tuple[Completi
         raise APIError(400, "echo with logprobs is not supported", param="echo", code="unsupported")
     limit = params.max_tokens(req, "max_tokens", default=server.defaults.max_tokens)
     schema = req.response_format.schema_or_none() if req.response_format is not None else None
-    grammar = schema_grammar(schema) if schema is not None else None
+    grammar = schema_grammar(schema, engine.model) if schema is not None else None
     sampler = params.sampler_specs(req, server.n_vocab, grammar=grammar, defaults=server.defaults)
     n = params.choices(req.n, engine.n_slots)
     settings = params.native_settings(req, server.defaults)
@@ -45,7 +45,7 @@ def _prepare(server: ServerState, engine: Engine, body: bytes) -> tuple[Completi
 
 
 async def completions(server: ServerState, request: Request) -> Response:
-    engine = server.require_engine()
+    engine = await server.ensure_engine()
     req, prompts, tokens, limit, sampler, n, settings = await server.off_loop(_prepare, server, engine,
                                                                               await request.body())
     want_lp = req.logprobs is not None
@@ -57,7 +57,7 @@ async def completions(server: ServerState, request: Request) -> Response:
             for prompt, ids in zip(prompts, tokens):
                 ers += server.submit_n(engine, ids, n, settings, max_tokens=limit, stop=req.stops(),
                                        sampler=sampler, logprobs=want_lp, top_logprobs=req.logprobs or 0,
-                                       ignore_eos=req.ignore_eos)
+                                       ignore_eos=req.ignore_eos, lora=params.lora_scales(req.lora, len(engine.lora)))
                 echo = (prompt if isinstance(prompt, str) else engine.detokenize(prompt)) if req.echo else ""
                 echoes += [echo] * n
     except BaseException:

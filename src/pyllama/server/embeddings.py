@@ -63,7 +63,7 @@ def embedding_prompts(server: ServerState, engine: Engine, given: Any) -> list[n
 
 
 async def _embed(server: ServerState, request: Request, *, oai: bool) -> Response:
-    engine = server.require_engine()
+    engine = await server.ensure_engine()
     req = parse_request(EmbeddingRequest, await request.body())
     if req.input is not None:
         given = req.input

@@ -39,6 +39,20 @@ def anthropic_error_response(err: APIError) -> Response:
     return json_response(anthropic_error_body(err), err.status, err.headers)
 
 
+def ollama_error_response(err: APIError) -> Response:
+    """The HTTP response for ``err`` on Ollama's routes: ``{"error": "..."}``."""
+    return json_response({"error": err.message}, err.status, err.headers)
+
+
+def error_response_for(path: str) -> Callable[[APIError], Response]:
+    """How the route at ``path`` answers an error: Anthropic's, Ollama's or OpenAI's shape."""
+    if path.startswith("/v1/messages"):
+        return anthropic_error_response
+    if path.startswith("/api/"):
+        return ollama_error_response
+    return error_response
+
+
 def api_error(exc: BaseException) -> APIError:
     """Map an exception from the engine or the library to the answer the client gets."""
     from ..engine import EngineBusyError

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import anthropic_error_response, error_response
+from .errors import error_response_for
 from .protocol import APIError
 
 if TYPE_CHECKING:
@@ -22,7 +22,9 @@ ENDPOINTS = ("/health", "/v1/health", "/metrics", "/v1/models", "/models", "/v1/
              "/chat/completions", "/v1/completions", "/completions", "/v1/embeddings", "/embeddings", "/tokenize",
              "/detokenize", "/v1/messages", "/v1/messages/count_tokens", "/v1/responses", "/responses",
              "/v1/responses/input_tokens", "/responses/input_tokens", "/completion", "/embedding", "/apply-template",
-             "/props", "/slots", "/rerank", "/v1/rerank", "/reranking", "/v1/reranking", "/openapi.json")
+             "/props", "/slots", "/rerank", "/v1/rerank", "/reranking", "/v1/reranking", "/openapi.json", "/infill",
+             "/lora-adapters", "/api/chat", "/api/generate", "/api/embed", "/api/embeddings", "/api/tags",
+             "/api/show", "/api/ps", "/api/pull", "/api/delete", "/api/version")
 
 
 # Answered without the API key: a load balancer's probe, and the API's description (it holds no secret).
@@ -46,6 +48,7 @@ class FrontDoor:
             path = path[len(root):]
         endpoint = "/v1/models" if path.startswith("/v1/models/") else (path if path in ENDPOINTS else "other")
         status = 500
+        self.server.http_in_flight += 1  # (an unload waits for none: nothing then holds the model)
 
         async def send_status(message: Message) -> None:
             nonlocal status
@@ -57,7 +60,7 @@ class FrontDoor:
             limit = self.server.max_body_size
             length = _content_length(scope)
             if length is not None and length > limit:  # refused before a byte of it is read
-                await error_response(_too_large(limit))(scope, receive, send_status)
+                await error_response_for(path)(_too_large(limit))(scope, receive, send_status)
                 return
             receive = _bounded(receive, limit, self.server.read_timeout)
             keys = self.server.api_keys
@@ -65,11 +68,11 @@ class FrontDoor:
                 err = APIError(401, "invalid or missing API key (send Authorization: Bearer <key> or "
                                "x-api-key: <key>)", type="authentication_error", code="invalid_api_key",
                                headers={"WWW-Authenticate": "Bearer"})
-                answer = anthropic_error_response if path.startswith("/v1/messages") else error_response
-                await answer(err)(scope, receive, send_status)
+                await error_response_for(path)(err)(scope, receive, send_status)
                 return
             await self.app(scope, receive, send_status)
         finally:
+            self.server.http_in_flight -= 1
             self.server.metrics.count_request(endpoint, status)
 
 

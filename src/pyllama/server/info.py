@@ -8,6 +8,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
+from .paths import without_dirs
 from .protocol import APIError
 from .responses import json_response
 from .state import ServerState
@@ -16,8 +17,10 @@ from .state import ServerState
 async def health(server: ServerState, request: Request) -> Response:
     if server.engine is not None:
         return json_response({"status": "ok"})
+    if server.unloaded and not server.loading and server.load_error is None:  # freed on request: loads on demand
+        return json_response({"status": "ok"})
     if server.load_error is not None:
-        return json_response({"status": "error", "message": str(server.load_error)}, 500)
+        return json_response({"status": "error", "message": without_dirs(str(server.load_error))}, 500)
     return json_response({"status": "loading"}, 503)
 
 

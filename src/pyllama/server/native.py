@@ -16,26 +16,27 @@ import asyncio
 import contextlib
 import logging
 import math
-from typing import TYPE_CHECKING, Any, AsyncGenerator, Sequence
+from typing import TYPE_CHECKING, Any, AsyncGenerator, Sequence, cast
 
 import numpy as np
 import numpy.typing as npt
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from ..errors import LlamaError
-from ..grammar import json_schema_to_grammar
+from ..infill import InfillFile, infill_support, infill_tokens
 from ..samplers import Grammar, Sampler
 from ..engine.request import PromptProgress
 from ..stream import TokenEvent
 from . import params, sse
+from .chat import checked_grammar, schema_grammar
 from .errors import api_error
-from .protocol import APIError, NativeCompletionRequest, parse_request
+from .protocol import APIError, InfillRequest, NativeCompletionRequest, parse_request
 from .responses import gone, json_response
 from .state import ServerState
 
 if TYPE_CHECKING:
     from ..engine import Engine, EngineRequest
+    from ..model import Model
 
 log = logging.getLogger("pyllama.server")
 
@@ -95,28 +96,67 @@ def mixed_tokens(server: ServerState, engine: Engine, items: Sequence[int | str]
     return np.concatenate(parts).astype(np.int32, copy=False) if parts else np.empty(0, dtype=np.int32)
 
 
-def _grammar(req: NativeCompletionRequest) -> Sampler | None:
+def _grammar(req: NativeCompletionRequest, model: Model) -> Sampler | None:
+    """The request's grammar, built once here (off the event loop): a schema or grammar past the server's
+    limits or llama.cpp's is a 400 naming its field."""
     if req.json_schema is not None and req.grammar is None:
         schema: Any = req.json_schema
         if isinstance(schema, dict) and not schema:
             schema = {"type": "object"}  # an empty schema means any object, as in llama-server
-        try:
-            return Grammar(json_schema_to_grammar(schema))
-        except (LlamaError, ValueError, TypeError) as exc:
-            raise APIError(400, f'"json_schema": {exc}', param="json_schema", code="invalid_schema") from None
+        if not isinstance(schema, dict):
+            raise APIError(400, '"json_schema": a JSON schema is an object', param="json_schema",
+                           code="invalid_schema")
+        return schema_grammar(schema, model, "json_schema")
     if req.grammar:
-        return Grammar(req.grammar)  # checked when the request's chain is built: a bad one is a 400
+        params.check_grammar(req.grammar)
+        return checked_grammar(Grammar(req.grammar), model, "grammar")
     return None
 
 
-def _prepare(server: ServerState, engine: Engine, body: bytes) -> tuple[NativeCompletionRequest, list[Any], int,
-                                                                        dict[str, Any], Any, int]:
+def _infill_prompt(server: ServerState, engine: Engine, req: InfillRequest) -> npt.NDArray[np.int32]:
+    """The fill-in-the-middle prompt of ``/infill``, its inputs checked with llama-server's messages."""
+    if not isinstance(req.prompt, str):
+        raise APIError(400, '"prompt" must be a string', param="prompt")
+    for name in ("input_prefix", "input_suffix"):
+        if getattr(req, name) is None:
+            raise APIError(400, f'"{name}" is required', param=name)
+    chunks = [] if req.input_extra is None else req.input_extra
+    if not isinstance(chunks, list):
+        raise APIError(400, '"input_extra" must be an array of {"filename": string, "text": string}',
+                       param="input_extra")
+    extra = []
+    for chunk in chunks:
+        if not isinstance(chunk, dict) or not isinstance(chunk.get("text"), str):
+            raise APIError(400, 'extra_context chunk must contain a "text" field with a string value',
+                           param="input_extra")
+        if not isinstance(chunk.get("filename", ""), str):
+            raise APIError(400, 'extra_context chunk\'s "filename" field must be a string', param="input_extra")
+        extra.append(InfillFile(chunk["text"], chunk.get("filename", "tmp")))
+
+    def mixed(x: Any, name: str) -> npt.NDArray[np.int32]:
+        items = [x] if isinstance(x, str) else x
+        if not isinstance(items, list) or not all(_is_int(i) or isinstance(i, str) for i in items):
+            raise APIError(400, f'"{name}" must be a string or a list of token ids and strings', param=name)
+        return mixed_tokens(server, engine, items, add_special=False, parse_special=False)
+
+    n_predict = server.defaults.max_tokens
+    return infill_tokens(engine.model, mixed(req.input_prefix, "input_prefix"), mixed(req.input_suffix, "input_suffix"),
+                         prompt=req.prompt, extra=extra, n_batch=engine.n_batch, n_ctx=engine.n_ctx_slot,
+                         n_predict=-1 if n_predict is None else n_predict, spm=server.spm_infill)
+
+
+def _prepare(server: ServerState, engine: Engine, body: bytes, infill: bool) -> tuple[
+        NativeCompletionRequest, list[Any], int, dict[str, Any], Any, int]:
     """Everything before the engine sees the request (in a worker thread: a large body costs seconds)."""
-    req = parse_request(NativeCompletionRequest, body)
-    prompts = native_prompts(server, engine, req.prompt)
+    if infill:
+        req: NativeCompletionRequest = parse_request(InfillRequest, body)
+        prompts = [_infill_prompt(server, engine, cast(InfillRequest, req))]
+    else:
+        req = parse_request(NativeCompletionRequest, body)
+        prompts = native_prompts(server, engine, req.prompt)
     n = params.choices(req.n_cmpl if req.n_cmpl is not None else req.n, engine.n_slots)
     settings = params.native_settings(req, server.defaults)
-    grammar = _grammar(req)
+    grammar = _grammar(req, engine.model)
     if grammar is not None and req.ignore_eos:
         raise APIError(400, "ignore_eos cannot be combined with grammar or json_schema", param="ignore_eos",
                        code="invalid_value")
@@ -133,9 +173,23 @@ def _prepare(server: ServerState, engine: Engine, body: bytes) -> tuple[NativeCo
 
 
 async def completion(server: ServerState, request: Request) -> Response:
-    engine = server.require_engine()
+    return await _complete(server, request, infill=False)
+
+
+async def infill(server: ServerState, request: Request) -> Response:
+    """``POST /infill``: fill in the middle (501 for a model without FIM tokens, as llama-server)."""
+    engine = await server.ensure_engine()
+    why = infill_support(engine.model)
+    if why is not None:
+        raise APIError(501, f"Infill is not supported by this model: {why}", type="not_supported_error",
+                       code="not_supported")
+    return await _complete(server, request, infill=True)
+
+
+async def _complete(server: ServerState, request: Request, *, infill: bool) -> Response:
+    engine = await server.ensure_engine()
     req, prompts, n, settings, specs, n_probs = await server.off_loop(_prepare, server, engine,
-                                                                      await request.body())
+                                                                      await request.body(), infill)
     top = min(n_probs, 20)
     limit = int(settings["n_predict"])
     ers: list[EngineRequest] = []
@@ -145,7 +199,9 @@ async def completion(server: ServerState, request: Request) -> Response:
                 ers += server.submit_n(engine, tokens, n, settings, max_tokens=None if limit < 0 else limit,
                                        stop=settings["stop"], sampler=specs, logprobs=top > 0, top_logprobs=top,
                                        ignore_eos=req.ignore_eos, add_special=False, parse_special=False,
-                                       progress=req.stream and req.return_progress)
+                                       progress=req.stream and req.return_progress,
+                                       slot=req.id_slot if req.id_slot >= 0 else None,
+                                       lora=params.lora_scales(req.lora, len(engine.lora)))
     except BaseException:
         for er in ers:
             er.cancel()

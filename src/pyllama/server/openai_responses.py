@@ -28,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from ..engine.request import PromptProgress
-from . import sse
+from . import params, sse
 from .chat_turn import ChatTurn, Reply, prompt_tokens, sse_stream
 from .protocol import (APIError, ChatCompletionRequest, ChatMessage, FunctionDef, NamedFunction, NamedToolChoice,
                        ResponseFormat, TextPart, Tool, ToolCall, ToolCallFunction, _Request, parse_request, INT32_MAX)
@@ -195,6 +195,7 @@ def _messages(req: ResponsesRequest) -> list[ChatMessage]:
 
 
 def _tools(req: ResponsesRequest) -> list[Tool] | None:
+    params.check_tool_count(len(req.tools or ()))  # before each is validated
     tools: list[Tool] = []
     for i, raw in enumerate(req.tools or ()):
         if raw.get("type") != "function":

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
@@ -30,7 +30,9 @@ _STATUS = {
     413: "The request's body is larger than --max-body-size",
     500: "The model failed to load",
     501: "This endpoint is turned off (its flag was not given)",
+    502: "A download from the model's host failed",
     503: "Loading, busy (Retry-After), shutting down, or the isolated worker crashed (Retry-After)",
+    507: "Not enough disk space for the model",
 }
 # Statuses every POST route may answer before its handler runs or from the engine.
 POST_ERRORS = (400, 408, 413, 503)
@@ -45,15 +47,20 @@ class Doc:
     answer: type[BaseModel] | None = None
     also_lists: tuple[type[BaseModel], ...] = ()  # or a JSON array of one of these
     stream: bool = False  # ``"stream": true`` answers Server-Sent Events instead
+    text_stream: str | None = None  # or a stream of JSON lines of this media type (Ollama's NDJSON)
     text: str | None = None  # the answer is text of this media type (no JSON schema)
     errors: tuple[int, ...] = ()
-    anthropic: bool = False  # errors in Anthropic's shape
+    errors_shape: Literal["openai", "anthropic", "ollama"] = "openai"
     tags: tuple[str, ...] = field(default=())
 
 
 # One Server-Sent Event of a stream (``data`` is a JSON chunk, or ``[DONE]``; comments are keep-alives).
 _SSE_EVENT = {"type": "object", "properties": {"event": {"type": "string"}, "data": {"type": "string"},
                                                "id": {"type": "string"}, "retry": {"type": "integer"}}}
+
+# how each API answers an error
+_ERROR_SHAPES: dict[str, type[BaseModel]] = {"openai": answers.ErrorAnswer, "anthropic": answers.AnthropicErrorAnswer,
+                                             "ollama": answers.OllamaErrorAnswer}
 
 _PARAM = re.compile(r"\{(\w+)(?::\w+)?\}")
 
@@ -85,10 +92,12 @@ def _operation(method: str, path: str, doc: Doc, secured: bool) -> dict[str, Any
             content["application/json"] = {"schema": shapes[0] if len(shapes) == 1 else {"anyOf": shapes}}
     if doc.stream:
         content["text/event-stream"] = {"schema": _SSE_EVENT}
+    if doc.text_stream is not None:  # one JSON object a line: the answer's shape, line by line
+        content[doc.text_stream] = {"schema": {"type": "string"}}
     if content:
         ok["content"] = content
     responses: dict[str, Any] = {"200": ok}
-    error = answers.AnthropicErrorAnswer if doc.anthropic else answers.ErrorAnswer
+    error = _ERROR_SHAPES[doc.errors_shape]
     statuses = set(doc.errors) | (set(POST_ERRORS) if method == "POST" else set())
     if secured and path not in ("/health", "/v1/health"):
         statuses.add(401)
@@ -109,7 +118,7 @@ def document(table: Sequence[tuple[Sequence[str], str, Doc]], *, secured: bool =
         for model in (doc.request, doc.answer, *doc.also_lists):
             if model is not None:
                 models[model.__name__] = model
-    for model in (answers.ErrorAnswer, answers.AnthropicErrorAnswer):
+    for model in (answers.ErrorAnswer, answers.AnthropicErrorAnswer, answers.OllamaErrorAnswer):
         models[model.__name__] = model
     requests = {doc.request.__name__ for _, _, doc in table if doc.request is not None}
     _, schemas = models_json_schema(

@@ -10,6 +10,7 @@ engine sees it, so a bad one is a 400 naming the parameter.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence, TypeVar
@@ -87,6 +88,39 @@ def check_stops(stops: Sequence[str]) -> None:
     if long is not None:
         raise APIError(400, f"stop: a stop string may be at most {MAX_STOP_CHARS} characters ({len(long)} given)",
                        param="stop")
+
+
+# Tools, JSON schemas and grammars become a grammar (llama.cpp's json-schema-to-grammar, its chat
+# templates' tool grammars, its GBNF parser) and the tools part of the prompt, before the first token:
+# their size is checked first. OpenAI takes 128 tools. 128 K characters of schema take llama.cpp
+# about 0.1 s to turn into a grammar; what the grammar then costs is bounded by pyllama.grammar's
+# limits (GRAMMAR_MAX_STACKS, ...), checked on every grammar however it was made.
+MAX_TOOLS = 128
+#: characters of compact JSON: a request's tools together, or its JSON schema; and of a GBNF grammar
+MAX_SCHEMA_CHARS = 128 * 1024
+
+
+def check_tool_count(n: int) -> None:
+    """A 400 naming the limit when a request has more than MAX_TOOLS tools."""
+    if n > MAX_TOOLS:
+        raise APIError(400, f"tools: at most {MAX_TOOLS} tools are taken ({n} given)", param="tools")
+
+
+def check_json_size(value: Any, param: str) -> None:
+    """A 400 naming the limit and ``param`` when ``value`` (tools, a JSON schema) is more than
+    MAX_SCHEMA_CHARS characters of compact JSON."""
+    size = len(json.dumps(value, separators=(",", ":"), ensure_ascii=False))
+    if size > MAX_SCHEMA_CHARS:
+        what = "the tools together" if param == "tools" else "a JSON schema"
+        raise APIError(400, f"{param}: {what} may be at most {MAX_SCHEMA_CHARS} characters of JSON ({size} given)",
+                       param=param)
+
+
+def check_grammar(grammar: str, param: str = "grammar") -> None:
+    """A 400 naming the limit when a GBNF grammar is more than MAX_SCHEMA_CHARS characters."""
+    if len(grammar) > MAX_SCHEMA_CHARS:
+        raise APIError(400, f"{param}: a grammar may be at most {MAX_SCHEMA_CHARS} characters ({len(grammar)} given)",
+                       param=param)
 
 
 def _predict_bound(v: int, name: str) -> int:
@@ -320,6 +354,28 @@ def native_sampler_specs(settings: dict[str, Any], bias: dict[int, float], *, gr
     return specs
 
 
-__all__ = ["sampler_specs", "choices", "native_settings", "native_logit_bias", "native_sampler_specs", "logit_bias",
+def lora_scales(value: Any, n_adapters: int, param: str = "lora") -> dict[int, float] | None:
+    """llama-server's LoRA list (``[{"id": i, "scale": s}, ...]``, of a request or of ``POST /lora-adapters``)
+    as scales by adapter index; None when absent. An adapter not listed gets scale 0, as there."""
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise APIError(400, f"Error: '{param}' must be an array of objects with 'id' and 'scale' fields", param=param)
+    out: dict[int, float] = {}
+    for entry in value:
+        i = entry.get("id", -1) if isinstance(entry, dict) else None
+        scale = entry.get("scale", 0.0) if isinstance(entry, dict) else None
+        if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < n_adapters:
+            raise APIError(400, f"{param}: no LoRA adapter with id {i!r} (this server has {n_adapters})",
+                           param=param, code="invalid_value")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise APIError(400, f"{param}: the scale of adapter {i} must be a finite number", param=param,
+                           code="invalid_value")
+        out[i] = float(scale)
+    return out
+
+
+__all__ = ["lora_scales", "sampler_specs", "choices", "native_settings", "native_logit_bias", "native_sampler_specs", "logit_bias",
            "max_tokens", "RequestDefaults", "DEFAULT_TEMPERATURE", "DEFAULT_TOP_K",
-           "DEFAULT_TOP_P", "DEFAULT_MIN_P"]
+           "DEFAULT_TOP_P", "DEFAULT_MIN_P", "MAX_PREDICT", "MAX_STOPS", "MAX_STOP_CHARS", "MAX_TOOLS",
+           "MAX_SCHEMA_CHARS", "check_stops", "check_tool_count", "check_json_size", "check_grammar"]

@@ -14,8 +14,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from .._version import __version__
+from ..engine.front import check_slot
+from ..errors import StateError
 from . import params
-from .protocol import APIError
+from .paths import confined
+from .protocol import APIError, SlotActionRequest, parse_request
 from .responses import json_response
 from .state import ServerState
 
@@ -127,9 +130,42 @@ async def get_slots(server: ServerState, request: Request) -> Response:
 
 
 async def post_slot(server: ServerState, request: Request) -> Response:
-    server.require_engine()
-    raise APIError(501, "This server does not support slots action (saving, restoring and erasing a slot's "
-                   "cache is not supported yet)", type="not_supported_error", code="not_supported")
+    """``POST /slots/{id}?action=save|restore|erase``: a slot's cache to and from ``--slot-save-path``, as
+    llama-server (the action waits until the slot serves no request)."""
+    engine = server.require_engine()
+    if server.slot_save_path is None:
+        raise APIError(501, "This server does not support slots action. Start it with `--slot-save-path`",
+                       type="not_supported_error", code="not_supported")
+    try:
+        slot = int(request.path_params["id_slot"])
+        check_slot(slot, engine.n_slots)
+    except ValueError:
+        raise APIError(400, "Invalid slot ID", param="id_slot", code="invalid_value") from None
+    action = request.query_params.get("action", "")
+    if action == "erase":
+        n = await server.waiting(engine.erase_slot, slot)
+        return json_response({"id_slot": slot, "n_erased": n})
+    if action not in ("save", "restore"):
+        raise APIError(400, "Invalid action", param="action", code="invalid_value")
+    name = parse_request(SlotActionRequest, await request.body()).filename
+    path = confined(server.slot_save_path, name)
+    try:
+        if action == "save":
+            done = await server.waiting(engine.save_slot, slot, path)
+        else:
+            if not path.is_file():
+                raise APIError(400, f"Unable to restore slot: no file {name!r}", param="filename",
+                               code="invalid_value")
+            done = await server.waiting(engine.restore_slot, slot, path)
+    except (StateError, OSError) as exc:  # messages name the file as the client did, not where it lies
+        message = str(exc).replace(str(path), name).replace(str(server.slot_save_path), "")
+        if action == "save":
+            raise APIError(500, f"Unable to save slot: {message}", type="server_error") from None
+        raise APIError(400, f"Unable to restore slot: {message}", param="filename", code="invalid_value") from None
+    timing = {"save_ms": done.ms} if action == "save" else {"restore_ms": done.ms}
+    counts = {"n_saved": done.n_tokens, "n_written": done.n_bytes} if action == "save" else \
+        {"n_restored": done.n_tokens, "n_read": done.n_bytes}
+    return json_response({"id_slot": slot, "filename": name, **counts, "timings": timing})
 
 
 __all__ = ["get_props", "post_props", "get_slots", "post_slot", "build_info"]

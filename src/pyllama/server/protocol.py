@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, TypeVar, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError
 
 
 class APIError(Exception):
@@ -169,6 +169,7 @@ class SamplingRequest(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
+    lora: Any = None  # llama-server's per-request adapters, [{"id", "scale"}] (params.lora_scales checks it)
 
     def stops(self) -> list[str]:
         if self.stop is None:
@@ -288,6 +289,7 @@ class NativeCompletionRequest(_Request):
     post_sampling_probs: bool = False
     cache_prompt: bool = True
     id_slot: int = Field(default=-1, ge=-INT32_MAX, le=INT32_MAX)
+    lora: Any = None  # [{"id", "scale"}] (params.lora_scales checks it)
     return_tokens: bool = False
     timings_per_token: bool = False
     return_progress: bool = False
@@ -299,6 +301,17 @@ class NativeCompletionRequest(_Request):
             return []
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop)
         return [s for s in stops if s]  # llama-server drops empty stop strings
+
+
+class InfillRequest(NativeCompletionRequest):
+    """llama-server's ``POST /infill``: the native completion's fields, ``input_prefix`` and ``input_suffix``
+    (text, or ids and text mixed), ``prompt`` (the start of the middle), ``input_extra`` (other files:
+    ``{"filename", "text"}``). The handler checks the inputs itself, with llama-server's messages."""
+
+    prompt: Any = ""
+    input_prefix: Any = None
+    input_suffix: Any = None
+    input_extra: Any = None
 
 
 class RerankRequest(_Request):
@@ -313,6 +326,21 @@ class RerankRequest(_Request):
     texts: list[str] | None = None
     top_n: int | None = None
     return_text: bool = False
+
+
+class LoraScale(_Request):
+    id: int
+    scale: float
+
+
+class LoraScalesRequest(RootModel[list[LoraScale]]):
+    """``POST /lora-adapters``: ``[{"id", "scale"}]`` (the handler checks it, with llama-server's messages)."""
+
+
+class SlotActionRequest(_Request):
+    """``POST /slots/{id}?action=save|restore``: the file, a name inside ``--slot-save-path``."""
+
+    filename: str
 
 
 R = TypeVar("R", bound=_Request)
@@ -339,5 +367,5 @@ def parse_request(cls: type[R], body: bytes) -> R:
 __all__ = [
     "APIError", "error_body", "ChatMessage", "TextPart", "ToolCall", "Tool", "ResponseFormat", "StreamOptions",
     "SamplingRequest", "ChatCompletionRequest", "CompletionRequest", "EmbeddingRequest", "TokenizeRequest",
-    "DetokenizeRequest", "NativeCompletionRequest", "RerankRequest", "parse_request",
+    "DetokenizeRequest", "NativeCompletionRequest", "InfillRequest", "RerankRequest", "SlotActionRequest", "LoraScalesRequest", "parse_request",
 ]

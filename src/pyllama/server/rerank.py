@@ -34,7 +34,7 @@ def _body(raw: bytes) -> dict[str, Any]:
 
 
 async def rerank(server: ServerState, request: Request) -> Response:
-    engine = server.require_engine()
+    engine = await server.ensure_engine()
     if engine.pooling != "rank":
         raise APIError(501, "This server does not support reranking. Start it with `--reranking`",
                        type="not_supported_error", code="not_supported")

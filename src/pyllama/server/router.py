@@ -1,0 +1,362 @@
+"""Several models behind one server: llama-server's router mode, Ollama's model management.
+
+Each model is a whole app of its own (:func:`.app.create_app`: every route, its own
+:class:`~.state.ServerState`), over an engine in its own worker process (``IsolatedEngine``), so a crash
+takes down that model's requests only and the next request starts it again. The router reads which model
+a request names (the JSON body's ``model``, or ``?model=`` on a GET) and hands the request to that app;
+the model loads on its first request (``--models-autoload``, the default) or by ``POST /models/load``,
+and is freed by ``POST /models/unload``, Ollama's ``keep_alive`` or to make room. Before a model loads
+the router makes room for it: at most ``--models-max`` loaded, and with a memory budget the models
+loaded plus this one (each measured by llama.cpp's projection from its file, weights unread) within it;
+room is made by freeing the least recently used model that is answering nothing, never one with a request
+in flight. A model that could never fit is a clear error. ``GET /v1/models`` (and ``/models``) lists
+every model with its status (unloaded, loading, loaded, failed with the reason), ``/api/tags`` and
+``/api/ps`` Ollama's views of the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence
+from urllib.parse import parse_qs
+
+from starlette.applications import Starlette
+from starlette.types import Message, Receive, Scope, Send
+
+from . import sse
+from .errors import error_response_for
+from .front_door import authorized
+from .paths import without_dirs
+from .protocol import APIError
+
+if TYPE_CHECKING:
+    from .state import ServerState
+
+log = logging.getLogger("pyllama.server")
+
+#: the largest request body the router reads to find the model (a model's own limit applies after)
+ROUTER_MAX_BODY = 64 << 20
+
+
+@dataclass
+class RoutedModel:
+    """One model of the router: its name, file, app and state, and what it needs in memory (measured once)."""
+
+    name: str
+    path: Path
+    app: Starlette
+    need: int | None = None
+
+    @property
+    def state(self) -> ServerState:
+        state: ServerState = self.app.state.server
+        return state
+
+    @property
+    def status(self) -> str:
+        s = self.state
+        if s.engine is not None:
+            return "loaded"
+        if s.loading:
+            return "loading"
+        if s.load_error is not None:
+            return "failed"
+        return "unloaded"
+
+    @property
+    def busy(self) -> bool:
+        s = self.state
+        return bool(s.http_in_flight or s._active)
+
+
+def measure(path: Path, n_ctx: int) -> int:
+    """Bytes a model needs loaded (llama.cpp's projection from its file; on the CPU the weights are the file)."""
+    from ..fit import has_accelerator, memory_projection
+
+    gpu = has_accelerator()
+    rows = memory_projection(path, n_gpu_layers=-1 if gpu else 0, n_ctx=max(1, n_ctx))
+    weights = sum(r.model for r in rows) if gpu else path.stat().st_size
+    return weights + sum(r.context + r.compute for r in rows)
+
+
+class ModelRouter:
+    """The ASGI app of a server of several models (see the module docstring)."""
+
+    def __init__(self, models: Sequence[RoutedModel], *, models_max: int, memory_budget: int | None,
+                 autoload: bool, api_keys: Sequence[str], n_ctx: int) -> None:
+        if not models:
+            raise ValueError("the router needs at least one model")
+        names = [m.name for m in models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"two models share a name: {sorted(n for n in names if names.count(n) > 1)}")
+        self.models = {m.name: m for m in models}
+        self.models_max = models_max
+        self.memory_budget = memory_budget
+        self.autoload = autoload
+        self.api_keys = tuple(api_keys)
+        self.n_ctx = n_ctx
+        self._room = asyncio.Lock()
+        self.created = int(time.time())
+        for m in models:
+            m.state.before_load = self._before_load(m)
+        self._own: dict[tuple[str, str], Callable[[Scope, Receive, Send], Awaitable[None]]] = {
+            ("GET", "/v1/models"): self._list, ("GET", "/models"): self._list,
+            ("GET", "/health"): self._health, ("GET", "/v1/health"): self._health,
+            ("GET", "/api/tags"): self._tags, ("GET", "/api/ps"): self._ps,
+            ("POST", "/models/load"): self._load, ("POST", "/models/unload"): self._unload,
+        }
+
+    # --- making room --------------------------------------------------------------------------
+    def _before_load(self, model: RoutedModel) -> Callable[[], Awaitable[None]]:
+        async def make_room() -> None:
+            async with self._room:
+                await self._make_room(model)
+        return make_room
+
+    async def _make_room(self, model: RoutedModel) -> None:
+        if self.memory_budget is not None and model.need is None:
+            model.need = await asyncio.to_thread(measure, model.path, self.n_ctx)
+        if self.memory_budget is not None and model.need is not None and model.need > self.memory_budget:
+            raise APIError(507, f"model `{model.name}` needs {_gib(model.need)}; the memory budget is "
+                           f"{_gib(self.memory_budget)}: it can never be loaded here", type="server_error",
+                           code="model_too_large")
+
+        def loaded() -> list[RoutedModel]:
+            return [m for m in self.models.values() if m is not model and m.status in ("loaded", "loading")]
+
+        def over() -> bool:
+            if len(loaded()) + 1 > self.models_max:
+                return True
+            if self.memory_budget is None:
+                return False
+            used = sum(m.need or 0 for m in loaded())
+            return used + (model.need or 0) > self.memory_budget
+
+        while over():
+            idle = [m for m in loaded() if m.status == "loaded" and not m.busy]
+            if not idle:
+                raise APIError(503, f"no room to load `{model.name}`: the loaded models are answering requests",
+                               type="server_error", code="models_busy", headers={"Retry-After": "2"})
+            victim = min(idle, key=lambda m: m.state.last_used)
+            log.info("unloading %s to make room for %s", victim.name, model.name)
+            await victim.state.unload_now()
+
+    # --- the routes of the router itself ---------------------------------------------------------
+    def _card(self, m: RoutedModel) -> dict[str, Any]:
+        status: dict[str, Any] = {"value": m.status}
+        if m.state.load_error is not None:
+            status["failed_reason"] = without_dirs(str(m.state.load_error))
+        return {"id": m.name, "object": "model", "created": self.created, "owned_by": "pyllama",
+                "path": m.path.name, "status": status}
+
+    async def _list(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await _answer(send, 200, {"object": "list", "data": [self._card(m) for m in self.models.values()]})
+
+    async def _health(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await _answer(send, 200, {"status": "ok"})
+
+    def _ollama_card(self, m: RoutedModel) -> dict[str, Any]:
+        from ..gguf_check import header_facts
+        from .ollama import _details
+
+        facts = m.state.model_facts if m.state.engine is not None else None
+        if facts is None:
+            head = header_facts(m.path) or {}
+            facts = {"path": m.path, "architecture": head.get("architecture") or "", "n_params": 0,
+                     "file_type": head.get("file_type")}
+        st = m.path.stat()
+        return {"name": m.name, "model": m.name, "size": st.st_size, "digest": "",
+                "modified_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(st.st_mtime)),
+                "details": _details(facts)}
+
+    async def _tags(self, scope: Scope, receive: Receive, send: Send) -> None:
+        cards = await asyncio.to_thread(lambda: [self._ollama_card(m) for m in self.models.values()])
+        await _answer(send, 200, {"models": cards})
+
+    async def _ps(self, scope: Scope, receive: Receive, send: Send) -> None:
+        loaded = [m for m in self.models.values() if m.status == "loaded"]
+        cards = await asyncio.to_thread(lambda: [self._ollama_card(m) for m in loaded])
+        for card, m in zip(cards, loaded):
+            engine = m.state.engine
+            card.update({"expires_at": "2100-01-01T00:00:00Z", "size_vram": 0,
+                         "context_length": engine.n_ctx_slot if engine is not None else 0})
+        await _answer(send, 200, {"models": cards})
+
+    async def _model_of_body(self, scope: Scope, receive: Receive, send: Send) -> RoutedModel | None:
+        body = await _read_body(receive, ROUTER_MAX_BODY)
+        if body is None:
+            await _answer(send, 413, _error_body(scope, APIError(413, "the request body is too large")))
+            return None
+        try:
+            name = json.loads(body or b"{}").get("model")
+        except (ValueError, AttributeError):
+            name = None
+        model = self.models.get(name) if isinstance(name, str) else None
+        if model is None:
+            await _answer(send, 404 if name else 400, _error_body(scope, APIError(
+                404 if name else 400, f"no model `{name}` here (models: {', '.join(self.models)})" if name
+                else "which model? (`model` names one of: " + ", ".join(self.models) + ")", param="model")))
+        return model
+
+    async def _load(self, scope: Scope, receive: Receive, send: Send) -> None:
+        model = await self._model_of_body(scope, receive, send)
+        if model is None:
+            return
+        try:
+            await model.state.ensure_engine()
+        except APIError as err:
+            await _answer(send, err.status, err.body())
+            return
+        await _answer(send, 200, {"success": True, **self._card(model)})
+
+    async def _unload(self, scope: Scope, receive: Receive, send: Send) -> None:
+        model = await self._model_of_body(scope, receive, send)
+        if model is None:
+            return
+        model.state.request_unload()  # once nothing is being answered
+        await _answer(send, 200, {"success": True})
+
+    # --- dispatch ---------------------------------------------------------------------------------
+    def _named(self, name: object) -> RoutedModel | None:
+        if not isinstance(name, str):
+            return None
+        if name in self.models:
+            return self.models[name]
+        for m in self.models.values():  # the file's name or stem also names it
+            if name in (m.path.name, m.path.stem):
+                return m
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        path, method = scope["path"], scope["method"]
+        if self.api_keys and path not in ("/health", "/v1/health") and method != "OPTIONS" \
+                and not authorized(scope, self.api_keys):
+            err = APIError(401, "invalid or missing API key", type="authentication_error", code="invalid_api_key",
+                           headers={"WWW-Authenticate": "Bearer"})
+            await error_response_for(path)(err)(scope, receive, send)
+            return
+        own = self._own.get((method, path))
+        if own is not None:
+            await own(scope, receive, send)
+            return
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        name: object = (query.get("model") or [None])[0]
+        body: bytes | None = None
+        if name is None and method in ("POST", "PUT", "DELETE", "PATCH"):
+            body = await _read_body(receive, ROUTER_MAX_BODY)
+            if body is None:
+                await error_response_for(path)(APIError(413, "the request body is too large"))(scope, receive, send)
+                return
+            name = await _model_field(body)
+        model = self._named(name)
+        if model is None and name is None and len(self.models) == 1:
+            model = next(iter(self.models.values()))
+        if model is None and name is None and method == "OPTIONS":
+            model = next(iter(self.models.values()))  # a CORS preflight: any model's app answers it
+        if model is None:
+            if name is None:
+                err = APIError(400, "this server serves several models: name one (`model` in the body, or "
+                               f"?model=): {', '.join(self.models)}", param="model", code="model_required")
+            else:
+                err = APIError(404, f"the model `{name}` does not exist here; models: {', '.join(self.models)}",
+                               param="model", code="model_not_found")
+            await error_response_for(path)(err)(scope, receive, send)
+            return
+        if not self.autoload and model.state.engine is None and path not in ("/props", "/slots"):
+            err = APIError(400, f"the model `{model.name}` is not loaded (POST /models/load; the server runs "
+                           "without --models-autoload)", param="model", code="model_not_loaded")
+            await error_response_for(path)(err)(scope, receive, send)
+            return
+        await model.app(scope, _replay(body, receive) if body is not None else receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        message = await receive()
+        assert message["type"] == "lifespan.startup"
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                for m in self.models.values():
+                    await stack.enter_async_context(m.state.lifespan(m.app))
+            except BaseException as exc:  # noqa: BLE001 - told to the server, which stops
+                await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                return
+            await send({"type": "lifespan.startup.complete"})
+            message = await receive()
+            assert message["type"] == "lifespan.shutdown"
+            for m in self.models.values():
+                m.state.shutdown_soon(0.0)
+        await send({"type": "lifespan.shutdown.complete"})
+
+    def shutdown_soon(self, grace: float) -> None:
+        for m in self.models.values():
+            m.state.shutdown_soon(grace)
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes | None:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return b"".join(chunks)
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def _model_field(body: bytes) -> object:
+    """The body's ``model`` (parsed off the event loop when the body is large: it may be megabytes)."""
+    def parse() -> object:
+        try:
+            value = json.loads(body)
+        except (ValueError, RecursionError):
+            return None
+        return value.get("model") if isinstance(value, dict) else None
+
+    if len(body) > 64 << 10:
+        return await asyncio.to_thread(parse)
+    return parse()
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()  # then the client's disconnect, when it comes
+    return replay
+
+
+async def _answer(send: Send, status: int, obj: Any) -> None:
+    data = sse.dumps(obj)
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    await send({"type": "http.response.body", "body": data})
+
+
+def _error_body(scope: Scope, err: APIError) -> dict[str, Any]:
+    return {"error": err.message} if scope["path"].startswith("/api/") else err.body()
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+__all__ = ["ModelRouter", "RoutedModel", "measure", "ROUTER_MAX_BODY"]
