@@ -70,6 +70,17 @@ class DeviceMemory:
     compute: int  # compute buffers
 
 
+def available_host_memory() -> int:
+    """Bytes of RAM the system could give now (Linux's MemAvailable: free memory plus caches it can drop)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
 def has_accelerator() -> bool:
     """Whether any loaded backend offers a GPU-like device to offload to."""
     return any(d.type in _ACCEL_TYPES for d in devices())

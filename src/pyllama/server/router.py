@@ -29,6 +29,7 @@ from urllib.parse import parse_qs
 from starlette.applications import Starlette
 from starlette.types import Message, Receive, Scope, Send
 
+from ..fit import available_host_memory
 from . import sse
 from .errors import error_response_for
 from .front_door import authorized
@@ -42,6 +43,8 @@ log = logging.getLogger("pyllama.server")
 
 #: the largest request body the router reads to find the model (a model's own limit applies after)
 ROUTER_MAX_BODY = 64 << 20
+#: RAM left free beside the loaded models when no --memory-budget is given
+MEMORY_MARGIN = 1 << 30
 
 
 @dataclass
@@ -120,9 +123,14 @@ class ModelRouter:
         return make_room
 
     async def _make_room(self, model: RoutedModel) -> None:
-        if self.memory_budget is not None and model.need is None:
-            model.need = await asyncio.to_thread(measure, model.path, self.n_ctx)
-        if self.memory_budget is not None and model.need is not None and model.need > self.memory_budget:
+        if model.need is None:
+            try:
+                model.need = await asyncio.to_thread(measure, model.path, self.n_ctx)
+            except Exception as exc:  # noqa: BLE001 - a file llama.cpp cannot read: the model failed to load
+                model.state.load_error = exc
+                model.state.require_engine()  # raises: the load failure, as the model's status says it
+                raise
+        if self.memory_budget is not None and model.need > self.memory_budget:
             raise APIError(507, f"model `{model.name}` needs {_gib(model.need)}; the memory budget is "
                            f"{_gib(self.memory_budget)}: it can never be loaded here", type="server_error",
                            code="model_too_large")
@@ -133,14 +141,18 @@ class ModelRouter:
         def over() -> bool:
             if len(loaded()) + 1 > self.models_max:
                 return True
-            if self.memory_budget is None:
-                return False
-            used = sum(m.need or 0 for m in loaded())
-            return used + (model.need or 0) > self.memory_budget
+            need = model.need or 0
+            if self.memory_budget is None:  # the RAM the system could give now, a margin kept
+                return need + MEMORY_MARGIN > available_host_memory()
+            return sum(m.need or 0 for m in loaded()) + need > self.memory_budget
 
         while over():
             idle = [m for m in loaded() if m.status == "loaded" and not m.busy]
             if not idle:
+                if not loaded():  # nothing to free: this machine cannot hold it now
+                    raise APIError(507, f"model `{model.name}` needs {_gib(model.need or 0)} and "
+                                   f"{_gib(MEMORY_MARGIN)} to spare; {_gib(available_host_memory())} of RAM is "
+                                   "available", type="server_error", code="model_too_large")
                 raise APIError(503, f"no room to load `{model.name}`: the loaded models are answering requests",
                                type="server_error", code="models_busy", headers={"Retry-After": "2"})
             victim = min(idle, key=lambda m: m.state.last_used)

@@ -153,21 +153,10 @@ class Candidate:
     fetched: int
 
 
-def _available_host() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    pages, page = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
-    return int(pages * page)
-
-
 def _measure(path: Path, size: int, n_ctx: int, budget: int | None, margin: int) -> tuple[int, int, bool, str]:
     """(host bytes, accelerator bytes, fits, reason) of the model at ``path`` with every layer on the
     accelerators when there are some, else on the CPU (weights there are the file, mapped)."""
-    from ..fit import has_accelerator, memory_projection
+    from ..fit import available_host_memory, has_accelerator, memory_projection
 
     gpu = has_accelerator()
     rows = memory_projection(path, n_gpu_layers=-1 if gpu else 0, n_ctx=n_ctx)
@@ -183,7 +172,7 @@ def _measure(path: Path, size: int, n_ctx: int, budget: int | None, margin: int)
         need = r.model + r.context + r.compute
         if need + margin > r.free:
             return host, on_devices, False, f"{r.device}: needs {_gib(need)} + {_gib(margin)} margin, {_gib(r.free)} free"
-    free = _available_host()
+    free = available_host_memory()
     if host + margin > free:
         return host, on_devices, False, f"host: needs {_gib(host)} + {_gib(margin)} margin, {_gib(free)} available"
     return host, on_devices, True, ""
