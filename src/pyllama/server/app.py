@@ -31,7 +31,7 @@ from starlette.routing import Route
 
 from ..chat import ReasoningFormat
 from . import chat_completions, completions, embeddings, info, native, rerank, tokens
-from . import lora_adapters, ollama
+from . import lora_adapters, ollama, ollama_models
 from . import props as props_routes  # (``props`` is create_app's switch)
 from . import anthropic, answers, openai_responses
 from .cors import CORSOptions, LlamaCORS
@@ -184,20 +184,20 @@ def create_app(engine: EngineSource, *, api_key: str | Sequence[str] | None = No
         *routes(("/api/embeddings",), ollama.embeddings, "POST",
                 Doc("Ollama's older embedding route", request=ollama.OllamaEmbeddingsRequest,
                     answer=A.OllamaEmbedding, errors=(500,), errors_shape="ollama")),
-        *routes(("/api/tags",), ollama.tags, "GET",
+        *routes(("/api/tags",), ollama_models.tags, "GET",
                 Doc("Ollama's model list", answer=A.OllamaModels, errors=(500, 503), errors_shape="ollama")),
-        *routes(("/api/ps",), ollama.ps, "GET",
+        *routes(("/api/ps",), ollama_models.ps, "GET",
                 Doc("Ollama's loaded models", answer=A.OllamaModels, errors=(500,), errors_shape="ollama")),
-        *routes(("/api/show",), ollama.show, "POST",
-                Doc("Ollama's model details", request=ollama.OllamaModelRequest, answer=A.OllamaShow,
+        *routes(("/api/show",), ollama_models.show, "POST",
+                Doc("Ollama's model details", request=ollama_models.OllamaModelRequest, answer=A.OllamaShow,
                     errors=(404, 500), errors_shape="ollama")),
-        *routes(("/api/version",), ollama.version, "GET", Doc("Ollama's version route", answer=A.OllamaVersion)),
-        *routes(("/api/pull",), ollama.pull, "POST",
+        *routes(("/api/version",), ollama_models.version, "GET", Doc("Ollama's version route", answer=A.OllamaVersion)),
+        *routes(("/api/pull",), ollama_models.pull, "POST",
                 Doc("Pull a model into the store (Ollama's status stream unless stream is false)",
-                    request=ollama.OllamaModelRequest, answer=A.OllamaStatus, text_stream=ollama.NDJSON,
+                    request=ollama_models.OllamaModelRequest, answer=A.OllamaStatus, text_stream=ollama.NDJSON,
                     errors=(404, 500, 502, 507), errors_shape="ollama")),
-        *routes(("/api/delete",), ollama.delete, "DELETE",
-                Doc("Remove a model from the store", request=ollama.OllamaModelRequest, errors=(400, 404, 500, 502),
+        *routes(("/api/delete",), ollama_models.delete, "DELETE",
+                Doc("Remove a model from the store", request=ollama_models.OllamaModelRequest, errors=(400, 404, 500, 502),
                     errors_shape="ollama")),
         *routes(("/props",), props_routes.get_props, "GET",
                 Doc("llama-server's server properties", answer=A.Props, errors=engine_down)),

@@ -1,5 +1,6 @@
-"""Ollama's API (``/api/chat``, ``/api/generate``, ``/api/embed``, ``/api/tags``, ``/api/show``, ``/api/ps``,
-``/api/pull``, ``/api/delete``, ``/api/version``) on the same engine, for the clients that speak it (Open
+"""Ollama's API on the same engine: generation here (``/api/chat``, ``/api/generate``, ``/api/embed``), the
+models in :mod:`.ollama_models` (``/api/tags``, ``/api/show``, ``/api/ps``, ``/api/pull``, ``/api/delete``,
+``/api/version``), for the clients that speak it (Open
 WebUI, Continue, editors, the ``ollama`` Python and JS libraries).
 
 A translation, not a second code path: ``/api/chat`` and ``/api/generate`` become a chat completion request
@@ -17,24 +18,19 @@ llama-server does); ``/api/show`` knows its names; ``/api/pull`` resolves a name
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import datetime
-import hashlib
 import json
 import logging
 import math
 import re
-import threading
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncGenerator, Literal, Union
 
 from pydantic import Field
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from .._version import __version__
 from . import sse
 from .chat_turn import ChatTurn, Reply, sse_stream
 from .errors import api_error, ollama_error_response
@@ -75,10 +71,11 @@ _KeepAlive = Union[str, float, None]
 _Format = Union[Literal["json", ""], dict[str, Any], None]
 
 
-class OllamaChatRequest(_Request):
+class _OllamaGeneration(_Request):
+    """What ``/api/chat`` and ``/api/generate`` share: the model, sampling ``options``, ``format``,
+    streaming, ``keep_alive`` and ``think``."""
+
     model: str
-    messages: list[OllamaMessage] = Field(default_factory=list)
-    tools: list[Tool] | None = None
     format: _Format = None
     options: dict[str, Any] | None = None
     stream: bool = True
@@ -86,20 +83,19 @@ class OllamaChatRequest(_Request):
     think: Union[bool, str, None] = None
 
 
-class OllamaGenerateRequest(_Request):
-    model: str
+class OllamaChatRequest(_OllamaGeneration):
+    messages: list[OllamaMessage] = Field(default_factory=list)
+    tools: list[Tool] | None = None
+
+
+class OllamaGenerateRequest(_OllamaGeneration):
     prompt: str = ""
     suffix: str | None = None
     system: str | None = None
     template: str | None = None
     context: list[int] | None = None
     raw: bool = False
-    format: _Format = None
     images: list[str] | None = None
-    options: dict[str, Any] | None = None
-    stream: bool = True
-    keep_alive: _KeepAlive = None
-    think: Union[bool, str, None] = None
 
 
 class OllamaEmbedRequest(_Request):
@@ -116,22 +112,6 @@ class OllamaEmbeddingsRequest(_Request):
     prompt: str = ""
     options: dict[str, Any] | None = None
     keep_alive: _KeepAlive = None
-
-
-class OllamaModelRequest(_Request):
-    """``/api/show``, ``/api/pull``, ``/api/delete``: a model by ``model`` (or its older name ``name``)."""
-
-    model: str | None = None
-    name: str | None = None
-    stream: bool = True
-    insecure: bool = False
-    verbose: bool = False
-
-    def ref(self) -> str:
-        ref = self.model or self.name
-        if not ref:
-            raise APIError(400, "model is required", param="model")
-        return ref
 
 
 # --- translation ----------------------------------------------------------------------------------
@@ -226,7 +206,7 @@ def _chat_request(model: str, messages: list[ChatMessage], *, options: dict[str,
         raise APIError(400, f"options: {exc}", param="options") from None
 
 
-def _now() -> str:
+def now_iso() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat().replace("+00:00", "Z")
 
 
@@ -250,16 +230,16 @@ def _calls(reply: Reply) -> list[dict[str, Any]]:
     return out
 
 
-def _line(obj: dict[str, Any]) -> bytes:
+def json_line(obj: dict[str, Any]) -> bytes:
     return sse.dumps(obj) + b"\n"
 
 
-def _ndjson(frames: AsyncGenerator[bytes, None], what: str) -> StreamingResponse:
+def ndjson(frames: AsyncGenerator[bytes, None], what: str) -> StreamingResponse:
     """An NDJSON body; a failure midway (the status line is gone) ends it with an ``{"error"}`` line."""
-    return StreamingResponse(sse_stream(frames, what, lambda err: _line({"error": err.message})), media_type=NDJSON)
+    return StreamingResponse(sse_stream(frames, what, lambda err: json_line({"error": err.message})), media_type=NDJSON)
 
 
-def _error(request: Request, exc: Exception) -> Response:
+def error_answer(request: Request, exc: Exception) -> Response:
     err = api_error(exc)
     if err.status >= 500 and not isinstance(exc, APIError):
         log.error("unhandled error on %s", request.url.path, exc_info=exc)
@@ -272,7 +252,7 @@ async def _load_or_unload(server: ServerState, model: str, keep: float | None, k
     if reason == "load":
         await server.ensure_engine()
     _after(server, keep)
-    return json_response({"model": model, "created_at": _now(), key: _empty(key), "done": True,
+    return json_response({"model": model, "created_at": now_iso(), key: _empty(key), "done": True,
                           "done_reason": reason})
 
 
@@ -301,7 +281,7 @@ async def chat(server: ServerState, request: Request) -> Response:
                                                          fmt=req.format, tools=req.tools, think=req.think))
         return await _answer(server, request, turn, req.model, req.stream, keep, "message")
     except Exception as exc:  # noqa: BLE001 - every error in Ollama's shape
-        return _error(request, exc)
+        return error_answer(request, exc)
 
 
 async def generate(server: ServerState, request: Request) -> Response:
@@ -325,7 +305,7 @@ async def generate(server: ServerState, request: Request) -> Response:
                                                          tools=None, think=req.think))
         return await _answer(server, request, turn, req.model, req.stream, keep, "response")
     except Exception as exc:  # noqa: BLE001 - every error in Ollama's shape
-        return _error(request, exc)
+        return error_answer(request, exc)
 
 
 async def _answer(server: ServerState, request: Request, turn: ChatTurn, model: str, stream: bool,
@@ -345,7 +325,7 @@ async def _answer(server: ServerState, request: Request, turn: ChatTurn, model: 
         return out
 
     def last(reply: Reply) -> dict[str, Any]:
-        return {"model": model, "created_at": _now(), **piece(), "done": True,
+        return {"model": model, "created_at": now_iso(), **piece(), "done": True,
                 "done_reason": "length" if reply.finish == "length" else "stop", **_counts(server, turn.er)}
 
     if not stream:
@@ -353,7 +333,7 @@ async def _answer(server: ServerState, request: Request, turn: ChatTurn, model: 
         _after(server, keep)
         if reply is None:
             return gone()
-        whole = {"model": model, "created_at": _now(),
+        whole = {"model": model, "created_at": now_iso(),
                  **piece(reply.content, reply.reasoning, _calls(reply) or None), "done": True}
         return json_response({**whole, "done_reason": last(reply)["done_reason"], **_counts(server, turn.er)})
 
@@ -363,17 +343,17 @@ async def _answer(server: ServerState, request: Request, turn: ChatTurn, model: 
                 if d is None or not hasattr(d, "kind"):
                     continue  # keep-alive ticks and prompt progress: NDJSON has no place for them
                 if d.kind == "content" and d.text:
-                    yield _line({"model": model, "created_at": _now(), **piece(d.text), "done": False})
+                    yield json_line({"model": model, "created_at": now_iso(), **piece(d.text), "done": False})
                 elif d.kind == "reasoning" and d.text:
-                    yield _line({"model": model, "created_at": _now(), **piece(thinking=d.text), "done": False})
+                    yield json_line({"model": model, "created_at": now_iso(), **piece(thinking=d.text), "done": False})
             calls = _calls(turn.result)  # whole calls, as Ollama sends them, once the output is complete
             if calls:
-                yield _line({"model": model, "created_at": _now(), **piece(calls=calls), "done": False})
-            yield _line(last(turn.result))
+                yield json_line({"model": model, "created_at": now_iso(), **piece(calls=calls), "done": False})
+            yield json_line(last(turn.result))
         finally:
             _after(server, keep)
 
-    return _ndjson(frames(), "chat" if key == "message" else "generate")
+    return ndjson(frames(), "chat" if key == "message" else "generate")
 
 
 async def _submit_raw(server: ServerState, engine: Engine, req: OllamaGenerateRequest) -> EngineRequest:
@@ -409,7 +389,7 @@ async def _answer_raw(server: ServerState, request: Request, er: EngineRequest, 
                       keep: float | None) -> Response:
     def last() -> dict[str, Any]:
         reason = "length" if er.finish_reason in ("length", "context") else "stop"
-        return {"model": model, "created_at": _now(), "response": "", "done": True, "done_reason": reason,
+        return {"model": model, "created_at": now_iso(), "response": "", "done": True, "done_reason": reason,
                 **_counts(server, er)}
 
     if not stream:
@@ -423,12 +403,12 @@ async def _answer_raw(server: ServerState, request: Request, er: EngineRequest, 
         try:
             async for ev in server.events(er, keepalive=False):
                 if ev is not None and ev.text:
-                    yield _line({"model": model, "created_at": _now(), "response": ev.text, "done": False})
-            yield _line(last())
+                    yield json_line({"model": model, "created_at": now_iso(), "response": ev.text, "done": False})
+            yield json_line(last())
         finally:
             _after(server, keep)
 
-    return _ndjson(frames(), "generate")
+    return ndjson(frames(), "generate")
 
 
 # --- embeddings ---------------------------------------------------------------------------------------
@@ -455,7 +435,7 @@ async def embed(server: ServerState, request: Request) -> Response:
                       "total_duration": int((time.perf_counter() - t0) * 1e9), "load_duration": 0,
                       "prompt_eval_count": n_tokens})
     except Exception as exc:  # noqa: BLE001 - every error in Ollama's shape
-        return _error(request, exc)
+        return error_answer(request, exc)
 
 
 async def _load_or_unload_embed(server: ServerState, model: str, keep: float | None) -> Response:
@@ -478,228 +458,8 @@ async def embeddings(server: ServerState, request: Request) -> Response:
         _after(server, keep)
         return json_response({"embedding": vectors[0].tolist()})
     except Exception as exc:  # noqa: BLE001 - every error in Ollama's shape
-        return _error(request, exc)
+        return error_answer(request, exc)
 
 
-# --- the models ---------------------------------------------------------------------------------------
-
-_DIGESTS: dict[tuple[str, int, float], str] = {}
-_DIGEST_LOCK = threading.Lock()
-
-
-def _digest(path: Path) -> str:
-    """The file's sha256 (Ollama's digest of a model), computed once per file version."""
-    st = path.stat()
-    key = (str(path), st.st_size, st.st_mtime)
-    with _DIGEST_LOCK:
-        if key in _DIGESTS:
-            return _DIGESTS[key]
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    with _DIGEST_LOCK:
-        _DIGESTS[key] = h.hexdigest()
-    return _DIGESTS[key]
-
-
-def _param_size(n: int) -> str:
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f}{unit}".replace(".0", "")
-    return str(n)
-
-
-_QUANT = re.compile(r"(?:^|[-._])((?:I?Q\d+_[A-Z0-9_]+)|F16|BF16|F32|Q\d_\d)(?:[-._]|$)", re.IGNORECASE)
-
-
-def _details(facts: dict[str, Any]) -> dict[str, Any]:
-    """Ollama's ``details`` from what the server knows of a model (``quantization_level`` from the file's
-    name, else llama.cpp's description of the loaded model; empty where neither says)."""
-    arch = facts["architecture"]
-    m = _QUANT.search(Path(facts["path"]).stem)
-    quant = m.group(1).upper() if m else str(facts.get("ftype_name") or "")
-    n_params = int(facts.get("n_params") or 0)
-    return {"parent_model": "", "format": "gguf", "family": arch, "families": [arch],
-            "parameter_size": _param_size(n_params) if n_params else "", "quantization_level": quant}
-
-
-def _card(server: ServerState, digest: str) -> dict[str, Any]:
-    facts = server.model_facts
-    path = Path(facts["path"])
-    modified = datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.timezone.utc)
-    return {"name": server.model_name, "model": server.model_name, "modified_at": modified.isoformat(),
-            "size": path.stat().st_size, "digest": digest, "details": _details(facts)}
-
-
-async def tags(server: ServerState, request: Request) -> Response:
-    """``/api/tags``: the model this server serves, loaded or not (listing never loads it)."""
-    try:
-        if server.engine is None and not server.unloaded:
-            server.require_engine()  # still loading (503) or failed (500)
-        digest = await asyncio.to_thread(_digest, Path(server.model_facts["path"]))
-        return json_response({"models": [_card(server, digest)]})
-    except Exception as exc:  # noqa: BLE001 - every error in Ollama's shape
-        return _error(request, exc)
-
-
-async def ps(server: ServerState, request: Request) -> Response:
-    """``/api/ps``: the model, when it is loaded, with its context and when it will be freed."""
-    try:
-        engine = server.engine
-        if engine is None:
-            return json_response({"models": []})
-        digest = await asyncio.to_thread(_digest, Path(str(engine.model.path)))
-        after = server.unload_after
-        expires = (datetime.datetime.now(datetime.timezone.utc)
-                   + datetime.timedelta(seconds=after if after is not None else 10 * 365 * 86400))
-        return json_response({"models": [{**_card(server, digest), "expires_at": expires.isoformat(),
-                                  "size_vram": 0, "context_length": engine.n_ctx_slot}]})
-    except Exception as exc:  # noqa: BLE001 - every error in Ollama's shape
-        return _error(request, exc)
-
-
-async def show(server: ServerState, request: Request) -> Response:
-    """``/api/show``: the served model's details, metadata, template and capabilities."""
-    try:
-        req = parse_request(OllamaModelRequest, await request.body())
-        name = req.ref()
-        engine = await server.ensure_engine()
-        try:
-            server.find_model(name)
-        except APIError:
-            raise APIError(404, f"model '{name}' not found", param="model") from None
-        model = engine.model
-        arch = model.architecture
-        info: dict[str, Any] = {"general.architecture": arch, "general.parameter_count": model.n_params,
-                                f"{arch}.context_length": model.n_ctx_train, f"{arch}.embedding_length": model.n_embd}
-        fmt = server.prompter.format
-        template = fmt.source if fmt is not None else (server.chat_template or model.chat_template() or "")
-        caps = ["completion"]
-        if fmt is not None and fmt.caps.get("tool_calls"):
-            caps.append("tools")
-        from ..infill import infill_support
-        if infill_support(model) is None:
-            caps.append("insert")
-        if "enable_thinking" in template or "<think>" in template:  # the templates that can think say so
-            caps.append("thinking")
-        if engine.embeddings:
-            caps.append("embedding")
-        path = Path(str(model.path))
-        modified = datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.timezone.utc)
-        return json_response({"license": model.meta("general.license") or "", "modelfile": f"FROM {path.name}\n",
-                      "parameters": "", "template": template,
-                      "details": _details(server.model_facts), "model_info": info, "capabilities": caps,
-                      "modified_at": modified.isoformat()})
-    except Exception as exc:  # noqa: BLE001 - every error in Ollama's shape
-        return _error(request, exc)
-
-
-async def version(server: ServerState, request: Request) -> Response:
-    return json_response({"version": __version__})
-
-
-async def pull(server: ServerState, request: Request) -> Response:
-    """``/api/pull``: the store's pull, its progress as Ollama's status stream."""
-    from ..store import DownloadProgress, InvalidReferenceError
-    from ..store import pull as store_pull
-
-    from ..starter import STARTERS
-    from ..store import parse_reference
-
-    try:
-        req = parse_request(OllamaModelRequest, await request.body())
-        ref = req.ref()
-        if ref not in STARTERS:  # a name the store cannot resolve is refused before any stream
-            try:
-                parse_reference(ref)
-            except InvalidReferenceError as exc:
-                raise APIError(404, f"pull model manifest: {exc}", param="model") from None
-    except Exception as exc:  # noqa: BLE001 - every error in Ollama's shape
-        return _error(request, exc)
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[dict[str, Any] | BaseException | None] = asyncio.Queue()
-    gone_flag = threading.Event()
-
-    def report(p: DownloadProgress) -> bool:
-        loop.call_soon_threadsafe(queue.put_nowait, {"status": f"pulling {p.filename}", "digest": p.filename,
-                                                     "total": p.total or 0, "completed": p.done})
-        return not gone_flag.is_set()  # False cancels the download (the client went away)
-
-    def run() -> None:
-        try:
-            path = store_pull(ref, progress=report)
-            loop.call_soon_threadsafe(queue.put_nowait, {"status": "verifying sha256 digest"})
-            loop.call_soon_threadsafe(queue.put_nowait, {"status": "success", "path_name": path.name})
-            loop.call_soon_threadsafe(queue.put_nowait, None)
-        except BaseException as exc:  # noqa: BLE001 - reported to the client
-            loop.call_soon_threadsafe(queue.put_nowait, exc)
-
-    def refused(exc: BaseException) -> APIError:
-        return _store_error(exc, ref, "pull model manifest")
-
-    worker = threading.Thread(target=run, name="pyllama-ollama-pull", daemon=True)
-    worker.start()
-    if not req.stream:
-        while True:
-            item = await queue.get()
-            if isinstance(item, BaseException):
-                return ollama_error_response(refused(item))
-            if item is None:
-                return json_response({"status": "success"})
-
-    async def frames() -> AsyncGenerator[bytes, None]:
-        try:
-            yield _line({"status": "pulling manifest"})
-            while True:
-                item = await queue.get()
-                if item is None:
-                    return
-                if isinstance(item, BaseException):
-                    yield _line({"error": refused(item).message})
-                    return
-                if item.get("status") == "success":
-                    yield _line({"status": "success"})
-                else:
-                    yield _line(item)
-        finally:
-            gone_flag.set()
-
-    return _ndjson(frames(), "pull")
-
-
-def _store_error(exc: BaseException, ref: str, what: str) -> APIError:
-    """A model-store failure as Ollama's answer: a name the store cannot find or resolve is a 404, a full disk
-    a 507, a download that failed upstream a 502; the message never shows where the cache lies."""
-    from ..store import (InsufficientSpaceError, InvalidReferenceError, ModelNotFoundError, NotCachedError,
-                         StoreError)
-
-    if isinstance(exc, (InvalidReferenceError, ModelNotFoundError, NotCachedError)):
-        return APIError(404, f"{what}: model '{ref}' not found", param="model")
-    if isinstance(exc, InsufficientSpaceError):
-        return APIError(507, f"{what}: not enough disk space for '{ref}'", type="server_error")
-    if isinstance(exc, StoreError):
-        return APIError(502, f"{what}: {exc}", type="server_error")
-    return api_error(exc)
-
-
-async def delete(server: ServerState, request: Request) -> Response:
-    """``/api/delete``: remove a model from the store (404 when the store does not hold it)."""
-    from ..store import remove
-
-    try:
-        req = parse_request(OllamaModelRequest, await request.body())
-        ref = req.ref()
-        try:
-            removed = await asyncio.to_thread(remove, ref)
-        except Exception as exc:  # noqa: BLE001 - the store's errors, each as its status
-            raise _store_error(exc, ref, "delete") from None
-        if not removed:
-            raise APIError(404, f"model '{ref}' not found", param="model")
-        return Response(status_code=200)
-    except Exception as exc:  # noqa: BLE001 - every error in Ollama's shape
-        return _error(request, exc)
-
-
-__all__ = ["chat", "generate", "embed", "embeddings", "tags", "ps", "show", "version", "pull", "delete",
-           "keep_alive_seconds"]
+__all__ = ["chat", "generate", "embed", "embeddings", "keep_alive_seconds", "error_answer", "ndjson", "json_line",
+           "now_iso", "NDJSON"]

@@ -175,7 +175,7 @@ class ModelRouter:
 
     def _ollama_card(self, m: RoutedModel) -> dict[str, Any]:
         from ..gguf_check import header_facts
-        from .ollama import _details
+        from .ollama_models import details
 
         facts = m.state.model_facts if m.state.engine is not None else None
         if facts is None:
@@ -185,7 +185,7 @@ class ModelRouter:
         st = m.path.stat()
         return {"name": m.name, "model": m.name, "size": st.st_size, "digest": "",
                 "modified_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(st.st_mtime)),
-                "details": _details(facts)}
+                "details": details(facts)}
 
     async def _tags(self, scope: Scope, receive: Receive, send: Send) -> None:
         cards = await asyncio.to_thread(lambda: [self._ollama_card(m) for m in self.models.values()])
