@@ -205,10 +205,7 @@ class ModelRouter:
         if body is None:
             await _answer(send, 413, _error_body(scope, APIError(413, "the request body is too large")))
             return None
-        try:
-            name = json.loads(body or b"{}").get("model")
-        except (ValueError, AttributeError):
-            name = None
+        name = await _model_field(body)  # (off the event loop when the body is large)
         model = self.models.get(name) if isinstance(name, str) else None
         if model is None:
             await _answer(send, 404 if name else 400, _error_body(scope, APIError(

@@ -51,7 +51,7 @@ def _range(client: httpx.Client, url: str, headers: Mapping[str, str], n: int) -
     want = {**headers, "Range": f"bytes=0-{n - 1}"}
     try:
         with client.stream("GET", url, headers=want) as resp:
-            if resp.status_code in (401, 403, 404) or resp.status_code >= 400:
+            if resp.status_code >= 400:
                 resp.read()
                 raise download.http_error(resp, token_hint=True)
             size = None
