@@ -52,7 +52,7 @@ STAMP = BUILD_DIR / "pyllama-native.stamp"
 LOCK_PATH = Path(os.environ.get("PYLLAMA_BUILD_LOCK", "/tmp/pyllama-build.lock"))
 
 TOOLS = ("llama-bench", "llama-batched-bench", "llama-simple", "ggml-rpc-server", "llama-lookup",
-         "llama-speculative-simple", "llama-embedding")
+         "llama-speculative-simple", "llama-embedding", "llama-mtmd-cli")
 SERVER_TOOL = "llama-server"
 SERVER_STAMP = BUILD_DIR / "pyllama-native-server.stamp"
 # llama-server without its web UI: nothing is built with npm and nothing is fetched.

@@ -32,6 +32,7 @@ does not cover (emoji, rare characters), which streaming tests rely on.
 Command line, for bench scripts::
 
     python tests/synth.py OUT.gguf [--kind llama|embedding|lora --base BASE.gguf]
+    python tests/synth.py MMPROJ.gguf --kind projector [--n-embd TEXT_N_EMBD --modality vision|audio|both]
 """
 
 from __future__ import annotations
@@ -47,9 +48,17 @@ import gguf
 import numpy as np
 
 __all__ = [
+    "BERT_CLS_ID",
+    "BERT_MASK_ID",
+    "BERT_PAD_ID",
+    "BERT_SEP_ID",
+    "BERT_SPECIAL_TOKENS",
+    "BERT_UNK_ID",
     "BOS_ID",
     "BYTE_BASE_ID",
     "CHATML_TEMPLATE",
+    "CLIP_IMAGE_MEAN",
+    "CLIP_IMAGE_STD",
     "EOS_ID",
     "IM_END_ID",
     "IM_START_ID",
@@ -57,9 +66,16 @@ __all__ = [
     "LlamaParams",
     "Vocab",
     "build_vocab",
+    "build_wpm_vocab",
+    "png_bytes",
+    "projector_shapes",
+    "write_audio",
+    "write_bert_reranker",
     "write_embedding_model",
+    "write_image",
     "write_llama_model",
     "write_lora_adapter",
+    "write_projector",
 ]
 
 UNK_ID = 0
@@ -375,6 +391,332 @@ def write_reranker_model(path: PathLike, *, seed: int = 2468) -> Path:
     return _write_model(path, params, name="pyllama-synth-reranker", pooling=gguf.PoolingType.RANK)
 
 
+#: write_bert_reranker's WordPiece vocabulary starts with BERT's special tokens, at these ids
+BERT_PAD_ID, BERT_UNK_ID, BERT_CLS_ID, BERT_SEP_ID, BERT_MASK_ID = range(5)
+BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+_BERT_WORDS = ("the a and of to in is it you that for on are with as this from not what all can how people world"
+               " hello machine learning paris capital france cat dog sat mat river bank money water city rain")
+_BERT_SUBWORDS = "s ing ed er es ly tion ment"  # "##ing" and so on: pieces inside a word, no "▁"
+_BERT_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789.,!?;:'\"-()[]/&%*+=<>_#@"
+
+
+def build_wpm_vocab() -> list[str]:
+    """write_bert_reranker's WordPiece ("bert") vocabulary, as convert_hf_to_gguf.py stores one.
+
+    Word-initial pieces carry "▁" (BERT's plain tokens), pieces inside a word none (BERT's "##" ones); every
+    lower-case letter, digit and ASCII punctuation mark is a piece both ways, so any lower-case ASCII text
+    tokenizes without [UNK] (llama.cpp's WPM tokenizer lower-cases and strips accents by default).
+    """
+    words = [SPACE + w for w in _BERT_WORDS.split()]
+    tokens = list(dict.fromkeys([*BERT_SPECIAL_TOKENS, *words, *_BERT_SUBWORDS.split(),
+                                 *(SPACE + c for c in _BERT_CHARS), *_BERT_CHARS]))
+    if tokens[:len(BERT_SPECIAL_TOKENS)] != list(BERT_SPECIAL_TOKENS):
+        raise RuntimeError("synthetic WordPiece vocabulary layout is broken")
+    return tokens
+
+
+def write_bert_reranker(path: PathLike, *, seed: int = 8642, n_embd: int = 64, n_layer: int = 2, n_head: int = 4,
+                        n_ff: int = 128, n_ctx_train: int = 512, special_tokens: str = "converted",
+                        rerank_template: str | None = None) -> Path:
+    """Write a tiny cross-encoder reranker of the "bert" architecture (bge-reranker's); returns ``path``.
+
+    A WordPiece vocabulary (:func:`build_wpm_vocab`), token-type and learned position embeddings, post-norm
+    layers with biases, ``bert.pooling_type = RANK`` and a classification head: llama.cpp scores a sequence as
+    ``cls.output(tanh(cls(h[CLS])))``, one logit (no sigmoid). Weights are seeded and large enough that
+    attention mixes the whole sequence into [CLS], so scores vary with the document.
+
+    ``special_tokens``: ``"converted"`` writes what convert_hf_to_gguf.py writes for a BERT cross-encoder
+    (EOS = [SEP], add BOS and EOS, no extra SEP), so llama-server's /rerank sequence is HF's
+    ``[CLS] query [SEP] document [SEP]``; ``"defaults"`` leaves EOS and the add_* flags out, so llama.cpp's
+    WPM defaults apply (add BOS and SEP, no EOS): ``[CLS] query [SEP] document`` in llama-server.
+    ``rerank_template`` (``{query}`` and ``{document}`` in a text) is written as the ``rerank`` chat template
+    (``tokenizer.chat_template.rerank``, as Qwen3-Reranker's), which llama.cpp then lays the pair out with.
+    """
+    if special_tokens not in ("converted", "defaults"):
+        raise ValueError(f"special_tokens must be 'converted' or 'defaults', not {special_tokens!r}")
+    if n_embd % n_head:
+        raise ValueError("n_embd must divide by n_head")
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tokens = build_wpm_vocab()
+    n_types = 2
+    types = [int(gguf.TokenType.CONTROL)] * len(BERT_SPECIAL_TOKENS)
+    types += [int(gguf.TokenType.NORMAL)] * (len(tokens) - len(BERT_SPECIAL_TOKENS))
+
+    w = gguf.GGUFWriter(tmp, "bert")
+    w.add_name("pyllama-synth-bert-reranker")
+    w.add_file_type(int(gguf.LlamaFileType.ALL_F32))
+    w.add_context_length(n_ctx_train)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_layer_norm_eps(1e-12)
+    w.add_causal_attention(False)
+    w.add_pooling_type(gguf.PoolingType.RANK)
+    w.add_token_type_count(n_types)
+    w.add_tokenizer_model("bert")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_bos_token_id(BERT_CLS_ID)
+    w.add_unk_token_id(BERT_UNK_ID)
+    w.add_sep_token_id(BERT_SEP_ID)
+    w.add_pad_token_id(BERT_PAD_ID)
+    w.add_mask_token_id(BERT_MASK_ID)
+    if special_tokens == "converted":
+        w.add_eos_token_id(BERT_SEP_ID)
+        w.add_add_bos_token(True)
+        w.add_add_eos_token(True)
+        w.add_add_sep_token(False)
+    if rerank_template is not None:
+        w.add_string(gguf.Keys.Tokenizer.CHAT_TEMPLATE_N.format(name="rerank"), rerank_template)
+
+    # Tensor name -> numpy shape (rows = outputs); the order is the order random numbers are drawn.
+    e, ff = n_embd, n_ff
+    shapes: dict[str, tuple[int, ...]] = {
+        "token_embd.weight": (len(tokens), e), "token_types.weight": (n_types, e),
+        "position_embd.weight": (n_ctx_train, e), "token_embd_norm.weight": (e,), "token_embd_norm.bias": (e,)}
+    for i in range(n_layer):
+        blk = f"blk.{i}."
+        for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            shapes |= {blk + name + ".weight": (e, e), blk + name + ".bias": (e,)}
+        shapes |= {blk + "attn_output_norm.weight": (e,), blk + "attn_output_norm.bias": (e,),
+                   blk + "ffn_up.weight": (ff, e), blk + "ffn_up.bias": (ff,),
+                   blk + "ffn_down.weight": (e, ff), blk + "ffn_down.bias": (e,),
+                   blk + "layer_output_norm.weight": (e,), blk + "layer_output_norm.bias": (e,)}
+    shapes |= {"cls.weight": (e, e), "cls.bias": (e,), "cls.output.weight": (1, e), "cls.output.bias": (1,)}
+    rng = np.random.default_rng(seed)
+    for name, shape in shapes.items():
+        if name.endswith("norm.weight"):
+            data = 1.0 + rng.normal(0.0, 0.1, size=shape)
+        elif len(shape) == 1:
+            data = rng.normal(0.0, 0.1, size=shape)
+        elif name.endswith("_embd.weight") or name == "token_types.weight":
+            data = rng.normal(0.0, 1.0, size=shape)
+        else:  # a matrix that keeps its input's scale, so attention is far from uniform
+            data = rng.normal(0.0, 1.0 / np.sqrt(shape[1]), size=shape)
+        w.add_tensor(name, data.astype(np.float32))
+    return _atomic_write(path, w, tmp)
+
+
+# Multimodal projectors ("mmproj" files) for libmtmd (tools/mtmd), and media to feed them.
+#
+# libmtmd trusts a projector's tensors: clip.cpp loads most of them as optional and only finds out
+# when it builds the graph (at load, for its warm-up) or runs it (at the first image). A missing
+# v.patch_embd.weight, v.position_embd.weight, attn_q/k/v weight or any mm.0/mm.2 tensor of an
+# "mlp" projector is a segfault, a key of the wrong GGUF type (an int32 image_size) or a shape that
+# disagrees with the keys is a GGML_ASSERT abort, and too few v.position_embd rows for
+# (image_size / patch_size)^2 (+1 with v.class_embd) aborts only when the first image is encoded.
+
+
+#: CLIP's pixel normalisation (OpenAI CLIP, as LLaVA-1.5 uses): ``(x / 255 - mean) / std`` per RGB channel
+CLIP_IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+#: Qwen2-Audio's whisper front end: 128 mel bins, 30 s windows of 3000 frames, 1500 positions after the conv
+AUDIO_N_MEL = 128
+AUDIO_N_POS = 1500
+
+
+def projector_shapes(*, n_embd_text: int = 64, image_size: int = 32, patch_size: int = 8, n_embd: int = 32,
+                     n_ff: int = 64, n_layer: int = 2, vision: bool = True,
+                     audio: bool = False) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> numpy shape of :func:`write_projector`'s file (rows = outputs; GGUF stores them reversed).
+
+    The order is the write order and the order random numbers are drawn. Vision is LLaVA-1.5's
+    layout ("mlp"): a CLIP ViT (conv patch embedding without bias, class embedding, learned
+    positions, pre-layernorm, pre-norm blocks with biases) then ``mm.0`` -> GELU -> ``mm.2``.
+    Audio is Qwen2-Audio's ("qwen2a"): a whisper encoder (two conv1d, learned positions, blocks
+    whose attn_k has no bias, post-layernorm) then ``mm.a.fc``.
+    """
+    e, ff, t = n_embd, n_ff, n_embd_text
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def blocks(prefix: str, k_bias: bool) -> None:
+        for i in range(n_layer):
+            blk = f"{prefix}.blk.{i}."
+            shapes.update({blk + "ln1.weight": (e,), blk + "ln1.bias": (e,)})
+            for proj in ("attn_q", "attn_k", "attn_v", "attn_out"):
+                shapes[blk + proj + ".weight"] = (e, e)
+                if proj != "attn_k" or k_bias:
+                    shapes[blk + proj + ".bias"] = (e,)
+            shapes.update({blk + "ln2.weight": (e,), blk + "ln2.bias": (e,),
+                           blk + "ffn_up.weight": (ff, e), blk + "ffn_up.bias": (ff,),
+                           blk + "ffn_down.weight": (e, ff), blk + "ffn_down.bias": (e,)})
+
+    if vision:
+        n_pos = (image_size // patch_size) ** 2 + 1  # + the class embedding
+        shapes |= {"v.patch_embd.weight": (e, 3, patch_size, patch_size),  # ggml ne [kw, kh, 3, n_embd]
+                   "v.class_embd": (e,),
+                   "v.position_embd.weight": (n_pos, e),
+                   "v.pre_ln.weight": (e,), "v.pre_ln.bias": (e,)}
+        blocks("v", k_bias=True)
+        shapes |= {"mm.0.weight": (t, e), "mm.0.bias": (t,), "mm.2.weight": (t, t), "mm.2.bias": (t,)}
+    if audio:
+        shapes |= {"a.conv1d.1.weight": (e, AUDIO_N_MEL, 3), "a.conv1d.1.bias": (e, 1),  # ggml ne [3, n_mel, e]
+                   "a.conv1d.2.weight": (e, e, 3), "a.conv1d.2.bias": (e, 1),  # bias ne [1, e]: per channel
+                   "a.position_embd.weight": (AUDIO_N_POS, e)}
+        blocks("a", k_bias=False)
+        shapes |= {"a.post_ln.weight": (e,), "a.post_ln.bias": (e,),
+                   "mm.a.fc.weight": (t, e), "mm.a.fc.bias": (t,)}
+    return shapes
+
+
+def _projector_weight(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """One seeded tensor: unit norms, zero-mean biases, 1/sqrt(fan_in) matrices (so activations stay O(1))."""
+    if name.endswith(("ln1.weight", "ln2.weight", "pre_ln.weight", "post_ln.weight")):
+        return np.ones(shape, dtype=np.float32)
+    if name.endswith("bias"):
+        return rng.normal(0.0, 0.1, size=shape).astype(np.float32)
+    if name.endswith(("class_embd", "position_embd.weight")):
+        return rng.normal(0.0, 0.5, size=shape).astype(np.float32)
+    fan_in = int(np.prod(shape[1:]))
+    return rng.normal(0.0, 1.0 / np.sqrt(fan_in), size=shape).astype(np.float32)
+
+
+def write_projector(
+    path: PathLike,
+    *,
+    n_embd_text: int = 64,
+    image_size: int = 32,
+    patch_size: int = 8,
+    n_embd: int = 32,
+    n_head: int = 4,
+    n_ff: int = 64,
+    n_layer: int = 2,
+    seed: int = 97531,
+    vision: bool = True,
+    audio: bool = False,
+) -> Path:
+    """Write a tiny multimodal projector ("mmproj") GGUF for libmtmd; returns ``path``.
+
+    ``n_embd_text`` must equal the text model's ``n_embd`` (libmtmd refuses a mismatch). The vision
+    tower is projector type "mlp" (LLaVA-1.5): libmtmd resizes an image, keeping its aspect ratio,
+    into an ``image_size`` square (bicubic, padded with grey (122, 116, 104)), normalises it with
+    :data:`CLIP_IMAGE_MEAN` / :data:`CLIP_IMAGE_STD`, and every image becomes
+    ``(image_size // patch_size) ** 2`` embeddings (16 by default), with no marker tokens around
+    them. As in LLaVA, the last of the ``n_layer`` blocks is loaded but not run (features come
+    from the one before), so ``n_layer=1`` means no attention at all.
+
+    ``audio=True`` adds a Qwen2-Audio ("qwen2a") whisper encoder; with ``vision=False`` too the file
+    is audio only. Audio is cut into 30 s windows and each full window becomes 750 embeddings,
+    wrapped in the text ``<|audio_bos|>`` ... ``<|audio_eos|>``. With both, the file is laid out as
+    Qwen2.5-Omni's: ``clip.vision.projector_type`` and ``clip.audio.projector_type`` instead of one
+    ``clip.projector_type``.
+
+    All tensors are f32 (libmtmd's conv kernels accept f32 weights). The weights keep activations
+    O(1), so different images (or clips) give different embeddings and, with the synthetic text
+    model, different greedy continuations; the text model's tiny attention weights let an image
+    sway the logits only a little, so compare several greedy tokens, not just the first.
+    """
+    if not (vision or audio):
+        raise ValueError("a projector needs vision, audio or both")
+    if n_embd % n_head:
+        raise ValueError("n_embd must divide by n_head")
+    if vision and (image_size % patch_size or image_size < patch_size):
+        raise ValueError("image_size must be a positive multiple of patch_size")
+    if n_layer < 1:
+        raise ValueError("n_layer must be at least 1")
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    w = gguf.GGUFWriter(tmp, "clip")
+    w.add_name("pyllama-synth-mmproj")
+    w.add_description("tiny synthetic multimodal projector for tests")
+    w.add_file_type(int(gguf.LlamaFileType.ALL_F32))
+    w.add_bool("clip.has_vision_encoder", vision)
+    w.add_bool("clip.has_audio_encoder", audio)
+    if vision and audio:
+        w.add_string("clip.vision.projector_type", "mlp")
+        w.add_string("clip.audio.projector_type", "qwen2a")
+    else:
+        w.add_string("clip.projector_type", "mlp" if vision else "qwen2a")
+    w.add_bool("clip.use_gelu", False)  # the vision blocks use quick GELU, as CLIP's; audio always uses erf GELU
+    for modality, on in (("vision", vision), ("audio", audio)):
+        if not on:
+            continue
+        w.add_uint32(f"clip.{modality}.embedding_length", n_embd)
+        w.add_uint32(f"clip.{modality}.feed_forward_length", n_ff)
+        w.add_uint32(f"clip.{modality}.block_count", n_layer)
+        w.add_uint32(f"clip.{modality}.attention.head_count", n_head)
+        w.add_float32(f"clip.{modality}.attention.layer_norm_epsilon", 1e-5)
+        w.add_uint32(f"clip.{modality}.projection_dim", n_embd_text)
+    if vision:
+        w.add_bool("clip.has_llava_projector", True)  # informational; clip.cpp derives it from the type
+        w.add_uint32("clip.vision.image_size", image_size)
+        w.add_uint32("clip.vision.patch_size", patch_size)
+        w.add_array("clip.vision.image_mean", list(CLIP_IMAGE_MEAN))
+        w.add_array("clip.vision.image_std", list(CLIP_IMAGE_STD))
+    if audio:
+        w.add_uint32("clip.audio.num_mel_bins", AUDIO_N_MEL)
+
+    rng = np.random.default_rng(seed)
+    shapes = projector_shapes(n_embd_text=n_embd_text, image_size=image_size, patch_size=patch_size, n_embd=n_embd,
+                              n_ff=n_ff, n_layer=n_layer, vision=vision, audio=audio)
+    for name, shape in shapes.items():
+        w.add_tensor(name, _projector_weight(name, shape, rng))
+    return _atomic_write(path, w, tmp)
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """An 8-bit RGB PNG of ``pixels`` (uint8, shape ``(height, width, 3)``), written without Pillow."""
+    import struct
+    import zlib
+
+    pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
+    if pixels.ndim != 3 or pixels.shape[2] != 3:
+        raise ValueError("pixels must have shape (height, width, 3)")
+    height, width = pixels.shape[:2]
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = b"".join(b"\x00" + pixels[y].tobytes() for y in range(height))  # filter type 0 on every row
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit, truecolour, no interlace
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows, 9))
+            + chunk(b"IEND", b""))
+
+
+def write_image(path: PathLike, *, width: int = 32, height: int = 32, seed: int = 0) -> Path:
+    """Write a PNG of a seeded colour under mild noise (same arguments, same bytes); returns ``path``.
+
+    Images of different seeds differ as a whole (their colour), which survives the text model's
+    near-uniform attention over the image's embeddings; images of pure noise look alike to it.
+    """
+    rng = np.random.default_rng(seed)
+    colour = rng.integers(0, 256, size=3)
+    noise = rng.integers(-24, 25, size=(height, width, 3))
+    pixels = np.clip(colour + noise, 0, 255).astype(np.uint8)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(png_bytes(pixels))
+    os.replace(tmp, path)
+    return path
+
+
+def write_audio(path: PathLike, *, seconds: float = 2.0, sample_rate: int = 16000, seed: int = 0) -> Path:
+    """Write a mono 16-bit WAV of seeded noise over a tone (same arguments, same bytes); returns ``path``.
+
+    libmtmd's whisper front end appends 30 s of silence and keeps the full 30 s windows, so any
+    clip up to 30 s long becomes one window: 750 embeddings with a "qwen2a" projector.
+    """
+    import wave
+
+    rng = np.random.default_rng(seed)
+    n = int(seconds * sample_rate)
+    t = np.arange(n) / sample_rate
+    tone = 0.3 * np.sin(2 * np.pi * (200.0 + 50.0 * (seed % 16)) * t)
+    samples = np.clip(tone + rng.normal(0.0, 0.1, size=n), -1.0, 1.0)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with wave.open(str(tmp), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(sample_rate)
+        out.writeframes((samples * 32767).astype("<i2").tobytes())
+    os.replace(tmp, path)
+    return path
+
+
 DEFAULT_LORA_TARGETS = ("attn_q", "attn_v", "ffn_up", "ffn_down", "output")
 
 
@@ -434,7 +776,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point: write one synthetic GGUF file and print its path."""
     parser = argparse.ArgumentParser(description="Write a tiny synthetic GGUF model for tests and benchmarks.")
     parser.add_argument("out", type=Path, help="output .gguf path")
-    parser.add_argument("--kind", choices=("llama", "embedding", "lora"), default="llama")
+    parser.add_argument("--kind", choices=("llama", "embedding", "lora", "projector"), default="llama",
+                        help="projector: an mmproj for a text model of width --n-embd")
     parser.add_argument("--base", type=Path, help="base model GGUF (required for --kind lora)")
     parser.add_argument("--n-layer", type=int, default=LlamaParams.n_layer)
     parser.add_argument("--n-embd", type=int, default=LlamaParams.n_embd)
@@ -445,10 +788,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="f32")
     parser.add_argument("--n-vocab", type=int, default=0, help="pad the vocabulary to this size (--kind llama)")
     parser.add_argument("--rank", type=int, default=4, help="LoRA rank (--kind lora)")
-    parser.add_argument("--seed", type=int, help="default: 1234 llama, 4321 embedding, 99 lora")
+    parser.add_argument("--modality", choices=("vision", "audio", "both"), default="vision",
+                        help="the encoders of --kind projector")
+    parser.add_argument("--seed", type=int, help="default: 1234 llama, 4321 embedding, 99 lora, 97531 projector")
     args = parser.parse_args(argv)
 
-    if args.kind == "lora":
+    if args.kind == "projector":
+        seed = 97531 if args.seed is None else args.seed
+        out = write_projector(args.out, n_embd_text=args.n_embd, seed=seed, vision=args.modality != "audio",
+                              audio=args.modality != "vision")
+    elif args.kind == "lora":
         if args.base is None:
             parser.error("--kind lora needs --base BASE.gguf")
         seed = 99 if args.seed is None else args.seed

@@ -10,7 +10,7 @@ import pyllama
 from pyllama._ffi import ffi, lib
 
 ROOT = Path(__file__).resolve().parent.parent
-INCLUDE = [ROOT / "vendor/llama.cpp/include", ROOT / "vendor/llama.cpp/ggml/include"]
+INCLUDE = [ROOT / "vendor/llama.cpp/include", ROOT / "vendor/llama.cpp/ggml/include", ROOT / "vendor/llama.cpp/tools/mtmd"]
 sys.path.insert(0, str(ROOT / "tools"))
 import gen_binding  # noqa: E402
 
@@ -51,6 +51,12 @@ def test_generated_declarations_match_the_vendored_headers() -> None:
     fresh = gen_binding.build_cdef(INCLUDE, gen_binding.default_cc())
     names = set(gen_binding.bound_functions(INCLUDE))
     assert {n for n in names if n.startswith("llama_")} >= _api_functions_from_header()
+    # libmtmd (images and audio): its C API and its helpers' are bound from their headers too
+    mtmd = set(re.findall(r"MTMD_API\s+[^;(]*?\b(mtmd_\w+)\s*\(",
+                          (INCLUDE[2] / "mtmd.h").read_text() + (INCLUDE[2] / "mtmd-helper.h").read_text()))
+    assert {"mtmd_init_from_file", "mtmd_tokenize_from_parts", "mtmd_helper_decode_image_chunk"} <= mtmd
+    assert mtmd - {"mtmd_encode", "mtmd_image_tokens_get_nx", "mtmd_image_tokens_get_ny",
+                   "mtmd_get_memory_usage"} <= names  # (deprecated, or C++ only)
     if built is not None:
         assert built.read_text() == fresh
 

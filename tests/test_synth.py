@@ -251,3 +251,81 @@ def test_padded_vocabulary_keeps_the_synthetic_tokens(tmp_path: Path, synth_mode
         assert np.array_equal(big.tokenize(text), small.tokenize(text))  # the pads are never produced
     with pytest.raises(ValueError, match="n_vocab"):
         synth.write_llama_model(tmp_path / "bad.gguf", n_vocab=10)
+
+
+@pytest.mark.parametrize("audio", [False, True], ids=["vision", "vision+audio"])
+def test_projector_is_deterministic_and_has_libmtmds_layout(tmp_path: Path, audio: bool) -> None:
+    """The mmproj writer: byte-identical for the same arguments, with the keys (and key types) and tensor
+    shapes clip.cpp reads, and an output width equal to the synthetic text model's n_embd."""
+    a = synth.write_projector(tmp_path / "a.gguf", audio=audio)
+    b = synth.write_projector(tmp_path / "b.gguf", audio=audio)
+    c = synth.write_projector(tmp_path / "c.gguf", audio=audio, seed=1)
+    assert _sha256(a) == _sha256(b) != _sha256(c)
+    assert a.stat().st_size < 512 * 1024 and not (tmp_path / "a.gguf.tmp").exists()
+
+    reader = gguf.GGUFReader(a)
+
+    def value(key: str) -> Any:
+        return reader.fields[key].contents()
+
+    assert value("general.architecture") == "clip"
+    assert value("clip.has_vision_encoder") is True and value("clip.has_audio_encoder") is audio
+    if audio:  # both towers in one file, as Qwen2.5-Omni's: one projector type per modality
+        assert (value("clip.vision.projector_type"), value("clip.audio.projector_type")) == ("mlp", "qwen2a")
+        assert "clip.projector_type" not in reader.fields
+        assert value("clip.audio.num_mel_bins") == synth.AUDIO_N_MEL
+        assert value("clip.audio.projection_dim") == 64
+    else:
+        assert value("clip.projector_type") == "mlp"
+    assert [value(f"clip.vision.{key}") for key in ("image_size", "patch_size", "block_count")] == [32, 8, 2]
+    # clip.cpp aborts (GGML_ASSERT in gguf_get_val_u32) on a u32 key stored with another type
+    assert reader.fields["clip.vision.image_size"].types == [gguf.GGUFValueType.UINT32]
+    np.testing.assert_allclose(value("clip.vision.image_mean"), synth.CLIP_IMAGE_MEAN, rtol=1e-6)
+    np.testing.assert_allclose(value("clip.vision.image_std"), synth.CLIP_IMAGE_STD, rtol=1e-6)
+
+    shapes = {t.name: tuple(int(n) for n in reversed(t.shape)) for t in reader.tensors}
+    assert shapes == synth.projector_shapes(audio=audio)
+    assert all(t.tensor_type == gguf.GGMLQuantizationType.F32 for t in reader.tensors)
+    assert shapes["mm.2.weight"] == (64, 64)  # rows: the text model's n_embd, what libmtmd checks
+    assert shapes["v.position_embd.weight"] == ((32 // 8) ** 2 + 1, 32)  # a row per patch and the class embedding
+    assert synth.projector_shapes(n_embd_text=48)["mm.2.weight"] == (48, 48)
+
+
+def test_projector_cli_and_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "audio.gguf"
+    assert synth.main([str(out), "--kind", "projector", "--n-embd", "48", "--modality", "audio"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == str(out)
+    reader = gguf.GGUFReader(out)
+    assert reader.fields["clip.projector_type"].contents() == "qwen2a"
+    assert reader.fields["clip.has_vision_encoder"].contents() is False
+    assert {t.name: tuple(int(n) for n in reversed(t.shape)) for t in reader.tensors}["mm.a.fc.weight"] == (48, 32)
+    with pytest.raises(ValueError, match="vision, audio"):
+        synth.write_projector(tmp_path / "none.gguf", vision=False)
+    with pytest.raises(ValueError, match="patch_size"):
+        synth.write_projector(tmp_path / "odd.gguf", image_size=30)
+
+
+def test_media_writers_are_deterministic_and_decodable(tmp_path: Path) -> None:
+    """write_image's PNG (written without Pillow) decodes back to its pixels; write_audio is a 16 kHz mono WAV."""
+    import struct
+    import wave
+    import zlib
+
+    pixels = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
+    png = synth.png_bytes(pixels)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[12:16] == b"IHDR"
+    assert struct.unpack(">IIBB", png[16:26]) == (5, 4, 8, 2)  # width, height, 8-bit, truecolour
+    n_idat = struct.unpack(">I", png[33:37])[0]
+    assert png[37:41] == b"IDAT" and png.endswith(b"IEND\xaeB`\x82")
+    rows = np.frombuffer(zlib.decompress(png[41:41 + n_idat]), dtype=np.uint8).reshape(4, 1 + 5 * 3)
+    assert (rows[:, 0] == 0).all()  # filter byte: none
+    np.testing.assert_array_equal(rows[:, 1:].reshape(4, 5, 3), pixels)
+
+    a = synth.write_image(tmp_path / "a.png", seed=1)
+    assert a.read_bytes() == synth.write_image(tmp_path / "b.png", seed=1).read_bytes()
+    assert a.read_bytes() != synth.write_image(tmp_path / "c.png", seed=2).read_bytes()
+
+    wav = synth.write_audio(tmp_path / "a.wav", seconds=0.5, seed=3)
+    assert wav.read_bytes() == synth.write_audio(tmp_path / "b.wav", seconds=0.5, seed=3).read_bytes()
+    with wave.open(str(wav)) as clip:
+        assert (clip.getnchannels(), clip.getsampwidth(), clip.getframerate(), clip.getnframes()) == (1, 2, 16000, 8000)

@@ -33,7 +33,10 @@ from pathlib import Path
 # Headers whose functions are bound. ggml.h, ggml-alloc.h, ggml-cpu.h and
 # ggml-opt.h contribute their types only: ggml-cpu lives in a dlopen()ed backend
 # module that nothing can link against, and the tensor API is not ours to expose.
-FUNCTION_HEADERS = ("llama.h", "ggml-backend.h", "gguf.h")
+FUNCTION_HEADERS = ("llama.h", "ggml-backend.h", "gguf.h", "mtmd.h", "mtmd-helper.h")
+# The headers preprocessed for them: llama.h brings ggml's; libmtmd's (tools/mtmd:
+# images and audio into a text model) follow, their repeats of llama.h dropped.
+ENTRY_HEADERS = ("llama.h", "mtmd-helper.h")
 TYPE_HEADERS = ("ggml.h", "ggml-alloc.h", "ggml-cpu.h", "ggml-opt.h")
 # Integer macros re-exported as constants.
 DEFINE_HEADERS = ("llama.h", "ggml.h", "gguf.h")
@@ -60,6 +63,8 @@ BINDING_SOURCE = r"""
 #include "llama.h"
 #include "ggml-backend.h"
 #include "gguf.h"
+#include "mtmd.h"
+#include "mtmd-helper.h"
 @NATIVE_INCLUDES@
 static const char PYLLAMA_BINDING_VERSION[] = @VERSION@;
 static const char PYLLAMA_BUILD_INFO[] = @BUILD_INFO@;
@@ -198,13 +203,14 @@ def collect(include_dirs: list[Path], cc: str) -> tuple[list[str], list[str]]:
     out: list[str] = []
     seen: set[str] = set()
     functions: list[str] = []
-    for decl in split_declarations(preprocess(include_dirs, cc)):
+    decls = [d for entry in ENTRY_HEADERS for d in split_declarations(preprocess(include_dirs, cc, entry))]
+    for decl in decls:
         if decl.header not in FUNCTION_HEADERS + TYPE_HEADERS or is_deprecated(decl):
             continue
         text = clean(decl.text)
         name = Decl(decl.header, text).function_name
         if name is not None:
-            if decl.header not in FUNCTION_HEADERS or text.startswith("static"):
+            if decl.header not in FUNCTION_HEADERS or text.startswith("static") or name in functions:
                 continue
             functions.append(name)
         # C11 allows repeating a typedef (ggml does); cffi does not.

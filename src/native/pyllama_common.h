@@ -39,6 +39,12 @@ PYLLAMA_COMMON_API int32_t pyllama_sampler_sample(struct llama_sampler * smpl, s
 PYLLAMA_COMMON_API int32_t pyllama_sampler_accept(struct llama_sampler * smpl, llama_token token);
 PYLLAMA_COMMON_API const char * pyllama_sampling_error(void);
 
+/* media.cpp: an image's size and channel count from its file header, read by stb_image (the decoder
+   libmtmd uses) without decoding the pixels, so a huge image is refused before anything is allocated;
+   returns 1 when stb_image knows the format, 0 when it does not (*w, *h, *comp untouched). */
+PYLLAMA_COMMON_API int32_t pyllama_image_info(const unsigned char * buf, size_t len, int32_t * w, int32_t * h,
+                                              int32_t * comp);
+
 /* fit.cpp: common_fit_params, and the projected memory use per device. */
 PYLLAMA_COMMON_API int32_t pyllama_fit_params(const char * path_model, struct llama_model_params * mparams,
                                               struct llama_context_params * cparams, float * tensor_split,

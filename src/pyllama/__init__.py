@@ -59,6 +59,7 @@ _LAZY = {
     **dict.fromkeys(("Engine", "EngineStats"), "engine"),
     **dict.fromkeys(("PrefilledGrammar", "json_schema_to_grammar"), "grammar"),
     "LoraAdapter": "lora",
+    **dict.fromkeys(("Audio", "Image", "Media", "MediaError", "MediaPrompt", "Projector"), "media"),
     **dict.fromkeys(("SequenceResult", "generate_parallel", "generate_parallel_tokens"), "parallel"),
     **dict.fromkeys(("RpcError", "RpcServer", "rpc_server"), "rpc"),
     **dict.fromkeys(("starter_model_path", "chat_starter_path"), "starter"),
@@ -94,6 +95,7 @@ if TYPE_CHECKING:
     from .engine import Engine, EngineStats
     from .grammar import PrefilledGrammar, json_schema_to_grammar
     from .lora import LoraAdapter
+    from .media import Audio, Image, Media, MediaError, MediaPrompt, Projector
     from .parallel import SequenceResult, generate_parallel, generate_parallel_tokens
     from .rpc import RpcError, RpcServer, rpc_server
     from .starter import chat_starter_path, starter_model_path
@@ -139,6 +141,7 @@ __all__ = [
     "__version__", "build_info", "devices", "backends", "system_info", "supports_gpu_offload", "Device",
     "unavailable_backends", "UnavailableBackend",
     "Model", "Vocab", "Context", "PerfContext", "Batch", "KVCache", "LoraAdapter", "StreamDecoder",
+    "Projector", "Image", "Audio", "Media", "MediaPrompt", "MediaError",
     "generate", "generate_text", "agenerate", "Generation", "TokenEvent",
     "SamplingOptions", "GenerateOptions", "SubmitOptions",
     "generate_parallel", "generate_parallel_tokens", "SequenceResult", "Speculator", "SpeculativeStats",

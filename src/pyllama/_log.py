@@ -56,8 +56,13 @@ def _pyllama_log(level: int, text: object, _user_data: object) -> None:
 def _silence() -> None:
     # After interpreter shutdown starts, a Python callback is no longer safe.
     lib.llama_log_set(lib.pyllama_log_silent, ffi.NULL)
+    lib.mtmd_log_set(lib.pyllama_log_silent, ffi.NULL)
+    lib.mtmd_helper_log_set(lib.pyllama_log_silent, ffi.NULL)
 
 
 def install() -> None:
     lib.llama_log_set(lib._pyllama_log, ffi.NULL)
+    # libmtmd (images and audio) has loggers of its own, else it prints to stderr
+    lib.mtmd_log_set(lib._pyllama_log, ffi.NULL)
+    lib.mtmd_helper_log_set(lib._pyllama_log, ffi.NULL)
     atexit.register(_silence)

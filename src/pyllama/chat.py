@@ -8,13 +8,15 @@ import re
 import secrets
 import string
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator, Literal, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Mapping, Sequence, Union
 
 from ._ffi import ffi, lib
 from ._handle import Handle
 from .errors import LlamaError, TemplateError
 from .generate import Generation, TokenEvent
 from .grammar import PrefilledGrammar, _call, json_schema_to_grammar
+from .media import Media, MediaError, MediaPrompt, split_media
 from .options import KNOBS, SAMPLING_KEYS, SamplingOptions, Unpack, check, sampler_from
 from .samplers import Greedy, Sampler, default_chain
 
@@ -65,6 +67,19 @@ def _joined_parts(message: Any) -> Any:
                                                 and isinstance(p.get("text"), str) for p in content):
         return message
     return {**message, "content": "\n".join(p["text"] for p in content)}
+
+
+#: a user's turn: text, or parts (strings, pyllama.Image / pyllama.Audio, OpenAI-style content parts)
+UserMessage = Union[str, Sequence[Union[str, "Media", Mapping[str, Any]]]]
+
+
+def _user_content(message: UserMessage) -> Any:
+    """A user message's content as the history keeps it: a string, or a list of content parts."""
+    if isinstance(message, str):
+        return message
+    if isinstance(message, (bytes, Mapping)) or not isinstance(message, Sequence):
+        raise TypeError(f"a message is a string or a list of parts, not {type(message).__name__}")
+    return [{"type": "text", "text": p} if isinstance(p, str) else p for p in message]
 
 
 def builtin_templates() -> list[str]:
@@ -508,20 +523,35 @@ class ChatSession:
         if self._chat is not None:
             self._chat.close()
 
-    def _tokens(self, text: str) -> Any:
+    def _tokens(self, text: str, media: Sequence[Media] = ()) -> Any:
+        """The rendered conversation's tokens, or with media its :class:`~pyllama.MediaPrompt` (the model's
+        projector tokenizes it)."""
         model = self.ctx.model
         bos = model.vocab.bos
         has_bos = bos is not None and text.startswith(model.vocab.text(bos))
+        if media:
+            proj = model.mmproj
+            if proj is None:
+                raise MediaError("the conversation holds images or audio but the model has no projector: load "
+                                 "one with model.projector('mmproj.gguf')")
+            return proj.prompt(text, media, add_special=not has_bos, parse_special=True)
         return model.vocab.tokenize(text, add_special=not has_bos, parse_special=True)
+
+    def _rendered(self) -> tuple[list[Any], list[Media]]:
+        """The history with its media parts as markers, and the media (local files: any path; the library's
+        caller is trusted)."""
+        return split_media(self.messages, open_file=Path)
 
     def _prompt_tokens(self) -> Any:
         if self._chat is None:
             self._chat = ChatTemplate(self.ctx.model, template=self.template)
-        return self._tokens(self._chat.apply(self.messages).prompt)
+        messages, media = self._rendered()
+        return self._tokens(self._chat.apply(messages).prompt, media)
 
     def _tool_turn(self, options: dict[str, Any]) -> tuple[Any, ChatPrompt]:
         assert self.format is not None
-        cp = self.format.apply(self.messages, tools=self.tools, tool_choice=self.tool_choice,
+        messages, media = self._rendered()
+        cp = self.format.apply(messages, tools=self.tools, tool_choice=self.tool_choice,
                                parallel_tool_calls=self.parallel_tool_calls)
         gs = cp.grammar_sampler()
         if gs is not None:
@@ -538,7 +568,7 @@ class ChatSession:
                                  "the tool-call grammar goes in front of them")
         if cp.additional_stops:
             options["stop"] = [*options.get("stop", ()), *cp.additional_stops]
-        return self._tokens(cp.prompt), cp
+        return self._tokens(cp.prompt, media), cp
 
     def add_tool_result(self, content: str, *, tool_call_id: str | None = None, name: str | None = None) -> None:
         """Add the result of a tool call (answering ``last_message["tool_calls"]``) to the history."""
@@ -549,12 +579,17 @@ class ChatSession:
             msg["name"] = name
         self.messages.append(msg)
 
-    def stream(self, message: str | None = None, **options: Unpack[SamplingOptions]) -> Iterator[TokenEvent]:
+    def stream(self, message: UserMessage | None = None,
+               **options: Unpack[SamplingOptions]) -> Iterator[TokenEvent]:
         """Send a user message (None: answer the tool results just added) and stream the reply;
-        the reply joins the history when the stream ends. ``options`` override the session's for this turn."""
+        the reply joins the history when the stream ends. ``options`` override the session's for this turn.
+
+        A message is text, or a list of parts: strings, :class:`~pyllama.Image` / :class:`~pyllama.Audio`
+        (the model needs a projector) and OpenAI-style content parts (``{"type": "image_url", ...}``). Media
+        stay in the history and in the KV cache: a later turn evaluates only what follows them."""
         check("stream", options, SAMPLING_KEYS)
         if message is not None:
-            self.messages.append({"role": "user", "content": message})
+            self.messages.append({"role": "user", "content": _user_content(message)})
         elif not self.messages:
             raise ValueError("nothing to answer: pass a message")
         opts: dict[str, Any] = {**self.options, **options}
@@ -563,11 +598,18 @@ class ChatSession:
             tokens, cp = self._tool_turn(opts)
         else:
             tokens = self._prompt_tokens()
-        gen = Generation(self.ctx, tokens, seq_id=self.seq_id, **opts)
+        try:
+            gen = Generation(self.ctx, tokens, seq_id=self.seq_id, **opts)
+        except BaseException:
+            if isinstance(tokens, MediaPrompt):
+                tokens.close()
+            raise
         try:
             yield from gen
         finally:
             gen.close()
+            if isinstance(tokens, MediaPrompt):
+                tokens.close()
             if cp is None:
                 self.last_message = {"role": "assistant", "content": gen.text}
                 self.messages.append({"role": "assistant", "content": gen.text})
@@ -583,7 +625,7 @@ class ChatSession:
                     entry["tool_calls"] = parsed["tool_calls"]
                 self.messages.append(entry)
 
-    def ask(self, message: str | None = None, **options: Unpack[SamplingOptions]) -> str:
+    def ask(self, message: UserMessage | None = None, **options: Unpack[SamplingOptions]) -> str:
         """Send a user message (None: answer the tool results just added) and return the whole reply."""
         return "".join(ev.text for ev in self.stream(message, **options))
 

@@ -30,6 +30,7 @@ from .stream import SequenceStream, TokenEvent
 if TYPE_CHECKING:
     from .context import Context
     from .lora import LoraAdapter
+    from .media import MediaPrompt
     from .sampling import SamplerChain
     from .speculative import SpeculativeStats, Speculator
 
@@ -49,12 +50,12 @@ class Cursor:
 
     __slots__ = ("seq_id", "stream", "prompt", "prefilled", "pos", "last", "limit", "on_full", "n_keep",
                  "reuse_prefix", "sample_first", "logits", "spec", "stats", "events", "error", "n_reused",
-                 "n_drafted", "n_accepted", "n_prefilled")
+                 "n_drafted", "n_accepted", "n_prefilled", "media")
 
     def __init__(self, seq_id: int, stream: SequenceStream | None, prompt: npt.NDArray[np.int32], *, limit: int,
                  on_full: ContextFull = "stop", n_keep: int = 0, reuse_prefix: bool = True,
                  sample_first: bool = True, logits: str = "last", spec: Speculator | None = None,
-                 stats: SpeculativeStats | None = None) -> None:
+                 stats: SpeculativeStats | None = None, media: MediaPrompt | None = None) -> None:
         self.seq_id = seq_id
         self.stream = stream
         self.prompt = prompt
@@ -75,6 +76,7 @@ class Cursor:
         self.n_drafted = 0  # in the last step
         self.n_accepted = 0
         self.n_prefilled = 0
+        self.media = media  # images and audio in the prompt: their runs go through libmtmd
 
     @property
     def generating(self) -> bool:
@@ -161,6 +163,8 @@ class Decoder:
             held = ctx.cached_tokens(seq) if c.reuse_prefix else None
             keep = 0 if held is None else common_prefix(held, prompt)
             keep = min(keep, prompt.size - 1)  # evaluate at least one token: its logits start the reply
+            if c.media is not None:  # never half an image: its run is decoded whole
+                keep = c.media.inside(keep)
             if not lib.llama_memory_seq_rm(mem, seq, keep, -1):
                 lib.llama_memory_seq_rm(mem, seq, -1, -1)  # recurrent memory cannot drop a suffix: start over
                 keep = 0
@@ -237,9 +241,15 @@ class Decoder:
                 continue
             c.events = []
             c.n_drafted = c.n_accepted = c.n_prefilled = 0
+            if c.media is not None:
+                self._media(c)  # before the batch: the rows it samples are this step's last decode
+                if c.error is not None or c.generating:
+                    continue
             if budget <= 0:
                 continue
             k = min(c.prompt.size - c.prefilled, budget)
+            if c.media is not None:  # text up to the next image or clip
+                k = min(k, c.media.text_until(c.prefilled))
             end = n + k
             tok[n:end] = c.prompt[c.prefilled:c.prefilled + k]
             pos[n:end] = np.arange(c.prefilled, c.prefilled + k, dtype=np.int32)
@@ -303,6 +313,26 @@ class Decoder:
                 if n_draft and c.stats is not None:
                     c.stats.add(n_draft, r)
         return held
+
+    def _media(self, c: Cursor) -> None:
+        """Decode the media runs that start where the cursor's prompt stands (libmtmd's helper: its own
+        batches of embeddings, positions and attention mask); a failure is the cursor's error."""
+        media = c.media
+        assert media is not None
+        span = media.span_at(c.prefilled)
+        while span is not None:
+            try:
+                media.decode_span(self.ctx, span, c.seq_id)
+            except Exception as exc:
+                c.error = exc
+                self._tracker.forget(c.seq_id)
+                return
+            c.prefilled += span.n_pos
+            c.n_prefilled += span.n_pos
+            self._tracker.set(c.seq_id, c.prompt[:c.prefilled])
+            if c.generating:
+                c.pos = c.prompt.size
+            span = media.span_at(c.prefilled)
 
     def _shared_batch(self) -> Batch:
         return self.ctx._shared_batch()

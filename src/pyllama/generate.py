@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, AsyncIterator, Callable, Iterator, Union
+from typing import TYPE_CHECKING, AsyncIterator, Callable, Iterator, Union, cast
 
 import numpy.typing as npt
 
@@ -16,9 +16,15 @@ from .stream import FinishReason, SequenceStream, StopMatcher, StreamResults, To
 from .vocab import as_tokens
 
 if TYPE_CHECKING:
-    from .context import Context
+    from collections.abc import Sequence
 
-Prompt = Union[str, bytes, npt.ArrayLike]
+    from .context import Context
+    from .media import Media, MediaPrompt
+
+#: text, token ids, or text and media (a :class:`~pyllama.MediaPrompt`, or a list of strings and
+#: :class:`~pyllama.Image` / :class:`~pyllama.Audio` tokenized with the model's projector)
+TextPrompt = Union[str, bytes, npt.ArrayLike]
+Prompt = Union[TextPrompt, "MediaPrompt", "Sequence[str | Media]"]
 
 
 class Generation(StreamResults):
@@ -38,11 +44,20 @@ class Generation(StreamResults):
         context_shift = options.get("context_shift", False)
         draft = options.get("draft")
         sampling = options.get("sampling", "auto")
-        if isinstance(prompt, (str, bytes)):
+        from .media import as_media_prompt, check_media_prompt
+
+        media = as_media_prompt(model, prompt, add_special=options.get("add_special", True),
+                                parse_special=options.get("parse_special", True))
+        # a media prompt made here is ours to close
+        self._own_media = media is not None and media is not prompt
+        if media is not None:
+            check_media_prompt(media, draft=draft is not None, context_shift=context_shift)
+            prompt_tokens = media.tokens
+        elif isinstance(prompt, (str, bytes)):
             prompt_tokens = model.vocab.tokenize(prompt, add_special=options.get("add_special", True),
                                                  parse_special=options.get("parse_special", True))
         else:
-            prompt_tokens = as_tokens(prompt)
+            prompt_tokens = as_tokens(cast("TextPrompt", prompt))
             model.vocab.check_tokens(prompt_tokens)
         if prompt_tokens.size == 0:
             raise ValueError("empty prompt: nothing to condition the generation on")
@@ -58,6 +73,7 @@ class Generation(StreamResults):
         if draft is not None and sampling == "backend":
             raise ValueError("speculative decoding samples its draft rows on the host: use sampling='auto' or 'host'")
         self.prompt_tokens = prompt_tokens
+        self.media = media
         self._stream = SequenceStream(model, **stream_options(options))
         self._decoder = Decoder(ctx)
         if draft is None:
@@ -91,7 +107,7 @@ class Generation(StreamResults):
         self._cursor = Cursor(seq_id, self._stream, prompt_tokens, limit=ctx.n_ctx_seq,
                               on_full="shift" if context_shift else "stop", n_keep=n_keep,
                               reuse_prefix=options.get("reuse_prefix", True), spec=self._spec,
-                              stats=self.speculative)
+                              stats=self.speculative, media=media)
 
     @property
     def finish_reason(self) -> FinishReason | None:
@@ -134,6 +150,8 @@ class Generation(StreamResults):
         self._stream.close()
         if self._own_spec and self._spec is not None:
             self._spec.close()
+        if self._own_media and self.media is not None:
+            self.media.close()
 
 
 def generate(ctx: Context, prompt: Prompt, **options: Unpack[GenerateOptions]) -> Generation:

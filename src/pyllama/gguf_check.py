@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,6 +124,13 @@ class _Meta:
             return max(vals) if vals else None
         v = self._scalar(i, _INT_TYPES)
         return None if v is None else int(v)
+
+    def flag(self, key: str) -> bool | None:
+        """A bool scalar (None when absent or of another type)."""
+        i = self._id(key)
+        if i < 0 or lib.gguf_get_kv_type(self._ctx, i) != lib.GGUF_TYPE_BOOL:
+            return None
+        return bool(lib.gguf_get_val_bool(self._ctx, i))
 
     def real(self, key: str) -> float | None:
         if key in self._overrides:
@@ -339,6 +346,136 @@ def _check(path: str | os.PathLike[str], vocab_only: bool, mapped: bool,
         lib.gguf_free(ctx)
 
 
+def check_projector_file(path: str | os.PathLike[str], *, n_embd_text: int | None = None) -> None:
+    """Raise ModelLoadError for a multimodal projector llama.cpp cannot load or would crash on (see
+    ``PROJECTOR_TENSORS``), before ``mtmd_init_from_file`` reads it."""
+    if not os.path.isfile(path):
+        raise ModelLoadError(f"projector file not found: {os.fspath(path)}")
+    params = ffi.new("struct gguf_init_params *")
+    params.no_alloc = True
+    params.ctx = ffi.NULL
+    ctx = lib.gguf_init_from_file(os.fsencode(path), params[0])
+    if ctx == ffi.NULL:
+        raise ModelLoadError(f"{os.fspath(path)} is not a valid GGUF file (llama.cpp's GGUF parser refused it; "
+                             "enable logging for 'pyllama.llama' for its reason)")
+    try:
+        _check_projector(ctx, _Meta(ctx, {}), n_embd_text)
+        _check_tensor_alignment(ctx)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"{os.fspath(path)}: {exc}") from None
+    finally:
+        lib.gguf_free(ctx)
+
+
+def _check_projector(ctx: Any, m: _Meta, n_embd_text: int | None) -> None:
+    arch = m.string("general.architecture")
+    if arch is not None and arch != "clip":
+        raise ModelLoadError(f"general.architecture is {arch!r}, not 'clip': not a multimodal projector "
+                             "(an mmproj-*.gguf file)")
+    _check_projector_types(ctx)
+    has = {mod: m.flag(f"clip.has_{mod}_encoder") for mod in ("vision", "audio")}
+    if not any(has.values()):
+        raise ModelLoadError("the projector has neither a vision nor an audio encoder (clip.has_vision_encoder, "
+                             "clip.has_audio_encoder)")
+    shapes = {ffi.string(lib.gguf_get_tensor_name(ctx, t)).decode("utf-8", "replace"): t
+              for t in range(int(lib.gguf_get_n_tensors(ctx)))}
+
+    def ne(name: str) -> tuple[int, ...]:
+        dims = lib.gguf_get_tensor_ne(ctx, shapes[name])
+        return tuple(int(dims[k]) for k in range(4))
+
+    for mod, prefix in (("vision", "v"), ("audio", "a")):
+        if not has[mod]:
+            continue
+        ptype = m.string(f"clip.{mod}.projector_type") or m.string("clip.projector_type") or ""
+        key = f"clip.{mod}."
+        n_embd = m.integer(key + "embedding_length")
+        n_head = m.integer(key + "attention.head_count")
+        n_layer = m.integer(key + "block_count")
+        if n_head is not None and n_embd is not None and (n_head <= 0 or n_embd % n_head):
+            raise ModelLoadError(f"{key}attention.head_count ({n_head}) does not divide {key}embedding_length "
+                                 f"({n_embd})")
+        needed = list(PROJECTOR_TENSORS.get(ptype, {}).get(mod, ()))
+        if needed and n_layer is not None:
+            for i in range(max(n_layer, 0)):
+                needed += [f"{prefix}.blk.{i}.{t}" for t in _BLOCK_TENSORS.get(ptype, ())]
+        missing = [t for t in needed if t not in shapes]
+        if missing:
+            raise ModelLoadError(f"{mod} projector of type {ptype!r} lacks the tensor(s) {', '.join(missing[:6])}, "
+                                 "which llama.cpp reads without checking (it would crash)")
+        if ptype == "mlp" and mod == "vision" and n_embd is not None:
+            _check_mlp_shapes(m, ne, shapes, n_embd)
+        if ptype == "qwen2a" and mod == "audio" and f"{prefix}.position_embd.weight" in shapes:
+            if ne(f"{prefix}.position_embd.weight")[1] < 1500:
+                raise ModelLoadError("the audio projector's position embeddings have fewer than the 1500 rows its "
+                                     "encoder uses")
+        width = m.integer(key + "projection_dim")
+        if n_embd_text is not None and width is not None and width > 0 and width != n_embd_text:
+            raise ModelLoadError(f"the {mod} projector's output width ({width}) is not the text model's "
+                                 f"embedding width ({n_embd_text}): it was made for another model")
+
+
+def _check_projector_types(ctx: Any) -> None:
+    """clip.cpp reads its keys with gguf's typed getters, which assert on another type: integers must be
+    uint32, flags bool, epsilons and image statistics float32."""
+    for i in range(int(lib.gguf_get_n_kv(ctx))):
+        key = ffi.string(lib.gguf_get_key(ctx, i)).decode("utf-8", "replace")
+        if not key.startswith("clip."):
+            continue
+        t = int(lib.gguf_get_kv_type(ctx, i))
+        if ".has_" in key or key.startswith("clip.use_"):
+            want = lib.GGUF_TYPE_BOOL
+        elif key.endswith(("epsilon", "_scale", "image_mean", "image_std")):
+            want = lib.GGUF_TYPE_ARRAY if key.endswith(("image_mean", "image_std")) else lib.GGUF_TYPE_FLOAT32
+        elif t in _INT_TYPES:
+            want = lib.GGUF_TYPE_UINT32
+        else:
+            continue
+        if t != want:
+            raise ModelLoadError(f"{key} is stored as GGUF type {t}, not the type llama.cpp reads it as ({want})")
+        if want == lib.GGUF_TYPE_ARRAY and (int(lib.gguf_get_arr_type(ctx, i)) != lib.GGUF_TYPE_FLOAT32
+                                            or int(lib.gguf_get_arr_n(ctx, i)) < 3):
+            raise ModelLoadError(f"{key} must be 3 float32 values (one per colour channel)")
+
+
+def _check_mlp_shapes(m: _Meta, ne: Callable[[str], tuple[int, ...]], shapes: Mapping[str, int],
+                      n_embd: int) -> None:
+    """The LLaVA ("mlp") tower's shapes that clip.cpp asserts on or overruns."""
+    image_size = m.integer("clip.vision.image_size") or 0
+    patch = m.integer("clip.vision.patch_size") or 0
+    if patch <= 0 or image_size < patch:
+        raise ModelLoadError(f"clip.vision.patch_size ({patch}) must be positive and at most image_size "
+                             f"({image_size})")
+    pe = ne("v.patch_embd.weight")
+    if pe[0] != patch or pe[1] != patch or pe[3] != n_embd:
+        raise ModelLoadError(f"v.patch_embd.weight has shape {pe[:4]}, not ({patch}, {patch}, 3, {n_embd}) as "
+                             "patch_size and embedding_length say")
+    if ne("mm.0.weight")[0] != n_embd:
+        raise ModelLoadError(f"mm.0.weight takes {ne('mm.0.weight')[0]} inputs, not the tower's {n_embd}")
+    if ne("mm.2.weight")[0] != ne("mm.0.weight")[1]:
+        raise ModelLoadError("mm.2.weight does not take mm.0.weight's outputs")
+    n_pos = (image_size // patch) ** 2 + (1 if "v.class_embd" in shapes else 0)
+    if ne("v.position_embd.weight")[1] < n_pos or ne("v.position_embd.weight")[0] != n_embd:
+        raise ModelLoadError(f"v.position_embd.weight has shape {ne('v.position_embd.weight')[:2]}; an image of "
+                             f"{image_size} pixels in patches of {patch} needs ({n_embd}, {n_pos})")
+
+
+#: projector type -> modality -> tensors libmtmd reads without checking that its loader found them (a file
+#: without one crashes llama-mtmd-cli with SIGSEGV instead of an error); _BLOCK_TENSORS: the same, per block.
+#: Measured on the projector types tests/synth.py writes (LLaVA's "mlp", Qwen2-Audio's "qwen2a"); other
+#: types are left to llama.cpp's own checks.
+PROJECTOR_TENSORS: dict[str, dict[str, tuple[str, ...]]] = {
+    "mlp": {"vision": ("v.patch_embd.weight", "v.position_embd.weight", "mm.0.weight", "mm.0.bias",
+                       "mm.2.weight", "mm.2.bias")},
+    "qwen2a": {"audio": ("a.position_embd.weight", "a.blk.0.ln1.weight", "a.blk.0.ln1.bias", "a.blk.0.ln2.weight",
+                         "a.blk.0.ln2.bias", "a.blk.0.attn_q.bias", "a.blk.0.attn_v.bias")},
+}
+_BLOCK_TENSORS: dict[str, tuple[str, ...]] = {
+    "mlp": ("attn_q.weight", "attn_k.weight", "attn_v.weight"),
+    "qwen2a": ("attn_q.weight",),
+}
+
+
 def header_facts(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     """What a model's header says (architecture, name, file type, sizes, where the data starts), read by
     llama.cpp's GGUF parser from a file that may hold only the header; None when the header is incomplete
@@ -365,4 +502,4 @@ def header_facts(path: str | os.PathLike[str]) -> dict[str, Any] | None:
         lib.gguf_free(ctx)
 
 
-__all__ = ["header_facts", "check_model_file", "ByteFallbackGuard", "Guard", "GUARDS", "LLAMA_MAX_LAYERS", "LLAMA_MAX_EXPERTS"]
+__all__ = ["header_facts", "check_model_file", "check_projector_file", "PROJECTOR_TENSORS", "ByteFallbackGuard", "Guard", "GUARDS", "LLAMA_MAX_LAYERS", "LLAMA_MAX_EXPERTS"]

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from .context import Context
     from .context_params import ContextOptions
     from .lora import LoraAdapter
+    from .media import Projector
     from .options import Unpack
 
 GpuLayers = Union[int, Literal["all", "auto"]]
@@ -121,6 +122,7 @@ class Model(Handle):
         fit_context: Mapping[str, Any] | None = None,
         progress: ProgressArg = None,
         rpc: Sequence[str] | str = (),
+        mmproj: str | os.PathLike[str] | None = None,
     ) -> None:
         # a store reference (hf:org/repo:Q4_K_M, https://...) loads from the cache, pulled there if absent
         from .store import resolve  # here: the store (its HTTP client) is not loaded with pyllama
@@ -207,9 +209,16 @@ class Model(Handle):
         self.vocab = Vocab(self)
         self.vocab._byte_guard = byte_guard
         self._metadata: Metadata | None = None
+        self.mmproj: Projector | None = None
+        if mmproj is not None:
+            try:
+                self.projector(mmproj)
+            except BaseException:
+                self.close()
+                raise
 
     # --- lifetime ------------------------------------------------------------
-    def _adopt(self, child: Context | LoraAdapter) -> None:
+    def _adopt(self, child: Context | LoraAdapter | Projector) -> None:
         with self._lock:
             self._children.add(child)
 
@@ -329,6 +338,18 @@ class Model(Handle):
         from .lora import LoraAdapter
 
         return LoraAdapter(self, path)
+
+    def projector(self, path: str | os.PathLike[str], *, use_gpu: bool | None = None, n_threads: int | None = None,
+                  image_min_tokens: int | None = None, image_max_tokens: int | None = None,
+                  warmup: bool = False) -> Projector:
+        """Load a multimodal projector (``mmproj-*.gguf``) for this model; it becomes :attr:`mmproj`, the
+        projector prompts with images or audio use. See :class:`pyllama.Projector` for the knobs."""
+        from .media import Projector
+
+        proj = Projector(self, path, use_gpu=use_gpu, n_threads=n_threads, image_min_tokens=image_min_tokens,
+                         image_max_tokens=image_max_tokens, warmup=warmup)
+        self.mmproj = proj
+        return proj
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{self.description!r}"

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 from .decoder import Cursor, Decoder
 from .errors import ContextOverflowError
-from .generate import Prompt
+from .generate import TextPrompt as Prompt
 from .options import SAMPLING_KEYS, SamplerArg, SamplingOptions, Unpack, check, stream_options
 from .samplers import Greedy
 from .stream import SequenceStream, TokenEvent

@@ -28,6 +28,7 @@ import numpy.typing as npt
 
 from .._channel import Waiter, wake
 from ..context import Context
+from ..media import Media, MediaError, MediaPrompt, as_media_prompt, check_media_prompt
 from ..context_params import FlashAttn
 from ..decoder import Cursor, Decoder
 from ..errors import ClosedError, LlamaError, StateError
@@ -125,6 +126,7 @@ class _Core:
         self.closed = False
         self.held = 0  # groups being submitted (Engine.together): admission waits for the whole group
         self.embed_ctx: Context | None = None
+        self.encoder: concurrent.futures.ThreadPoolExecutor | None = None  # media towers, off the step thread
         self.c = dict.fromkeys(COUNTERS, 0)
         self.waiters: list[Waiter | None] = []
         self.thread = threading.Thread(target=self._run, name="pyllama-engine", daemon=True)
@@ -208,6 +210,8 @@ class _Core:
                 self.thread.join()
         with self.lock:
             self.closed = True
+        if self.encoder is not None:  # an encode under way ends (its request is gone)
+            self.encoder.shutdown(wait=True, cancel_futures=True)
         if self.embed_ctx is not None:
             self.embed_ctx.close()
         if self.spec is not None:
@@ -220,7 +224,7 @@ class _Core:
     def _run(self) -> None:
         while True:
             with self.lock:
-                while not ((self.queue and not self.held) or self.active or self.cancels or self.tasks
+                while not ((self.queue and not self.held) or self._runnable() or self.cancels or self.tasks
                            or self.closing or any(self.slots[i].request is None for i, _ in self.slot_tasks)):
                     self.cv.wait()
                 cancels, self.cancels = self.cancels, []
@@ -252,7 +256,7 @@ class _Core:
                     self.slot_tasks.clear()
                 return
             self._admit()
-            if self.active:
+            if self._runnable():
                 try:
                     self._step()
                 except BaseException as exc:  # never let the thread die with requests hanging
@@ -304,7 +308,7 @@ class _Core:
                 decoder.drop(slot.id)
                 slot.lora = req.lora
             cursor = Cursor(slot.id, req._stream, req.prompt_tokens, limit=self.n_ctx_slot,
-                            on_full=req.context_full, spec=self.spec, stats=req.speculative)
+                            on_full=req.context_full, spec=self.spec, stats=req.speculative, media=req.media)
             slot.request, slot.cursor, slot.state = req, cursor, "prefill"
             req.slot_id = slot.id
             req.t_start = time.perf_counter()
@@ -316,6 +320,12 @@ class _Core:
                 continue
             req.n_cached = cursor.n_reused
             self.c["cached_prompt_tokens"] += cursor.n_reused
+            media = req.media
+            if media is not None and any(sp.embd is None and sp.start >= cursor.prefilled for sp in media.spans):
+                # the towers run beside the steps: the other slots go on generating meanwhile
+                slot.state = "encode"
+                slot.encoding = self._encoder().submit(media.encode, cursor.prefilled)
+                slot.encoding.add_done_callback(self._wake)
             if req.progress:
                 self.waiters.append(req._channel.put(PromptProgress.of(req.n_prompt, req.n_cached, req.n_cached, 0.0)))
 
@@ -376,16 +386,50 @@ class _Core:
         """The active slots this step decodes: all of them, or with LoRA adapters those under one set of
         scales (one decode runs under one set, as llama-server batches only slots with equal adapters),
         taking the sets in turn."""
+        ready = self._ready_slots()
         if not self.adapters:
-            return list(self.active)
-        keys = list(dict.fromkeys(s.lora for s in self.active))
+            return ready
+        keys = list(dict.fromkeys(s.lora for s in ready))
+        if not keys:
+            return []
         key = keys[0]
         if len(keys) > 1:
             key = keys[(keys.index(self.lora_now) + 1) % len(keys)] if self.lora_now in keys else keys[0]
         if key != self.lora_now:
             self.decoder.use_adapters([(a, sc) for a, sc in zip(self.adapters, key) if sc != 0.0])
             self.lora_now = key
-        return [s for s in self.active if s.lora == key]
+        return [s for s in ready if s.lora == key]
+
+    def _runnable(self) -> bool:
+        """Whether a step has something to do: an active slot whose media (if any) are encoded."""
+        return any(s.encoding is None or s.encoding.done() for s in self.active)
+
+    def _ready_slots(self) -> list[Slot]:
+        """The active slots a step may decode: those whose media are encoded (a failed encode fails its
+        request here)."""
+        ready: list[Slot] = []
+        for slot in list(self.active):
+            fut = slot.encoding
+            if fut is not None:
+                if not fut.done():
+                    continue
+                slot.encoding = None
+                slot.state = "prefill"
+                exc = fut.exception()
+                if exc is not None:
+                    self._fail(slot, exc)
+                    continue
+            ready.append(slot)
+        return ready
+
+    def _encoder(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self.encoder is None:
+            self.encoder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pyllama-encode")
+        return self.encoder
+
+    def _wake(self, _fut: object = None) -> None:
+        with self.lock:
+            self.cv.notify()
 
     def _end_full_slots(self) -> None:
         """Slots that reached their limit in a step that decoded nothing."""
@@ -422,6 +466,8 @@ class _Core:
         req.t_done = time.perf_counter()
         self.waiters.append(req._channel.close(error))
         req._stream.close()
+        if req.own_media and req.media is not None:
+            req.media.close()
 
     def _release(self, slot: Slot) -> None:
         if slot.cursor is not None:
@@ -537,10 +583,28 @@ class Engine(EngineFront):
         if self._core.closing:
             raise ClosedError("the engine is closed")
         context_full: ContextFull = options.get("context_full", "stop")
-        tokens = check_request(self.model.vocab, prompt, n_ctx_slot=self.n_ctx_slot,
-                               max_tokens=options.get("max_tokens", 256),
-                               add_special=options.get("add_special", True),
-                               parse_special=options.get("parse_special", True), context_full=context_full)
+        add_special, parse_special = options.get("add_special", True), options.get("parse_special", True)
+        media = as_media_prompt(self.model, prompt, add_special=add_special, parse_special=parse_special)
+        own_media = media is not None and (media is not prompt or media.disposable)
+        try:
+            if media is not None:
+                check_media_prompt(media, draft=self._core.spec is not None, context_shift=context_full == "shift")
+            tokens = check_request(self.model.vocab, prompt, n_ctx_slot=self.n_ctx_slot,
+                                   max_tokens=options.get("max_tokens", 256), add_special=add_special,
+                                   parse_special=parse_special, context_full=context_full,
+                                   media_tokens=None if media is None else media.tokens)
+            req = self._request(tokens, context_full, options)
+            req.media, req.own_media = media, own_media
+            self._core.enqueue(req)  # (EngineBusyError when the queue is full)
+        except BaseException:
+            if own_media and media is not None:
+                media.close()
+            raise
+        return req
+
+    def _request(self, tokens: npt.NDArray[np.int32], context_full: ContextFull,
+                 options: SubmitOptions) -> EngineRequest:
+        """The request for checked tokens, with its stream and options (not queued yet)."""
         sampling = options.get("sampling")
         kw = stream_options(options)
         if isinstance(kw.get("sampler"), Sequence):
@@ -566,8 +630,31 @@ class Engine(EngineFront):
         req.lora = self._core.lora_scales if own is None else lora_scales(own, len(self._core.adapters))
         if self._core.spec is not None:
             req.speculative = SpeculativeStats()
-        self._core.enqueue(req)
         return req
+
+    # --- media ----------------------------------------------------------------------------------------
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        proj = self.model.mmproj
+        return proj.modalities if proj is not None and not proj.closed else ()
+
+    def media_prompt(self, parts: Sequence[str | Media], *, add_special: bool = True,
+                     parse_special: bool = True) -> MediaPrompt:
+        """``parts`` tokenized with the model's projector, for :meth:`submit` (the request closes it)."""
+        proj = self.model.mmproj
+        if proj is None:
+            raise MediaError("the model has no projector for images or audio (load one: --mmproj)")
+        self.check_modalities([p for p in parts if isinstance(p, Media)])
+        mp = proj.tokenize(parts, add_special=add_special, parse_special=parse_special)
+        mp.disposable = True
+        return mp
+
+    def prompt_tokens(self, parts: Sequence[str | Media], add_special: bool = True,
+                      parse_special: bool = True) -> npt.NDArray[np.int32]:
+        """The token layout of a prompt of text and media (media positions hold placeholder ids)."""
+        with self.media_prompt(parts, add_special=add_special, parse_special=parse_special) as mp:
+            tokens: npt.NDArray[np.int32] = mp.tokens.copy()
+        return tokens
 
     # --- embeddings -----------------------------------------------------------------------------------
     def _embed_task(self, texts: list[EmbedInput], normalize: bool) -> Callable[[], npt.NDArray[np.float32]]:

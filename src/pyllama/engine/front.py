@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence, Union, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -18,23 +18,28 @@ from ..vocab import Vocab, as_tokens
 
 if TYPE_CHECKING:
     from ..embed import EmbedInput
+    from ..media import Media, MediaPrompt
     from ..model import Model
     from .request import EngineRequest
     from .slots import SlotFile
 
-EnginePrompt = Union[str, bytes, Sequence[int], npt.NDArray[np.integer[Any]]]
+#: text, token ids, or text and media (a MediaPrompt, or a list of strings and pyllama.Image / pyllama.Audio)
+EnginePrompt = Union[str, bytes, Sequence[int], npt.NDArray[np.integer[Any]], "MediaPrompt", "Sequence[str | Media]"]
 
 
-def check_request(vocab: Vocab, prompt: str | bytes | Sequence[int] | npt.NDArray[np.integer[Any]], *,
+def check_request(vocab: Vocab, prompt: EnginePrompt, *,
                   n_ctx_slot: int, max_tokens: int | None, add_special: bool, parse_special: bool,
-                  context_full: str) -> npt.NDArray[np.int32]:
-    """The prompt's tokens, once the request is known to fit a slot (else ValueError or ContextOverflowError)."""
+                  context_full: str, media_tokens: npt.NDArray[np.int32] | None = None) -> npt.NDArray[np.int32]:
+    """The prompt's tokens, once the request is known to fit a slot (else ValueError or ContextOverflowError);
+    ``media_tokens``: the prompt already tokenized with its images or audio (placeholders at their places)."""
     if context_full not in CONTEXT_FULL:
         raise ValueError(f"context_full must be one of {CONTEXT_FULL}, not {context_full!r}")
-    if isinstance(prompt, (str, bytes)):
+    if media_tokens is not None:
+        tokens = media_tokens
+    elif isinstance(prompt, (str, bytes)):
         tokens = vocab.tokenize(prompt, add_special=add_special, parse_special=parse_special)
     else:
-        tokens = as_tokens(prompt)
+        tokens = as_tokens(cast("Sequence[int]", prompt))
         vocab.check_tokens(tokens)
     if tokens.size == 0:
         raise ValueError("empty prompt: nothing to condition the generation on")
@@ -115,6 +120,28 @@ class EngineFront:
         """The reranker's score of each of :meth:`rerank_prompts`' sequences, computed with the embeddings."""
         scores = await self.aembed(list(prompts), normalize=False)
         return np.ascontiguousarray(scores[:, 0])
+
+    @property
+    def modalities(self) -> tuple[str, ...]:  # pragma: no cover - abstract
+        """The media the engine's model takes through its projector: ``()``, ``("image",)``, ``("audio",)``
+        or both."""
+        raise NotImplementedError
+
+    def media_prompt(self, parts: Sequence[str | Media], *, add_special: bool = True,
+                     parse_special: bool = True) -> Any:  # pragma: no cover - abstract
+        """What :meth:`submit` takes for a prompt of text and media, prepared where the engine can (call it
+        off the event loop: images are decoded here); the request closes it."""
+        raise NotImplementedError
+
+    def check_modalities(self, media: Sequence[Media]) -> None:
+        """MediaError (a 400) for media of a kind the model does not take, as llama-server words it."""
+        from ..media import MediaError
+
+        kinds = self.modalities
+        for item in media:
+            if item.kind not in kinds:
+                raise MediaError(f"{item.kind} input is not supported - hint: if this is unexpected, you may need "
+                                 "to provide the mmproj")
 
     def generate(self, prompt: EnginePrompt, **options: Unpack[SubmitOptions]) -> str:
         """Submit and wait: the whole completion as one string."""

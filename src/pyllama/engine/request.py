@@ -17,6 +17,7 @@ from ..speculative import SpeculativeStats
 from ..stream import FinishReason, StreamResults, TokenEvent
 
 if TYPE_CHECKING:
+    from ..media import MediaPrompt
     from ..stream import SequenceStream
 
 
@@ -89,6 +90,8 @@ class EngineRequest(StreamResults):
         self.error: BaseException | None = None
         #: what the engine's drafter proposed and this request kept (None: no speculative decoding)
         self.speculative: SpeculativeStats | None = None
+        self.media: MediaPrompt | None = None  # the prompt's images and audio
+        self.own_media = False  # tokenized by the engine: closed with the request
 
     # --- results ---------------------------------------------------------------------
     @property

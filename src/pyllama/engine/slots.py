@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Literal, Sequence
@@ -15,13 +16,13 @@ if TYPE_CHECKING:
     from ..decoder import Cursor
     from .request import EngineRequest
 
-SlotState = Literal["idle", "prefill", "generate"]
+SlotState = Literal["idle", "encode", "prefill", "generate"]
 
 
 class Slot:
     """One KV-cache sequence: the request it serves (through its decoder cursor) and when it was last used."""
 
-    __slots__ = ("id", "request", "cursor", "state", "t_last_used", "lora")
+    __slots__ = ("id", "request", "cursor", "state", "t_last_used", "lora", "encoding")
 
     def __init__(self, seq_id: int) -> None:
         self.id = seq_id
@@ -29,9 +30,11 @@ class Slot:
         self.cursor: Cursor | None = None
         self.state: SlotState = "idle"
         self.t_last_used = 0.0
+        self.encoding: concurrent.futures.Future[None] | None = None  # the prompt's media being encoded
         self.lora: tuple[float, ...] = ()  # the LoRA scales its cache was computed under
 
     def release(self) -> None:
+        self.encoding = None
         self.request = None
         self.cursor = None
         self.state = "idle"

@@ -32,7 +32,8 @@ from . import params, sse
 from .chat_turn import ChatTurn, Reply, prompt_tokens, sse_stream
 from .errors import anthropic_error_body, anthropic_error_response, api_error
 from .protocol import (APIError, ChatCompletionRequest, ChatMessage, FunctionDef, NamedFunction, NamedToolChoice,
-                       TextPart, Tool, ToolCall, ToolCallFunction, _Request, parse_request, INT32_MAX)
+                       TextPart, Tool, ToolCall, ToolCallFunction, _Request, parse_request, INT32_MAX,
+                       ContentPart, ImageUrl, ImageUrlPart)
 from .responses import gone, json_response
 from .state import ServerState
 
@@ -115,6 +116,21 @@ class MessagesRequest(_Request):
 
 # --- Anthropic -> chat completion -----------------------------------------------------------------
 
+def _image_part(block: ImageBlock, where: str) -> ImageUrlPart:
+    """Anthropic's image block as the chat request's image part: base64 data becomes a data: URL (a URL
+    source stays a URL, which the media reader refuses: nothing is fetched)."""
+    src = block.source or {}
+    kind = src.get("type")
+    if kind == "base64" and isinstance(src.get("data"), str) and isinstance(src.get("media_type"), str):
+        url = f"data:{src['media_type']};base64,{src['data']}"
+    elif kind == "url" and isinstance(src.get("url"), str):
+        url = src["url"]
+    else:
+        raise APIError(400, "an image block needs a source of type base64 (media_type, data) or url",
+                       param=f"{where}.source", code="invalid_value")
+    return ImageUrlPart(type="image_url", image_url=ImageUrl(url=url))
+
+
 def _no_images(where: str) -> APIError:
     return APIError(400, "image input is not supported by this server", param=where, code="unsupported")
 
@@ -139,7 +155,7 @@ def _messages(req: MessagesRequest) -> list[ChatMessage]:
         if isinstance(m.content, str):
             out.append(ChatMessage(role=m.role, content=m.content))
             continue
-        texts: list[TextPart] = []
+        texts: list[ContentPart] = []
         calls: list[ToolCall] = []
         reasoning = ""
         for j, b in enumerate(m.content):
@@ -154,7 +170,7 @@ def _messages(req: MessagesRequest) -> list[ChatMessage]:
                 # the results answer the previous assistant turn's calls: they come before this turn's text
                 out.append(ChatMessage(role="tool", tool_call_id=b.tool_use_id, content=_result_text(b, where)))
             elif isinstance(b, ImageBlock):
-                raise _no_images(where)
+                texts.append(_image_part(b, where))
         if texts or calls or reasoning:
             out.append(ChatMessage(role=m.role, content=texts, tool_calls=calls or None,
                                    reasoning_content=reasoning or None))

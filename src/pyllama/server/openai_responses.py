@@ -31,7 +31,9 @@ from ..engine.request import PromptProgress
 from . import params, sse
 from .chat_turn import ChatTurn, Reply, prompt_tokens, sse_stream
 from .protocol import (APIError, ChatCompletionRequest, ChatMessage, FunctionDef, NamedFunction, NamedToolChoice,
-                       ResponseFormat, TextPart, Tool, ToolCall, ToolCallFunction, _Request, parse_request, INT32_MAX)
+                       ResponseFormat, TextPart, Tool, ToolCall, ToolCallFunction, _Request, parse_request, INT32_MAX,
+                       ImageUrl, ImageUrlPart)
+from .protocol import ContentPart as ChatContentPart
 from .responses import gone, json_response
 from .state import ServerState
 
@@ -52,6 +54,7 @@ class Refusal(_Request):
 
 class InputMedia(_Request):
     type: Literal["input_image", "input_file", "input_audio"]
+    image_url: str | None = None  # input_image: a data: URL (file_id is not served)
 
 
 ContentPart = Annotated[Union[InputText, Refusal, InputMedia], Field(discriminator="type")]
@@ -144,14 +147,17 @@ class ResponsesRequest(_Request):
 
 # --- Responses -> chat completion -----------------------------------------------------------------
 
-def _text(content: str | list[Any], where: str) -> list[TextPart]:
+def _text(content: str | list[Any], where: str) -> list[ChatContentPart]:
     if isinstance(content, str):
         return [TextPart(type="text", text=content)]
-    parts: list[TextPart] = []
+    parts: list[ChatContentPart] = []
     for j, part in enumerate(content):
         if isinstance(part, InputMedia):
-            raise APIError(400, f"{part.type} is not supported by this server", param=f"{where}.{j}",
-                           code="unsupported")
+            if part.type == "input_image" and part.image_url is not None:
+                parts.append(ImageUrlPart(type="image_url", image_url=ImageUrl(url=part.image_url)))
+                continue
+            raise APIError(400, f"{part.type} is not supported by this server (input_image takes an image_url)",
+                           param=f"{where}.{j}", code="unsupported")
         parts.append(TextPart(type="text", text=part.text if isinstance(part, InputText) else part.refusal))
     return parts
 

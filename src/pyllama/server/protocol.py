@@ -8,7 +8,7 @@ ignored (clients send ``user``, ``store``, ``metadata``, ...).
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypeVar, Union
+from typing import Annotated, Any, Literal, TypeVar, Union
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError
 
@@ -54,6 +54,31 @@ class TextPart(_Request):
     text: str
 
 
+class ImageUrl(_Request):
+    url: str
+    detail: str | None = None  # OpenAI's resolution hint: the projector decides the image's tokens
+
+
+class ImageUrlPart(_Request):
+    """An image: a ``data:image/...;base64,`` URL, bare base64, or ``file://NAME`` under ``--media-path``."""
+
+    type: Literal["image_url"]
+    image_url: ImageUrl
+
+
+class InputAudio(_Request):
+    data: str  # base64 of a WAV, MP3 or FLAC file
+    format: str | None = None  # "wav", "mp3": the bytes say it themselves
+
+
+class InputAudioPart(_Request):
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
+ContentPart = Annotated[Union[TextPart, ImageUrlPart, InputAudioPart], Field(discriminator="type")]
+
+
 class ToolCallFunction(_Request):
     name: str
     arguments: str
@@ -67,7 +92,7 @@ class ToolCall(_Request):
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[str, list[TextPart], None] = None
+    content: Union[str, list[ContentPart], None] = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
@@ -79,12 +104,12 @@ class ChatMessage(_Request):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(p.text for p in self.content)
+        return "".join(p.text for p in self.content if isinstance(p, TextPart))
 
     def as_dict(self) -> dict[str, Any]:
         """The message as llama.cpp's chat handling takes it (optional fields only when set). Text parts stay
         parts: common/chat joins them as llama-server does (with a newline, or as the template renders them)."""
-        content: Any = ([{"type": "text", "text": p.text} for p in self.content] if isinstance(self.content, list)
+        content: Any = ([p.model_dump(exclude_none=True) for p in self.content] if isinstance(self.content, list)
                         else self.text())
         d: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": content}
         if self.name is not None:
