@@ -73,7 +73,7 @@ def _joined_parts(message: Any) -> Any:
 UserMessage = Union[str, Sequence[Union[str, "Media", Mapping[str, Any]]]]
 
 
-def _user_content(message: UserMessage) -> Any:
+def user_content(message: UserMessage) -> Any:
     """A user message's content as the history keeps it: a string, or a list of content parts."""
     if isinstance(message, str):
         return message
@@ -589,7 +589,7 @@ class ChatSession:
         stay in the history and in the KV cache: a later turn evaluates only what follows them."""
         check("stream", options, SAMPLING_KEYS)
         if message is not None:
-            self.messages.append({"role": "user", "content": _user_content(message)})
+            self.messages.append({"role": "user", "content": user_content(message)})
         elif not self.messages:
             raise ValueError("nothing to answer: pass a message")
         opts: dict[str, Any] = {**self.options, **options}

@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 if TYPE_CHECKING:
+    from .chat import UserMessage
     from .context import Context
+    from .media import Media
     from .generate import Generation
     from .model import Model
     from .options import SamplingOptions
@@ -31,6 +33,7 @@ if TYPE_CHECKING:
 
 _MAGIC = b"PYLLAMA-CHAT 1\n"  # then one JSON line, then the KV state of the conversation's sequence
 HELP = "/reset  forget the conversation    /save FILE  save it (with its KV cache)    /load FILE  restore it\n" \
+       "/image FILE, /audio FILE  attach to the next message (--mmproj)\n" \
        "/exit   quit    Ctrl-C stops an answer; Ctrl-C twice at the prompt (or Ctrl-D) quits"
 
 
@@ -62,7 +65,7 @@ class _Local:
         from .chat import ChatSession
         from .model import Model
 
-        self.model: Model = Model(path, n_gpu_layers=args.ngl, rpc=args.rpc or ())
+        self.model: Model = Model(path, n_gpu_layers=args.ngl, rpc=args.rpc or (), mmproj=args.mmproj)
         try:
             self.ctx: Context = self.model.context(n_ctx=args.ctx, n_threads=args.threads,
                                                    n_threads_batch=args.threads)
@@ -72,16 +75,19 @@ class _Local:
         self.session = ChatSession(self.ctx, system=args.system)
         self.options = options
         self.description = self.model.description
+        proj = self.model.mmproj
+        self.modalities: tuple[str, ...] = proj.modalities if proj is not None else ()
 
     @property
     def messages(self) -> list[dict[str, Any]]:
         return self.session.messages
 
-    def turn(self, message: str) -> _Reply:
+    def turn(self, message: UserMessage) -> _Reply:
+        from .chat import user_content
         from .generate import Generation
 
         session = self.session
-        session.messages.append({"role": "user", "content": message})
+        session.messages.append({"role": "user", "content": user_content(message)})
         try:
             # The whole conversation, rendered; Generation evaluates only what the KV cache lacks.
             tokens = session._prompt_tokens()
@@ -89,7 +95,7 @@ class _Local:
         except BaseException:
             session.messages.pop()
             raise
-        return _Reply(_LocalTurn(gen, session.messages), lambda: int(tokens.size), lambda: gen.n_prompt_evaluated,
+        return _Reply(_LocalTurn(gen, session.messages), lambda: len(tokens), lambda: gen.n_prompt_evaluated,
                       lambda: gen.n_generated)
 
     def reset(self) -> None:
@@ -158,18 +164,19 @@ class _Isolated:
         self.worker: Worker = Worker()
         try:
             info = self.worker.load(path, n_gpu_layers=args.ngl, n_ctx=args.ctx, n_threads=args.threads,
-                                    n_threads_batch=args.threads, rpc=args.rpc or ())
+                                    n_threads_batch=args.threads, rpc=args.rpc or (), mmproj=args.mmproj)
         except BaseException:
             self.worker.close()
             raise
         self.session: WorkerChatSession = self.worker.chat(system=args.system, **options)
         self.description = f"{info['description']} (worker pid {self.worker.pid})"
+        self.modalities: tuple[str, ...] = tuple(info.get("modalities", ()))
 
     @property
     def messages(self) -> list[dict[str, Any]]:
         return self.session.messages
 
-    def turn(self, message: str) -> _Reply:
+    def turn(self, message: UserMessage) -> _Reply:
         gen = self.session.stream(message)
         return _Reply(gen, lambda: gen.n_prompt_tokens, lambda: gen.n_prompt_evaluated, lambda: gen.n_generated)
 
@@ -188,8 +195,28 @@ class _Isolated:
         self.worker.close()
 
 
+def _portable(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages as JSON holds them: an attached image or clip becomes the content part that names it again (a
+    file by its absolute path, bytes as a data: URL)."""
+    import base64
+
+    from .media import Media
+
+    def part(p: Any) -> Any:
+        if not isinstance(p, Media):
+            return p
+        src = p.source
+        url = (f"file://{Path(src).resolve()}" if isinstance(src, Path)
+               else "data:application/octet-stream;base64," + base64.b64encode(bytes(src)).decode())
+        return ({"type": "input_audio", "input_audio": {"data": url}} if p.kind == "audio"
+                else {"type": "image_url", "image_url": {"url": url}})
+
+    return [{**m, "content": [part(p) for p in m["content"]]} if isinstance(m.get("content"), list) else m
+            for m in messages]
+
+
 def _write_session(path: Path, messages: list[dict[str, Any]], tokens: list[int], model: str, state: bytes) -> None:
-    head = json.dumps({"model": model, "messages": messages, "tokens": tokens}, ensure_ascii=False)
+    head = json.dumps({"model": model, "messages": _portable(messages), "tokens": tokens}, ensure_ascii=False)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         tmp.write_bytes(_MAGIC + head.encode() + b"\n" + state)
@@ -206,15 +233,16 @@ def _read_session(path: Path) -> tuple[list[dict[str, Any]], list[int], bytes]:
     head = json.loads(data[len(_MAGIC):end])
     messages = head.get("messages")
     if not isinstance(messages, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                                                 and isinstance(m.get("content"), str) for m in messages):
+                                                 and isinstance(m.get("content"), (str, list)) for m in messages):
         raise ValueError(f"{path}: malformed message list")
     tokens = [int(t) for t in head.get("tokens", [])]
     return messages, tokens, data[end + 1:]
 
 
-def _answer(backend: _Local | _Isolated, message: str, out: TextIO, verbose: bool) -> bool:
-    """Stream one answer; False when Ctrl-C stopped it."""
-    reply = backend.turn(message)
+def _answer(backend: _Local | _Isolated, message: str, out: TextIO, verbose: bool,
+            media: list[Media] | None = None) -> bool:
+    """Stream one answer (to ``message``, after the ``media`` attached to it); False when Ctrl-C stopped it."""
+    reply = backend.turn([*media, message] if media else message)
     t0 = time.perf_counter()
     completed = True
     try:
@@ -235,12 +263,24 @@ def _answer(backend: _Local | _Isolated, message: str, out: TextIO, verbose: boo
     return completed
 
 
-def _command(backend: _Local | _Isolated, line: str) -> bool:
-    """Run a /command; False to quit."""
+def _command(backend: _Local | _Isolated, line: str, attached: list[Media]) -> bool:
+    """Run a /command; False to quit. ``/image`` and ``/audio`` add to ``attached`` (the next message's)."""
     cmd, _, arg = line.partition(" ")
     arg = arg.strip()
     if cmd in ("/exit", "/quit"):
         return False
+    if cmd in ("/image", "/audio"):
+        from .media import Audio, Image
+
+        path = Path(arg).expanduser()
+        if not arg or not path.is_file():
+            print(f"usage: {cmd} FILE (an existing file)")
+        elif not backend.modalities:
+            print("[this model has no projector: start pyllama chat with --mmproj mmproj.gguf]")
+        else:
+            attached.append(Image(path) if cmd == "/image" else Audio(path))
+            print(f"[{path.name} goes with your next message]")
+        return True
     if cmd == "/reset":
         backend.reset()
         print("[conversation reset]")
@@ -275,6 +315,7 @@ def _interactive(backend: _Local | _Isolated, verbose: bool) -> int:
         pass
     print(f"pyllama chat: {backend.description}\n{HELP}", flush=True)
     ctrl_c = False
+    attached: list[Media] = []
     while True:
         try:
             line = input("> ")
@@ -293,11 +334,12 @@ def _interactive(backend: _Local | _Isolated, verbose: bool) -> int:
         if not line:
             continue
         if line.startswith("/"):
-            if not _command(backend, line):
+            if not _command(backend, line, attached):
                 return 0
             continue
+        media, attached = attached, []
         try:
-            _answer(backend, line, sys.stdout, verbose)
+            _answer(backend, line, sys.stdout, verbose, media)
         except KeyboardInterrupt:  # between turns, while the prompt was evaluated: same as stopping the answer
             print("\n[stopped]", flush=True)
         except Exception as exc:  # noqa: BLE001 - an overflowing context, a crashed worker: say so, keep going
@@ -337,9 +379,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
             except KeyboardInterrupt:  # a Ctrl-C that lands between two prompts: quitting is what it asks
                 print()
                 return 0
+        from .media import Image
+
+        first: list[Media] = [Image(Path(f)) for f in args.image]
         for message in messages:
-            if not _answer(backend, message, sys.stdout, args.verbose):
+            if not _answer(backend, message, sys.stdout, args.verbose, first):
                 return 130
+            first = []
         return 0
     except LlamaError as exc:
         print(f"pyllama: {exc}", file=sys.stderr)
@@ -375,6 +421,10 @@ def register(subparsers: Any) -> None:
     c.add_argument("-c", "--ctx", type=int, default=4096, help="context size in tokens")
     c.add_argument("-ngl", "--n-gpu-layers", dest="ngl", default="auto")
     c.add_argument("--isolate", action="store_true", help="run the model in a worker process (pyllama.Worker)")
+    c.add_argument("-mm", "--mmproj", default=None, metavar="FILE",
+                   help="the model's multimodal projector (mmproj-*.gguf): /image and /audio attach media")
+    c.add_argument("--image", action="append", default=[], metavar="FILE",
+                   help="with -p: an image for the first message (may repeat; needs --mmproj)")
     c.add_argument("-v", "--verbose", action="store_true",
                    help="after each answer, print prompt tokens evaluated and reused from the KV cache")
     c.set_defaults(func=cmd_chat)

@@ -36,15 +36,36 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .generate import Generation
     from .model import Model
 
+    from .chat import ChatSession
+    from .media import Audio, Image, Media
+
     options = sampling_options(args)
     options["stop"] = args.stop
-    with Model(_model_path(args.model), n_gpu_layers=args.ngl, progress=args.progress, rpc=args.rpc or ()) as model:
+    media: list[Media] = [*map(Image, args.image), *map(Audio, args.audio)]
+    if media and args.mmproj is None:
+        raise SystemExit("--image / --audio need the model's projector: --mmproj mmproj.gguf")
+    with Model(_model_path(args.model), n_gpu_layers=args.ngl, progress=args.progress, rpc=args.rpc or (),
+               mmproj=args.mmproj) as model:
         with model.context(n_ctx=args.ctx, n_threads=args.threads, n_batch=args.batch,
                            flash_attn=args.flash_attn) as ctx:
             out = sys.stdout
+            if args.chat:  # one user turn through the chat template, media first (as llama-mtmd-cli renders it)
+                chat = ChatSession(ctx, **options)
+                try:
+                    for ev in chat.stream([*media, args.prompt]):
+                        out.write(ev.text)
+                        out.flush()
+                except KeyboardInterrupt:
+                    out.write("\n")
+                    return 130
+                finally:
+                    chat.close()
+                out.write("\n")
+                return 0
+            prompt: Any = [*media, args.prompt] if media else args.prompt  # raw: the media, then the text
             spec = _speculator(ctx, args) if args.draft else None
             try:
-                with Generation(ctx, args.prompt, **options, parse_special=False, draft=spec) as gen:
+                with Generation(ctx, prompt, **options, parse_special=False, draft=spec) as gen:
                     try:
                         for ev in gen:
                             out.write(ev.text)
@@ -251,6 +272,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--progress", action="store_true", help="show a load progress bar")
     r.add_argument("--rpc", default=None, metavar="HOST:PORT,...", help="add ggml RPC servers' devices (pyllama rpc-server)")
     r.add_argument("-v", "--verbose", action="store_true", help="print timings to stderr")
+    r.add_argument("--chat", action="store_true",
+                   help="send the prompt as one user message through the model's chat template")
+    r.add_argument("-mm", "--mmproj", default=None, metavar="FILE",
+                   help="the model's multimodal projector (mmproj-*.gguf), for --image and --audio")
+    r.add_argument("--image", action="append", default=[], metavar="FILE",
+                   help="an image before the prompt (may repeat; needs --mmproj)")
+    r.add_argument("--audio", action="append", default=[], metavar="FILE",
+                   help="an audio clip (WAV, MP3, FLAC) before the prompt (may repeat; needs --mmproj)")
 
     i = sub.add_parser("inspect", help="the build, the devices, the GPUs, or how a model fits them")
     i.add_argument("what", choices=["build", "devices", "gpu", "fit", "model"])

@@ -49,7 +49,7 @@ class Generation(StreamResults):
         media = as_media_prompt(model, prompt, add_special=options.get("add_special", True),
                                 parse_special=options.get("parse_special", True))
         # a media prompt made here is ours to close
-        self._own_media = media is not None and media is not prompt
+        self._own_media = media is not None and (media is not prompt or media.disposable)
         if media is not None:
             check_media_prompt(media, draft=draft is not None, context_shift=context_shift)
             prompt_tokens = media.tokens

@@ -222,6 +222,7 @@ class Projector(Handle):
         self.audio_sample_rate: int | None = rate if rate > 0 else None
         self.mrope = bool(lib.mtmd_decode_use_mrope(ptr))
         self._encode_lock = threading.Lock()  # an encode leaves its output in the context until it is read
+        self.n_encoded = 0  # images and clips run through the tower (a turn reusing the cache runs none)
         model._adopt(self)
 
     @property
@@ -326,7 +327,7 @@ class Projector(Handle):
     def prompt(self, text: str, media: Sequence[Media], *, add_special: bool = True,
                parse_special: bool = True) -> MediaPrompt:
         """Tokenize ``text`` in which each :data:`MARKER` stands for the next of ``media`` (a rendered chat)."""
-        return self.tokenize(interleave(text, media), add_special=add_special, parse_special=parse_special)
+        return self.tokenize(media_parts(text, media), add_special=add_special, parse_special=parse_special)
 
     def _encode(self, span: MediaSpan, owner: MediaPrompt) -> npt.NDArray[np.float32]:
         """Run the tower on one media chunk of ``owner``; its embeddings ([n_tokens, n_embd]) are kept in
@@ -345,6 +346,7 @@ class Projector(Handle):
             count = n_embd * span.n_tokens
             embd: npt.NDArray[np.float32] = np.frombuffer(ffi.buffer(out, count * 4), dtype=np.float32).copy()
             span.encode_ms = (time.perf_counter() - t0) * 1e3
+            self.n_encoded += 1
         span.embd = embd
         return embd
 
@@ -363,7 +365,8 @@ class MediaPrompt(Handle):
     def __init__(self, projector: Projector, chunks: Any) -> None:
         super().__init__(chunks, lib.mtmd_input_chunks_free, projector)
         self.projector = projector
-        self.disposable = False  # True: the request it is submitted with closes it
+        self.disposable = False  # True: the requests it is submitted with close it, the last one to end
+        self._holders = 0
         pieces: list[npt.NDArray[np.int32]] = []
         spans: list[MediaSpan] = []
         n = 0
@@ -441,6 +444,20 @@ class MediaPrompt(Handle):
             raise DecodeError(f"llama.cpp could not decode the {span.kind}'s embeddings ({rc})", int(rc))
         span.embd = None
 
+    def hold(self) -> None:
+        """A request takes the prompt (several may: ``n`` choices); see :meth:`release`."""
+        with self.projector._encode_lock:
+            self._p()
+            self._holders += 1
+
+    def release(self) -> None:
+        """A request is done with the prompt: a disposable one is closed when the last lets go."""
+        with self.projector._encode_lock:
+            self._holders -= 1
+            last = self._holders <= 0 and self.disposable
+        if last:
+            self.close()
+
     def close(self) -> None:
         """Free the chunks now (after an encode under way in another thread has finished)."""
         with self.projector._encode_lock:
@@ -458,10 +475,26 @@ class MediaPrompt(Handle):
                 f"{self.n_media_tokens} media tokens>")
 
 
+@dataclass(frozen=True)
+class MediaParts:
+    """A prompt of text and media not tokenized yet, with its tokenizer switches: what crosses to a worker
+    process (the projector is there), tokenized there as :meth:`Projector.tokenize` does."""
+
+    parts: tuple[str | Media, ...]
+    add_special: bool = True
+    parse_special: bool = True
+
+    @property
+    def media(self) -> list[Media]:
+        return [p for p in self.parts if isinstance(p, Media)]
+
+
 def as_media_prompt(model: Model, prompt: Any, *, add_special: bool = True,
                     parse_special: bool = True) -> MediaPrompt | None:
-    """``prompt`` as a :class:`MediaPrompt` when it holds media (a MediaPrompt, or a list of strings and
-    media tokenized with the model's projector), else None."""
+    """``prompt`` as a :class:`MediaPrompt` when it holds media (a MediaPrompt, :class:`MediaParts`, or a list
+    of strings and media, tokenized with the model's projector), else None."""
+    if isinstance(prompt, MediaParts):
+        prompt, add_special, parse_special = list(prompt.parts), prompt.add_special, prompt.parse_special
     if isinstance(prompt, MediaPrompt):
         prompt._p()
         if prompt.projector.model is not model:
@@ -478,7 +511,7 @@ def as_media_prompt(model: Model, prompt: Any, *, add_special: bool = True,
     return None
 
 
-def interleave(text: str, media: Sequence[Media]) -> list[str | Media]:
+def media_parts(text: str, media: Sequence[Media]) -> list[str | Media]:
     """``text`` cut at each :data:`MARKER`, with the next of ``media`` in each cut (a rendered chat as the
     parts :meth:`Projector.tokenize` takes)."""
     pieces = text.split(MARKER)
@@ -584,5 +617,5 @@ def check_media_prompt(media: MediaPrompt, *, draft: bool = False, context_shift
                          "it (a chat template adds it)")
 
 
-__all__ = ["Audio", "Image", "Media", "MediaError", "MediaPrompt", "MediaSpan", "Projector", "as_media_prompt", "check_media_prompt", "split_media", "interleave", "MARKER",
+__all__ = ["Audio", "Image", "Media", "MediaError", "MediaParts", "MediaPrompt", "MediaSpan", "Projector", "as_media_prompt", "check_media_prompt", "split_media", "media_parts", "MARKER",
            "image_info"]

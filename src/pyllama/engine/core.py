@@ -467,7 +467,7 @@ class _Core:
         self.waiters.append(req._channel.close(error))
         req._stream.close()
         if req.own_media and req.media is not None:
-            req.media.close()
+            req.media.release()
 
     def _release(self, slot: Slot) -> None:
         if slot.cursor is not None:
@@ -585,7 +585,10 @@ class Engine(EngineFront):
         context_full: ContextFull = options.get("context_full", "stop")
         add_special, parse_special = options.get("add_special", True), options.get("parse_special", True)
         media = as_media_prompt(self.model, prompt, add_special=add_special, parse_special=parse_special)
-        own_media = media is not None and (media is not prompt or media.disposable)
+        if media is not None and media is not prompt:
+            media.disposable = True  # made here: the request closes it
+        own_media = media is not None and media.disposable
+        req: EngineRequest | None = None
         try:
             if media is not None:
                 check_media_prompt(media, draft=self._core.spec is not None, context_shift=context_full == "shift")
@@ -594,10 +597,15 @@ class Engine(EngineFront):
                                    parse_special=parse_special, context_full=context_full,
                                    media_tokens=None if media is None else media.tokens)
             req = self._request(tokens, context_full, options)
-            req.media, req.own_media = media, own_media
+            req.media = media
+            if own_media and media is not None:
+                media.hold()
+                req.own_media = True
             self._core.enqueue(req)  # (EngineBusyError when the queue is full)
         except BaseException:
-            if own_media and media is not None:
+            if req is not None and req.own_media and media is not None:
+                media.release()
+            elif own_media and media is not None and media is not prompt:
                 media.close()
             raise
         return req

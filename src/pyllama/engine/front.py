@@ -133,6 +133,11 @@ class EngineFront:
         off the event loop: images are decoded here); the request closes it."""
         raise NotImplementedError
 
+    def prompt_tokens(self, parts: Sequence[str | Media], add_special: bool = True,
+                      parse_special: bool = True) -> npt.NDArray[np.int32]:  # pragma: no cover - abstract
+        """The token layout of a prompt of text and media (media positions hold placeholder ids)."""
+        raise NotImplementedError
+
     def check_modalities(self, media: Sequence[Media]) -> None:
         """MediaError (a 400) for media of a kind the model does not take, as llama-server words it."""
         from ..media import MediaError

@@ -55,7 +55,8 @@ def create_app(engine: EngineSource, *, api_key: str | Sequence[str] | None = No
                chat_template_kwargs: Mapping[str, Any] | None = None, verbose: bool = False,
                tags: Sequence[str] = (), jinja: bool = True, max_body_size: int | None = None,
                read_timeout: float = 600.0, slot_save_path: str | os.PathLike[str] | None = None,
-               spm_infill: bool = False, load_at_start: bool = True) -> Starlette:
+               spm_infill: bool = False, load_at_start: bool = True,
+               media_path: str | os.PathLike[str] | None = None) -> Starlette:
     """The OpenAI-compatible app over ``engine``.
 
     ``engine`` is an :class:`~pyllama.engine.Engine` (the caller keeps owning
@@ -85,7 +86,8 @@ def create_app(engine: EngineSource, *, api_key: str | Sequence[str] | None = No
     answer (its ``--props``). ``max_body_size`` bounds a request's body in bytes (413 past it, refused
     before reading when the length is declared; default: a whole slot's context as JSON, at least
     16 MiB); ``read_timeout`` bounds the wait for each part of a request's body (408 past it; llama-server's
-    ``--timeout``, 600 s). ``slot_save_path`` is the directory ``POST /slots/{id}?action=save|restore``
+    ``--timeout``, 600 s). ``media_path`` is the directory ``file://`` image and audio URLs are read from
+    (llama-server's ``--media-path``; without it they are refused). ``slot_save_path`` is the directory ``POST /slots/{id}?action=save|restore``
     reads and writes (its ``--slot-save-path``; file names are confined to it; without it: 501);
     ``spm_infill`` puts the suffix first in ``/infill``'s prompt (its ``--spm-infill``).
     ``load_at_start=False`` loads the model on the first request that needs it (the router's models).
@@ -97,7 +99,8 @@ def create_app(engine: EngineSource, *, api_key: str | Sequence[str] | None = No
                          metrics=metrics, reasoning_format=reasoning_format, slots=slots, props=props,
                          thinking=reasoning != "off", chat_template_kwargs=chat_template_kwargs,
                          verbose=verbose, tags=tags, jinja=jinja, max_body_size=max_body_size,
-                         read_timeout=read_timeout, slot_save_path=slot_save_path, spm_infill=spm_infill)
+                         read_timeout=read_timeout, slot_save_path=slot_save_path, spm_infill=spm_infill,
+                         media_path=media_path)
     if not load_at_start and server.loader is not None:
         server.unloaded = True  # loaded on demand, by the first request that needs it
 

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, TypeVar
 
 from ..chat import LEGACY_FORMAT, ChatFormat, ChatTemplate, ReasoningFormat
 from ..errors import LlamaError
 from ..grammar import json_schema_to_grammar
+from ..media import Media, MediaError, split_media
 from ..samplers import Grammar, Sampler
 from . import params
 from .protocol import APIError, ChatCompletionRequest, NamedToolChoice
@@ -35,6 +37,7 @@ class ChatPlan:
     prompt: str
     add_special: bool
     stops: list[str] = field(default_factory=list)
+    media: list[Media] = field(default_factory=list)  # each where the prompt holds media.MARKER
     grammar: Sampler | None = None
     parse: Callable[[str], dict[str, Any]] | None = None  # text -> OpenAI message (content, tool_calls, ...)
     tools: bool = False  # the output may hold tool calls: parse it before sending it
@@ -73,8 +76,10 @@ class ChatPrompter:
     """Turns chat requests into prompts for one model."""
 
     def __init__(self, model: Model, *, template: str | None = None, reasoning_format: ReasoningFormat = "auto",
-                 thinking: bool = True, template_kwargs: Mapping[str, Any] | None = None, jinja: bool = True) -> None:
+                 thinking: bool = True, template_kwargs: Mapping[str, Any] | None = None, jinja: bool = True,
+                 open_file: Callable[[str], Path] | None = None) -> None:
         self.model = model
+        self.open_file = open_file  # file:// media (--media-path); None: refused
         self.template = template
         self.reasoning_format = reasoning_format  # llama-server's --reasoning-format
         self.thinking = thinking  # its --reasoning on|off|auto (auto: on where the template can think)
@@ -99,7 +104,10 @@ class ChatPrompter:
         return not (self._bos_text and prompt.startswith(self._bos_text))
 
     def plan(self, req: ChatCompletionRequest) -> ChatPlan:
-        messages = [m.as_dict() for m in req.messages]
+        try:
+            messages, media = split_media([m.as_dict() for m in req.messages], open_file=self.open_file)
+        except MediaError as exc:
+            raise APIError(400, str(exc), param="messages", code="invalid_media") from None
         schema = req.response_format.schema_or_none() if req.response_format is not None else None
         if req.tools:  # counted before each is copied
             params.check_tool_count(len(req.tools))
@@ -133,6 +141,7 @@ class ChatPrompter:
             grammar = checked_grammar(grammar, self.model, "tools" if tools else "response_format")
         prompt = str(cp.prompt)
         return ChatPlan(prompt=prompt, add_special=self._add_special(prompt), stops=list(cp.additional_stops),
+                        media=media,
                         grammar=grammar, parse=None if cp.format == LEGACY_FORMAT else cp.parse,
                         tools=bool(tools) and tool_choice != "none")
 

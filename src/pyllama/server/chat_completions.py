@@ -59,7 +59,7 @@ def _prepare(server: ServerState, engine: Engine, body: bytes) -> _Prepared:
         raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
     n = params.choices(req.n, engine.n_slots)  # n choices: n requests in parallel slots (they batch)
     settings = params.native_settings(req, server.defaults)
-    tokens = server.prompt_ids(engine, plan.prompt, add_special=plan.add_special, parse_special=True)
+    tokens = server.chat_prompt(engine, plan)
     return _Prepared(req, plan, limit, sampler, top, n, settings, tokens)
 
 

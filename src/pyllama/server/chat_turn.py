@@ -25,6 +25,7 @@ from starlette.requests import Request
 
 from ..engine.request import PromptProgress
 from ..errors import LlamaError
+from ..media import media_parts
 from . import params
 from .chat import ChatPlan
 from .errors import api_error
@@ -193,7 +194,7 @@ class ChatTurn:
                                       default=server.defaults.max_tokens)
             plan: ChatPlan = server.prompter.plan(req)
             sampler = params.sampler_specs(req, server.n_vocab, grammar=plan.grammar, defaults=server.defaults)
-            tokens = server.prompt_ids(engine, plan.prompt, add_special=plan.add_special, parse_special=True)
+            tokens = server.chat_prompt(engine, plan)
             return plan, tokens, limit, sampler
 
         plan, tokens, limit, sampler = await server.off_loop(prepare)
@@ -256,6 +257,11 @@ async def prompt_tokens(server: ServerState, req: ChatCompletionRequest) -> int:
     def count() -> int:
         server.check_model(req.model)
         plan = server.prompter.plan(req)
+        if plan.media:  # the projector's layout of the media (placeholders count as the positions they take)
+            try:
+                return int(engine.prompt_tokens(media_parts(plan.prompt, plan.media), plan.add_special, True).size)
+            except Exception as exc:  # noqa: BLE001 - a 4xx
+                raise api_error(exc) from None
         return int(server.prompt_ids(engine, plan.prompt, add_special=plan.add_special, parse_special=True).size)
     return await server.off_loop(count)
 

@@ -64,7 +64,7 @@ NOT_YET: tuple[tuple[tuple[str, ...], bool, str], ...] = (
     (("--api-prefix",), True, "a path prefix (mount pyllama.server.create_app under one)"),
     (("-md", "--model-draft", "--spec-draft-model"), True,
      "speculative decoding with a draft model (n-gram drafters: --spec-type ngram-*)"),
-    (("-mm", "--mmproj", "-mmu", "--mmproj-url"), True, "multimodal input"),
+    (("-mmu", "--mmproj-url"), True, "downloading a projector from a URL (pull it first: `pyllama pull`)"),
     (("-dev", "--device", "-sm", "--split-mode", "-ts", "--tensor-split", "-mg", "--main-gpu", "-fit", "--fit"),
      True, "choosing the devices (pyllama fits the model to them: `pyllama inspect fit`)"),
     (("-lm", "--load-mode"), True, "choosing how the weights are loaded"),
@@ -195,21 +195,32 @@ def _lora_list(args: argparse.Namespace) -> list[tuple[str, float]]:
     return [(path, 0.0) for path, _ in adapters] if args.lora_init_without_apply else adapters
 
 
-def _router_models(args: argparse.Namespace) -> list[tuple[str, str]]:
-    """(name, path) of each model the router serves: --models-dir's GGUF files, then --models' entries."""
+def _router_models(args: argparse.Namespace) -> list[tuple[str, str, str | None]]:
+    """(name, path, projector) of each model the router serves: --models-dir's GGUF files (and, as llama-server
+    lays them out, its subdirectories holding one model with its mmproj-*.gguf), then --models' entries."""
     from ..store import is_reference, resolve
     from ..store.refs import split_parts
 
-    out: list[tuple[str, str]] = []
+    def models_in(folder: Path) -> list[Path]:
+        out = []
+        for f in sorted(folder.glob("*.gguf")):
+            parts = split_parts(f.name)
+            if "mmproj" not in f.name.lower() and (parts is None or parts[0] == f.name):
+                out.append(f)
+        return out
+
+    out: list[tuple[str, str, str | None]] = []
     if args.models_dir is not None:
         folder = Path(args.models_dir)
         if not folder.is_dir():
             raise ValueError(f"--models-dir: not a directory: {folder}")
-        for f in sorted(folder.glob("*.gguf")):
-            parts = split_parts(f.name)
-            if "mmproj" in f.name.lower() or (parts is not None and parts[0] != f.name):
-                continue
-            out.append((f.stem, str(f)))
+        for f in models_in(folder):
+            out.append((f.stem, str(f), None))
+        for sub in sorted(d for d in folder.iterdir() if d.is_dir()):
+            found = models_in(sub)
+            projectors = sorted(sub.glob("mmproj*.gguf"))
+            if len(found) == 1:
+                out.append((sub.name, str(found[0]), str(projectors[0]) if projectors else None))
     for item in (args.models or "").split(","):
         item = item.strip()
         if not item:
@@ -220,7 +231,7 @@ def _router_models(args: argparse.Namespace) -> list[tuple[str, str]]:
         path = str(resolve(ref, progress=True, offline=True if args.offline else None)) if is_reference(ref) else ref
         if not os.path.isfile(path):
             raise ValueError(f"--models: no such model file: {ref}")
-        out.append((name or Path(path).stem, path))
+        out.append((name or Path(path).stem, path, None))
     if not out:
         raise ValueError("no models to serve (--models-dir holds no GGUF files, --models names none)")
     return out
@@ -334,6 +345,23 @@ def register(subparsers: Any) -> None:
                    metavar="FNAME:SCALE[,...]", help="a LoRA adapter with its scale (a comma-separated list; may repeat)")
     p.add_argument("--lora-init-without-apply", action="store_true",
                    help="load the adapters at scale 0 (set scales with POST /lora-adapters)")
+    mm = p.add_argument_group("images and audio (llama.cpp's libmtmd)")
+    mm.add_argument("-mm", "--mmproj", default=None, metavar="FILE",
+                    help="the model's multimodal projector (mmproj-*.gguf): chat messages may then hold images "
+                         "(image_url) or audio (input_audio), as the projector takes")
+    mm.add_argument("--no-mmproj", dest="mmproj", action="store_const", const=None,
+                    help="load no projector")
+    mm.add_argument("--mmproj-offload", dest="mmproj_offload", action="store_true", default=None,
+                    help="run the projector on the GPU (default: where the model runs on one)")
+    mm.add_argument("--no-mmproj-offload", dest="mmproj_offload", action="store_false",
+                    help="run the projector on the CPU")
+    mm.add_argument("--media-path", type=_directory, default=None, metavar="DIR",
+                    help="read file://NAME image and audio URLs from DIR (names confined to it; without it they "
+                         "are refused)")
+    mm.add_argument("--image-min-tokens", type=int, default=None, metavar="N",
+                    help="fewest tokens an image becomes (projectors with dynamic resolution)")
+    mm.add_argument("--image-max-tokens", type=int, default=None, metavar="N",
+                    help="most tokens an image becomes (projectors with dynamic resolution)")
     m = p.add_argument_group("several models (llama-server's router mode; each model in its own worker process)")
     m.add_argument("--models-dir", default=None, metavar="DIR",
                    help="serve every GGUF model in DIR, named by file stem (projectors and later parts of split "
@@ -414,6 +442,9 @@ def _loader(args: argparse.Namespace, path: str) -> Engine:
         return _isolated_loader(args, path, ngl)
     model = Model(path, n_gpu_layers=ngl, progress=args.progress)
     try:
+        if args.mmproj is not None:
+            model.projector(args.mmproj, use_gpu=args.mmproj_offload, image_min_tokens=args.image_min_tokens,
+                            image_max_tokens=args.image_max_tokens)
         return Engine(model, n_slots=args.slots, n_ctx=args.slot_ctx, n_batch=args.batch_size,
                       n_ubatch=args.ubatch_size, n_threads=args.threads, n_threads_batch=args.threads_batch,
                       flash_attn=args.flash_attn, type_k=args.cache_type_k, type_v=args.cache_type_v,
@@ -424,7 +455,7 @@ def _loader(args: argparse.Namespace, path: str) -> Engine:
         raise
 
 
-def _isolated_loader(args: argparse.Namespace, path: str, ngl: Any) -> Engine:
+def _isolated_loader(args: argparse.Namespace, path: str, ngl: Any, mmproj: str | None = None) -> Engine:
     from ..worker.engine import IsolatedEngine
 
     engine = IsolatedEngine(path, n_gpu_layers=ngl, n_slots=args.slots, n_ctx=args.slot_ctx, n_batch=args.batch_size,
@@ -432,7 +463,9 @@ def _isolated_loader(args: argparse.Namespace, path: str, ngl: Any) -> Engine:
                             flash_attn=args.flash_attn, type_k=args.cache_type_k, type_v=args.cache_type_v,
                             max_queue=args.max_queue, slot_prompt_similarity=args.slot_prompt_similarity,
                             draft=args.draft, n_draft=args.draft_max, sampling=args.sampling, progress=args.progress,
-                            pooling=args.pooling, lora=_lora_list(args))
+                            pooling=args.pooling, lora=_lora_list(args), mmproj=mmproj or args.mmproj,
+                            mmproj_gpu=args.mmproj_offload, image_min_tokens=args.image_min_tokens,
+                            image_max_tokens=args.image_max_tokens)
     return cast("Engine", engine)  # duck-typed: it offers the Engine API the server uses
 
 
@@ -550,6 +583,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     routed = None
     if args.models_dir is not None or args.models is not None:  # several models: the router
         try:
+            if args.mmproj is not None:
+                raise ValueError("--mmproj names one model's projector: with several models, put each model "
+                                 "with its mmproj-*.gguf in a subdirectory of --models-dir")
             routed = _router_models(args)
         except (OSError, ValueError) as exc:
             print(f"pyllama serve: {exc}", file=sys.stderr)
@@ -633,7 +669,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           tags=[t.strip() for t in (args.tags or "").split(",") if t.strip()], jinja=args.jinja,
                           max_body_size=args.max_body_size, read_timeout=args.timeout,
                           slot_save_path=args.slot_save_path, spm_infill=args.spm_infill,
-                          load_at_start=load_at_start)
+                          load_at_start=load_at_start, media_path=args.media_path)
 
     app: Any
     if routed is not None:
@@ -641,12 +677,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         ngl: Any = args.ngl if args.ngl in ("auto", "all") else int(args.ngl)
         router = ModelRouter(
-            [RoutedModel(name, Path(p), make_app(functools.partial(_isolated_loader, args, p, ngl), name, False))
-             for name, p in routed],
+            [RoutedModel(name, Path(p), make_app(functools.partial(_isolated_loader, args, p, ngl, proj), name, False))
+             for name, p, proj in routed],
             models_max=max(1, args.models_max), memory_budget=args.memory_budget, autoload=args.models_autoload,
             api_keys=args.api_keys or (), n_ctx=args.slot_ctx * args.slots if isinstance(args.slot_ctx, int) else 4096)
         app, state = router, router
-        log.info("serving %d models: %s", len(routed), ", ".join(name for name, _ in routed))
+        log.info("serving %d models: %s", len(routed), ", ".join(name for name, _, _ in routed))
     else:
         app = make_app(lambda: _loader(args, path), args.model_name, True)
         state = app.state.server

@@ -34,8 +34,9 @@ from starlette.responses import Response, StreamingResponse
 from . import sse
 from .chat_turn import ChatTurn, Reply, sse_stream
 from .errors import api_error, ollama_error_response
-from .protocol import (APIError, ChatCompletionRequest, ChatMessage, JsonSchemaFormat, ResponseFormat, Tool,
-                       ToolCall, ToolCallFunction, _Request, parse_request)
+from .protocol import (APIError, ChatCompletionRequest, ChatMessage, ContentPart, ImageUrl, ImageUrlPart,
+                       JsonSchemaFormat, ResponseFormat, TextPart, Tool, ToolCall, ToolCallFunction, _Request,
+                       parse_request)
 from .responses import gone, json_response
 from .state import ServerState
 
@@ -178,10 +179,20 @@ def _no_images(where: str) -> APIError:
     return APIError(400, "image input is not supported by this server", param=where, code="unsupported")
 
 
+def _with_images(text: str, images: list[str] | None) -> str | list[ContentPart]:
+    """A message's content with Ollama's ``images`` (base64 files) before its text, as Ollama places them."""
+    if not images:
+        return text
+    parts: list[ContentPart] = [ImageUrlPart(type="image_url", image_url=ImageUrl(url=b64)) for b64 in images]
+    if text:
+        parts.append(TextPart(type="text", text=text))
+    return parts
+
+
 def _messages(msgs: list[OllamaMessage]) -> list[ChatMessage]:
     out: list[ChatMessage] = []
     for i, m in enumerate(msgs):
-        if m.images:
+        if m.images and m.role == "tool":
             raise _no_images(f"messages.{i}.images")
         calls = [ToolCall(id=f"call_{i}_{j}", function=ToolCallFunction(name=c.function.name,
                                                                       arguments=json.dumps(c.function.arguments)))
@@ -189,7 +200,7 @@ def _messages(msgs: list[OllamaMessage]) -> list[ChatMessage]:
         if m.role == "tool":
             out.append(ChatMessage(role="tool", content=m.content, name=m.tool_name))
         else:
-            out.append(ChatMessage(role=m.role, content=m.content, tool_calls=calls,
+            out.append(ChatMessage(role=m.role, content=_with_images(m.content, m.images), tool_calls=calls,
                                    reasoning_content=m.thinking or None))
     return out
 
@@ -288,19 +299,20 @@ async def generate(server: ServerState, request: Request) -> Response:
     try:
         req = parse_request(OllamaGenerateRequest, await request.body())
         keep = keep_alive_seconds(req.keep_alive)
-        if req.images:
-            raise _no_images("images")
+        if req.images and (req.raw or req.suffix is not None):
+            raise APIError(400, "images go with a templated prompt, not with raw or suffix", param="images",
+                           code="unsupported")
         if req.template:
             raise APIError(400, "template: a per-request template is not supported (the model's own is used)",
                            param="template", code="unsupported")
-        if not req.prompt and not req.suffix:
+        if not req.prompt and not req.suffix and not req.images:
             return await _load_or_unload(server, req.model, keep, "response")
         engine = await server.ensure_engine()
         if req.raw or req.suffix is not None:
             er = await _submit_raw(server, engine, req)
             return await _answer_raw(server, request, er, req.model, req.stream, keep)
         messages = ([ChatMessage(role="system", content=req.system)] if req.system else []) + \
-            [ChatMessage(role="user", content=req.prompt)]
+            [ChatMessage(role="user", content=_with_images(req.prompt, req.images))]
         turn = await ChatTurn.open(server, _chat_request(req.model, messages, options=req.options, fmt=req.format,
                                                          tools=None, think=req.think))
         return await _answer(server, request, turn, req.model, req.stream, keep, "response")

@@ -142,6 +142,10 @@ async def show(server: ServerState, request: Request) -> Response:
             caps.append("thinking")
         if engine.embeddings:
             caps.append("embedding")
+        if "image" in engine.modalities:
+            caps.append("vision")
+        if "audio" in engine.modalities:
+            caps.append("audio")
         path = Path(str(model.path))
         modified = datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.timezone.utc)
         return json_response({"license": model.meta("general.license") or "", "modelfile": f"FROM {path.name}\n",

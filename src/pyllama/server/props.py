@@ -61,7 +61,7 @@ async def get_props(server: ServerState, request: Request) -> Response:
         "total_slots": engine.n_slots,
         "model_alias": server.model_name,
         "model_path": str(engine.model.path),
-        "modalities": {"vision": False, "video": False, "audio": False},
+        "modalities": {"vision": "image" in engine.modalities, "video": False, "audio": "audio" in engine.modalities},
         "endpoint_slots": server.slots_enabled,
         "endpoint_props": server.props_enabled,
         "endpoint_metrics": server.metrics_enabled,

@@ -30,11 +30,12 @@ from ..errors import ContextOverflowError
 from ..stream import TokenEvent
 from ..options import SubmitOptions, Unpack
 from . import params, sse
-from .chat import ChatPrompter
+from ..media import media_parts
+from .chat import ChatPlan, ChatPrompter
 from .errors import api_error
 from .metrics import Metrics
 from .params import RequestDefaults
-from .paths import without_dirs
+from .paths import confined, without_dirs
 from .protocol import APIError
 
 if TYPE_CHECKING:
@@ -107,8 +108,11 @@ class ServerState:
                  thinking: bool = True, chat_template_kwargs: Mapping[str, Any] | None = None,
                  verbose: bool = False, tags: Sequence[str] = (), jinja: bool = True,
                  max_body_size: int | None = None, read_timeout: float = 600.0,
-                 slot_save_path: str | os.PathLike[str] | None = None, spm_infill: bool = False) -> None:
+                 slot_save_path: str | os.PathLike[str] | None = None, spm_infill: bool = False,
+                 media_path: str | os.PathLike[str] | None = None) -> None:
         self.engine: Engine | None = None
+        #: where file:// media URLs are read from (llama-server's --media-path; None: refused)
+        self.media_path = None if media_path is None else Path(media_path)
         self.spm_infill = spm_infill  # /infill puts the suffix before the prefix (llama-server's --spm-infill)
         #: where POST /slots/{id}?action=save|restore reads and writes (None: those actions answer 501)
         self.slot_save_path = None if slot_save_path is None else Path(slot_save_path)
@@ -178,7 +182,8 @@ class ServerState:
     def _adopt(self, engine: Engine) -> None:
         self.prompter = ChatPrompter(engine.model, template=self.chat_template,
                                      reasoning_format=self.reasoning_format, thinking=self.thinking,
-                                     template_kwargs=self.chat_template_kwargs, jinja=self.jinja)
+                                     template_kwargs=self.chat_template_kwargs, jinja=self.jinja,
+                                     open_file=self.open_media)
         self.n_vocab = engine.model.vocab.n_tokens
         self._piece_cache = functools.lru_cache(maxsize=65536)(self._piece_uncached)
         path = Path(str(engine.model.path))
@@ -530,6 +535,24 @@ class ServerState:
         if self._wait_limiter is None:
             self._wait_limiter = anyio.CapacityLimiter(WAIT_THREADS)
         return await anyio.to_thread.run_sync(functools.partial(fn, *args), limiter=self._wait_limiter)
+
+    def chat_prompt(self, engine: Engine, plan: ChatPlan) -> Any:
+        """What the engine runs for a rendered chat: its tokens, or with media the engine's media prompt
+        (images decoded here, off the event loop; a 400 for media the model does not take)."""
+        if not plan.media:
+            return self.prompt_ids(engine, plan.prompt, add_special=plan.add_special, parse_special=True)
+        try:
+            return engine.media_prompt(media_parts(plan.prompt, plan.media), add_special=plan.add_special,
+                                       parse_special=True)
+        except Exception as exc:  # noqa: BLE001 - a 4xx in OpenAI's shape
+            raise api_error(exc) from None
+
+    def open_media(self, name: str) -> Path:
+        """A ``file://`` image or clip a request names: inside ``--media-path`` (else a 400)."""
+        if self.media_path is None:
+            raise APIError(400, "file:// URLs are not allowed unless --media-path is specified",
+                           param="messages", code="invalid_media")
+        return confined(self.media_path, name, param="url", allow_subdirs=True)
 
     def prompt_ids(self, engine: Engine, prompt: Any, *, add_special: bool,
                    parse_special: bool) -> Any:

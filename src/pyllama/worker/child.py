@@ -201,6 +201,8 @@ class Server:
 
             model = Model(self.spec["model"], **self.spec["model_options"])
             try:
+                if self.spec.get("projector"):
+                    model.projector(**self.spec["projector"])
                 engine = Engine(model, **self.spec["engine_options"])
             except BaseException:
                 model.close()
@@ -225,11 +227,12 @@ class Server:
             engine = self.ensure_engine()
             return {"pid": os.getpid(), "path": str(engine.model.path), "n_slots": engine.n_slots,
                     "n_ctx_slot": engine.n_ctx_slot, "n_batch": engine.n_batch, "embeddings": engine.embeddings,
-                    "pooling": engine.pooling,
+                    "pooling": engine.pooling, "modalities": engine.modalities,
                     "model_facts": {"n_embd": engine.model.n_embd, "n_ctx_train": engine.model.n_ctx_train,
                                     "n_params": engine.model.n_params, "size": engine.model.size}}
         model, ctx = self.ensure_loaded()
         return {"path": str(model.path), "description": model.description, "architecture": model.architecture,
+                "modalities": model.mmproj.modalities if model.mmproj is not None else (),
                 "n_params": model.n_params, "size": model.size, "n_ctx_train": model.n_ctx_train,
                 "n_embd": model.n_embd, "n_vocab": model.vocab.n_tokens, "n_ctx": ctx.n_ctx,
                 "n_ctx_seq": ctx.n_ctx_seq, "n_seq_max": ctx.n_seq_max, "n_gpu_layers": model.n_gpu_layers,
@@ -293,7 +296,12 @@ class Server:
         session.messages = [dict(m) for m in messages]
         # The whole conversation is rendered; the context's prefix reuse evaluates only
         # what its KV cache does not already hold from the previous turns.
-        self._stream(rid, Generation(ctx, session._prompt_tokens(), seq_id=seq_id, **options))
+        from ..media import MediaPrompt
+
+        prompt = session._prompt_tokens()
+        if isinstance(prompt, MediaPrompt):  # made here: the generation closes it
+            prompt.disposable = True
+        self._stream(rid, Generation(ctx, prompt, seq_id=seq_id, **options))
 
     def _embed(self, rid: int, msg: tuple[Any, ...]) -> None:
         from ..embed import embed

@@ -12,7 +12,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal, Union
+from typing import TYPE_CHECKING, Any, Literal, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -26,7 +26,11 @@ from .generation import WorkerGeneration, portable_options
 from .process import _LEVELS, _Inbox, _Process, _Slot
 from .session import WorkerChatSession
 
-Prompt = Union[str, bytes, Sequence[int], npt.NDArray[np.int32]]
+if TYPE_CHECKING:
+    from ..media import Media
+
+#: text, token ids, or text and media (strings and pyllama.Image / pyllama.Audio, tokenized in the child)
+Prompt = Union[str, bytes, Sequence[int], npt.NDArray[np.int32], "Sequence[str | Media]"]
 Message = Mapping[str, str]
 
 
@@ -234,6 +238,7 @@ class Worker:
         kv_unified: bool = False,
         embeddings: bool = False,
         pooling: str | None = None,
+        mmproj: str | os.PathLike[str] | None = None,
     ) -> dict[str, Any]:
         """Load a model in the child (replacing the current one) with one context; returns facts about both.
 
@@ -241,7 +246,8 @@ class Worker:
         :mod:`pyllama.rpc`) are best used from a worker, since ggml aborts the process
         that loses one mid-generation: here that is the child. The model keywords
         are :class:`pyllama.Model`'s, the context keywords
-        :class:`pyllama.Context`'s. The worker remembers them: a restarted child
+        :class:`pyllama.Context`'s (``mmproj``: the model's projector, for prompts with images or audio). The
+        worker remembers them: a restarted child
         or an idle-unloaded model is loaded again with the same settings.
         """
         spec = {
@@ -252,7 +258,8 @@ class Worker:
                               "use_mlock": use_mlock, "use_extra_bufts": use_extra_bufts,
                               "check_tensors": check_tensors,
                               "kv_overrides": None if kv_overrides is None else dict(kv_overrides),
-                              "rpc": [r for r in rpc.split(",") if r] if isinstance(rpc, str) else list(rpc)},
+                              "rpc": [r for r in rpc.split(",") if r] if isinstance(rpc, str) else list(rpc),
+                              "mmproj": None if mmproj is None else os.fspath(mmproj)},
             "context_options": {"n_ctx": n_ctx, "n_batch": n_batch, "n_ubatch": n_ubatch, "n_seq_max": n_seq_max,
                                 "n_threads": n_threads, "n_threads_batch": n_threads_batch,
                                 "flash_attn": flash_attn, "type_k": type_k, "type_v": type_v,
@@ -312,10 +319,15 @@ class Worker:
         Iterate the result with ``for`` or ``async for``; errors (an empty
         prompt, a prompt longer than the context) are raised by the iteration.
         """
+        from ..media import Media, MediaParts
+
         if isinstance(prompt, (str, bytes)):
             if not prompt:
                 raise ValueError("empty prompt: nothing to condition the generation on")
             sent: Any = prompt
+        elif isinstance(prompt, (list, tuple)) and any(isinstance(x, Media) for x in prompt):
+            # text and media: tokenized by the child's projector
+            sent = MediaParts(tuple(prompt), options.get("add_special", True), options.get("parse_special", True))
         else:
             sent = np.ascontiguousarray(prompt, dtype=np.int32)
             if sent.size == 0:

@@ -29,6 +29,7 @@ from ..engine.core import COUNTERS, lora_scales
 from ..engine.front import EnginePrompt, EngineFront, check_embed_request, check_request, check_slot
 from ..engine.slots import SlotFile
 from ..errors import ClosedError
+from ..media import Media, MediaParts, MediaPrompt
 from ..model import Model
 from ..options import SUBMIT_KEYS, Sampling, SubmitOptions, Unpack
 from ..stream import FinishReason, TokenEvent
@@ -181,6 +182,20 @@ class _Sink(_Inbox):
         self.req._take(msg)
 
 
+def _media_parts(prompt: Any, add_special: bool, parse_special: bool) -> MediaParts | None:
+    """A prompt holding media as :class:`MediaParts` (for the child), else None."""
+    if isinstance(prompt, MediaParts):
+        return prompt
+    if isinstance(prompt, MediaPrompt):
+        raise ValueError("a MediaPrompt belongs to a projector in this process: give an isolated engine the "
+                         "parts (strings and pyllama.Image / pyllama.Audio)")
+    if isinstance(prompt, Media):
+        prompt = [prompt]
+    if isinstance(prompt, (list, tuple)) and any(isinstance(x, Media) for x in prompt):
+        return MediaParts(tuple(prompt), add_special, parse_special)
+    return None
+
+
 class IsolatedEngine(EngineFront):
     """An :class:`pyllama.engine.Engine` in a worker process, for servers that must outlive a crash.
 
@@ -197,7 +212,9 @@ class IsolatedEngine(EngineFront):
                  type_v: str | int = "f16", max_queue: int = 64, slot_prompt_similarity: float = 0.1,
                  embeddings: bool = True, pooling: str | None = None, draft: str | None = None,
                  n_draft: int = 16, sampling: Sampling = "auto", log_level: str = "WARNING",
-                 progress: bool | None = None, lora: Sequence[tuple[str | os.PathLike[str], float]] = ()) -> None:
+                 progress: bool | None = None, lora: Sequence[tuple[str | os.PathLike[str], float]] = (),
+                 mmproj: str | os.PathLike[str] | None = None, mmproj_gpu: bool | None = None,
+                 image_min_tokens: int | None = None, image_max_tokens: int | None = None) -> None:
         if not isinstance(n_slots, int) or n_slots < 1:
             raise ValueError("n_slots must be an int >= 1")
         if max_queue < 0:
@@ -220,6 +237,9 @@ class IsolatedEngine(EngineFront):
                                        "n_draft": n_draft,
                                        "sampling": sampling,
                                        "lora": [(os.fspath(path), scale) for path, scale in lora]}}
+            if mmproj is not None:  # loaded beside the model in the child (pyllama.Model.projector's options)
+                spec["projector"] = {"path": os.fspath(mmproj), "use_gpu": mmproj_gpu,
+                                     "image_min_tokens": image_min_tokens, "image_max_tokens": image_max_tokens}
             info = self._worker._load_spec(spec)
         except BaseException:
             if hasattr(self, "_worker"):
@@ -235,6 +255,7 @@ class IsolatedEngine(EngineFront):
         self.n_batch: int = info["n_batch"]
         self.embeddings: bool = info["embeddings"]
         self.pooling: str = info["pooling"]
+        self._modalities: tuple[str, ...] = tuple(info.get("modalities", ()))
 
     # --- requests -------------------------------------------------------------------------------
     def submit(self, prompt: EnginePrompt, **options: Unpack[SubmitOptions]) -> IsolatedRequest:
@@ -245,10 +266,16 @@ class IsolatedEngine(EngineFront):
         if self._closed:
             raise ClosedError("the engine is closed")
         sent = portable_options("submit", options, SUBMIT_KEYS)
+        add_special, parse_special = sent.get("add_special", True), sent.get("parse_special", True)
+        parts = _media_parts(prompt, add_special, parse_special)
+        media_tokens = None
+        if parts is not None:  # the child's projector lays the prompt out: its positions are checked here
+            self.check_modalities(parts.media)
+            media_tokens = self.prompt_tokens(list(parts.parts), parts.add_special, parts.parse_special)
         tokens = check_request(self.model.vocab, prompt, n_ctx_slot=self.n_ctx_slot,
-                               max_tokens=sent.get("max_tokens", 256), add_special=sent.get("add_special", True),
-                               parse_special=sent.get("parse_special", True),
-                               context_full=sent.get("context_full", "stop"))
+                               max_tokens=sent.get("max_tokens", 256), add_special=add_special,
+                               parse_special=parse_special, context_full=sent.get("context_full", "stop"),
+                               media_tokens=media_tokens)
         if sent.get("slot") is not None:
             check_slot(sent["slot"], self.n_slots)
         if sent.get("lora") is not None:
@@ -261,16 +288,17 @@ class IsolatedEngine(EngineFront):
                                       f"(max_queue={self.max_queue})",
                                       retry_after=1.0 + self._in_flight / self.n_slots)
             self._in_flight += 1
-        req = IsolatedRequest(tokens, self._request_ended, lambda again: self._send(again, tokens, sent))
+        payload: Any = tokens if parts is None else parts  # media go as they came: tokenized in the child
+        req = IsolatedRequest(tokens, self._request_ended, lambda again: self._send(again, payload, sent))
         req.slot_pin = req.slot_id = sent.get("slot")  # the child reports no slot: a pinned one is known
         try:
-            self._send(req, tokens, sent)
+            self._send(req, payload, sent)
         except BaseException:
             self._request_ended()
             raise
         return req
 
-    def _send(self, req: IsolatedRequest, tokens: npt.NDArray[np.int32], sent: dict[str, Any]) -> None:
+    def _send(self, req: IsolatedRequest, tokens: npt.NDArray[np.int32] | MediaParts, sent: dict[str, Any]) -> None:
         if self._closed:
             raise ClosedError("the engine is closed")
         proc, rid, _ = self._worker._submit(p.ENGINE_SUBMIT, tokens, sent, inbox=_Sink(req))
@@ -285,6 +313,26 @@ class IsolatedEngine(EngineFront):
         with self._lock:
             self._in_flight -= 1
             self._lock.notify_all()
+
+    # --- media ---------------------------------------------------------------------------------------
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return self._modalities
+
+    def media_prompt(self, parts: Sequence[str | Media], *, add_special: bool = True,
+                     parse_special: bool = True) -> MediaParts:
+        """``parts`` as they go to the child, whose projector tokenizes them (the host has none)."""
+        out = MediaParts(tuple(parts), add_special, parse_special)
+        self.check_modalities(out.media)
+        return out
+
+    def prompt_tokens(self, parts: Sequence[str | Media], add_special: bool = True,
+                      parse_special: bool = True) -> npt.NDArray[np.int32]:
+        """:meth:`pyllama.engine.Engine.prompt_tokens`, in the child (its projector lays the media out)."""
+        self.check_modalities([x for x in parts if isinstance(x, Media)])
+        tokens: npt.NDArray[np.int32] = self._worker._call(p.ENGINE_CALL, "prompt_tokens",
+                                                            (list(parts), add_special, parse_special))
+        return tokens
 
     # --- embeddings (generate, tokenize, detokenize: EngineFront, on the host's vocabulary) -----------
     def embed(self, texts: Sequence[EmbedInput], *, normalize: bool = True) -> npt.NDArray[np.float32]:

@@ -41,7 +41,7 @@ ENGINE_STATS = 16  # answered by the child's reader thread: (OK, rid, EngineStat
 ENGINE_EMBED = 17  # (ENGINE_EMBED, rid, texts, normalize): (OK, rid, vectors), off the main thread
 ENGINE_CALL = 18  # (ENGINE_CALL, rid, method, args): (OK, rid, result) of one of ENGINE_METHODS, off the main thread
 #: the engine methods ENGINE_CALL runs in the child (a slot action waits for its slot)
-ENGINE_METHODS = frozenset({"save_slot", "restore_slot", "erase_slot", "set_lora_scales"})
+ENGINE_METHODS = frozenset({"save_slot", "restore_slot", "erase_slot", "set_lora_scales", "prompt_tokens"})
 
 # --- child -> host ---------------------------------------------------------------
 OK = 20  # (OK, rid, value)

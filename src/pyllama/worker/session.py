@@ -9,6 +9,7 @@ from . import protocol as p
 from .generation import WorkerGeneration, portable_options
 
 if TYPE_CHECKING:
+    from ..chat import UserMessage
     from .client import Worker
 
 
@@ -30,30 +31,34 @@ class WorkerChatSession:
         #: the sampling options of every turn (checked by :meth:`Worker.chat`; changeable between turns)
         self.options = options
         self.system = system
-        self.messages: list[dict[str, str]] = []
+        self.messages: list[dict[str, Any]] = []
         self.reset()
 
     def reset(self) -> None:
         """Forget the conversation (the system prompt stays)."""
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
 
-    def stream(self, message: str) -> WorkerGeneration:
-        """Send a user message and stream the reply; the reply joins ``messages`` when the stream ends."""
+    def stream(self, message: UserMessage) -> WorkerGeneration:
+        """Send a user message and stream the reply; the reply joins ``messages`` when the stream ends. A
+        message is text or parts, as :meth:`pyllama.ChatSession.stream` takes them (images and audio need
+        the worker's model loaded with ``mmproj=``)."""
+        from ..chat import user_content
+
         options = portable_options("chat", self.options, SAMPLING_KEYS)
-        history = [*self.messages, {"role": "user", "content": message}]
+        history = [*self.messages, {"role": "user", "content": user_content(message)}]
         gen = self.worker._stream(p.CHAT, (history, self.template, self.seq_id, options),
                                   on_end=lambda g: self.messages.append({"role": "assistant", "content": g.text}))
         self.messages.append(history[-1])
         return gen
 
-    def ask(self, message: str) -> str:
+    def ask(self, message: UserMessage) -> str:
         """Send a user message and return the whole reply."""
         with self.stream(message) as gen:
             for _ in gen:
                 pass
             return gen.text
 
-    async def aask(self, message: str) -> str:
+    async def aask(self, message: UserMessage) -> str:
         """:meth:`ask` for asyncio code."""
         async with self.stream(message) as gen:
             async for _ in gen:
