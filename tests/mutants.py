@@ -14,6 +14,12 @@ is reproducible anywhere::
 
     python tests/mutants.py OUT_DIR                 # the deterministic corpus
     python tests/mutants.py OUT_DIR --random 1000 --seed 7
+    python tests/mutants.py OUT_DIR --projector     # mutants of tests/synth.py's projectors (mmproj)
+
+``projector_corpus`` does the same for multimodal projectors: every tensor and
+``clip.*`` key of the synthetic vision ("mlp"), audio ("qwen2a") and
+vision+audio projectors dropped, retyped, reshaped or set to edge values, the
+files cut at every section boundary, and a few seeded bit flips.
 """
 
 from __future__ import annotations
@@ -593,12 +599,355 @@ def semantic_mutants(g: Gguf, n: int, seed: int) -> Iterator[tuple[str, bytes]]:
         yield f"semantic-{seed}-{i}-{'+'.join(names)}"[:100], serialize(m)
 
 
-def write_corpus(directory: Path, *, n_random: int = 0, seed: int = 0) -> list[Path]:
-    """Write the corpus (and ``n_random`` random mutants) as ``NNNN-name.gguf`` files."""
+# --- multimodal projectors ---------------------------------------------------------------------------
+#: the synthetic projectors the projector corpus mutates: name -> ``synth.write_projector`` arguments.
+#: Each is for the text model of ``synth.write_llama_model`` (n_embd 64, PROJECTOR_N_EMBD_TEXT).
+PROJECTOR_BASES: dict[str, dict[str, Any]] = {
+    "vision": dict(vision=True),  # LLaVA "mlp"
+    "audio": dict(vision=False, audio=True),  # Qwen2-Audio "qwen2a"
+    "both": dict(vision=True, audio=True),  # Qwen2.5-Omni's layout: both towers, per-modality projector types
+}
+PROJECTOR_N_EMBD_TEXT = 64
+
+
+def projector_bases(directory: Path) -> dict[str, Gguf]:
+    """Write the valid base projectors into ``directory`` (``proj-<name>.gguf``) and return them parsed."""
+    out = {}
+    for name, kw in PROJECTOR_BASES.items():
+        path = synth.write_projector(directory / f"proj-{name}.gguf", n_embd_text=PROJECTOR_N_EMBD_TEXT, **kw)
+        g = parse(path.read_bytes())
+        if serialize(g) != path.read_bytes():
+            raise RuntimeError("mutants.py cannot round-trip the base projector; the GGUF layout changed")
+        out[name] = g
+    return out
+
+
+def _retyped(kv: KV) -> Iterator[tuple[str, int, Any]]:
+    """Other GGUF types for one key's value: (label, type, value)."""
+    v = kv.value
+    if kv.vtype == U32:
+        yield from (("int32", I32, v), ("uint8", U8, v % 256), ("uint64", U64, v), ("float32", F32, float(v)),
+                    ("string", STR, str(v).encode()), ("array", ARR, (U32, [v])))
+    elif kv.vtype == BOOL:
+        yield from (("uint8", U8, int(v)), ("int32", I32, int(v)), ("array", ARR, (BOOL, [v])))
+    elif kv.vtype == F32:
+        yield from (("float64", F64, v), ("uint32", U32, 0), ("array", ARR, (F32, [v])))
+    elif kv.vtype == STR:
+        yield from (("uint32", U32, 1), ("array", ARR, (STR, [v])))
+    elif kv.vtype == ARR:
+        etype, items = v
+        if etype == F32:
+            yield from (("scalar", F32, items[0]), ("float64-array", ARR, (F64, items)),
+                        ("int32-array", ARR, (I32, [int(x) for x in items])), ("2-elements", ARR, (F32, items[:2])),
+                        ("empty", ARR, (F32, [])), ("string", STR, b"0.5"))
+
+
+def _projector_kv_mutants(g: Gguf, *, values: bool = True) -> Iterator[tuple[str, Gguf]]:
+    """Metadata mutants of one base projector: every clip.* key dropped and retyped, the encoder flags and
+    projector types, then (``values``) edge values of the hyper-parameters."""
+    has = {mod: any(kv.key == f"clip.{mod}.embedding_length".encode() for kv in g.kvs) for mod in ("vision", "audio")}
+    for kv in g.kvs:
+        key = kv.key.decode()
+        if key.startswith("clip.") or key == "general.architecture":
+            yield f"drop:{key}", _drop(g, key)
+        if key.startswith(("clip.", "general.")):
+            for label, vtype, value in _retyped(kv):
+                yield f"type:{key}={label}", _set(g, key, vtype, value)
+
+    yield "arch=llama", _set(g, "general.architecture", STR, b"llama")
+    for mod, on in has.items():
+        yield f"has_{mod}_encoder={not on}", _set(g, f"clip.has_{mod}_encoder", BOOL, not on)
+    yield "has_gen_audio_encoder=True", _set(g, "clip.has_gen_audio_encoder", BOOL, True)
+    type_keys = [kv.key.decode() for kv in g.kvs if kv.key.endswith(b"projector_type")]
+    for key in type_keys:
+        for v in (b"", b"nonesuch", b"mlp", b"qwen2a", b"ldp", b"gemma3", b"ultravox", b"qwen2.5o", b"qwen25vl"):
+            if v != g.kv(key).value:
+                yield f"{key}={v.decode() or 'empty'}", _set(g, key, STR, v)
+    if len(type_keys) == 2:  # both: one generic type for both towers
+        yield "projector_type=mlp-for-both", _set(g, "clip.projector_type", STR, b"mlp")
+    yield "use_gelu+use_silu", _set(_set(g, "clip.use_gelu", BOOL, True), "clip.use_silu", BOOL, True)
+    yield "use_silu", _set(g, "clip.use_silu", BOOL, True)
+    yield "use_gelu", _set(g, "clip.use_gelu", BOOL, True)
+    if not values:
+        return
+
+    for mod, on in has.items():
+        if not on:
+            continue
+        k = f"clip.{mod}."
+        for v in (0, 3, 5, 64, 2**31, 2**32 - 1):
+            yield f"{mod}.head_count={v}", _set(g, k + "attention.head_count", U32, v)
+        for v in (0, 1, 3, 8, 64):
+            yield f"{mod}.head_count_kv={v}", _set(g, k + "attention.head_count_kv", U32, v)
+        for v in (0, 3, 16, 1024):
+            yield f"{mod}.head_dim={v}", _set(g, k + "attention.head_dim", U32, v)
+        for v in (0, 16, 48, 64, 2**31):
+            yield f"{mod}.embedding_length={v}", _set(g, k + "embedding_length", U32, v)
+        for v in (0, 1, 3, 100, 2**31 - 1, 2**31):
+            yield f"{mod}.block_count={v}", _set(g, k + "block_count", U32, v)
+        for v in (0, 7, 128, 2**31):
+            yield f"{mod}.feed_forward_length={v}", _set(g, k + "feed_forward_length", U32, v)
+        for v in (0, 32, 63, 128, 2**31):
+            yield f"{mod}.projection_dim={v}", _set(g, k + "projection_dim", U32, v)
+        for v in (0.0, -1.0, float("nan"), float("inf"), 1e30):
+            yield f"{mod}.layer_norm_epsilon={v}", _set(g, k + "attention.layer_norm_epsilon", F32, v)
+        for layers in ([0], [1], [2], [5], [0, 1], [-1], [2**31 - 1]):
+            yield f"{mod}.feature_layer={layers}", _set(g, k + "feature_layer", ARR, (I32, layers))
+        yield f"{mod}.feature_layer-as-u32", _set(g, k + "feature_layer", ARR, (U32, [0]))
+    if has["vision"]:
+        k = "clip.vision."
+        for v in (0, 8, 16, 31, 33, 64, 336, 8192, 8193, 2**31):
+            yield f"image_size={v}", _set(g, k + "image_size", U32, v)
+        for v in (0, 1, 3, 7, 16, 32, 33, 64, 65536, 2**31):
+            yield f"patch_size={v}", _set(g, k + "patch_size", U32, v)
+        for n in (2, 1, 0):
+            yield f"image_mean-{n}-elements", _set(g, k + "image_mean", ARR, (F32, [0.5] * n))
+        yield "image_std-zero", _set(g, k + "image_std", ARR, (F32, [0.0, 0.0, 0.0]))
+        yield "image_std-nan", _set(g, k + "image_std", ARR, (F32, [float("nan")] * 3))
+        for pins in ([32], [0, 0], [32, 32], [64, 32, 32, 64], [-32, 32], [2**31 - 1, 2**31 - 1]):
+            yield f"image_grid_pinpoints={pins}", _set(g, k + "image_grid_pinpoints", ARR, (I32, pins))
+        yield "mm_patch_merge_type=spatial_unpad", _set(g, k + "mm_patch_merge_type", STR, b"spatial_unpad")
+        yield "mm_patch_merge_type=spatial_unpad+pinpoints", _set(
+            _set(g, k + "mm_patch_merge_type", STR, b"spatial_unpad"), k + "image_grid_pinpoints", ARR,
+            (I32, [32, 32, 64, 32]))
+        for key in ("image_min_pixels", "image_max_pixels", "projector.scale_factor", "spatial_merge_size",
+                    "n_wa_pattern", "window_size", "preproc_image_size"):
+            for v in (0, 2**31 - 1):
+                yield f"{key}={v}", _set(g, k + key, U32, v)
+        yield "image_max<min_pixels", _set(_set(g, k + "image_min_pixels", U32, 1000), k + "image_max_pixels", U32, 10)
+        yield "minicpmv_version=2", _set(g, "clip.minicpmv_version", I32, 2)
+        yield "minicpmv_version-as-u32", _set(g, "clip.minicpmv_version", U32, 2)
+        yield "minicpmv_query_num=0", _set(g, "clip.minicpmv_query_num", U32, 0)
+    if has["audio"]:
+        for v in (0, 1, 80, 127, 129, 256, 257, 2**31):
+            yield f"num_mel_bins={v}", _set(g, "clip.audio.num_mel_bins", U32, v)
+        for v in (0, 1, 2**31 - 1):
+            yield f"audio.projector.stack_factor={v}", _set(g, "clip.audio.projector.stack_factor", U32, v)
+
+
+#: ggml type -> (elements per block, bytes per block) for the types the projector mutants use
+_GGML_BLOCK = {0: (1, 4), 1: (1, 2), 2: (32, 18), 8: (32, 34), 26: (1, 4), 28: (1, 8), 30: (1, 2)}  # f32 f16 q4_0 q8_0 i32 f64 bf16
+
+
+def _relaid(base: Gguf, m: Gguf, like: dict[bytes, bytes] | None = None) -> Gguf:
+    """``m`` (tensor infos edited from ``base``'s) with its data section laid out anew, as gguf requires
+    (each tensor right after the one before, aligned): each tensor's bytes are its bytes in ``base`` (or
+    those of the tensor ``like`` names for it), cut or zero-padded to its new size. Tensors of a type of
+    unknown size keep their place."""
+    old = {t.name: t for t in base.tensors}
+    old |= {new: old[src] for new, src in (like or {}).items()}
+
+    def nbytes(t: TensorInfo) -> int | None:
+        if t.ggml_type not in _GGML_BLOCK:
+            return None
+        blk, size = _GGML_BLOCK[t.ggml_type]
+        n = 1
+        for d in t.ne:
+            n *= d
+        return -(-n // blk) * size
+
+    m = _copy(m)
+    data = bytearray()
+    for t in m.tensors:
+        n = nbytes(t)
+        src = old.get(t.name)
+        if n is None or src is None:
+            continue
+        raw = base.data[src.offset:src.offset + (nbytes(src) or 0)][:n]
+        t.offset = len(data)
+        data += raw + b"\0" * (n - len(raw)) + b"\0" * (-n % base.alignment)
+    m.data = bytes(data)
+    return m
+
+
+def _projector_tensor_mutants(g: Gguf, *, shapes: bool = True) -> Iterator[tuple[str, Gguf]]:
+    """Tensor mutants of one base projector, each with its data laid out anew (so that gguf's parser
+    accepts it and the loader sees it): each tensor dropped, then (``shapes``) transposed, shrunk,
+    retyped; position rows cut; one block more. Then a duplicate name and half the data."""
+    def edit(which: bytes, **kw: Any) -> Gguf:
+        m = _copy(g)
+        for t in m.tensors:
+            if t.name == which:
+                for k, v in kw.items():
+                    setattr(t, k, v)
+        return _relaid(g, m)
+
+    for i, t in enumerate(g.tensors):
+        name = t.name.decode()
+        m = _copy(g)
+        del m.tensors[i]
+        yield f"drop:{name}", _relaid(g, m)
+        if not shapes:
+            continue
+        if len(t.ne) > 1 and t.ne[::-1] != t.ne:
+            yield f"transpose:{name}", edit(t.name, ne=t.ne[::-1])
+        if t.ne[-1] > 1:  # one row (or element) fewer
+            yield f"shrink:{name}", edit(t.name, ne=t.ne[:-1] + [t.ne[-1] - 1])
+        if len(t.ne) == 2 and t.ne[0] == 1:  # a [1, n] bias as a vector
+            yield f"flatten:{name}", edit(t.name, ne=t.ne[1:])
+        if len(t.ne) == 1 and t.ne[0] > 1:
+            yield f"as-2d:{name}", edit(t.name, ne=[1, t.ne[0]])
+        if t.ne[0] > 1 and len(t.ne) > 1:
+            yield f"halve-ne0:{name}", edit(t.name, ne=[t.ne[0] // 2] + t.ne[1:])
+    if not shapes:
+        return
+    for t in g.tensors:
+        if t.name.endswith(b"position_embd.weight"):
+            name = t.name.decode()
+            for rows in (t.ne[1] - 2, t.ne[1] // 2, 16, 1, t.ne[1] + 7):
+                yield f"rows={rows}:{name}", edit(t.name, ne=[t.ne[0], rows])
+    # Types: f16, q8_0 (ne0 a multiple of 32) or i32 data instead of f32, and an unknown type.
+    for t in g.tensors:
+        name = t.name.decode()
+        if name.startswith(("mm.", "v.patch", "v.class", "v.position", "a.conv1d.1.", "a.position")) or (
+                name[1:] in (".blk.0.ln1.weight", ".blk.0.attn_q.weight", ".blk.0.attn_q.bias", ".blk.0.ffn_down.weight")):
+            for label, ggml_type in (("f16", 1), ("q8_0", 8), ("i32", 26)):
+                if ggml_type != 8 or t.ne[0] % 32 == 0:
+                    yield f"tensor-type={label}:{name}", edit(t.name, ggml_type=ggml_type)
+    yield "tensor-type=unknown", edit(g.tensors[-1].name, ggml_type=255)
+    # A tower's last block duplicated as one more block (block_count + 1 with tensors for it).
+    for prefix, key in ((b"v.blk.", "clip.vision.block_count"), (b"a.blk.", "clip.audio.block_count")):
+        blk = [t for t in g.tensors if t.name.startswith(prefix + b"1.")]
+        if blk:
+            m = _set(g, key, U32, 3)
+            m.tensors += [replace(t, name=t.name.replace(prefix + b"1.", prefix + b"2."), ne=list(t.ne)) for t in blk]
+            yield f"extra-block:{key}", _relaid(g, m, {t.name.replace(prefix + b"1.", prefix + b"2."): t.name
+                                                       for t in blk})
+    m = _copy(g)
+    m.tensors[1].name = m.tensors[0].name
+    yield "tensor:duplicate-name", m
+    m = _copy(g)
+    m.data = m.data[: len(m.data) // 2]
+    yield "tensor:data-half", m
+
+
+def _projector_extra_mutants(g: Gguf) -> Iterator[tuple[str, Gguf]]:
+    """Tensors the synthetic projectors lack but llama.cpp's graphs use when present (fused QKV, per-head
+    norms, layer scales, a gate, experts, Yi-VL's normed projector), of the right shape and of a wrong one."""
+    have = {t.name: t for t in g.tensors}
+
+    def add(*extra: tuple[str, str, list[int] | None], rename: dict[str, str] | None = None) -> Gguf:
+        """Tensors ``(name, copied from, shape or None for the same)``; ``rename``: old name -> new name."""
+        m = _copy(g)
+        like = {}
+        for t in m.tensors:
+            new = (rename or {}).get(t.name.decode())
+            if new:
+                like[new.encode()] = t.name
+                t.name = new.encode()
+        for name, src, ne in extra:
+            t = have[src.encode()]
+            m.tensors.append(replace(t, name=name.encode(), ne=list(ne or t.ne)))
+            like[name.encode()] = t.name
+        return _relaid(g, m, like)
+
+    if b"mm.0.weight" in have:
+        e, h = have[b"v.pre_ln.weight"].ne[0], have[b"mm.0.bias"].ne[0]
+        for ne in ([e], [7]):
+            yield f"extra:v.patch_embd.bias={ne}", add(("v.patch_embd.bias", "v.pre_ln.bias", ne))
+            yield f"extra:v.post_ln={ne}", add(("v.post_ln.weight", "v.pre_ln.weight", ne),
+                                               ("v.post_ln.bias", "v.pre_ln.bias", ne))
+        up = have[b"v.blk.0.ffn_up.weight"].ne
+        for ne in (up, [up[0], 7]):
+            yield f"extra:v.blk.0.ffn_gate.weight={ne}", add(("v.blk.0.ffn_gate.weight", "v.blk.0.ffn_up.weight", ne))
+        yield "extra:mm.3.weight", add(("mm.3.weight", "mm.2.weight", None))
+        # Yi-VL: mm.0 -> layer norm mm.1 -> GELU -> mm.3 -> layer norm mm.4 (no mm.2); valid, then each piece off
+        yi = [("mm.1.weight", "mm.0.bias", [h]), ("mm.1.bias", "mm.0.bias", [h]), ("mm.4.weight", "mm.2.bias", [h]),
+              ("mm.4.bias", "mm.2.bias", [h])]
+        rename = {"mm.2.weight": "mm.3.weight", "mm.2.bias": "mm.3.bias"}
+        yield "yi-llava", add(*yi, rename=rename)
+        for i in range(len(yi)):
+            yield f"yi-llava:drop:{yi[i][0]}", add(*yi[:i], *yi[i + 1:], rename=rename)
+        yield "yi-llava:drop:mm.3.bias", add(*yi, rename={"mm.2.weight": "mm.3.weight"})
+        yield "yi-llava:mm.4.weight=[7]", add(*yi[:2], ("mm.4.weight", "mm.2.bias", [7]), yi[3], rename=rename)
+        yield "yi-llava:projector_type=mlp_norm", _set(add(*yi, rename=rename), "clip.projector_type", STR, b"mlp_norm")
+        yield "projector_type=mlp_norm", _set(g, "clip.projector_type", STR, b"mlp_norm")
+    if b"a.conv1d.1.weight" in have:
+        e = have[b"a.post_ln.weight"].ne[0]
+        up = have[b"a.blk.0.ffn_up.weight"].ne
+        yield "extra:a.blk.0.attn_k.bias", add(("a.blk.0.attn_k.bias", "a.blk.0.attn_q.bias", None))
+        yield "extra:a.blk.1.attn_k.bias", add(("a.blk.1.attn_k.bias", "a.blk.1.attn_q.bias", None))
+        yield "extra:a.pre_ln", add(("a.pre_ln.weight", "a.post_ln.weight", None), ("a.pre_ln.bias", "a.post_ln.bias", None))
+        for ne in ([e], [e // 4], [7]):  # the whole row, one head's (head_dim 8), neither
+            for name in ("attn_q_norm", "attn_k_norm"):
+                yield f"extra:a.blk.0.{name}.weight={ne}", add((f"a.blk.0.{name}.weight", "a.blk.0.ln1.weight", ne))
+        for name in ("ls1", "ls2", "out_scale", "attn_post_norm", "ffn_post_norm"):
+            for ne in ([e], [7]):
+                yield f"extra:a.blk.0.{name}.weight={ne}", add((f"a.blk.0.{name}.weight", "a.blk.0.ln1.weight", ne))
+        for ne in ([e, 3 * e], [e, 2 * e]):
+            yield f"extra:a.blk.0.attn_qkv.weight={ne}", add(("a.blk.0.attn_qkv.weight", "a.blk.0.attn_q.weight", ne))
+        yield "extra:a.blk.0.attn_qkv+bias", add(("a.blk.0.attn_qkv.weight", "a.blk.0.attn_q.weight", [e, 3 * e]),
+                                                 ("a.blk.0.attn_qkv.bias", "a.blk.0.attn_q.bias", [3 * e]))
+        for ne in (up, [up[0], 7]):
+            yield f"extra:a.blk.0.ffn_gate.weight={ne}", add(("a.blk.0.ffn_gate.weight", "a.blk.0.ffn_up.weight", ne))
+        yield "extra:a.blk.0.ffn_gate_exps.weight", add(("a.blk.0.ffn_gate_exps.weight", "a.blk.0.ffn_up.weight",
+                                                          [up[0], up[1], 2]))
+        yield "extra:a.blk.0.attn_sinks", add(("a.blk.0.attn_sinks", "a.blk.0.ln1.weight", [4]))
+
+
+def _projector_structural(g: Gguf) -> Iterator[Mutant]:
+    """Truncations at the section boundaries of a base projector: the header, every key, the first and last
+    tensor info, the data section's start (and a byte either side) and three tensors' data."""
+    lay = Layout()
+    buf = serialize(g, lay)
+    first, last = g.tensors[0].name.decode(), g.tensors[-1].name.decode()
+    middle = g.tensors[len(g.tensors) // 2].name.decode()
+    cuts: dict[int, str] = {}
+    for label, off in lay.marks:
+        kind, _, what = label.partition(":")
+        if kind.startswith("ti") and what not in (first, last):
+            continue
+        if kind == "tensor-data" and what not in (first, middle, last):
+            continue
+        deltas = (-1, 0, 1) if kind in ("data", "end", "padding", "tensor-data") else (0,)
+        for d in deltas:
+            if 0 < off + d < len(buf):
+                cuts.setdefault(off + d, f"{label}{d:+d}" if d else label)
+    for off, label in sorted(cuts.items()):
+        yield f"truncate@{off}:{label}", buf[:off]
+
+
+def projector_corpus(directory: Path, *, n_random: int = 30, seed: int = 0) -> list[tuple[str, bytes]]:
+    """Every deterministic projector mutant as (name, file bytes), in a fixed order: each family over each
+    base of ``PROJECTOR_BASES`` (names ``<base>:<mutant>``), then ``n_random`` seeded random mutants
+    spread over the bases. Each base itself comes first (``<base>:valid``)."""
+    bases = projector_bases(directory)
+    out: list[tuple[str, bytes]] = []
+    for base, g in bases.items():
+        out.append((f"{base}:valid", serialize(g)))
+        single = base != "both"  # values and shapes once per tower; both: its own keys, each tensor dropped
+        extra = _projector_extra_mutants(g) if single else iter(())
+        for name, m in (*_projector_kv_mutants(g, values=single), *_projector_tensor_mutants(g, shapes=single), *extra):
+            out.append((f"{base}:{name}", serialize(m)))
+        out += [(f"{base}:{name}", data) for name, data in _projector_structural(g)]
+    # A projector whose tensors are for a text model of width 32 while its keys claim 64 (and vice versa).
+    narrow = parse(synth.write_projector(directory / "proj-narrow.gguf", n_embd_text=32).read_bytes())
+    out.append(("narrow:valid-for-32", serialize(narrow)))
+    out.append(("narrow:projection_dim=64", serialize(_set(narrow, "clip.vision.projection_dim", U32, 64))))
+    out.append(("narrow:projection_dim-missing", serialize(_drop(narrow, "clip.vision.projection_dim"))))
+    names = list(bases)
+    per = -(-n_random // len(names)) if n_random else 0
+    for i, base in enumerate(names):
+        k = min(per, n_random - i * per)
+        if k > 0:
+            raw = serialize(bases[base])
+            out += [(f"{base}:{name}", data) for name, data in random_mutants(raw, k, seed + i)]
+    seen = [n for n, _ in out]
+    if len(set(seen)) != len(seen):
+        raise RuntimeError("duplicate mutant names")
+    return out
+
+
+def write_corpus(directory: Path, *, n_random: int = 0, seed: int = 0, projector: bool = False) -> list[Path]:
+    """Write the corpus (and ``n_random`` random mutants) as ``NNNN-name.gguf`` files; ``projector``: the
+    projector corpus instead (``n_random`` seeded bit flips and byte overwrites spread over its bases)."""
     directory.mkdir(parents=True, exist_ok=True)
-    items = corpus(directory)
-    if n_random:
-        items += list(random_mutants((directory / "base.gguf").read_bytes(), n_random, seed))
+    if projector:
+        items = projector_corpus(directory, n_random=n_random, seed=seed)
+    else:
+        items = corpus(directory)
+        if n_random:
+            items += list(random_mutants((directory / "base.gguf").read_bytes(), n_random, seed))
     paths = []
     for i, (name, data) in enumerate(items):
         safe = "".join(c if c.isalnum() or c in "._=-+@^" else "_" for c in name)[:120]
@@ -613,8 +962,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", type=Path)
     parser.add_argument("--random", type=int, default=0, help="also write N seeded random mutants")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--projector", action="store_true",
+                        help="the multimodal projector corpus instead (--random defaults to 30 there)")
     args = parser.parse_args(argv)
-    paths = write_corpus(args.out, n_random=args.random, seed=args.seed)
+    n_random = args.random if args.random or not args.projector else 30
+    paths = write_corpus(args.out, n_random=n_random, seed=args.seed, projector=args.projector)
     print(f"{len(paths)} mutants in {args.out}")
     return 0
 

@@ -57,6 +57,27 @@ def test_grammar_makes_a_random_model_write_valid_json(model: pyllama.Model, see
         json.loads(free)
 
 
+def test_a_chat_json_schema_after_a_control_token_on_a_space_prefix_vocabulary(model: pyllama.Model) -> None:
+    """The synthetic vocabulary is SentencePiece with add_space_prefix: llama.cpp tokenizes the generation prompt
+    "<|im_start|>assistant\\n" with a space before "assistant", so advancing the template's JSON grammar over those
+    tokens fails (llama-server answers such a request 400, "Failed to initialize samplers"). pyllama advances it
+    over tokens that spell the text exactly, and the chat answers with JSON."""
+    from pyllama.chat import ChatFormat
+
+    pieces = [model.vocab.text(int(t)) for t in
+              model.vocab.tokenize("<|im_start|>assistant\n", add_special=False, parse_special=True)]
+    assert pieces[1].startswith("\u2581")  # the space llama.cpp's tokenizer adds (the planted fault)
+    with ChatFormat(model) as fmt:
+        cp = fmt.apply([{"role": "user", "content": "Who are you?"}], json_schema=PERSON)
+        assert cp.prompt.endswith("<|im_start|>assistant\n")
+        grammar = cp.grammar_sampler()
+        assert grammar is not None
+        with model.context(n_ctx=512, n_threads=1) as ctx:
+            text = pyllama.generate_text(ctx, model.vocab.tokenize(cp.prompt, parse_special=True), max_tokens=200,
+                                         sampler=[grammar, pyllama.Greedy()])
+    json.loads(text)
+
+
 @pytest.mark.starter
 def test_constrained_generation_validates(starter: pyllama.Model) -> None:
     jsonschema = pytest.importorskip("jsonschema")

@@ -42,14 +42,17 @@ PROMPT = "Hello world, café 日本 🙂"
 
 
 # --- the child: loads files named on stdin, one result line per file --------------------------------------
+def child_say(*parts: str) -> None:
+    """One line of the child's report to run_corpus: ``BEGIN path`` or ``END path outcome detail``."""
+    sys.stdout.write("\t".join(parts) + "\n")
+    sys.stdout.flush()
+
+
 def _child() -> int:
     import pyllama
     from pyllama.errors import LlamaError, ModelLoadError
 
-    def say(*parts: str) -> None:
-        sys.stdout.write("\t".join(parts) + "\n")
-        sys.stdout.flush()
-
+    say = child_say
     for line in sys.stdin:
         path = line.rstrip("\n")
         if not path:
@@ -106,12 +109,12 @@ def _feed(stdin: object, text: str) -> None:
         pass
 
 
-def _run_batch(paths: list[Path], result: CorpusResult, timeout: float) -> None:
-    """Feed ``paths`` to children, starting a new child after each death or hang."""
+def _run_batch(paths: list[Path], result: CorpusResult, timeout: float, command: list[str]) -> None:
+    """Feed ``paths`` to children (``command``), starting a new child after each death or hang."""
     todo = list(paths)
     env = CHILD_ENV
     while todo:
-        proc = subprocess.Popen([sys.executable, __file__, "--child"], stdin=subprocess.PIPE,
+        proc = subprocess.Popen(command, stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
         assert proc.stdin is not None and proc.stdout is not None
         q: queue.Queue[str | None] = queue.Queue()
@@ -148,10 +151,15 @@ def _run_batch(paths: list[Path], result: CorpusResult, timeout: float) -> None:
             proc.wait()
 
 
-def run_corpus(paths: list[Path], *, timeout: float = PER_FILE_TIMEOUT_S, jobs: int = 1) -> CorpusResult:
+def run_corpus(paths: list[Path], *, timeout: float = PER_FILE_TIMEOUT_S, jobs: int = 1,
+               command: list[str] | None = None) -> CorpusResult:
+    """Load ``paths`` in children, ``jobs`` at a time. ``command`` starts a child (default: this file's, which
+    loads models); a child reads one path a line on stdin and writes ``BEGIN\tpath`` before and
+    ``END\tpath\toutcome\tdetail`` after each file (:func:`child_say`)."""
     result = CorpusResult()
+    command = command or [sys.executable, __file__, "--child"]
     shards = [paths[i::jobs] for i in range(jobs)]
-    threads = [threading.Thread(target=_run_batch, args=(s, result, timeout)) for s in shards if s]
+    threads = [threading.Thread(target=_run_batch, args=(s, result, timeout, command)) for s in shards if s]
     for t in threads:
         t.start()
     join_all(threads)

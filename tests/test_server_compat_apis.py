@@ -280,7 +280,7 @@ def test_responses_stream(client: Any, chat_text: str) -> None:
 def test_responses_errors_and_input_tokens(server: RemoteServer, client: Any) -> None:
     with pytest.raises(openai.BadRequestError, match="previous_response_id"):
         client.responses.create(model=ALIAS, input="hi", previous_response_id="resp_x")
-    with pytest.raises(openai.BadRequestError, match="input_image"):
+    with pytest.raises(openai.BadRequestError, match="image input is not supported"):
         client.responses.create(model=ALIAS, input=[{"role": "user", "content": [
             {"type": "input_image", "image_url": "data:image/png;base64,AAAA"}]}])
     with pytest.raises(openai.AuthenticationError):

@@ -22,8 +22,8 @@ def test_pull_picks_the_requested_quantisation(server: HFServer, store_env: Path
     path = store.pull("hf:org/tiny:Q8_0")
     assert path.name == "tiny-Q8_0.gguf" and path.read_bytes() == QUANTS["tiny-Q8_0.gguf"]
     assert path == store_env / "hf" / "org" / "tiny" / commit / "tiny-Q8_0.gguf"
-    assert server.served("tiny-Q8_0.gguf") == 60_000
-    assert server.served() == 60_000  # nothing else was downloaded (not the mmproj, not other quants)
+    assert server.served("/tiny-Q8_0.gguf") == 60_000
+    assert server.served() == 60_000 + 5_000  # the model and its projector (mmproj-tiny-Q8_0), not other quants
     assert store.pull("hf:org/tiny").name == "tiny-Q4_K_M.gguf"  # the default quantisation
     assert store.pull("hf:org/tiny:iq4_xs").name == "tiny-IQ4_XS.gguf"
     with pytest.raises(ModelNotFoundError, match=r"quantisation Q5_K_M; available: IQ4_XS, Q4_K_M, Q8_0"):

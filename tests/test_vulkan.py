@@ -149,6 +149,18 @@ def test_greedy_generation_matches_cpu(visible_devices: str, synth_model_path: P
     assert worst <= LOGIT_ATOL, f"logits differ by up to {worst:.3g} (> {LOGIT_ATOL})"
 
 
+def test_image_prompt_matches_cpu(visible_devices: str, tmp_path: Path) -> None:
+    """libmtmd in the Vulkan wheel: the projector's tower and the model on the device give the CPU's tokens."""
+    import synth
+
+    files = [str(synth.write_llama_model(tmp_path / "text.gguf")), str(synth.write_projector(tmp_path / "proj.gguf")),
+             str(synth.write_image(tmp_path / "a.png", seed=1))]
+    cpu = _run_child("media", *files, "cpu", visible=visible_devices or None)
+    vk = _run_child("media", *files, "vulkan", visible=visible_devices or None)
+    assert vk["projector_gpu"] and not cpu["projector_gpu"] and vk["n_media_tokens"] == 16
+    assert len(cpu["tokens"]) == N_PREDICT and vk["tokens"] == cpu["tokens"]
+
+
 def test_argmax_host_and_backend_sampling_match_cpu_greedy(visible_devices: str, synth_model_path: Path,
                                                           tmp_path: Path) -> None:
     """Greedy tokens chosen on the host, by argmax over the logits and inside the Vulkan graph (backend
@@ -422,6 +434,19 @@ def _child_sampling(model_path: str, padded_path: str) -> dict[str, Any]:
     return out
 
 
+def _child_media(text: str, proj: str, image: str, where: str) -> dict[str, Any]:
+    import pyllama
+
+    gpu = where == "vulkan"
+    with pyllama.Model(text, n_gpu_layers="all" if gpu else 0) as model:
+        p = model.projector(proj, use_gpu=gpu)
+        with model.context(n_ctx=256) as ctx:
+            mp = p.tokenize(["<|im_start|>user\n", pyllama.Image(image), "describe<|im_end|>\n<|im_start|>assistant\n"])
+            with pyllama.generate(ctx, mp, max_tokens=N_PREDICT) as gen:
+                tokens = [ev.token for ev in gen]
+        return {"tokens": tokens, "projector_gpu": p.use_gpu, "n_media_tokens": mp.n_media_tokens}
+
+
 def _child_main(argv: list[str]) -> int:
     mode = argv[0]
     if mode == "devices":
@@ -432,6 +457,8 @@ def _child_main(argv: list[str]) -> int:
         result = _child_fit(argv[1], argv[2])
     elif mode == "sampling":
         result = _child_sampling(argv[1], argv[2])
+    elif mode == "media":
+        result = _child_media(argv[1], argv[2], argv[3], argv[4])
     else:
         raise SystemExit(f"unknown child mode {mode!r}")
     print(json.dumps(result))

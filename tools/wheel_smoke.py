@@ -136,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"smoke: {lib_dir}: {' '.join(shipped)}")
     if args.expect_backend and info.get("backend") != args.expect_backend:
         raise SystemExit(f"smoke: wheel built for {info.get('backend')!r}, expected {args.expect_backend!r}")
+    if not any("mtmd" in n for n in shipped) or ffi.string(lib.mtmd_default_marker()) != b"<__media__>":
+        raise SystemExit("smoke: libmtmd (images and audio) is missing from the wheel")
     if info.get("backend") == "cpu-all" and not any(n.startswith(("libggml-cpu-", "ggml-cpu-")) for n in shipped):
         raise SystemExit("smoke: a cpu-all wheel without ggml-cpu-* variant modules")
 

@@ -393,6 +393,55 @@ PYLLAMA_COMMON_API char * pyllama_json_schema_to_grammar(const char * schema_jso
     });
 }
 
+// The tokens whose pieces spell `text` exactly: control tokens where the tokenizer found them, the text between
+// them as byte tokens. llama.cpp's tokenizer puts a space before text that follows a control token in
+// SentencePiece vocabularies with add_space_prefix ("<|im_start|>assistant" -> "<|im_start|>", " as", ...),
+// which a grammar expecting the template's own text rejects (llama-server answers such a request 400: "Failed to
+// initialize samplers"). Empty when a byte has no token.
+static llama_tokens spelled_tokens(const llama_vocab * vocab, const std::string & text, const llama_tokens & tokens) {
+    const int32_t n_vocab = llama_vocab_n_tokens(vocab);
+    std::vector<llama_token> byte_token(256, LLAMA_TOKEN_NULL);
+    for (llama_token id = 0; id < n_vocab; id++) {
+        if (llama_vocab_get_attr(vocab, id) & LLAMA_TOKEN_ATTR_BYTE) {
+            const std::string name = llama_vocab_get_text(vocab, id);  // "<0x41>"
+            if (name.size() == 6 && name.compare(0, 3, "<0x") == 0 && name[5] == '>') {
+                byte_token[std::stoi(name.substr(3, 2), nullptr, 16)] = id;
+            }
+        }
+    }
+    llama_tokens out;
+    size_t at = 0;
+    auto spell = [&](size_t end) -> bool {
+        for (; at < end; at++) {
+            const llama_token b = byte_token[(unsigned char) text[at]];
+            if (b == LLAMA_TOKEN_NULL) {
+                return false;
+            }
+            out.push_back(b);
+        }
+        return true;
+    };
+    for (const llama_token tok : tokens) {
+        if (!(llama_vocab_get_attr(vocab, tok) & (LLAMA_TOKEN_ATTR_CONTROL | LLAMA_TOKEN_ATTR_USER_DEFINED))) {
+            continue;
+        }
+        const std::string piece = common_token_to_piece(vocab, tok, true);
+        const size_t found = piece.empty() ? std::string::npos : text.find(piece, at);
+        if (found == std::string::npos) {
+            continue;
+        }
+        if (!spell(found)) {
+            return {};
+        }
+        out.push_back(tok);
+        at = found + piece.size();
+    }
+    if (!spell(text.size())) {
+        return {};
+    }
+    return out;
+}
+
 // Advances a grammar sampler over text the grammar expects but the model does
 // not generate (the generation prompt already in the prompt), as
 // common_sampler_init does. llama_sampler_accept throws on a token the grammar
@@ -404,13 +453,26 @@ PYLLAMA_COMMON_API char * pyllama_grammar_accept_text(llama_sampler * smpl, cons
             throw request_error("no sampler, vocabulary or text");
         }
         const std::string prefill = text;
-        const llama_tokens tokens = common_tokenize(vocab, prefill, false, true);
+        llama_tokens tokens = common_tokenize(vocab, prefill, false, true);
+        std::string spelled;
+        size_t first = 0;
         for (size_t i = 0; i < tokens.size(); i++) {
             const std::string piece = common_token_to_piece(vocab, tokens[i], true);
             if (i == 0 && !piece.empty() && std::isspace((unsigned char) piece[0]) && !prefill.empty() &&
                 !std::isspace((unsigned char) prefill[0])) {
-                continue;  // some tokenizers add a space before the first special token
+                first = 1;  // some tokenizers add a space before the first special token
+                continue;
             }
+            spelled += piece;
+        }
+        if (spelled != prefill) {  // the tokenizer added text (a space after a control token): spell it exactly
+            llama_tokens exact = spelled_tokens(vocab, prefill, tokens);
+            if (!exact.empty()) {
+                tokens = std::move(exact);
+                first  = 0;
+            }
+        }
+        for (size_t i = first; i < tokens.size(); i++) {
             try {
                 llama_sampler_accept(smpl, tokens[i]);
             } catch (const std::exception & e) {

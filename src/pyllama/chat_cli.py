@@ -352,6 +352,7 @@ def _interactive(backend: _Local | _Isolated, verbose: bool) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from .cli import _model_path, sampling_options
     from .errors import LlamaError
+    from .store.projector import cli_projector
 
     if args.n_predict is not None and args.n_predict < 0:
         args.n_predict = None
@@ -368,6 +369,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         messages = [text]
     try:
         path = _model_path(args.model or "chat-starter")
+        args.mmproj = cli_projector(args.model, args.mmproj, args.no_mmproj)  # else an hf: model's, pulled with it
         backend: _Local | _Isolated = (_Isolated if args.isolate else _Local)(path, args, options)
     except LlamaError as exc:
         print(f"pyllama: {exc}", file=sys.stderr)
@@ -422,7 +424,12 @@ def register(subparsers: Any) -> None:
     c.add_argument("-ngl", "--n-gpu-layers", dest="ngl", default="auto")
     c.add_argument("--isolate", action="store_true", help="run the model in a worker process (pyllama.Worker)")
     c.add_argument("-mm", "--mmproj", default=None, metavar="FILE",
-                   help="the model's multimodal projector (mmproj-*.gguf): /image and /audio attach media")
+                   help="the model's multimodal projector (mmproj-*.gguf): /image and /audio attach media "
+                        "(default: for an hf: model, the projector pulled with it)")
+    from .store.projector import NoProjector
+
+    c.add_argument("--no-mmproj", dest="no_mmproj", action=NoProjector,
+                   help="load no projector (not the one pulled with an hf: model either)")
     c.add_argument("--image", action="append", default=[], metavar="FILE",
                    help="with -p: an image for the first message (may repeat; needs --mmproj)")
     c.add_argument("-v", "--verbose", action="store_true",

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 from . import chat_cli, rpc
 from .server import cli as serve_cli
 from .store import cli as store_cli
+from .store import projector as store_projector
 from ._units import byte_size
 from .options import SamplingOptions
 
@@ -41,11 +42,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     options = sampling_options(args)
     options["stop"] = args.stop
+    from .store.projector import cli_projector
+
     media: list[Media] = [*map(Image, args.image), *map(Audio, args.audio)]
-    if media and args.mmproj is None:
+    path = _model_path(args.model)
+    mmproj = cli_projector(args.model, args.mmproj, args.no_mmproj)  # else an hf: model's, pulled with it
+    if media and mmproj is None:
         raise SystemExit("--image / --audio need the model's projector: --mmproj mmproj.gguf")
-    with Model(_model_path(args.model), n_gpu_layers=args.ngl, progress=args.progress, rpc=args.rpc or (),
-               mmproj=args.mmproj) as model:
+    with Model(path, n_gpu_layers=args.ngl, progress=args.progress, rpc=args.rpc or (),
+               mmproj=mmproj) as model:
         with model.context(n_ctx=args.ctx, n_threads=args.threads, n_batch=args.batch,
                            flash_attn=args.flash_attn) as ctx:
             out = sys.stdout
@@ -275,7 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--chat", action="store_true",
                    help="send the prompt as one user message through the model's chat template")
     r.add_argument("-mm", "--mmproj", default=None, metavar="FILE",
-                   help="the model's multimodal projector (mmproj-*.gguf), for --image and --audio")
+                   help="the model's multimodal projector (mmproj-*.gguf), for --image and --audio (default: "
+                        "for an hf: model, the projector pulled with it)")
+    r.add_argument("--no-mmproj", dest="no_mmproj", action=store_projector.NoProjector,
+                   help="load no projector (not the one pulled with an hf: model either)")
     r.add_argument("--image", action="append", default=[], metavar="FILE",
                    help="an image before the prompt (may repeat; needs --mmproj)")
     r.add_argument("--audio", action="append", default=[], metavar="FILE",

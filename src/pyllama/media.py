@@ -169,7 +169,8 @@ class MediaSpan:
     id: str
     chunk: Any  # const mtmd_input_chunk *, owned by the prompt's chunk list
     embd: npt.NDArray[np.float32] | None = None
-    encode_ms: float = 0.0
+    encode_ms: float = 0.0  # the tower's time on it
+    decode_ms: float = 0.0  # its embeddings' time through the text model
 
 
 class Projector(Handle):
@@ -405,6 +406,11 @@ class MediaPrompt(Handle):
         """Milliseconds the towers took on the media encoded so far."""
         return sum(s.encode_ms for s in self.spans)
 
+    @property
+    def decode_ms(self) -> float:
+        """Milliseconds the media's embeddings took through the text model so far."""
+        return sum(s.decode_ms for s in self.spans)
+
     def span_at(self, pos: int) -> MediaSpan | None:
         """The media run that starts at ``pos``, if one does."""
         return self._starts.get(pos)
@@ -435,6 +441,7 @@ class MediaPrompt(Handle):
         lock); the embeddings are dropped afterwards."""
         embd = self.projector._encode(span, self)
         new_pos = ffi.new("llama_pos *")
+        t0 = time.perf_counter()
         rc = lib.mtmd_helper_decode_image_chunk(self.projector._p(), ctx._p(), span.chunk,
                                                 ffi.from_buffer("float[]", embd), span.start, seq_id,
                                                 ctx.n_batch, new_pos, ffi.NULL, ffi.NULL)
@@ -442,6 +449,7 @@ class MediaPrompt(Handle):
             from .errors import DecodeError
 
             raise DecodeError(f"llama.cpp could not decode the {span.kind}'s embeddings ({rc})", int(rc))
+        span.decode_ms = (time.perf_counter() - t0) * 1e3
         span.embd = None
 
     def hold(self) -> None:

@@ -649,10 +649,10 @@ class Engine(EngineFront):
     def media_prompt(self, parts: Sequence[str | Media], *, add_special: bool = True,
                      parse_special: bool = True) -> MediaPrompt:
         """``parts`` tokenized with the model's projector, for :meth:`submit` (the request closes it)."""
+        self.check_modalities([p for p in parts if isinstance(p, Media)])  # (none without a projector)
         proj = self.model.mmproj
         if proj is None:
             raise MediaError("the model has no projector for images or audio (load one: --mmproj)")
-        self.check_modalities([p for p in parts if isinstance(p, Media)])
         mp = proj.tokenize(parts, add_special=add_special, parse_special=parse_special)
         mp.disposable = True
         return mp

@@ -349,8 +349,10 @@ def register(subparsers: Any) -> None:
     mm.add_argument("-mm", "--mmproj", default=None, metavar="FILE",
                     help="the model's multimodal projector (mmproj-*.gguf): chat messages may then hold images "
                          "(image_url) or audio (input_audio), as the projector takes")
-    mm.add_argument("--no-mmproj", dest="mmproj", action="store_const", const=None,
-                    help="load no projector")
+    from ..store.projector import NoProjector
+
+    mm.add_argument("--no-mmproj", dest="no_mmproj", action=NoProjector,
+                    help="load no projector (not the one pulled with an hf: model either)")
     mm.add_argument("--mmproj-offload", dest="mmproj_offload", action="store_true", default=None,
                     help="run the projector on the GPU (default: where the model runs on one)")
     mm.add_argument("--no-mmproj-offload", dest="mmproj_offload", action="store_false",
@@ -436,14 +438,17 @@ def register(subparsers: Any) -> None:
 def _loader(args: argparse.Namespace, path: str) -> Engine:
     from ..engine import Engine
     from ..model import Model
+    from ..store.projector import cli_projector
 
     ngl: Any = args.ngl if args.ngl in ("auto", "all") else int(args.ngl)
+    # without --mmproj / --no-mmproj, an hf: model's projector pulled with it
+    mmproj = cli_projector(args.model, args.mmproj, getattr(args, "no_mmproj", False), log)
     if getattr(args, "isolate", False):
-        return _isolated_loader(args, path, ngl)
+        return _isolated_loader(args, path, ngl, mmproj)
     model = Model(path, n_gpu_layers=ngl, progress=args.progress)
     try:
-        if args.mmproj is not None:
-            model.projector(args.mmproj, use_gpu=args.mmproj_offload, image_min_tokens=args.image_min_tokens,
+        if mmproj is not None:
+            model.projector(mmproj, use_gpu=args.mmproj_offload, image_min_tokens=args.image_min_tokens,
                             image_max_tokens=args.image_max_tokens)
         return Engine(model, n_slots=args.slots, n_ctx=args.slot_ctx, n_batch=args.batch_size,
                       n_ubatch=args.ubatch_size, n_threads=args.threads, n_threads_batch=args.threads_batch,

@@ -5,7 +5,8 @@ Layout under pyllama's cache directory (``$PYLLAMA_CACHE`` or the platform's use
     hf/<org>/<repo>/<commit>/<path>            files of a Hugging Face repository at a commit
     hf/<org>/<repo>/refs/<revision>            the commit a branch or tag pointed to when last pulled
     url/<host>/<sha256(url)[:16]>/<filename>   files from plain URLs
-    <file>.pyllama.json                        record of a verified file (source, size, sha256)
+    <file>.pyllama.json                        record of a verified file (source, size, sha256; a model's
+                                               "mmproj": its projector's path in the same commit)
     <file>.part, <file>.part.json, <file>.lock a download in progress, its resume state, its lock
     gemma-3-270m-q4_k_m.gguf                   the starter model (pyllama.starter)
     chat-starter/<sha256(path)[:16]>.json      the chat starter's file in its installed package, verified
@@ -46,6 +47,7 @@ class CachedModel:
     verified: bool  #: the sha256 was checked against a published or given one (else only the size)
     revisions: tuple[str, ...] = ()  #: branches or tags that pointed to this commit when pulled
     commit: str | None = None
+    mmproj: Path | None = None  #: its multimodal projector, pulled with it (``pull(..., mmproj=True)``)
 
 
 def store_root(root: str | os.PathLike[str] | None = None) -> Path:
@@ -100,6 +102,40 @@ def read_record(file: Path) -> dict[str, Any] | None:
     if not isinstance(record, dict) or record.get("size") != size:
         return None
     return record
+
+
+def _commit_dir(file: Path, record: dict[str, Any]) -> Path | None:
+    """The commit directory holding a Hugging Face file (from its record's repository path)."""
+    if record.get("kind") != "hf" or not isinstance(record.get("path"), str):
+        return None
+    depth = len(str(record["path"]).split("/"))
+    return file.parents[depth - 1] if depth <= len(file.parents) else None
+
+
+def projector_of(file: Path) -> Path | None:
+    """The projector recorded for the cached model whose first file is ``file``, when it is cached too."""
+    record = read_record(file)
+    name = record.get("mmproj") if record is not None else None
+    commit_dir = _commit_dir(file, record) if record is not None else None
+    if not isinstance(name, str) or commit_dir is None:
+        return None
+    proj = commit_dir / Path(*name.split("/"))
+    return proj if read_record(proj) is not None else None
+
+
+def recorded_projector(file: Path) -> str | None:
+    """The projector's repository path recorded for a model (cached or not)."""
+    record = read_record(file)
+    name = record.get("mmproj") if record is not None else None
+    return name if isinstance(name, str) else None
+
+
+def link_projector(file: Path, projector: str) -> None:
+    """Record in the model's record (its first file's) that ``projector`` (a path in the same commit) is its
+    multimodal projector."""
+    record = read_record(file)
+    if record is not None and record.get("mmproj") != projector:
+        write_record(file, {**record, "mmproj": projector})
 
 
 def _complete_set(file: Path) -> list[Path] | None:
@@ -194,7 +230,7 @@ def _entry(first: Path, root: Path) -> CachedModel | None:
         commit = None
     return CachedModel(ref=ref, path=first, files=tuple(files), size=size, source=source,
                        sha256=record.get("sha256"), verified=bool(record.get("verified")),
-                       revisions=revisions, commit=commit)
+                       revisions=revisions, commit=commit, mmproj=projector_of(first))
 
 
 def _starter(root: Path) -> CachedModel | None:
@@ -228,8 +264,8 @@ def is_chat_starter(root: Path, path: Path) -> bool:
 
 def list_models(root: Path) -> list[CachedModel]:
     """Every complete model in the cache, the starter models included once assembled or verified,
-    sorted by reference."""
-    out = []
+    sorted by reference; a projector pulled with a model is that model's ``mmproj``, not an entry."""
+    out: list[CachedModel] = []
     for rec in sorted(root.glob("hf/*/*/*/**/*" + RECORD_SUFFIX)) + sorted(root.glob("url/*/*/*" + RECORD_SUFFIX)):
         file = rec.with_name(rec.name[: -len(RECORD_SUFFIX)])
         parts = split_parts(file.name)
@@ -238,6 +274,8 @@ def list_models(root: Path) -> list[CachedModel]:
         entry = _entry(file, root)
         if entry is not None:
             out.append(entry)
+    projectors = {e.mmproj for e in out if e.mmproj is not None}
+    out = [e for e in out if e.path not in projectors]
     for starter in (_starter(root), _chat_starter(root)):
         if starter is not None:
             out.append(starter)
@@ -316,6 +354,7 @@ def remove(root: Path, ref: Reference | str) -> list[CachedModel]:
         groups = [files] if files else []
     else:
         groups = [g for g in (_match(root, ref, c) for c in _commits(root, ref)) if g]
+    projectors: list[CachedModel] = []
     for files in groups:
         entry = _entry(files[0], root)
         for f in files:
@@ -323,6 +362,15 @@ def remove(root: Path, ref: Reference | str) -> list[CachedModel]:
             _prune(f.parent, root)
         if entry is not None:
             removed.append(entry)
+            if entry.mmproj is not None:
+                proj = _entry(entry.mmproj, root)
+                if proj is not None and proj.path not in {p.path for p in projectors}:
+                    projectors.append(proj)
+    for proj in projectors:  # a projector goes with the last model of its commit that uses it
+        if not _projector_in_use(proj.path):
+            _delete_file(proj.path)
+            _prune(proj.path.parent, root)
+            removed.append(proj)
     if isinstance(ref, HfRef):
         refs_dir = _repo_dir(root, ref.repo) / "refs"
         if refs_dir.is_dir():
@@ -332,6 +380,19 @@ def remove(root: Path, ref: Reference | str) -> list[CachedModel]:
                     r.unlink(missing_ok=True)
             _prune(refs_dir, root)
     return removed
+
+
+def _projector_in_use(proj: Path) -> bool:
+    """Whether a cached model of the projector's commit still records it as its projector."""
+    record = read_record(proj)
+    commit_dir = _commit_dir(proj, record) if record is not None else None
+    if commit_dir is None:
+        return False
+    for rec in commit_dir.rglob("*" + RECORD_SUFFIX):
+        f = rec.with_name(rec.name[: -len(RECORD_SUFFIX)])
+        if f != proj and projector_of(f) == proj:
+            return True
+    return False
 
 
 def free_space(directory: Path) -> int:
@@ -344,4 +405,4 @@ def free_space(directory: Path) -> int:
 
 __all__ = ["CachedModel", "PartialDownload", "list_partial", "store_root", "is_offline", "hf_file", "refs_file", "url_dir", "record_path",
            "write_record", "read_record", "first_url", "lookup", "list_models", "find_blob", "remove", "free_space",
-           "RECORD_SUFFIX"]
+           "projector_of", "recorded_projector", "link_projector", "RECORD_SUFFIX"]

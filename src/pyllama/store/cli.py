@@ -54,16 +54,20 @@ def _fitting_ref(args: argparse.Namespace) -> str:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
+    from .projector import projector_for
     from .pull import pull
 
     try:
-        path = pull(_fitting_ref(args), progress=not args.quiet, sha256=args.sha256)
+        path = pull(_fitting_ref(args), progress=not args.quiet, sha256=args.sha256, mmproj=not args.no_mmproj)
+        proj = None if args.no_mmproj else projector_for(path)
     except KeyboardInterrupt:
         print("pyllama: interrupted; `pyllama pull` again resumes the download", file=sys.stderr)
         return 130
     except (StoreError, ValueError) as exc:
         print(f"pyllama: {exc}", file=sys.stderr)
         return 1
+    if proj is not None and not args.quiet:
+        print(f"multimodal projector: {proj}", file=sys.stderr)
     print(path)
     return 0
 
@@ -77,7 +81,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         data: list[dict[str, Any]] = [
             {"ref": m.ref, "path": str(m.path), "files": [str(f) for f in m.files], "size": m.size,
              "source": m.source, "sha256": m.sha256, "verified": m.verified, "revisions": list(m.revisions),
-             "commit": m.commit} for m in models]
+             "commit": m.commit, "mmproj": str(m.mmproj) if m.mmproj is not None else None} for m in models]
         print(json.dumps(data, indent=2))
         return 0
     for p in partial:
@@ -93,10 +97,12 @@ def cmd_ls(args: argparse.Namespace) -> int:
                                             else m.commit[:10])
         note = "" if m.verified else "  (no published sha256: size checked)"
         rows.append((name, revision, _size(m.size), str(len(m.files)), m.source + note))
+        if m.mmproj is not None:  # its projector, on the line below it
+            rows.append((f"  + mmproj {m.mmproj.name}", "", _size(m.mmproj.stat().st_size), "1", ""))
     header: tuple[str, str, str, str, str] = ("MODEL", "REVISION", "SIZE", "FILES", "SOURCE")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
     for r in [header, *rows]:
-        print(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]:>{widths[3]}}  {r[4]}")
+        print(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]:>{widths[3]}}  {r[4]}".rstrip())
     return 0
 
 
@@ -126,11 +132,15 @@ def register(subparsers: Any) -> None:
     p.add_argument("-c", "--ctx", type=int, default=4096, help="the context the chosen quantisation must fit")
     p.add_argument("--memory-budget", type=byte_size, default=None, metavar="BYTES",
                    help="fit in this much memory in all (e.g. 8G) instead of the devices' free memory and the RAM")
+    p.add_argument("--no-mmproj", action="store_true",
+                   help="leave the repository's multimodal projector (mmproj*.gguf), pulled with the model by "
+                        "default as llama.cpp's -hf does")
     p.set_defaults(func=cmd_pull)
-    ls = subparsers.add_parser("ls", help="the models in the cache, with size and source")
+    ls = subparsers.add_parser("ls", help="the models in the cache, with size and source (and projector)")
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=cmd_ls)
-    rm = subparsers.add_parser("rm", help="remove models from the cache")
+    rm = subparsers.add_parser("rm", help="remove models from the cache (with their projector, unless another "
+                                          "cached model of the same commit uses it)")
     rm.add_argument("ref", nargs="+", help="a reference (every cached revision unless @revision), a cached path, "
                                            "or `starter`")
     rm.set_defaults(func=cmd_rm)

@@ -13,7 +13,7 @@ from .cache import CachedModel, PartialDownload
 from .errors import ChecksumError, ModelNotFoundError, NotCachedError, StoreError
 from .progress import Bar, DownloadProgress, Meter, ProgressArg
 from .refs import (DEFAULT_QUANT, HfRef, Reference, UrlRef, available_quants, is_commit, is_reference,
-                   parse_reference, pick_gguf, sibling_url, split_parts)
+                   parse_reference, pick_gguf, pick_mmproj, sibling_url, split_parts)
 
 if TYPE_CHECKING:
     import httpx
@@ -22,7 +22,8 @@ _SHA256 = re.compile(r"\b([0-9a-fA-F]{64})\b")
 
 
 def pull(ref: str, *, progress: ProgressArg = None, sha256: str | None = None, offline: bool | None = None,
-         cache_dir: str | os.PathLike[str] | None = None, read_timeout: float = 30.0, retries: int = 5) -> Path:
+         cache_dir: str | os.PathLike[str] | None = None, read_timeout: float = 30.0, retries: int = 5,
+         mmproj: bool = True) -> Path:
     """Download a model into the cache (resuming a partial download) and return the path to load.
 
     ``ref`` is ``hf:org/repo:QUANT``, ``hf:org/repo/path/file.gguf[@revision]``, an ``http(s)://`` URL,
@@ -35,6 +36,11 @@ def pull(ref: str, *, progress: ProgressArg = None, sha256: str | None = None, o
     ``PYLLAMA_OFFLINE=1`` or ``HF_HUB_OFFLINE=1``) only the cache is consulted.
     ``read_timeout`` is how long a stalled connection is waited for before a retry; ``retries`` is
     the number of consecutive failed attempts without progress tolerated.
+
+    ``mmproj``: a Hugging Face repository's multimodal projector (a ``*mmproj*.gguf`` file, chosen
+    as llama.cpp's ``-hf`` chooses it: :func:`pyllama.store.refs.pick_mmproj`) comes with the model,
+    verified and resumable like it, and is recorded as the model's: :func:`projector_for` finds it.
+    ``mmproj=False`` leaves it (llama.cpp's ``--no-mmproj``).
     """
     if ref in STARTERS:  # an embedded model: from its PyPI package, verified, offline
         return STARTERS[ref]()
@@ -53,24 +59,29 @@ def pull(ref: str, *, progress: ProgressArg = None, sha256: str | None = None, o
     bar = Bar(f"pull {ref}") if progress is True else None
     callback: Callable[[DownloadProgress], object] | None = bar if bar is not None else (
         progress if callable(progress) else None)
+    projector: download.RemoteFile | None = None
     try:
         with download.new_client(read_timeout) as client:
             if isinstance(parsed, HfRef):
                 plan, snap = _plan_hf(client, parsed, root, expected, policy)
+                projector = _plan_projector(parsed, snap, plan[0], root) if mmproj else None
             else:
                 plan, snap = _plan_url(client, parsed, root, expected, policy), None
-            _fetch_all(client, plan, root, callback, policy)
+            _fetch_all(client, plan + ([projector] if projector is not None else []), root, callback, policy)
     finally:
         if bar is not None:
             bar.close()
+    if projector is not None:
+        cache.link_projector(plan[0].dest, str(projector.record["path"]))
     if snap is not None and not is_commit(snap.revision):
         _write_ref(root, snap)
     return plan[0].dest
 
 
 def resolve(ref: str | os.PathLike[str], *, progress: ProgressArg = None, offline: bool | None = None,
-            cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """The local file for a model reference: the cache first, else :func:`pull`. A path is returned as is."""
+            cache_dir: str | os.PathLike[str] | None = None, mmproj: bool = True) -> Path:
+    """The local file for a model reference: the cache first, else :func:`pull` (with the repository's
+    projector unless ``mmproj=False``). A path is returned as is."""
     if isinstance(ref, str) and ref in STARTERS:
         return pull(ref)
     if not is_reference(ref):
@@ -82,7 +93,7 @@ def resolve(ref: str | os.PathLike[str], *, progress: ProgressArg = None, offlin
         return files[0]
     if cache.is_offline(offline):
         return _cached_or_raise(root, parsed, ref, offline)
-    return pull(ref, progress=progress, offline=False, cache_dir=cache_dir)
+    return pull(ref, progress=progress, offline=False, cache_dir=cache_dir, mmproj=mmproj)
 
 
 def list_models(*, cache_dir: str | os.PathLike[str] | None = None) -> list[CachedModel]:
@@ -122,6 +133,9 @@ def _ref_of_path(root: Path, path: Path) -> Reference | str:
     for entry in cache.list_models(root):
         if path.resolve() in {f.resolve() for f in entry.files}:
             return entry.ref if entry.ref in STARTERS else parse_reference(entry.ref)
+        if entry.mmproj is not None and path.resolve() == entry.mmproj.resolve():  # a model's projector alone
+            record = cache.read_record(entry.mmproj) or {}
+            return HfRef(str(record["repo"]), path=str(record["path"]), revision=str(record["commit"]))
     raise NotCachedError(f"{path} is not a model in the cache ({root})")
 
 
@@ -158,20 +172,34 @@ def _plan_hf(client: httpx.Client, ref: HfRef, root: Path, sha256: str | None,
                          "(the repository publishes the sha256 of each)")
     plan = []
     for p in parts:
-        info = snap.files[p]
-        expected = info.sha256
+        expected = snap.files[p].sha256
         if sha256 is not None:
             if expected is not None and expected != sha256:
                 raise ChecksumError(f"the sha256 given ({sha256}) is not the one {ref.repo} publishes for {p} "
                                     f"({expected})", expected=expected, actual=sha256)
             expected = sha256
-        url = hub.file_url(ref.repo, snap.commit, p)
-        plan.append(download.RemoteFile(
-            url=url, dest=cache.hf_file(root, ref.repo, snap.commit, p), size=info.size, sha256=expected,
-            headers=hub.auth_headers(url), token_hint=True, immutable=expected is not None,
-            record={"kind": "hf", "repo": ref.repo, "path": p, "commit": snap.commit,
-                    "revision": snap.revision, "endpoint": hub.endpoint()}))
+        plan.append(_hf_file(ref, snap, p, root, expected))
     return plan, snap
+
+
+def _hf_file(ref: HfRef, snap: hub.Snapshot, path: str, root: Path, sha256: str | None) -> download.RemoteFile:
+    """A file of the repository at the snapshot's commit, to fetch into the cache."""
+    url = hub.file_url(ref.repo, snap.commit, path)
+    return download.RemoteFile(
+        url=url, dest=cache.hf_file(root, ref.repo, snap.commit, path), size=snap.files[path].size, sha256=sha256,
+        headers=hub.auth_headers(url), token_hint=True, immutable=sha256 is not None,
+        record={"kind": "hf", "repo": ref.repo, "path": path, "commit": snap.commit,
+                "revision": snap.revision, "endpoint": hub.endpoint()})
+
+
+def _plan_projector(ref: HfRef, snap: hub.Snapshot, model: download.RemoteFile,
+                    root: Path) -> download.RemoteFile | None:
+    """The repository's projector for the model (llama.cpp's choice), or None: none, or the file is one."""
+    model_path = str(model.record["path"])
+    if "mmproj" in model_path.rsplit("/", 1)[-1]:
+        return None  # the file pulled is itself a projector
+    chosen = pick_mmproj(list(snap.files), model_path)
+    return _hf_file(ref, snap, chosen, root, snap.files[chosen].sha256) if chosen is not None else None
 
 
 def _plan_url(client: httpx.Client, ref: UrlRef, root: Path, sha256: str | None,
@@ -233,6 +261,7 @@ def _reuse(rf: download.RemoteFile, root: Path) -> bool:
     except OSError:  # no hard links on this file system: download
         return False
     record = dict(cache.read_record(blob) or {})
+    record.pop("mmproj", None)  # the other commit's projector: this pull records this commit's own
     record.update(rf.record, url=rf.url)
     cache.write_record(rf.dest, record)
     os.replace(tmp, rf.dest)

@@ -163,6 +163,51 @@ def pick_gguf(paths: list[str], quant: str | None) -> str | None:
     return min(found, key=lambda p: (p.count("/"), len(p), p))
 
 
+_SPLIT_STEM = re.compile(r"^(.+)-([0-9]{5})-of-([0-9]{5})$", re.IGNORECASE)
+_TAG = re.compile(r"[-.]([A-Z0-9_]+)$", re.IGNORECASE)
+
+
+def quant_bits(path: str) -> int:
+    """The bits of a GGUF path's quantisation tag (``Q4_K_M`` -> 4, ``F16`` -> 16, none -> 0), as llama.cpp
+    reads them (common/download.cpp ``extract_quant_bits``: the number in the last ``-``/``.`` tag of the
+    name, a split set's ``-0000N-of-0000M`` left out)."""
+    if not path.endswith(".gguf"):
+        return 0
+    stem = path[:-5]
+    m = _SPLIT_STEM.match(stem)
+    if m is not None:
+        stem = m[1]
+    tag = _TAG.search(stem)
+    digits = re.search(r"[0-9]+", tag[1]) if tag is not None else None
+    return int(digits[0]) if digits is not None else 0
+
+
+def pick_mmproj(paths: list[str], model: str) -> str | None:
+    """The multimodal projector llama.cpp's ``-hf`` takes for the model file ``model`` among a repository's
+    ``paths`` (in the listing's order), or None.
+
+    llama.cpp's rule (common/download.cpp ``find_best_sibling`` with the keyword ``mmproj``, called by
+    ``find_best_mmproj`` when ``common_download_get_hf_plan`` has chosen the model): a candidate is a
+    ``.gguf`` path containing ``mmproj`` in the model's folder or a folder above it; the deepest folder
+    wins, then the quantisation closest in bits to the model's (an F16 model takes an F16 projector, a
+    Q8_0 model a Q8_0 one, a Q4_K_M model a Q4/Q5/Q8 one before F16), then the first listed.
+    """
+    model_bits = quant_bits(model)
+    model_dir = model.split("/")[:-1]
+    best: str | None = None
+    best_depth = best_diff = 0
+    for path in paths:
+        if not path.endswith(".gguf") or "mmproj" not in path:
+            continue
+        sib_dir = path.split("/")[:-1]
+        if len(sib_dir) > len(model_dir) or model_dir[:len(sib_dir)] != sib_dir:
+            continue  # only the model's folder and the folders above it
+        depth, diff = len(sib_dir), abs(quant_bits(path) - model_bits)
+        if best is None or depth > best_depth or (depth == best_depth and diff < best_diff):
+            best, best_depth, best_diff = path, depth, diff
+    return best
+
+
 def available_quants(paths: list[str]) -> list[str]:
     """The quantisation tags found among the model GGUFs, for error messages."""
     tags: dict[str, None] = {}
@@ -174,4 +219,4 @@ def available_quants(paths: list[str]) -> list[str]:
 
 
 __all__ = ["HfRef", "UrlRef", "Reference", "is_reference", "parse_reference", "is_commit", "split_parts", "sibling_url",
-           "matches_quant", "pick_gguf", "available_quants", "DEFAULT_QUANT"]
+           "matches_quant", "pick_gguf", "pick_mmproj", "quant_bits", "available_quants", "DEFAULT_QUANT"]
