@@ -77,6 +77,7 @@ def test_pick_mmproj_follows_llama_cpp() -> None:
     assert pick_mmproj(nested, "Q5/m-Q5_K_M.gguf") == "mmproj-top-F16.gguf"
     assert pick_mmproj(["mmproj/vision-F16.gguf"], "m-F16.gguf") is None  # "mmproj" in a folder below
     assert pick_mmproj(["mmproj/vision-F16.gguf"], "mmproj/m-F16.gguf") == "mmproj/vision-F16.gguf"
+    assert pick_mmproj(["mmproj/m-F16.gguf"], "mmproj/m-F16.gguf") is None  # not the model itself
 
 
 # --- pull ---------------------------------------------------------------------------------------------------
@@ -201,6 +202,11 @@ def test_model_loads_with_the_store_projector(server: HFServer, store_env: Path,
         prompt = model.mmproj.tokenize([PARTS_BEFORE, pyllama.Image(vl["png"]), PARTS_AFTER])
         assert [s.kind for s in prompt.spans if s.kind != "text"] == ["image"]
         assert prompt.n_media_tokens == 16  # (32 / 8) ** 2 patches, no markers
+    # mmproj="auto": the store's projector, as llama.cpp's -hf loads it; a plain Model(ref) loads none
+    with pyllama.Model(ref, mmproj="auto", n_gpu_layers=0) as model:
+        assert model.mmproj is not None and model.mmproj.path == pyllama.store.projector_for(ref)
+    with pyllama.Model(ref, n_gpu_layers=0) as model:
+        assert model.mmproj is None
 
 
 # --- the command line ---------------------------------------------------------------------------------------

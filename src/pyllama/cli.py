@@ -42,11 +42,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     options = sampling_options(args)
     options["stop"] = args.stop
-    from .store.projector import cli_projector
-
     media: list[Media] = [*map(Image, args.image), *map(Audio, args.audio)]
     path = _model_path(args.model)
-    mmproj = cli_projector(args.model, args.mmproj, args.no_mmproj)  # else an hf: model's, pulled with it
+    mmproj = store_projector.cli_projector(args.model, args.mmproj, args.no_mmproj)  # else an hf: model's
     if media and mmproj is None:
         raise SystemExit("--image / --audio need the model's projector: --mmproj mmproj.gguf")
     with Model(path, n_gpu_layers=args.ngl, progress=args.progress, rpc=args.rpc or (),

@@ -122,12 +122,17 @@ class Model(Handle):
         fit_context: Mapping[str, Any] | None = None,
         progress: ProgressArg = None,
         rpc: Sequence[str] | str = (),
-        mmproj: str | os.PathLike[str] | None = None,
+        mmproj: str | os.PathLike[str] | Literal["auto"] | None = None,
     ) -> None:
         # a store reference (hf:org/repo:Q4_K_M, https://...) loads from the cache, pulled there if absent
         from .store import resolve  # here: the store (its HTTP client) is not loaded with pyllama
 
-        self.path = resolve(path, progress=progress is True)
+        # mmproj="auto": the projector the store pulls with a Hugging Face reference (as llama.cpp's -hf)
+        self.path = resolve(path, progress=progress is True, mmproj=mmproj == "auto")
+        if mmproj == "auto":
+            from .store import projector_for
+
+            mmproj = projector_for(self.path)
         if not self.path.is_file():
             raise ModelLoadError(f"model file not found: {self.path}")
         # Before the device list is built: the servers' devices join it. Every

@@ -109,8 +109,9 @@ def list_partial(*, cache_dir: str | os.PathLike[str] | None = None) -> list[Par
 def remove(ref: str, *, cache_dir: str | os.PathLike[str] | None = None) -> list[CachedModel]:
     """Delete a model from the cache (every cached revision unless ``@revision`` is given); returns what went.
 
-    ``ref`` is a reference, a path inside the cache, or ``"starter"``. Raises :class:`NotCachedError`
-    when nothing matches. The chat starter is not in the cache but in its package: ``pip uninstall``.
+    A model's projector goes with it (listed after the models) unless another cached model of the same
+    commit still uses it. ``ref`` is a reference, a path inside the cache (a projector's path removes only
+    the projector), or ``"starter"``. Raises :class:`NotCachedError` when nothing matches. The chat starter is not in the cache but in its package: ``pip uninstall``.
     """
     root = cache.store_root(cache_dir)
     target: Reference | str

@@ -194,10 +194,11 @@ def pick_mmproj(paths: list[str], model: str) -> str | None:
     """
     model_bits = quant_bits(model)
     model_dir = model.split("/")[:-1]
+    own = set(split_parts(model) or [model])  # a model in a folder named mmproj is not its own projector
     best: str | None = None
     best_depth = best_diff = 0
     for path in paths:
-        if not path.endswith(".gguf") or "mmproj" not in path:
+        if not path.endswith(".gguf") or "mmproj" not in path or path in own:
             continue
         sib_dir = path.split("/")[:-1]
         if len(sib_dir) > len(model_dir) or model_dir[:len(sib_dir)] != sib_dir:
