@@ -33,9 +33,14 @@ VENDOR = Path(__file__).parent.parent / "vendor" / "llama.cpp"
 
 
 # --- the child: the text model once, then each projector named on stdin ------------------------------------
-def _child(text: str, image: str, audio: str) -> int:
+def _child(text: str, image: str, audio: str, *, unchecked: bool = False) -> int:
     import pyllama
     from pyllama.errors import LlamaError, ModelLoadError
+
+    if unchecked:  # what llama.cpp does without pyllama's pre-check (--compare)
+        import pyllama.gguf_check
+
+        pyllama.gguf_check.check_projector_file = lambda *args, **kwargs: None  # type: ignore[assignment]
 
     say = child_say
     model = pyllama.Model(text, n_gpu_layers=0)
@@ -83,9 +88,10 @@ def _inputs(directory: Path) -> list[str]:
             str(synth.write_audio(directory / "clip.wav", seconds=1.0))]
 
 
-def run_projectors(paths: list[Path], directory: Path, *, jobs: int = 1,
-                   timeout: float = PER_FILE_TIMEOUT_S) -> CorpusResult:
-    command = [sys.executable, __file__, "--child", *_inputs(directory / "inputs")]
+def run_projectors(paths: list[Path], directory: Path, *, jobs: int = 1, timeout: float = PER_FILE_TIMEOUT_S,
+                   unchecked: bool = False) -> CorpusResult:
+    command = [sys.executable, __file__, "--child-unchecked" if unchecked else "--child",
+               *_inputs(directory / "inputs")]
     return run_corpus(paths, timeout=timeout, jobs=jobs, command=command)
 
 
@@ -130,6 +136,10 @@ def test_check_passes_the_valid_projectors(tmp_path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Load the malformed-projector corpus in child processes.")
     parser.add_argument("--child", nargs=3, metavar=("TEXT", "IMAGE", "AUDIO"), help=argparse.SUPPRESS)
+    parser.add_argument("--child-unchecked", nargs=3, metavar=("TEXT", "IMAGE", "AUDIO"), help=argparse.SUPPRESS)
+    parser.add_argument("--compare", action="store_true",
+                        help="also load every file without pyllama's pre-check and list the files it refuses "
+                             "that llama.cpp loads and runs (checks stricter than the crash)")
     parser.add_argument("--random", type=int, default=30, help="seeded random mutants spread over the bases")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=1)
@@ -140,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.child:
         return _child(*args.child)
+    if args.child_unchecked:
+        return _child(*args.child_unchecked, unchecked=True)
     with tempfile.TemporaryDirectory() as tmp:
         out = args.dir or Path(tmp)
         paths = mutants.write_corpus(out / "corpus", projector=True, n_random=args.random, seed=args.seed)
@@ -151,6 +163,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.all:
             for name, (o, d) in sorted(result.outcomes.items()):
                 print(f"  {name}: {o} ({d})")
+        if args.compare:
+            raw = run_projectors(paths, out, jobs=args.jobs, timeout=args.timeout, unchecked=True)
+            print("without the pre-check:", _report(raw, 0.0).splitlines()[0])
+            for name, (o, d) in sorted(result.outcomes.items()):
+                if o == "rejected" and raw.outcomes.get(name, ("",))[0] in ("ok", "error"):
+                    print(f"  stricter: {name}: {d.split(': ', 1)[-1][:160]}")
     return 1 if result.failures() else 0
 
 

@@ -254,3 +254,23 @@ def test_a_queued_request_runs_on_the_fresh_worker(synth_model_path: Path) -> No
         assert queued.finish_reason == "length" and queued.n_generated == 12
         assert engine.worker_pid not in (None, first)
     assert not _alive(first)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="--memory-limit sets RLIMIT_AS (Linux)")
+def test_memory_limit_caps_the_worker(synth_model_path: Path) -> None:
+    """--memory-limit: a worker that cannot hold the model's context under the cap says so, naming the limit (the
+    server then stops, as after any failed first load); a worker under a cap that fits serves; without a worker
+    the flag is refused."""
+    import subprocess
+
+    def serve(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "pyllama", "serve", str(synth_model_path), "--port", "0",
+                               *extra], capture_output=True, text=True, timeout=180)
+
+    out = serve("--memory-limit", "1G")
+    assert out.returncode == 2 and "--isolate" in out.stderr
+    out = serve("--isolate", "--memory-limit", "1G", "-c", str(1 << 20), "-np", "1")
+    assert out.returncode != 0 and "memory_limit=1073741824" in out.stderr and "out of memory" in out.stderr
+    with RemoteServer(synth_model_path, "--isolate", "--memory-limit", "4G", "-c", "512", "-np", "1") as srv:
+        r = httpx.post(srv.url_for("completion"), json={"prompt": "Hello", "n_predict": 4}, timeout=60)
+        assert r.status_code == 200, r.text

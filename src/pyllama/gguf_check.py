@@ -359,12 +359,42 @@ def check_projector_file(path: str | os.PathLike[str], *, n_embd_text: int | Non
         raise ModelLoadError(f"{os.fspath(path)} is not a valid GGUF file (llama.cpp's GGUF parser refused it; "
                              "enable logging for 'pyllama.llama' for its reason)")
     try:
-        _check_projector(ctx, _Meta(ctx, {}), n_embd_text)
+        _check_projector(ctx, _ClipMeta(ctx, {}), n_embd_text)
         _check_tensor_alignment(ctx)
     except ModelLoadError as exc:
         raise ModelLoadError(f"{os.fspath(path)}: {exc}") from None
     finally:
         lib.gguf_free(ctx)
+
+
+class _ClipMeta(_Meta):
+    """A projector's metadata as clip.cpp reads it: gguf_get_val_* take a one-element array of the type they
+    read for the value itself."""
+
+    def _single(self, key: str, gguf_type: int) -> int | None:
+        i = self._id(key)
+        if (i < 0 or lib.gguf_get_kv_type(self._ctx, i) != lib.GGUF_TYPE_ARRAY
+                or lib.gguf_get_arr_type(self._ctx, i) != gguf_type or lib.gguf_get_arr_n(self._ctx, i) != 1):
+            return None
+        return i
+
+    def string(self, key: str) -> str | None:
+        i = self._single(key, lib.GGUF_TYPE_STRING)
+        if i is None:
+            return super().string(key)
+        return str(ffi.string(lib.gguf_get_arr_str(self._ctx, i, 0)).decode("utf-8", "replace"))
+
+    def flag(self, key: str) -> bool | None:
+        i = self._single(key, lib.GGUF_TYPE_BOOL)
+        if i is None:
+            return super().flag(key)
+        return bool(ffi.cast("int8_t *", lib.gguf_get_arr_data(self._ctx, i))[0])
+
+    def real(self, key: str) -> float | None:
+        i = self._single(key, lib.GGUF_TYPE_FLOAT32)
+        if i is None:
+            return super().real(key)
+        return float(ffi.cast("float *", lib.gguf_get_arr_data(self._ctx, i))[0])
 
 
 def _check_projector(ctx: Any, m: _Meta, n_embd_text: int | None) -> None:
@@ -414,7 +444,10 @@ def _check_projector(ctx: Any, m: _Meta, n_embd_text: int | None) -> None:
                 tower.check_llava(normed=ptype == "mlp_norm")
             elif ptype == "qwen2a" and mod == "audio":
                 tower.check_whisper()
-        width = m.integer(key + "projection_dim")
+        # The width libmtmd compares with the text model's (clip_n_mmproj_embd: the last projection's
+        # outputs), else what the file says it is. A mismatch is refused by libmtmd too; this says why.
+        last = {"mlp": "mm.2.weight", "mlp_norm": "mm.3.weight", "qwen2a": "mm.a.fc.weight"}.get(ptype, "")
+        width = tensors.ne[last][1] if last in tensors else m.integer(key + "projection_dim")
         if n_embd_text is not None and width is not None and width > 0 and width != n_embd_text:
             raise ModelLoadError(f"the {mod} projector's output width ({width}) is not the text model's "
                                  f"embedding width ({n_embd_text}): it was made for another model")
@@ -463,6 +496,8 @@ def _check_projector_types(ctx: Any) -> None:
         key = ffi.string(lib.gguf_get_key(ctx, i)).decode("utf-8", "replace")
         t = int(lib.gguf_get_kv_type(ctx, i))
         want = _KEY_TYPES.get(key)
+        if t == lib.GGUF_TYPE_ARRAY and int(lib.gguf_get_arr_n(ctx, i)) == 1:  # gguf_get_val_* take [value]
+            t = int(lib.gguf_get_arr_type(ctx, i))
         if want is not None and t != want:
             raise ModelLoadError(f"{key} is stored as {_GGUF_TYPE_NAMES.get(t, f'GGUF type {t}')}, not as the "
                                  f"{_GGUF_TYPE_NAMES[want]} llama.cpp reads it as (it would abort)")

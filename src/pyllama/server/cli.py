@@ -345,6 +345,10 @@ def register(subparsers: Any) -> None:
                    metavar="FNAME:SCALE[,...]", help="a LoRA adapter with its scale (a comma-separated list; may repeat)")
     p.add_argument("--lora-init-without-apply", action="store_true",
                    help="load the adapters at scale 0 (set scales with POST /lora-adapters)")
+    p.add_argument("--memory-limit", type=byte_size, default=None, metavar="BYTES",
+                   help="with --isolate (and for each model of the router): cap the worker's address space, e.g. "
+                        "8G (RLIMIT_AS, Linux; the mapped model counts); a request past it is an error naming the "
+                        "limit, and the worker starts afresh")
     mm = p.add_argument_group("images and audio (llama.cpp's libmtmd)")
     mm.add_argument("-mm", "--mmproj", default=None, metavar="FILE",
                     help="the model's multimodal projector (mmproj-*.gguf): chat messages may then hold images "
@@ -470,7 +474,7 @@ def _isolated_loader(args: argparse.Namespace, path: str, ngl: Any, mmproj: str 
                             draft=args.draft, n_draft=args.draft_max, sampling=args.sampling, progress=args.progress,
                             pooling=args.pooling, lora=_lora_list(args), mmproj=mmproj or args.mmproj,
                             mmproj_gpu=args.mmproj_offload, image_min_tokens=args.image_min_tokens,
-                            image_max_tokens=args.image_max_tokens)
+                            image_max_tokens=args.image_max_tokens, memory_limit=args.memory_limit)
     return cast("Engine", engine)  # duck-typed: it offers the Engine API the server uses
 
 
@@ -580,6 +584,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"pyllama serve needs the server extra: pip install 'pyllama[server]' ({exc})", file=sys.stderr)
         return 2
     problem = _llama_server_args(args)
+    if problem is None and args.memory_limit is not None and not (args.isolate or args.models_dir or args.models):
+        problem = "--memory-limit caps a worker process: use it with --isolate (or several models)"
     if problem is not None:
         print(f"pyllama serve: {problem}", file=sys.stderr)
         return 2

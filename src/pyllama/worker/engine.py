@@ -101,6 +101,7 @@ class IsolatedRequest(EngineRequest):
         self._on_end = on_end
         self._end_lock = threading.Lock()
         self._proc: _Process | None = None
+        self._inbox: _Inbox | None = None
         self._rid = 0
         self._delivered = False  # an event reached the consumer: the request can no longer be run again
         self._resubmit = resubmit  # once: a request the crash caught before its first event
@@ -134,7 +135,15 @@ class IsolatedRequest(EngineRequest):
             self.n_cached, self.speculative = msg[4], msg[5]
             self._end(msg[2], None)
         elif kind == p.ERR:
-            self._end(None, p.decode_error(msg[2], WorkerError))
+            exc = p.decode_error(msg[2], WorkerError)
+            proc, inbox = self._proc, self._inbox
+            if proc is not None and inbox is not None and proc.memory_limit is not None:
+                # under a memory limit the child's log may blame an allocation: read it off this reader thread
+                # (it waits a moment for those lines), which delivers every other request's tokens
+                threading.Thread(target=lambda: self._end(None, proc.failure(exc, inbox)), daemon=True,
+                                 name="pyllama-isolated-failure").start()
+                return
+            self._end(None, exc)
         else:  # CRASH: WorkerCrashedError, or ClosedError when the engine was closed
             error, resubmit = msg[2], self._resubmit
             self._resubmit = None
@@ -202,7 +211,9 @@ class IsolatedEngine(EngineFront):
     ``model`` is a GGUF path; the keywords are :class:`pyllama.engine.Engine`'s (``n_gpu_layers``
     :class:`pyllama.Model`'s). ``model`` here is a vocabulary-only model (tokenizer, chat
     template, metadata). Errors found in the child (a bad grammar) are raised by the request's
-    iterator, not by :meth:`submit`. ``worker_pid`` is the child's process id.
+    iterator, not by :meth:`submit`. ``worker_pid`` is the child's process id. ``memory_limit`` (bytes, Linux)
+    caps the child's address space (:class:`pyllama.Worker`'s): a request that needs more ends with
+    :class:`pyllama.WorkerMemoryError` naming the limit. ``mmproj``: the model's projector (images, audio).
     """
 
     def __init__(self, model: str | os.PathLike[str], *, n_gpu_layers: int | Literal["all", "auto"] = "auto",
@@ -214,7 +225,8 @@ class IsolatedEngine(EngineFront):
                  n_draft: int = 16, sampling: Sampling = "auto", log_level: str = "WARNING",
                  progress: bool | None = None, lora: Sequence[tuple[str | os.PathLike[str], float]] = (),
                  mmproj: str | os.PathLike[str] | None = None, mmproj_gpu: bool | None = None,
-                 image_min_tokens: int | None = None, image_max_tokens: int | None = None) -> None:
+                 image_min_tokens: int | None = None, image_max_tokens: int | None = None,
+                 memory_limit: int | None = None) -> None:
         if not isinstance(n_slots, int) or n_slots < 1:
             raise ValueError("n_slots must be an int >= 1")
         if max_queue < 0:
@@ -225,7 +237,7 @@ class IsolatedEngine(EngineFront):
         self._in_flight = 0
         self._closed = False
         try:
-            self._worker = Worker(log_level=log_level, restart=True)
+            self._worker = Worker(log_level=log_level, restart=True, memory_limit=memory_limit)
             spec: dict[str, Any] = {"model": os.fspath(self.model.path),
                                     "model_options": {"n_gpu_layers": n_gpu_layers},
                     "engine_options": {"n_slots": n_slots, "n_ctx": n_ctx, "n_batch": n_batch,
@@ -301,7 +313,9 @@ class IsolatedEngine(EngineFront):
     def _send(self, req: IsolatedRequest, tokens: npt.NDArray[np.int32] | MediaParts, sent: dict[str, Any]) -> None:
         if self._closed:
             raise ClosedError("the engine is closed")
-        proc, rid, _ = self._worker._submit(p.ENGINE_SUBMIT, tokens, sent, inbox=_Sink(req))
+        sink = _Sink(req)
+        req._inbox = sink
+        proc, rid, _ = self._worker._submit(p.ENGINE_SUBMIT, tokens, sent, inbox=sink)
         req._proc, req._rid = proc, rid
         if req.done:  # it ended (or was cancelled) before we got here
             if req.finish_reason == "cancelled":
