@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence, TextIO
 
 from . import chat_cli, rpc
 from .server import cli as serve_cli
@@ -15,6 +15,9 @@ from .store import cli as store_cli
 from .store import projector as store_projector
 from ._units import byte_size
 from .options import SamplingOptions
+
+if TYPE_CHECKING:
+    from .stream import TokenEvent
 
 
 def _model_path(arg: str | None) -> str:
@@ -55,12 +58,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             if args.chat:  # one user turn through the chat template, media first (as llama-mtmd-cli renders it)
                 chat = ChatSession(ctx, **options)
                 try:
-                    for ev in chat.stream([*media, args.prompt]):
-                        out.write(ev.text)
-                        out.flush()
-                except KeyboardInterrupt:
-                    out.write("\n")
-                    return 130
+                    if not _print_stream(chat.stream([*media, args.prompt]), out):
+                        return 130
                 finally:
                     chat.close()
                 out.write("\n")
@@ -69,12 +68,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             spec = _speculator(ctx, args) if args.draft else None
             try:
                 with Generation(ctx, prompt, **options, parse_special=False, draft=spec) as gen:
-                    try:
-                        for ev in gen:
-                            out.write(ev.text)
-                            out.flush()
-                    except KeyboardInterrupt:
-                        out.write("\n")
+                    if not _print_stream(gen, out):
                         return 130
             finally:
                 if spec is not None:
@@ -92,6 +86,18 @@ def cmd_run(args: argparse.Namespace) -> int:
                     print(f"drafts: {st.n_drafts}, drafted {st.n_drafted} tokens, accepted {st.n_accepted} "
                           f"({st.acceptance_rate:.1%})", file=sys.stderr)
     return 0
+
+
+def _print_stream(events: Iterable[TokenEvent], out: TextIO) -> bool:
+    """Print a stream's text as it comes; False when Ctrl-C stopped it."""
+    try:
+        for ev in events:
+            out.write(ev.text)
+            out.flush()
+    except KeyboardInterrupt:
+        out.write("\n")
+        return False
+    return True
 
 
 def _speculator(ctx: Any, args: argparse.Namespace) -> Any:
