@@ -347,3 +347,32 @@ def test_worker_matches_llama_mtmd_cli(files: dict[str, Path], reference: dict[s
             assert "".join(ev.text for ev in gen) == want, name
         chat = w.chat(max_tokens=N)
         assert chat.ask([pyllama.Image(files["a"]), ASK]) == reference["a"]
+
+
+def test_engine_cancel_during_encode_and_shared_prompts(tmp_path: Path, files: dict[str, Path],
+                                                        reference: dict[str, str]) -> None:
+    """A request cancelled while its image is encoded frees its slot without waiting for the tower; one prepared
+    media prompt serves several requests (n choices) and is freed when the last ends."""
+    proj = synth.write_projector(tmp_path / "big.gguf", image_size=224, patch_size=14, n_embd=256, n_ff=1024,
+                                 n_layer=6)
+    img = synth.write_image(tmp_path / "big.png", width=224, height=224, seed=4)
+    with pyllama.Model(files["text"], n_gpu_layers=0) as m:
+        m.projector(proj, n_threads=1)
+        with pyllama.Engine(m, n_slots=2, n_ctx=512, n_threads=1) as eng:
+            doomed = eng.submit([PARTS_BEFORE, pyllama.Image(img), PARTS_AFTER], max_tokens=4)
+            deadline = time.monotonic() + 30
+            while eng.stats().busy_slots == 0 and time.monotonic() < deadline:  # admitted: encoding
+                time.sleep(0.001)
+            t0 = time.perf_counter()
+            doomed.cancel()
+            text = eng.submit("the quick brown fox", max_tokens=4)
+            assert text.result() and doomed.finish_reason == "cancelled"
+            print(f"a text request after the cancel: {(time.perf_counter() - t0) * 1e3:.1f} ms")
+            mp = eng.media_prompt([PARTS_BEFORE, pyllama.Image(img), PARTS_AFTER])
+            two = [eng.submit(mp, max_tokens=3) for _ in range(2)]
+            outs = [r.result() for r in two]
+            assert outs[0] == outs[1]
+            deadline = time.monotonic() + 30
+            while not mp.closed and time.monotonic() < deadline:  # freed by the last request (maybe a moment later)
+                time.sleep(0.01)
+            assert mp.closed

@@ -368,6 +368,7 @@ class MediaPrompt(Handle):
         self.projector = projector
         self.disposable = False  # True: the requests it is submitted with close it, the last one to end
         self._holders = 0
+        self._holders_lock = threading.Lock()
         pieces: list[npt.NDArray[np.int32]] = []
         spans: list[MediaSpan] = []
         n = 0
@@ -454,17 +455,26 @@ class MediaPrompt(Handle):
 
     def hold(self) -> None:
         """A request takes the prompt (several may: ``n`` choices); see :meth:`release`."""
-        with self.projector._encode_lock:
+        with self._holders_lock:
             self._p()
             self._holders += 1
 
     def release(self) -> None:
-        """A request is done with the prompt: a disposable one is closed when the last lets go."""
-        with self.projector._encode_lock:
+        """A request is done with the prompt: a disposable one is closed when the last lets go. Never waits:
+        while another thread encodes with the projector, the close is left to a thread of its own."""
+        with self._holders_lock:
             self._holders -= 1
             last = self._holders <= 0 and self.disposable
-        if last:
-            self.close()
+        if not last:
+            return
+        lock = self.projector._encode_lock
+        if lock.acquire(blocking=False):
+            try:
+                Handle.close(self)
+            finally:
+                lock.release()
+        else:
+            threading.Thread(target=self.close, name="pyllama-media-close", daemon=True).start()
 
     def close(self) -> None:
         """Free the chunks now (after an encode under way in another thread has finished)."""
