@@ -376,3 +376,17 @@ def test_engine_cancel_during_encode_and_shared_prompts(tmp_path: Path, files: d
             while not mp.closed and time.monotonic() < deadline:  # freed by the last request (maybe a moment later)
                 time.sleep(0.01)
             assert mp.closed
+
+
+@pytest.mark.timeout(600)
+def test_server_input_audio_matches_llama_mtmd_cli(files: dict[str, Path]) -> None:
+    want = native_text(files, "wav", proj="av", n=8)
+    with RemoteServer(files["text"], "--mmproj", str(files["av"]), "-np", "1", "-c", "2048") as s:
+        assert httpx.get(s.url_for("props"), timeout=30).json()["modalities"]["audio"] is True
+        b64 = base64.b64encode(files["wav"].read_bytes()).decode()
+        r = httpx.post(s.url_for("v1", "chat", "completions"), timeout=300, json={
+            "max_tokens": 8, "temperature": 0, "messages": [{"role": "user", "content": [
+                {"type": "input_audio", "input_audio": {"data": b64, "format": "wav"}},
+                {"type": "text", "text": ASK}]}]})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == want
