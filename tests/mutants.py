@@ -644,13 +644,14 @@ def _retyped(kv: KV) -> Iterator[tuple[str, int, Any]]:
 
 def _projector_kv_mutants(g: Gguf, *, values: bool = True) -> Iterator[tuple[str, Gguf]]:
     """Metadata mutants of one base projector: every clip.* key dropped and retyped, the encoder flags and
-    projector types, then (``values``) edge values of the hyper-parameters."""
+    projector types, then (``values``) edge values of the hyper-parameters. Without ``values`` only the
+    projector types are retyped (the other keys are the single-tower bases' too)."""
     has = {mod: any(kv.key == f"clip.{mod}.embedding_length".encode() for kv in g.kvs) for mod in ("vision", "audio")}
     for kv in g.kvs:
         key = kv.key.decode()
         if key.startswith("clip.") or key == "general.architecture":
             yield f"drop:{key}", _drop(g, key)
-        if key.startswith(("clip.", "general.")):
+        if key.startswith(("clip.", "general.")) and (values or key.endswith("projector_type")):
             for label, vtype, value in _retyped(kv):
                 yield f"type:{key}={label}", _set(g, key, vtype, value)
 
@@ -660,9 +661,9 @@ def _projector_kv_mutants(g: Gguf, *, values: bool = True) -> Iterator[tuple[str
     yield "has_gen_audio_encoder=True", _set(g, "clip.has_gen_audio_encoder", BOOL, True)
     type_keys = [kv.key.decode() for kv in g.kvs if kv.key.endswith(b"projector_type")]
     for key in type_keys:
-        for v in (b"", b"nonesuch", b"mlp", b"qwen2a", b"ldp", b"gemma3", b"ultravox", b"qwen2.5o", b"qwen25vl"):
-            if v != g.kv(key).value:
-                yield f"{key}={v.decode() or 'empty'}", _set(g, key, STR, v)
+        for ptype in (b"", b"nonesuch", b"mlp", b"qwen2a", b"ldp", b"gemma3", b"ultravox", b"qwen2.5o", b"qwen25vl"):
+            if ptype != g.kv(key).value:
+                yield f"{key}={ptype.decode() or 'empty'}", _set(g, key, STR, ptype)
     if len(type_keys) == 2:  # both: one generic type for both towers
         yield "projector_type=mlp-for-both", _set(g, "clip.projector_type", STR, b"mlp")
     yield "use_gelu+use_silu", _set(_set(g, "clip.use_gelu", BOOL, True), "clip.use_silu", BOOL, True)
@@ -689,8 +690,8 @@ def _projector_kv_mutants(g: Gguf, *, values: bool = True) -> Iterator[tuple[str
             yield f"{mod}.feed_forward_length={v}", _set(g, k + "feed_forward_length", U32, v)
         for v in (0, 32, 63, 128, 2**31):
             yield f"{mod}.projection_dim={v}", _set(g, k + "projection_dim", U32, v)
-        for v in (0.0, -1.0, float("nan"), float("inf"), 1e30):
-            yield f"{mod}.layer_norm_epsilon={v}", _set(g, k + "attention.layer_norm_epsilon", F32, v)
+        for eps in (0.0, -1.0, float("nan"), float("inf"), 1e30):
+            yield f"{mod}.layer_norm_epsilon={eps}", _set(g, k + "attention.layer_norm_epsilon", F32, eps)
         for layers in ([0], [1], [2], [5], [0, 1], [-1], [2**31 - 1]):
             yield f"{mod}.feature_layer={layers}", _set(g, k + "feature_layer", ARR, (I32, layers))
         yield f"{mod}.feature_layer-as-u32", _set(g, k + "feature_layer", ARR, (U32, [0]))
@@ -726,7 +727,8 @@ def _projector_kv_mutants(g: Gguf, *, values: bool = True) -> Iterator[tuple[str
 
 
 #: ggml type -> (elements per block, bytes per block) for the types the projector mutants use
-_GGML_BLOCK = {0: (1, 4), 1: (1, 2), 2: (32, 18), 8: (32, 34), 26: (1, 4), 28: (1, 8), 30: (1, 2)}  # f32 f16 q4_0 q8_0 i32 f64 bf16
+#: (f32, f16, q4_0, q8_0, i32, f64, bf16)
+_GGML_BLOCK = {0: (1, 4), 1: (1, 2), 2: (32, 18), 8: (32, 34), 26: (1, 4), 28: (1, 8), 30: (1, 2)}
 
 
 def _relaid(base: Gguf, m: Gguf, like: dict[bytes, bytes] | None = None) -> Gguf:
@@ -799,8 +801,8 @@ def _projector_tensor_mutants(g: Gguf, *, shapes: bool = True) -> Iterator[tuple
     # Types: f16, q8_0 (ne0 a multiple of 32) or i32 data instead of f32, and an unknown type.
     for t in g.tensors:
         name = t.name.decode()
-        if name.startswith(("mm.", "v.patch", "v.class", "v.position", "a.conv1d.1.", "a.position")) or (
-                name[1:] in (".blk.0.ln1.weight", ".blk.0.attn_q.weight", ".blk.0.attn_q.bias", ".blk.0.ffn_down.weight")):
+        if name.startswith(("mm.", "v.patch", "v.class", "v.position", "a.conv1d.1.", "a.position")) or name[1:] in (
+                ".blk.0.ln1.weight", ".blk.0.attn_q.weight", ".blk.0.attn_q.bias", ".blk.0.ffn_down.weight"):
             for label, ggml_type in (("f16", 1), ("q8_0", 8), ("i32", 26)):
                 if ggml_type != 8 or t.ne[0] % 32 == 0:
                     yield f"tensor-type={label}:{name}", edit(t.name, ggml_type=ggml_type)
@@ -867,7 +869,8 @@ def _projector_extra_mutants(g: Gguf) -> Iterator[tuple[str, Gguf]]:
         up = have[b"a.blk.0.ffn_up.weight"].ne
         yield "extra:a.blk.0.attn_k.bias", add(("a.blk.0.attn_k.bias", "a.blk.0.attn_q.bias", None))
         yield "extra:a.blk.1.attn_k.bias", add(("a.blk.1.attn_k.bias", "a.blk.1.attn_q.bias", None))
-        yield "extra:a.pre_ln", add(("a.pre_ln.weight", "a.post_ln.weight", None), ("a.pre_ln.bias", "a.post_ln.bias", None))
+        yield "extra:a.pre_ln", add(("a.pre_ln.weight", "a.post_ln.weight", None),
+                                    ("a.pre_ln.bias", "a.post_ln.bias", None))
         for ne in ([e], [e // 4], [7]):  # the whole row, one head's (head_dim 8), neither
             for name in ("attn_q_norm", "attn_k_norm"):
                 yield f"extra:a.blk.0.{name}.weight={ne}", add((f"a.blk.0.{name}.weight", "a.blk.0.ln1.weight", ne))
@@ -920,7 +923,8 @@ def projector_corpus(directory: Path, *, n_random: int = 30, seed: int = 0) -> l
         for name, m in (*_projector_kv_mutants(g, values=single), *_projector_tensor_mutants(g, shapes=single), *extra):
             out.append((f"{base}:{name}", serialize(m)))
         out += [(f"{base}:{name}", data) for name, data in _projector_structural(g)]
-    # A projector whose tensors are for a text model of width 32 while its keys claim 64 (and vice versa).
+    # A projector made for a text model of width 32 (refused: the text model is 64 wide), with projection_dim
+    # saying 64 or missing (the tensors decide the width).
     narrow = parse(synth.write_projector(directory / "proj-narrow.gguf", n_embd_text=32).read_bytes())
     out.append(("narrow:valid-for-32", serialize(narrow)))
     out.append(("narrow:projection_dim=64", serialize(_set(narrow, "clip.vision.projection_dim", U32, 64))))
@@ -938,12 +942,14 @@ def projector_corpus(directory: Path, *, n_random: int = 30, seed: int = 0) -> l
     return out
 
 
-def write_corpus(directory: Path, *, n_random: int = 0, seed: int = 0, projector: bool = False) -> list[Path]:
-    """Write the corpus (and ``n_random`` random mutants) as ``NNNN-name.gguf`` files; ``projector``: the
-    projector corpus instead (``n_random`` seeded bit flips and byte overwrites spread over its bases)."""
+def write_corpus(directory: Path, *, n_random: int | None = None, seed: int = 0,
+                 projector: bool = False) -> list[Path]:
+    """Write the corpus (and ``n_random`` random mutants: default none) as ``NNNN-name.gguf`` files;
+    ``projector``: the projector corpus instead (``n_random`` seeded bit flips and byte overwrites spread
+    over its bases: default 30)."""
     directory.mkdir(parents=True, exist_ok=True)
     if projector:
-        items = projector_corpus(directory, n_random=n_random, seed=seed)
+        items = projector_corpus(directory, n_random=30 if n_random is None else n_random, seed=seed)
     else:
         items = corpus(directory)
         if n_random:
@@ -960,13 +966,13 @@ def write_corpus(directory: Path, *, n_random: int = 0, seed: int = 0, projector
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Write the malformed-GGUF corpus.")
     parser.add_argument("out", type=Path)
-    parser.add_argument("--random", type=int, default=0, help="also write N seeded random mutants")
+    parser.add_argument("--random", type=int, help="also write N seeded random mutants (default: none, 30 with "
+                                                    "--projector)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--projector", action="store_true",
-                        help="the multimodal projector corpus instead (--random defaults to 30 there)")
+                        help="the multimodal projector corpus instead")
     args = parser.parse_args(argv)
-    n_random = args.random if args.random or not args.projector else 30
-    paths = write_corpus(args.out, n_random=n_random, seed=args.seed, projector=args.projector)
+    paths = write_corpus(args.out, n_random=args.random, seed=args.seed, projector=args.projector)
     print(f"{len(paths)} mutants in {args.out}")
     return 0
 

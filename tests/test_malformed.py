@@ -152,17 +152,17 @@ def _run_batch(paths: list[Path], result: CorpusResult, timeout: float, command:
 
 
 def run_corpus(paths: list[Path], *, timeout: float = PER_FILE_TIMEOUT_S, jobs: int = 1,
-               command: list[str] | None = None) -> CorpusResult:
-    """Load ``paths`` in children, ``jobs`` at a time. ``command`` starts a child (default: this file's, which
-    loads models); a child reads one path a line on stdin and writes ``BEGIN\tpath`` before and
-    ``END\tpath\toutcome\tdetail`` after each file (:func:`child_say`)."""
+               command: list[str] | None = None, bound: float = 60.0) -> CorpusResult:
+    """Load ``paths`` in children, ``jobs`` at a time, within ``bound`` seconds in all. ``command`` starts a
+    child (default: this file's, which loads models); a child reads one path a line on stdin and writes the
+    tab-separated lines ``BEGIN path`` before and ``END path outcome detail`` after each file (child_say)."""
     result = CorpusResult()
     command = command or [sys.executable, __file__, "--child"]
     shards = [paths[i::jobs] for i in range(jobs)]
     threads = [threading.Thread(target=_run_batch, args=(s, result, timeout, command)) for s in shards if s]
     for t in threads:
         t.start()
-    join_all(threads)
+    join_all(threads, bound)
     return result
 
 

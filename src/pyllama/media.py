@@ -188,7 +188,7 @@ class Projector(Handle):
     def __init__(self, model: Model, path: str | os.PathLike[str], *, use_gpu: bool | None = None,
                  n_threads: int | None = None, image_min_tokens: int | None = None,
                  image_max_tokens: int | None = None, warmup: bool = False) -> None:
-        from .gguf_check import check_projector_file
+        from .projector_check import check_projector_file
 
         self.path = Path(path)
         check_projector_file(self.path, n_embd_text=int(lib.llama_model_n_embd_inp(model._p())))
