@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -193,4 +194,123 @@ def test_pull_with_progress_and_delete(server: HFServer, store_env: Path, synth_
         assert err.value.status_code == 404
         with pytest.raises(ollama.ResponseError) as err:
             client.pull("hf:org/missing:Q4_K_M")
+        assert err.value.status_code == 404
+
+
+def test_copy_names_the_model_again(client: ollama.Client, chat_starter_path: Path) -> None:
+    name = chat_starter_path.name
+    question = [SYSTEM, {"role": "user", "content": "What is the capital of France?"}]
+    try:
+        assert client.copy(name, "my-copy").status == "success"
+        cards = {m.model: m for m in client.list().models}
+        assert set(cards) == {name, "my-copy"}
+        copy = cards["my-copy"]
+        assert copy.size == cards[name].size and copy.digest == cards[name].digest
+        assert copy.details is not None and copy.details.parent_model == name
+        assert client.show("my-copy").template == client.show(name).template
+        assert client.chat(model="my-copy", messages=question, options=GREEDY).message.content == \
+            client.chat(model=name, messages=question, options=GREEDY).message.content
+        assert client.copy("my-copy", "my-copy-2").status == "success"  # a copy of a copy
+        with pytest.raises(ollama.ResponseError) as err:
+            client.copy("no-such-model", "x")
+        assert err.value.status_code == 404 and "not found" in err.value.error
+        with pytest.raises(ollama.ResponseError) as err:
+            client.copy("my-copy", name)  # the served model's own name
+        assert err.value.status_code == 400
+    finally:
+        for made in ("my-copy", "my-copy-2"):
+            client.delete(made)
+    assert [m.model for m in client.list().models] == [name]
+    with pytest.raises(ollama.ResponseError) as err:
+        client.show("my-copy")
+    assert err.value.status_code == 404
+
+
+def test_create_a_model_with_a_system_prompt_and_parameters(client: ollama.Client, srv: RemoteServer,
+                                                             chat_starter_path: Path) -> None:
+    name = chat_starter_path.name
+    system = "You are a pirate. Answer every question like a pirate."
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    params = {"temperature": 0, "num_predict": 12}
+    try:
+        assert client.create(model="pirate", from_=name, system=system, parameters=params).status == "success"
+        got = client.chat(model="pirate", messages=question)  # its system prompt and its parameters
+        want = client.chat(model=name, messages=[{"role": "system", "content": system}, *question], options=params)
+        assert got.message.content == want.message.content and got.eval_count == want.eval_count
+        assert client.chat(model="pirate", messages=question, options={"num_predict": 3}).eval_count == 3
+        plain = client.chat(model="pirate", messages=[SYSTEM, *question])  # a chat's own system prompt wins
+        own = client.chat(model=name, messages=[SYSTEM, *question], options=params)
+        assert plain.message.content == own.message.content
+        prompt = "What is 2+2? Answer briefly."
+        assert client.generate(model="pirate", prompt=prompt).response == \
+            client.generate(model=name, prompt=prompt, system=system, options=params).response
+        shown = client.show("pirate")
+        assert shown.parameters is not None
+        assert "temperature 0" in shown.parameters and "num_predict 12" in shown.parameters
+        assert shown.modelfile is not None and f"FROM {name}" in shown.modelfile and system in shown.modelfile
+        assert shown.details is not None and shown.details.parent_model == name
+        assert httpx.post(srv.url_for("api", "show"), json={"model": "pirate"}, timeout=60).json()["system"] == system
+        assert "pirate" in {m.model for m in client.list().models}
+        # created from a created model: its fields over the parent's; streamed as Ollama's status lines
+        statuses = list(client.create(model="pirate-brief", from_="pirate", parameters={"num_predict": 4}, stream=True))
+        assert statuses and statuses[-1].status == "success"
+        brief = client.chat(model="pirate-brief", messages=question)
+        assert brief.eval_count == 4 and want.message.content.startswith(brief.message.content)
+        for field, value in (("files", {"model.gguf": "sha256:" + "0" * 64}), ("adapters", {"a.gguf": "sha256:0"}),
+                             ("quantize", "q4_K_M"), ("template", "{{ .Prompt }}")):
+            with pytest.raises(ollama.ResponseError) as err:
+                client.create(model="bad", from_=name, **{field: value})  # type: ignore[arg-type]
+            assert err.value.status_code == 400 and err.value.error.startswith(f"{field}:"), err.value.error
+        for bad in ({"num_ctx": 8192}, {"mirostat_tau": 1.0}, {"temperature": "hot"}):
+            with pytest.raises(ollama.ResponseError) as err:
+                client.create(model="bad", from_=name, parameters=bad)
+            assert err.value.status_code == 400 and "parameters" in err.value.error, err.value.error
+        with pytest.raises(ollama.ResponseError) as err:
+            client.create(model="bad", from_="no-such-model")
+        assert err.value.status_code == 404
+        assert "bad" not in {m.model for m in client.list().models}
+    finally:
+        for made in ("pirate", "pirate-brief"):
+            client.delete(made)
+
+
+def test_push_is_not_supported(client: ollama.Client, chat_starter_path: Path) -> None:
+    with pytest.raises(ollama.ResponseError) as err:
+        client.push(chat_starter_path.name)
+    assert err.value.status_code == 501 and "not supported" in err.value.error
+
+
+def test_copy_and_create_in_the_router(tmp_path: Path) -> None:
+    from synth import write_llama_model
+
+    for i, name in enumerate(("a", "b")):
+        write_llama_model(tmp_path / f"{name}.gguf", seed=500 + i)
+    s = RemoteServer("unused", threads=None)
+    s.cmd = [sys.executable, "-m", "pyllama", "serve", "--port", str(s.port), "-t", "1", "--models-dir", str(tmp_path),
+             "-np", "1", "-c", "256"]
+    raw = {"temperature": 0, "num_predict": 6}
+    with s:
+        client = ollama.Client(host=s.url)
+        assert client.copy("a", "a-copy").status == "success"
+        assert sorted(m.model for m in client.list().models) == ["a", "a-copy", "b"]
+        assert client.generate(model="a-copy", prompt="hello", raw=True, options=raw).response == \
+            client.generate(model="a", prompt="hello", raw=True, options=raw).response
+        card = {m["id"]: m for m in httpx.get(s.url_for("v1", "models"), timeout=10).json()["data"]}["a"]
+        assert card["aliases"] == ["a-copy"]
+        assert client.create(model="a-short", from_="a-copy", parameters={"num_predict": 3}).status == "success"
+        assert client.generate(model="a-short", prompt="hello", raw=True).eval_count == 3
+        assert "num_predict 3" in (client.show("a-short").parameters or "")
+        with pytest.raises(ollama.ResponseError) as err:
+            client.copy("a", "b")  # another model's name
+        assert err.value.status_code == 400
+        with pytest.raises(ollama.ResponseError) as err:
+            client.create(model="x", from_="a", files={"x.gguf": "sha256:0"})
+        assert err.value.status_code == 400 and err.value.error.startswith("files:")
+        with pytest.raises(ollama.ResponseError) as err:
+            client.push("a")
+        assert err.value.status_code == 501
+        assert client.delete("a-copy").status == "success"
+        assert sorted(m.model for m in client.list().models) == ["a", "a-short", "b"]
+        with pytest.raises(ollama.ResponseError) as err:
+            client.generate(model="a-copy", prompt="hello", raw=True)
         assert err.value.status_code == 404

@@ -15,6 +15,7 @@ import math
 import os
 import socket
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Callable, cast
@@ -70,7 +71,6 @@ NOT_YET: tuple[tuple[tuple[str, ...], bool, str], ...] = (
     (("-lm", "--load-mode"), True, "choosing how the weights are loaded"),
     (("--mlock", "--no-mmap", "--mmap"), False, "choosing how the weights are loaded (older llama-server flags)"),
     (("--sleep-idle-seconds",), True, "unloading the model while idle"),
-    (("--models-preset",), True, "a presets file of per-model options (the router takes the server's options)"),
 )
 
 
@@ -79,6 +79,20 @@ class _StrictParser(argparse.ArgumentParser):
 
     def _get_option_tuples(self, option_string: str) -> list[Any]:
         return []
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> tuple[Any, list[str]]:
+        # the command line is kept (serve_argv): which flags it gave itself decides over --models-preset
+        ns, extras = super().parse_known_args(args, namespace)
+        ns.serve_argv = list(sys.argv[1:] if args is None else args)
+        return ns, extras
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    """A fresh parser of ``pyllama serve``'s command line (the one ``pyllama serve`` parses with)."""
+    sub = argparse.ArgumentParser(prog="pyllama").add_subparsers()
+    register(sub)
+    parser: argparse.ArgumentParser = sub.choices["serve"]
+    return parser
 
 
 class _Noted(argparse.Action):
@@ -195,9 +209,10 @@ def _lora_list(args: argparse.Namespace) -> list[tuple[str, float]]:
     return [(path, 0.0) for path, _ in adapters] if args.lora_init_without_apply else adapters
 
 
-def _router_models(args: argparse.Namespace) -> list[tuple[str, str, str | None]]:
+def _router_models(args: argparse.Namespace, need_some: bool = True) -> list[tuple[str, str, str | None]]:
     """(name, path, projector) of each model the router serves: --models-dir's GGUF files (and, as llama-server
-    lays them out, its subdirectories holding one model with its mmproj-*.gguf), then --models' entries."""
+    lays them out, its subdirectories holding one model with its mmproj-*.gguf), then --models' entries (none is
+    an error where ``need_some``)."""
     from ..store import is_reference, resolve
     from ..store.refs import split_parts
 
@@ -232,7 +247,7 @@ def _router_models(args: argparse.Namespace) -> list[tuple[str, str, str | None]
         if not os.path.isfile(path):
             raise ValueError(f"--models: no such model file: {ref}")
         out.append((name or Path(path).stem, path, None))
-    if not out:
+    if not out and need_some:
         raise ValueError("no models to serve (--models-dir holds no GGUF files, --models names none)")
     return out
 
@@ -382,6 +397,11 @@ def register(subparsers: Any) -> None:
     m.add_argument("--memory-budget", type=byte_size, default=None, metavar="BYTES",
                    help="the memory the loaded models may take together, each measured by llama.cpp's projection "
                         "(e.g. 8G; default: no budget but --models-max)")
+    m.add_argument("--models-preset", default=None, metavar="FILE",
+                   help="llama-server's INI file of per-model options: [*] for every model, a section per model "
+                        "(a model served, or a new one with `model = FILE`); keys are these flags without dashes "
+                        "(c, ngl, chat-template, ...), plus load-on-startup and stop-timeout; the command line "
+                        "wins over a model's section, which wins over [*]")
     p.add_argument("--spm-infill", action="store_true",
                    help="/infill: suffix before prefix in the prompt (the Suffix/Prefix/Middle order some models use)")
     p.add_argument("--props", action="store_true",
@@ -575,6 +595,126 @@ def _log_notes(args: argparse.Namespace) -> None:
             log.info("%s ignored: %s", shown, reason)
 
 
+_Settings = tuple[Any, Any, Any]  # (chat template, its kwargs, RequestDefaults)
+
+
+class _Refused(Exception):
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.message, self.code = message, code
+
+
+def _app_settings(a: argparse.Namespace, who: str = "") -> _Settings:
+    """The chat template (read from --chat-template-file), --chat-template-kwargs and the request defaults a
+    model's app takes from its options; a problem is :class:`_Refused` with the exit code."""
+    from .params import RequestDefaults
+
+    template = a.chat_template
+    if a.chat_template_file:
+        try:
+            with open(a.chat_template_file, encoding="utf-8") as fh:
+                template = fh.read()
+        except OSError as exc:
+            raise _Refused(f"{who}cannot read the chat template: {exc}", 1) from None
+    kwargs = None
+    if a.chat_template_kwargs is not None:
+        try:
+            kwargs = json.loads(a.chat_template_kwargs)
+        except ValueError as exc:
+            raise _Refused(f"{who}--chat-template-kwargs is not JSON: {exc}", 2) from None
+        if not isinstance(kwargs, dict):
+            raise _Refused(f"{who}--chat-template-kwargs must be a JSON object", 2)
+    defaults = RequestDefaults(
+        temperature=a.temp, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
+        seed=None if a.seed is None or a.seed < 0 else a.seed, repeat_penalty=a.repeat_penalty,
+        repeat_last_n=a.repeat_last_n, presence_penalty=a.presence_penalty,
+        frequency_penalty=a.frequency_penalty,
+        max_tokens=None if a.n_predict is None or a.n_predict < 0 else a.n_predict)
+    return template, kwargs, defaults
+
+
+@dataclass
+class _Routed:
+    """One model of the router: its name, file, projector, options and what its preset says of it."""
+
+    name: str
+    path: str
+    mmproj: str | None
+    args: argparse.Namespace
+    aliases: list[str] = field(default_factory=list)
+    load_on_startup: bool = False
+    stop_timeout: float = 10.0
+    settings: _Settings | None = None
+
+
+def _model_file(ref: str, offline: bool, where: str) -> str:
+    """A preset's model: a file (relative to the working directory) or a store reference (hf:org/repo:Q, a URL)."""
+    from ..store import is_reference, resolve
+
+    if is_reference(ref):
+        return str(resolve(ref, progress=True, offline=True if offline else None))
+    if not os.path.isfile(ref):
+        raise ValueError(f"{where}: no such model file: {ref}")
+    return ref
+
+
+def _router_specs(args: argparse.Namespace, raw: argparse.Namespace,
+                  found: list[tuple[str, str, str | None]]) -> list[_Routed]:
+    """Each routed model with its options: --models-dir's and --models' models, and --models-preset's
+    sections over them (its new models added), merged as llama-server merges them: the command line over the
+    model's section over [*]."""
+    from ..speculative import NGRAM_TYPES
+    from . import presets
+
+    if args.models_preset is None:
+        return [_Routed(name, p, proj, args) for name, p, proj in found]
+    preset = presets.load(Path(args.models_preset), presets.probe_parser(serve_parser()))
+    for part in (preset.everywhere, *preset.models.values()):
+        for flag, value, reason, later in part.notes:
+            shown = f"{flag} {value}" if value is not None else flag
+            log.log(logging.WARNING if later else logging.INFO, "%s [%s]: %s %s (%s): ignored", preset.path, part.name,
+                    shown, "is not supported yet" if later else "changes nothing here", reason)
+    given = presets.explicit(getattr(args, "serve_argv", None) or [], presets.probe_parser(serve_parser()))
+    defaults = serve_parser()
+    models: dict[str, tuple[str, str | None]] = {name: (p, proj) for name, p, proj in found}
+    for name, section in preset.models.items():
+        where = f"{preset.path}: [{name}]"
+        ref = section.model_ref(where)
+        if ref is None and name not in models:
+            raise presets.PresetError(
+                f"{where} is not a model this server serves ({', '.join(models) or 'none'}) and gives no "
+                "`model = FILE` (or hf-repo) to define one")
+        if ref is not None:
+            models[name] = (_model_file(ref, args.offline, where), None)
+    out = []
+    for name, (p, proj) in models.items():
+        sec = preset.models.get(name)
+        layers = [preset.everywhere] + ([sec] if sec is not None else [])
+        a, applied = presets.merged(raw, given, layers, defaults.get_default)
+        for dest in presets.MODEL_DESTS + ("alias",):
+            setattr(a, dest, None)
+        problem = _llama_server_args(a)
+        if problem is None and a.draft is not None and a.draft not in ("ngram", *NGRAM_TYPES):
+            problem = f"--draft must be ngram or one of {', '.join(NGRAM_TYPES)}"
+        if problem is not None:
+            raise presets.PresetError(f"{preset.path}: model `{name}`: {problem}")
+        _log_notes(a)
+        if getattr(a, "no_mmproj", False):
+            proj = a.mmproj = None
+        elif a.mmproj is not None:
+            proj = a.mmproj
+        load = [s.load_on_startup for s in layers if s.load_on_startup is not None]
+        stop = [s.stop_timeout for s in layers if s.stop_timeout is not None]
+        if applied:
+            log.info("model %s: from %s: %s", name, preset.path.name, ", ".join(applied))
+        out.append(_Routed(name, p, proj, a, sec.aliases if sec is not None else [],
+                           bool(load and load[-1]), float(stop[-1]) if stop else float(presets.DEFAULT_STOP_TIMEOUT)))
+    if not out:
+        raise ValueError("no models to serve (--models-dir holds no GGUF files, --models and --models-preset "
+                         "name none)")
+    return out
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
@@ -583,35 +723,43 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as exc:
         print(f"pyllama serve needs the server extra: pip install 'pyllama[server]' ({exc})", file=sys.stderr)
         return 2
+    raw = argparse.Namespace(**vars(args))  # as parsed: each routed model's options start from it
     problem = _llama_server_args(args)
-    if problem is None and args.memory_limit is not None and not (args.isolate or args.models_dir or args.models):
+    several = args.models_dir is not None or args.models is not None or args.models_preset is not None
+    if problem is None and args.memory_limit is not None and not (args.isolate or several):
         problem = "--memory-limit caps a worker process: use it with --isolate (or several models)"
     if problem is not None:
         print(f"pyllama serve: {problem}", file=sys.stderr)
         return 2
+    # llama.cpp's own log stays quiet unless `pyllama --log-level` asked for it; the server says what it does.
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s %(levelname)s: %(message)s")
+    logging.getLogger("pyllama.server").setLevel(logging.INFO)
+    from ..errors import LlamaError
     from ..starter import STARTERS
+    from .presets import PresetError
 
-    routed = None
-    if args.models_dir is not None or args.models is not None:  # several models: the router
+    routed: list[_Routed] | None = None
+    if several:  # several models: the router
         try:
             if args.mmproj is not None:
                 raise ValueError("--mmproj names one model's projector: with several models, put each model "
-                                 "with its mmproj-*.gguf in a subdirectory of --models-dir")
-            routed = _router_models(args)
-        except (OSError, ValueError) as exc:
+                                 "with its mmproj-*.gguf in a subdirectory of --models-dir (or give it in the "
+                                 "model's section of --models-preset)")
+            routed = _router_specs(args, raw, _router_models(args, need_some=args.models_preset is None))
+        except PresetError as exc:
+            print(f"pyllama serve: {exc}", file=sys.stderr)
+            return 2
+        except (OSError, ValueError, LlamaError) as exc:
             print(f"pyllama serve: {exc}", file=sys.stderr)
             return 1
         path = ""
     elif args.model is None or args.model in STARTERS:
-        from ..errors import LlamaError
-
         try:
             path = str(STARTERS[args.model or "chat-starter"]())
         except LlamaError as exc:
             print(f"pyllama serve: {exc}", file=sys.stderr)
             return 1
     else:
-        from ..errors import LlamaError
         from ..store import is_reference, resolve
 
         path = args.model
@@ -636,66 +784,58 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not args.api_keys and not all(_is_loopback(h) for h in hosts):
         print(f"pyllama serve: warning: listening on {args.host} without --api-key: anyone who can reach it "
               "can use it", file=sys.stderr)
-    # llama.cpp's own log stays quiet unless `pyllama --log-level` asked for it; the server says what it does.
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s %(levelname)s: %(message)s")
-    logging.getLogger("pyllama.server").setLevel(logging.INFO)
     _log_notes(args)
-    template = args.chat_template
-    if args.chat_template_file:
-        try:
-            with open(args.chat_template_file, encoding="utf-8") as fh:
-                template = fh.read()
-        except OSError as exc:
-            print(f"pyllama serve: cannot read the chat template: {exc}", file=sys.stderr)
-            return 1
-    kwargs = None
-    if args.chat_template_kwargs is not None:
-        try:
-            kwargs = json.loads(args.chat_template_kwargs)
-        except ValueError as exc:
-            print(f"pyllama serve: --chat-template-kwargs is not JSON: {exc}", file=sys.stderr)
-            return 2
-        if not isinstance(kwargs, dict):
-            print("pyllama serve: --chat-template-kwargs must be a JSON object", file=sys.stderr)
-            return 2
     from .cors import CORSOptions
-    from .params import RequestDefaults
     from .slow_clients import protocol_with
 
-    defaults = RequestDefaults(
-        temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-        seed=None if args.seed is None or args.seed < 0 else args.seed, repeat_penalty=args.repeat_penalty,
-        repeat_last_n=args.repeat_last_n, presence_penalty=args.presence_penalty,
-        frequency_penalty=args.frequency_penalty,
-        max_tokens=None if args.n_predict is None or args.n_predict < 0 else args.n_predict)
+    try:
+        settings = _app_settings(args)
+        for spec in routed or ():
+            spec.settings = _app_settings(spec.args, f"model `{spec.name}`: ")
+    except _Refused as exc:
+        print(f"pyllama serve: {exc.message}", file=sys.stderr)
+        return exc.code
     cors = None if args.no_cors else CORSOptions(origins=args.cors_origins, methods=args.cors_methods,
                                                  headers=args.cors_headers, credentials=args.cors_credentials)
-    def make_app(loader: Callable[[], Engine], name: str | None, load_at_start: bool) -> Starlette:
+
+    def make_app(loader: Callable[[], Engine], name: str | None, load_at_start: bool, a: argparse.Namespace,
+                 settings: _Settings) -> Starlette:
+        template, kwargs, defaults = settings
         return create_app(loader, api_key=args.api_keys, model_name=name,
-                          aliases=args.aliases if load_at_start else (),
-                          keepalive_s=args.keepalive if args.keepalive > 0 else 1e9,
-                          chat_template=template, defaults=defaults, metrics=args.metrics, cors=cors,
-                          reasoning_format=args.reasoning_format, slots=args.slots_endpoint, props=args.props,
-                          reasoning=args.reasoning, chat_template_kwargs=kwargs, verbose=args.verbose,
-                          tags=[t.strip() for t in (args.tags or "").split(",") if t.strip()], jinja=args.jinja,
-                          max_body_size=args.max_body_size, read_timeout=args.timeout,
-                          slot_save_path=args.slot_save_path, spm_infill=args.spm_infill,
-                          load_at_start=load_at_start, media_path=args.media_path)
+                          aliases=a.aliases if load_at_start else (),
+                          keepalive_s=a.keepalive if a.keepalive > 0 else 1e9,
+                          chat_template=template, defaults=defaults, metrics=a.metrics, cors=cors,
+                          reasoning_format=a.reasoning_format, slots=a.slots_endpoint, props=a.props,
+                          reasoning=a.reasoning, chat_template_kwargs=kwargs, verbose=a.verbose,
+                          tags=[t.strip() for t in (a.tags or "").split(",") if t.strip()], jinja=a.jinja,
+                          max_body_size=a.max_body_size, read_timeout=a.timeout,
+                          slot_save_path=a.slot_save_path, spm_infill=a.spm_infill,
+                          load_at_start=load_at_start, media_path=a.media_path)
 
     app: Any
     if routed is not None:
         from .router import ModelRouter, RoutedModel
 
-        ngl: Any = args.ngl if args.ngl in ("auto", "all") else int(args.ngl)
-        router = ModelRouter(
-            [RoutedModel(name, Path(p), make_app(functools.partial(_isolated_loader, args, p, ngl, proj), name, False))
-             for name, p, proj in routed],
-            models_max=max(1, args.models_max), memory_budget=args.memory_budget, autoload=args.models_autoload,
-            api_keys=args.api_keys or (), n_ctx=args.slot_ctx * args.slots if isinstance(args.slot_ctx, int) else 4096)
+        models = []
+        for spec in routed:
+            a = spec.args
+            ngl: Any = a.ngl if a.ngl in ("auto", "all") else int(a.ngl)
+            assert spec.settings is not None
+            loader = functools.partial(_isolated_loader, a, spec.path, ngl, spec.mmproj)
+            models.append(RoutedModel(spec.name, Path(spec.path), make_app(loader, spec.name, False, a, spec.settings),
+                                      aliases=tuple(spec.aliases), load_on_startup=spec.load_on_startup,
+                                      stop_timeout=spec.stop_timeout,
+                                      n_ctx=a.slot_ctx * a.slots if isinstance(a.slot_ctx, int) else None))
+        try:
+            router = ModelRouter(models, models_max=max(1, args.models_max), memory_budget=args.memory_budget,
+                                 autoload=args.models_autoload, api_keys=args.api_keys or (), n_ctx=4096)
+        except ValueError as exc:
+            print(f"pyllama serve: {exc}", file=sys.stderr)
+            return 2
         app, state = router, router
-        log.info("serving %d models: %s", len(routed), ", ".join(name for name, _, _ in routed))
+        log.info("serving %d models: %s", len(routed), ", ".join(spec.name for spec in routed))
     else:
-        app = make_app(lambda: _loader(args, path), args.model_name, True)
+        app = make_app(lambda: _loader(args, path), args.model_name, True, args, settings)
         state = app.state.server
 
     class Server(uvicorn.Server):

@@ -1,6 +1,6 @@
 """Ollama's API on the same engine: generation here (``/api/chat``, ``/api/generate``, ``/api/embed``), the
 models in :mod:`.ollama_models` (``/api/tags``, ``/api/show``, ``/api/ps``, ``/api/pull``, ``/api/delete``,
-``/api/version``), for the clients that speak it (Open
+``/api/copy``, ``/api/create``, ``/api/push``, ``/api/version``), for the clients that speak it (Open
 WebUI, Continue, editors, the ``ollama`` Python and JS libraries).
 
 A translation, not a second code path: ``/api/chat`` and ``/api/generate`` become a chat completion request
@@ -12,7 +12,9 @@ are Ollama's: NDJSON streams (``stream`` defaults to true), durations in nanosec
 errors as ``{"error": "..."}``. ``keep_alive`` frees the model after that long idle (``0``: at once, after
 the request; an empty prompt or message list only loads or unloads), as Ollama; the next request loads it
 again. Model names: this server serves one model and answers to any name for chat, generate and embed (as
-llama-server does); ``/api/show`` knows its names; ``/api/pull`` resolves a name through the store
+llama-server does); ``/api/show`` knows its names; a name made by ``/api/copy`` or ``/api/create``
+(:class:`Variant`) gives its requests that model's system prompt, default options and messages, as Ollama
+does; ``/api/pull`` resolves a name through the store
 (``hf:org/repo[:QUANT]``, a URL, ``starter``/``chat-starter``; an Ollama library name is a 404).
 """
 
@@ -25,7 +27,9 @@ import logging
 import math
 import re
 import time
-from typing import TYPE_CHECKING, Any, AsyncGenerator, Literal, Union
+import weakref
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, AsyncGenerator, Literal, Mapping, Union
 
 from pydantic import Field
 from starlette.requests import Request
@@ -113,6 +117,36 @@ class OllamaEmbeddingsRequest(_Request):
     prompt: str = ""
     options: dict[str, Any] | None = None
     keep_alive: _KeepAlive = None
+
+
+# --- names made by /api/copy and /api/create -----------------------------------------------------
+
+@dataclass(frozen=True)
+class Variant:
+    """A name ``/api/copy`` or ``/api/create`` made for a served model: the name it was made from, and what its
+    requests get (Ollama's model ``system`` prompt, its ``parameters`` as default options, its ``messages``
+    before a chat's, its ``license``). Kept while the server runs."""
+
+    parent: str
+    system: str | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+    messages: tuple[OllamaMessage, ...] = ()
+    license: str | None = None
+
+
+_VARIANTS: weakref.WeakKeyDictionary[ServerState, dict[str, Variant]] = weakref.WeakKeyDictionary()
+
+
+def variants(server: ServerState) -> dict[str, Variant]:
+    """The names made for ``server``'s model (by name)."""
+    return _VARIANTS.setdefault(server, {})
+
+
+def _options(variant: Variant | None, options: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A request's options over its model's parameters (Ollama's precedence)."""
+    if variant is None or not variant.options:
+        return options
+    return {**variant.options, **(options or {})}
 
 
 # --- translation ----------------------------------------------------------------------------------
@@ -288,8 +322,15 @@ async def chat(server: ServerState, request: Request) -> Response:
         if not req.messages:
             return await _load_or_unload(server, req.model, keep, "message")
         await server.ensure_engine()
-        turn = await ChatTurn.open(server, _chat_request(req.model, _messages(req.messages), options=req.options,
-                                                         fmt=req.format, tools=req.tools, think=req.think))
+        variant = variants(server).get(req.model)
+        msgs = req.messages
+        if variant is not None:  # as Ollama: the model's messages first, its system prompt unless the chat has one
+            msgs = [*variant.messages, *msgs]
+            if variant.system and req.messages[0].role != "system":
+                msgs.insert(0, OllamaMessage(role="system", content=variant.system))
+        turn = await ChatTurn.open(server, _chat_request(req.model, _messages(msgs),
+                                                         options=_options(variant, req.options), fmt=req.format,
+                                                         tools=req.tools, think=req.think))
         return await _answer(server, request, turn, req.model, req.stream, keep, "message")
     except Exception as exc:  # noqa: BLE001 - every error in Ollama's shape
         return error_answer(request, exc)
@@ -308,12 +349,17 @@ async def generate(server: ServerState, request: Request) -> Response:
         if not req.prompt and not req.suffix and not req.images:
             return await _load_or_unload(server, req.model, keep, "response")
         engine = await server.ensure_engine()
+        variant = variants(server).get(req.model)
+        options = _options(variant, req.options)
         if req.raw or req.suffix is not None:
-            er = await _submit_raw(server, engine, req)
+            er = await _submit_raw(server, engine, req, options)
             return await _answer_raw(server, request, er, req.model, req.stream, keep)
-        messages = ([ChatMessage(role="system", content=req.system)] if req.system else []) + \
+        # as Ollama: the request's system prompt, else the model's; then the model's messages, then the prompt
+        system = req.system or (variant.system if variant is not None else None)
+        messages = ([ChatMessage(role="system", content=system)] if system else []) + \
+            (_messages(list(variant.messages)) if variant is not None and req.context is None else []) + \
             [ChatMessage(role="user", content=_with_images(req.prompt, req.images))]
-        turn = await ChatTurn.open(server, _chat_request(req.model, messages, options=req.options, fmt=req.format,
+        turn = await ChatTurn.open(server, _chat_request(req.model, messages, options=options, fmt=req.format,
                                                          tools=None, think=req.think))
         return await _answer(server, request, turn, req.model, req.stream, keep, "response")
     except Exception as exc:  # noqa: BLE001 - every error in Ollama's shape
@@ -368,12 +414,13 @@ async def _answer(server: ServerState, request: Request, turn: ChatTurn, model: 
     return ndjson(frames(), "chat" if key == "message" else "generate")
 
 
-async def _submit_raw(server: ServerState, engine: Engine, req: OllamaGenerateRequest) -> EngineRequest:
+async def _submit_raw(server: ServerState, engine: Engine, req: OllamaGenerateRequest,
+                      options: dict[str, Any] | None) -> EngineRequest:
     """A ``raw`` prompt as it is, or ``suffix``: the fill-in-the-middle prompt (models with FIM tokens)."""
     from ..infill import infill_support, infill_tokens
     from . import params
 
-    opts = _chat_request(req.model, [ChatMessage(role="user", content="")], options=req.options, fmt=req.format,
+    opts = _chat_request(req.model, [ChatMessage(role="user", content="")], options=options, fmt=req.format,
                          tools=None, think=None)
     schema = opts.response_format.schema_or_none() if opts.response_format is not None else None
 
@@ -474,4 +521,4 @@ async def embeddings(server: ServerState, request: Request) -> Response:
 
 
 __all__ = ["chat", "generate", "embed", "embeddings", "keep_alive_seconds", "error_answer", "ndjson", "json_line",
-           "now_iso", "NDJSON"]
+           "now_iso", "NDJSON", "Variant", "variants", "OllamaMessage"]

@@ -1,5 +1,8 @@
 """Ollama's model routes: ``/api/tags``, ``/api/show``, ``/api/ps``, ``/api/version`` (what this server
-serves) and ``/api/pull``, ``/api/delete`` (the model store), in Ollama's shapes; errors and streams as
+serves), ``/api/pull``, ``/api/delete`` (the model store), ``/api/copy`` and ``/api/create`` (more names for the
+served model, kept while the server runs: a copy, or a model made ``from`` it with its own ``system`` prompt,
+default ``parameters``, ``messages`` and ``license``; what needs new weights or a Go template is refused) and
+``/api/push`` (501: there is no registry to push to), in Ollama's shapes; errors and streams as
 :mod:`.ollama` writes them."""
 
 from __future__ import annotations
@@ -7,18 +10,21 @@ from __future__ import annotations
 import asyncio
 import datetime
 import hashlib
+import json
 import re
 import threading
 from pathlib import Path
-from typing import Any, AsyncGenerator
+from typing import Any, AsyncGenerator, Union
 
+from pydantic import Field
 from starlette.requests import Request
 from starlette.responses import Response
 
 from .._version import __version__
 from .errors import api_error, ollama_error_response
-from .ollama import error_answer, json_line, ndjson
-from .protocol import APIError, _Request, parse_request
+from .ollama import (_OPTIONS, OllamaMessage, Variant, _chat_request, _messages, error_answer, json_line, ndjson,
+                     variants)
+from .protocol import APIError, ChatMessage, _Request, parse_request
 from .responses import json_response
 from .state import ServerState
 
@@ -38,6 +44,110 @@ class OllamaModelRequest(_Request):
             raise APIError(400, "model is required", param="model")
         return ref
 
+
+
+class OllamaCopyRequest(_Request):
+    source: str
+    destination: str
+
+
+class OllamaCreateRequest(_Request):
+    """``/api/create``: a new ``model`` ``from`` a served one (Ollama's fields; those pyllama cannot honour are
+    refused by name)."""
+
+    model: str | None = None
+    name: str | None = None  # the older spelling of model
+    from_: str | None = Field(default=None, alias="from")
+    system: str | None = None
+    parameters: dict[str, Any] | None = None
+    messages: list[OllamaMessage] | None = None
+    license: Union[str, list[str], None] = None
+    template: str | None = None
+    files: dict[str, str] | None = None
+    adapters: dict[str, str] | None = None
+    quantize: str | None = None
+    modelfile: str | None = None
+    path: str | None = None
+    stream: bool = True
+
+
+#: what /api/create cannot do here: the field, and why
+_UNSUPPORTED_CREATE = {
+    "files": "creating a model from uploaded GGUF files is not supported (create from a served model: `from`)",
+    "adapters": "LoRA adapters are given when the server starts (--lora), not per created model",
+    "quantize": "quantizing is not supported here (llama.cpp's llama-quantize makes quantized GGUF files)",
+    "template": "a Go chat template is not supported (the model's own Jinja template is used)",
+    "modelfile": "Modelfiles are not supported (give from, system, parameters, messages as fields)",
+    "path": "Modelfiles are not supported (give from, system, parameters, messages as fields)",
+}
+#: Ollama's options that are fixed when a llama.cpp server loads its model
+_LOAD_TIME = ("num_ctx", "num_batch", "num_gpu", "main_gpu", "use_mmap", "num_thread", "num_keep", "numa",
+              "low_vram", "vocab_only", "use_mlock")
+
+
+def read_copy(body: bytes) -> OllamaCopyRequest:
+    req = parse_request(OllamaCopyRequest, body)
+    for key in ("source", "destination"):
+        if not getattr(req, key).strip():
+            raise APIError(400, f"{key} is required", param=key)
+    return req
+
+
+def read_create(body: bytes) -> tuple[OllamaCreateRequest, str, str]:
+    """The create request, the new name and the name it is made from (400 naming any field not supported)."""
+    req = parse_request(OllamaCreateRequest, body)
+    for key, why in _UNSUPPORTED_CREATE.items():
+        if getattr(req, key):
+            raise APIError(400, f"{key}: {why}", param=key, code="unsupported")
+    name = (req.model or req.name or "").strip()
+    if not name:
+        raise APIError(400, "model is required", param="model")
+    if not req.from_:
+        raise APIError(400, "from is required: pyllama creates a model from a served one", param="from")
+    return req, name, req.from_
+
+
+def new_variant(req: OllamaCreateRequest, parent_name: str, parent: Variant | None) -> Variant:
+    """The name ``req`` creates from ``parent_name`` (itself made by create or copy: ``parent``): its fields over
+    the parent's, as Ollama layers a model over its FROM."""
+    params = dict(req.parameters or {})
+    for key in params:
+        if key in _LOAD_TIME:
+            raise APIError(400, f"parameters.{key}: fixed when the server loads the model (pyllama serve's flags), "
+                           "not per created model", param=f"parameters.{key}", code="unsupported")
+        if key not in _OPTIONS and key != "num_predict":
+            raise APIError(400, f"parameters.{key}: not a parameter pyllama knows", param=f"parameters.{key}",
+                           code="unsupported")
+    try:  # checked as a request's options are
+        _chat_request(req.model or "", [ChatMessage(role="user", content="")], options=params, fmt=None, tools=None,
+                      think=None)
+        _messages(list(req.messages or ()))
+    except APIError as err:
+        raise APIError(400, err.message.replace("options", "parameters", 1), param="parameters") from None
+    license = "\n".join(req.license) if isinstance(req.license, list) else req.license
+    base = parent or Variant(parent=parent_name)
+    return Variant(parent=parent_name, system=req.system if req.system is not None else base.system,
+                   options={**base.options, **params},
+                   messages=tuple(req.messages) if req.messages is not None else base.messages,
+                   license=license if license is not None else base.license)
+
+
+def created(stream: bool) -> Response:
+    """Ollama's answer to a create: its status lines, or ``{"status": "success"}``."""
+    if not stream:
+        return json_response({"status": "success"})
+
+    async def frames() -> AsyncGenerator[bytes, None]:
+        for status in ("using existing layer", "writing manifest", "success"):
+            yield json_line({"status": status})
+
+    return ndjson(frames(), "create")
+
+
+def push_refused() -> APIError:
+    return APIError(501, "pushing a model to a registry is not supported by this server (pyllama serves models "
+                    "from files and the Hugging Face Hub; upload GGUF files there)", type="not_supported_error",
+                    code="not_supported")
 
 
 _DIGESTS: dict[tuple[str, int, float], str] = {}
@@ -95,7 +205,13 @@ async def tags(server: ServerState, request: Request) -> Response:
         if server.engine is None and not server.unloaded:
             server.require_engine()  # still loading (503) or failed (500)
         digest = await asyncio.to_thread(_digest, Path(server.model_facts["path"]))
-        return json_response({"models": [_card(server, digest)]})
+        cards = [_card(server, digest)]
+        for name, v in variants(server).items():  # Ollama lists a copy as a model of its own
+            card = _card(server, digest)
+            card["name"] = card["model"] = name
+            card["details"]["parent_model"] = v.parent
+            cards.append(card)
+        return json_response({"models": cards})
     except Exception as exc:  # noqa: BLE001 - every error in Ollama's shape
         return error_answer(request, exc)
 
@@ -122,10 +238,12 @@ async def show(server: ServerState, request: Request) -> Response:
         req = parse_request(OllamaModelRequest, await request.body())
         name = req.ref()
         engine = await server.ensure_engine()
-        try:
-            server.find_model(name)
-        except APIError:
-            raise APIError(404, f"model '{name}' not found", param="model") from None
+        variant = variants(server).get(name)
+        if variant is None:
+            try:
+                server.find_model(name)
+            except APIError:
+                raise APIError(404, f"model '{name}' not found", param="model") from None
         model = engine.model
         arch = model.architecture
         info: dict[str, Any] = {"general.architecture": arch, "general.parameter_count": model.n_params,
@@ -148,12 +266,88 @@ async def show(server: ServerState, request: Request) -> Response:
             caps.append("audio")
         path = Path(str(model.path))
         modified = datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.timezone.utc)
-        return json_response({"license": model.meta("general.license") or "", "modelfile": f"FROM {path.name}\n",
-                      "parameters": "", "template": template,
-                      "details": details(server.model_facts), "model_info": info, "capabilities": caps,
-                      "modified_at": modified.isoformat()})
+        shown: dict[str, Any] = {"license": model.meta("general.license") or "", "modelfile": f"FROM {path.name}\n",
+                 "parameters": "", "template": template, "details": details(server.model_facts), "model_info": info,
+                 "capabilities": caps, "modified_at": modified.isoformat()}
+        if variant is not None:
+            shown.update(_variant_fields(variant))
+            shown["details"]["parent_model"] = variant.parent
+        return json_response(shown)
     except Exception as exc:  # noqa: BLE001 - every error in Ollama's shape
         return error_answer(request, exc)
+
+
+def _parameter_lines(options: dict[str, Any]) -> list[str]:
+    """Ollama's ``parameters`` text: one ``name value`` a line (a stop list: one line per stop)."""
+    lines = []
+    for key, value in options.items():
+        for v in value if isinstance(value, list) else [value]:
+            lines.append(f"{key} {json.dumps(v) if isinstance(v, str) else v}")
+    return lines
+
+
+def _variant_fields(v: Variant) -> dict[str, Any]:
+    """What ``/api/show`` tells of a name made by create or copy."""
+    params = _parameter_lines(dict(v.options))
+    modelfile = [f"FROM {v.parent}"] + [f"PARAMETER {line}" for line in params]
+    if v.system is not None:
+        modelfile.append(f'SYSTEM """{v.system}"""')
+    for m in v.messages:
+        modelfile.append(f'MESSAGE {m.role} """{m.content}"""')
+    out: dict[str, Any] = {"modelfile": "\n".join(modelfile) + "\n", "parameters": "\n".join(params)}
+    if v.system is not None:
+        out["system"] = v.system
+    if v.messages:
+        out["messages"] = [m.model_dump(exclude_none=True) for m in v.messages]
+    if v.license is not None:
+        out["license"] = v.license
+    return out
+
+
+def _served_name(server: ServerState, name: str) -> bool:
+    return name == server.model_name or name in getattr(server, "model_aliases", ()) or name in server.aliases
+
+
+async def copy(server: ServerState, request: Request) -> Response:
+    """``/api/copy``: ``destination`` names the served model too (with what ``source`` had, if create made it)."""
+    try:
+        req = read_copy(await request.body())
+        table = variants(server)
+        if req.source in table:
+            variant = table[req.source]
+        elif _served_name(server, req.source):
+            variant = Variant(parent=req.source)
+        else:
+            raise APIError(404, f"model '{req.source}' not found", param="source")
+        if req.destination != req.source:
+            if _served_name(server, req.destination):
+                raise APIError(400, f"`{req.destination}` names the served model itself: choose another name",
+                               param="destination")
+            table[req.destination] = variant
+        return Response(status_code=200)
+    except Exception as exc:  # noqa: BLE001 - every error in Ollama's shape
+        return error_answer(request, exc)
+
+
+async def create(server: ServerState, request: Request) -> Response:
+    """``/api/create`` from the served model (or a name made from it): a new name whose requests get its system
+    prompt, default parameters and messages."""
+    try:
+        req, name, parent = read_create(await request.body())
+        table = variants(server)
+        if parent not in table and not _served_name(server, parent):
+            raise APIError(404, f"model '{parent}' not found", param="from")
+        if _served_name(server, name):
+            raise APIError(400, f"`{name}` names the served model itself: choose another name", param="model")
+        table[name] = new_variant(req, parent, table.get(parent))
+        return created(req.stream)
+    except Exception as exc:  # noqa: BLE001 - every error in Ollama's shape
+        return error_answer(request, exc)
+
+
+async def push(server: ServerState, request: Request) -> Response:
+    """``/api/push``: 501, there is no registry to push to."""
+    return ollama_error_response(push_refused())
 
 
 async def version(server: ServerState, request: Request) -> Response:
@@ -251,6 +445,8 @@ async def delete(server: ServerState, request: Request) -> Response:
     try:
         req = parse_request(OllamaModelRequest, await request.body())
         ref = req.ref()
+        if variants(server).pop(ref, None) is not None:  # a name made by copy or create: forgotten
+            return Response(status_code=200)
         try:
             removed = await asyncio.to_thread(remove, ref)
         except Exception as exc:  # noqa: BLE001 - the store's errors, each as its status
@@ -262,4 +458,6 @@ async def delete(server: ServerState, request: Request) -> Response:
         return error_answer(request, exc)
 
 
-__all__ = ["OllamaModelRequest", "tags", "ps", "show", "version", "pull", "delete", "details"]
+__all__ = ["OllamaModelRequest", "OllamaCopyRequest", "OllamaCreateRequest", "tags", "ps", "show", "version", "pull",
+           "delete", "copy", "create", "push", "details", "read_copy", "read_create", "new_variant", "created",
+           "push_refused"]

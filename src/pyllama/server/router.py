@@ -12,6 +12,12 @@ room is made by freeing the least recently used model that is answering nothing,
 in flight. A model that could never fit is a clear error. ``GET /v1/models`` (and ``/models``) lists
 every model with its status (unloaded, loading, loaded, failed with the reason), ``/api/tags`` and
 ``/api/ps`` Ollama's views of the same.
+
+A model may have more names: its ``--models-preset`` section's ``alias``, and Ollama's ``/api/copy`` and
+``/api/create`` (a new name for a routed model, its requests given a system prompt and default options),
+which the router answers itself, as ``/api/push`` (501: no registry here). A preset's ``load-on-startup``
+loads the model when the server starts; ``POST /models/unload`` waits the model's ``stop-timeout`` seconds for
+its requests, then cancels them.
 """
 
 from __future__ import annotations
@@ -55,6 +61,14 @@ class RoutedModel:
     path: Path
     app: Starlette
     need: int | None = None
+    #: more names requests may give it (its preset section's `alias`)
+    aliases: tuple[str, ...] = ()
+    #: load it when the server starts (its preset's `load-on-startup`)
+    load_on_startup: bool = False
+    #: seconds POST /models/unload waits for its requests before cancelling them (its preset's `stop-timeout`)
+    stop_timeout: float = 10.0
+    #: the context its cache holds, all slots (measured for the memory it needs; None: the router's)
+    n_ctx: int | None = None
 
     @property
     def state(self) -> ServerState:
@@ -99,6 +113,15 @@ class ModelRouter:
         if len(set(names)) != len(names):
             raise ValueError(f"two models share a name: {sorted(n for n in names if names.count(n) > 1)}")
         self.models = {m.name: m for m in models}
+        #: a model's other names: its preset aliases (fixed) and Ollama's copies and creations (made at run time)
+        self.aliases: dict[str, RoutedModel] = {}
+        self.copies: dict[str, RoutedModel] = {}
+        for m in models:
+            for alias in m.aliases:
+                if alias in self.models or alias in self.aliases:
+                    raise ValueError(f"the alias `{alias}` of model `{m.name}` names another model too")
+                self.aliases[alias] = m
+        self._tasks: set[asyncio.Task[None]] = set()
         self.models_max = models_max
         self.memory_budget = memory_budget
         self.autoload = autoload
@@ -113,6 +136,8 @@ class ModelRouter:
             ("GET", "/health"): self._health, ("GET", "/v1/health"): self._health,
             ("GET", "/api/tags"): self._tags, ("GET", "/api/ps"): self._ps,
             ("POST", "/models/load"): self._load, ("POST", "/models/unload"): self._unload,
+            ("POST", "/api/copy"): self._ollama_copy, ("POST", "/api/create"): self._ollama_create,
+            ("POST", "/api/push"): self._ollama_push,
         }
 
     # --- making room --------------------------------------------------------------------------
@@ -125,7 +150,7 @@ class ModelRouter:
     async def _make_room(self, model: RoutedModel) -> None:
         if model.need is None:
             try:
-                model.need = await asyncio.to_thread(measure, model.path, self.n_ctx)
+                model.need = await asyncio.to_thread(measure, model.path, model.n_ctx or self.n_ctx)
             except Exception as exc:  # noqa: BLE001 - a file llama.cpp cannot read: the model failed to load
                 model.state.load_error = exc
                 model.state.require_engine()  # raises: the load failure, as the model's status says it
@@ -164,7 +189,8 @@ class ModelRouter:
         status: dict[str, Any] = {"value": m.status}
         if m.state.load_error is not None:
             status["failed_reason"] = without_dirs(str(m.state.load_error))
-        return {"id": m.name, "object": "model", "created": self.created, "owned_by": "pyllama",
+        aliases = sorted({*m.aliases, *(name for name, c in self.copies.items() if c is m)})
+        return {"id": m.name, "aliases": aliases, "object": "model", "created": self.created, "owned_by": "pyllama",
                 "path": m.path.name, "status": status}
 
     async def _list(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -188,8 +214,18 @@ class ModelRouter:
                 "details": details(facts)}
 
     async def _tags(self, scope: Scope, receive: Receive, send: Send) -> None:
-        cards = await asyncio.to_thread(lambda: [self._ollama_card(m) for m in self.models.values()])
-        await _answer(send, 200, {"models": cards})
+        from .ollama import variants
+
+        def cards() -> list[dict[str, Any]]:
+            out = [self._ollama_card(m) for m in self.models.values()]
+            for name, m in self.copies.items():  # Ollama lists a copy as a model of its own
+                card = self._ollama_card(m)
+                card["name"] = card["model"] = name
+                card["details"]["parent_model"] = variants(m.state)[name].parent
+                out.append(card)
+            return out
+
+        await _answer(send, 200, {"models": await asyncio.to_thread(cards)})
 
     async def _ps(self, scope: Scope, receive: Receive, send: Send) -> None:
         loaded = [m for m in self.models.values() if m.status == "loaded"]
@@ -229,7 +265,104 @@ class ModelRouter:
         if model is None:
             return
         model.state.request_unload()  # once nothing is being answered
+        if model.state.engine is not None:
+            self._spawn(self._force_unload(model))
         await _answer(send, 200, {"success": True})
+
+    async def _force_unload(self, model: RoutedModel) -> None:
+        """After the model's stop timeout, an unload still waiting for requests cancels them (llama-server
+        terminates the model's process then)."""
+        await asyncio.sleep(model.stop_timeout)
+        s = model.state
+        if s._unload_requested and s.engine is not None and s._active:
+            log.info("model %s: its requests still run %g s after the unload was asked for: cancelled", model.name,
+                     model.stop_timeout)
+            s._cancel_active()
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- Ollama's copy and create: more names for a routed model ----------------------------------
+    async def _ollama_call(self, scope: Scope, receive: Receive, send: Send,
+                           handle: Callable[[bytes], Awaitable[Any]]) -> None:
+        from .errors import ollama_error_response
+
+        body = await _read_body(receive, ROUTER_MAX_BODY)
+        try:
+            if body is None:
+                raise APIError(413, "the request body is too large")
+            response = await handle(body)
+        except APIError as err:
+            response = ollama_error_response(err)
+        await response(scope, receive, send)
+
+    def _name_free(self, name: str) -> None:
+        if name in self.models or name in self.aliases:
+            raise APIError(400, f"`{name}` names a model this server serves: choose another name", param="model")
+
+    def _add_copy(self, name: str, model: RoutedModel, variant: Any) -> None:
+        from .ollama import variants
+
+        old = self.copies.pop(name, None)
+        if old is not None:
+            variants(old.state).pop(name, None)
+        self.copies[name] = model
+        variants(model.state)[name] = variant
+
+    async def _ollama_copy(self, scope: Scope, receive: Receive, send: Send) -> None:
+        from starlette.responses import Response
+
+        from .ollama import Variant, variants
+        from .ollama_models import read_copy
+
+        async def handle(body: bytes) -> Response:
+            req = read_copy(body)
+            model = self._named(req.source)
+            if model is None:
+                raise APIError(404, f"model '{req.source}' not found", param="source")
+            if req.destination != req.source:
+                self._name_free(req.destination)
+                self._add_copy(req.destination, model,
+                               variants(model.state).get(req.source) or Variant(parent=model.name))
+            return Response(status_code=200)
+
+        await self._ollama_call(scope, receive, send, handle)
+
+    async def _ollama_create(self, scope: Scope, receive: Receive, send: Send) -> None:
+        from starlette.responses import Response
+
+        from .ollama import variants
+        from .ollama_models import created, new_variant, read_create
+
+        async def handle(body: bytes) -> Response:
+            req, name, parent = read_create(body)
+            model = self._named(parent)
+            if model is None:
+                raise APIError(404, f"model '{parent}' not found", param="from")
+            self._name_free(name)
+            self._add_copy(name, model, new_variant(req, parent, variants(model.state).get(parent)))
+            return created(req.stream)
+
+        await self._ollama_call(scope, receive, send, handle)
+
+    async def _ollama_push(self, scope: Scope, receive: Receive, send: Send) -> None:
+        from .ollama_models import push_refused
+
+        async def handle(body: bytes) -> Any:
+            raise push_refused()
+
+        await self._ollama_call(scope, receive, send, handle)
+
+    async def _ollama_delete(self, scope: Scope, receive: Receive, send: Send, name: str) -> None:
+        from starlette.responses import Response
+
+        from .ollama import variants
+
+        model = self.copies.pop(name)
+        variants(model.state).pop(name, None)
+        await Response(status_code=200)(scope, receive, send)
 
     # --- dispatch ---------------------------------------------------------------------------------
     def _named(self, name: object) -> RoutedModel | None:
@@ -237,6 +370,10 @@ class ModelRouter:
             return None
         if name in self.models:
             return self.models[name]
+        if name in self.aliases:
+            return self.aliases[name]
+        if name in self.copies:
+            return self.copies[name]
         for m in self.models.values():  # the file's name or stem also names it
             if name in (m.path.name, m.path.stem):
                 return m
@@ -268,6 +405,9 @@ class ModelRouter:
                 await error_response_for(path)(APIError(413, "the request body is too large"))(scope, receive, send)
                 return
             name = await _model_field(body)
+        if (method, path) == ("DELETE", "/api/delete") and isinstance(name, str) and name in self.copies:
+            await self._ollama_delete(scope, receive, send, name)  # a copy: forgotten (the model stays)
+            return
         model = self._named(name)
         if model is None and name is None and len(self.models) == 1:
             model = next(iter(self.models.values()))
@@ -300,11 +440,20 @@ class ModelRouter:
                 await send({"type": "lifespan.startup.failed", "message": str(exc)})
                 return
             await send({"type": "lifespan.startup.complete"})
+            for m in self.models.values():
+                if m.load_on_startup:
+                    self._spawn(self._load_at_start(m))
             message = await receive()
             assert message["type"] == "lifespan.shutdown"
             for m in self.models.values():
                 m.state.shutdown_soon(0.0)
         await send({"type": "lifespan.shutdown.complete"})
+
+    async def _load_at_start(self, m: RoutedModel) -> None:
+        try:
+            await m.state.ensure_engine()
+        except Exception as exc:  # noqa: BLE001 - the model's status says it failed
+            log.error("loading %s at startup failed: %s", m.name, exc)
 
     def shutdown_soon(self, grace: float) -> None:
         for m in self.models.values():
