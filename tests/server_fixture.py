@@ -119,7 +119,7 @@ class RemoteServer:
             self.log_path.unlink(missing_ok=True)
 
 
-__all__ = ["RemoteServer", "free_port"]
+__all__ = ["RemoteServer", "free_port", "router", "statuses"]
 
 
 @contextlib.contextmanager
@@ -144,3 +144,16 @@ def stream_in_background(url: str, body: dict[str, Any], *, wait_s: float = 30.0
             time.sleep(0.01)
         yield got
         fut.result(timeout=30)
+
+
+def router(*args: str) -> RemoteServer:
+    """A ``pyllama serve`` of several models (router mode: no model argument), not started."""
+    srv = RemoteServer("unused", threads=None)
+    srv.cmd = [sys.executable, "-m", "pyllama", "serve", "--port", str(srv.port), "-t", "1", *args]
+    return srv
+
+
+def statuses(s: RemoteServer) -> dict[str, str]:
+    """Each routed model's status, by id (``/v1/models``)."""
+    return {m["id"]: m["status"]["value"] for m in httpx.get(s.url_for("v1", "models"), timeout=10).json()["data"]}
+

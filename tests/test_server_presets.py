@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server_fixture import RemoteServer, free_port
+from server_fixture import RemoteServer, free_port, router, statuses
 from synth import write_llama_model
 
 TEMPLATE = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
@@ -32,16 +32,6 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for i, name in enumerate(("models/a", "models/b", "extra")):
         write_llama_model(root / f"{name}.gguf", seed=300 + i, n_ctx_train=4096)
     return root
-
-
-def router(*args: str) -> RemoteServer:
-    srv = RemoteServer("unused", threads=None)
-    srv.cmd = [sys.executable, "-m", "pyllama", "serve", "--port", str(srv.port), "-t", "1", *args]
-    return srv
-
-
-def statuses(s: RemoteServer) -> dict[str, str]:
-    return {m["id"]: m["status"]["value"] for m in httpx.get(s.url_for("v1", "models"), timeout=10).json()["data"]}
 
 
 def props(s: RemoteServer, model: str) -> dict[str, object]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ import pytest
 
 from bounded import join_all
 from pyllama.server.router import measure
-from server_fixture import RemoteServer
+from server_fixture import RemoteServer, router, statuses
 from synth import write_llama_model
 
 NAMES = ("a", "b", "c")
@@ -33,16 +32,6 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for i, name in enumerate(NAMES):
         write_llama_model(d / f"{name}.gguf", seed=100 + i)
     return d
-
-
-def router(*args: str) -> RemoteServer:
-    srv = RemoteServer("unused", threads=None)
-    srv.cmd = [sys.executable, "-m", "pyllama", "serve", "--port", str(srv.port), "-t", "1", *args]
-    return srv
-
-
-def statuses(s: RemoteServer) -> dict[str, str]:
-    return {m["id"]: m["status"]["value"] for m in httpx.get(s.url_for("v1", "models"), timeout=10).json()["data"]}
 
 
 def complete(s: RemoteServer, model: str, **extra: object) -> httpx.Response:

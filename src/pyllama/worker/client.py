@@ -18,7 +18,6 @@ import numpy as np
 import numpy.typing as npt
 
 from ..errors import ClosedError
-from ..samplers import Sampler
 from . import protocol as p
 from .errors import WorkerCrashedError, WorkerError
 from ..options import GENERATE_KEYS, SAMPLING_KEYS, GenerateOptions, SamplingOptions, Unpack
