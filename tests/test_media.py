@@ -390,3 +390,22 @@ def test_server_input_audio_matches_llama_mtmd_cli(files: dict[str, Path]) -> No
                 {"type": "text", "text": ASK}]}]})
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["message"]["content"] == want
+
+
+def test_server_completion_multimodal_data(srv: RemoteServer, files: dict[str, Path], reference: dict[str, str]) -> None:
+    """llama-server's /completion form: each of /props' media_marker in prompt_string stands for the next of
+    multimodal_data (base64 files); the marker is random per server, so no text holds it by accident."""
+    marker = httpx.get(srv.url_for("props"), timeout=30).json()["media_marker"]
+    assert marker.startswith("<__media_") and marker != "<__media__>"
+    b64 = base64.b64encode(files["a"].read_bytes()).decode()
+    prompt = {"prompt_string": f"{PARTS_BEFORE}{marker}{PARTS_AFTER}", "multimodal_data": [b64]}
+    r = httpx.post(srv.url_for("completion"), json={"prompt": prompt, "n_predict": N, "temperature": 0}, timeout=120)
+    assert r.status_code == 200, r.text
+    assert r.json()["content"] == reference["a"]
+    for bad in ({"prompt_string": "no marker", "multimodal_data": [b64]},
+                {"prompt_string": marker, "multimodal_data": ["@@"]},
+                {"prompt_string": marker, "multimodal_data": "x"}):
+        r = httpx.post(srv.url_for("completion"), json={"prompt": bad, "n_predict": 2}, timeout=60)
+        assert r.status_code == 400, r.text
+    r = httpx.post(srv.url_for("embeddings"), json={"input": prompt}, timeout=60)
+    assert r.status_code in (400, 501), r.text

@@ -43,7 +43,7 @@ MediaKind = Literal["image", "audio"]
 MediaSource = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, npt.NDArray[Any]]
 
 #: where a rendered chat holds an image or clip (one per process, as llama-server's): random, so no text has it
-MARKER = f"<__media_{secrets.token_hex(8)}__>"
+MARKER = os.environ.get("LLAMA_MEDIA_MARKER") or f"<__media_{secrets.token_hex(8)}__>"  # (llama-server's variable)
 #: the most pixels an image may have before it is decoded (stb_image would allocate 3 bytes for each)
 MAX_PIXELS = 64 * 1024 * 1024
 #: the longest side an image may have

@@ -79,6 +79,7 @@ class Props(_Answer):
     model_alias: str
     chat_template: str
     modalities: dict[str, bool]
+    media_marker: str  # what stands for each of /completion's multimodal_data in its prompt_string
 
 
 class Success(_Answer):

@@ -40,7 +40,14 @@ def _content_parts(server: ServerState, engine: Engine, parts: Any) -> npt.NDArr
             raise APIError(400, f"the model reads no media ({kind} given)", param="input", code="unsupported")
         else:
             raise APIError(400, f"unsupported content part type {kind!r}", param="input")
-    return native_prompts(server, engine, "".join(texts))[0]
+    return _tokens_only(native_prompts(server, engine, "".join(texts))[0])
+
+
+def _tokens_only(prompt: Any) -> npt.NDArray[np.int32]:
+    """A prompt's token ids; media (multimodal_data) are not embedded here: a 400."""
+    if not isinstance(prompt, np.ndarray):
+        raise APIError(400, "embeddings read no media (multimodal_data given)", param="input", code="unsupported")
+    return prompt
 
 
 def embedding_prompts(server: ServerState, engine: Engine, given: Any) -> list[npt.NDArray[np.int32]]:
@@ -49,7 +56,7 @@ def embedding_prompts(server: ServerState, engine: Engine, given: Any) -> list[n
     def one(p: Any) -> npt.NDArray[np.int32]:
         if isinstance(p, dict) and "content" in p:
             return _content_parts(server, engine, p["content"])
-        return native_prompts(server, engine, p)[0]
+        return _tokens_only(native_prompts(server, engine, p)[0])
 
     if isinstance(given, list) and not any(isinstance(x, int) and not isinstance(x, bool) for x in given):
         if not given:

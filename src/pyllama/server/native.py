@@ -13,6 +13,8 @@ carries the timings; there is no ``[DONE]``, as in llama-server.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import logging
 import math
@@ -48,8 +50,9 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def native_prompts(server: ServerState, engine: Engine, prompt: Any) -> list[npt.NDArray[np.int32]]:
-    """llama-server's prompt forms (tokenize_input_prompts): a list without token ids is several prompts."""
+def native_prompts(server: ServerState, engine: Engine, prompt: Any) -> list[Any]:
+    """llama-server's prompt forms (tokenize_input_prompts): a list without token ids is several prompts. Each
+    becomes its tokens, or with ``multimodal_data`` the engine's media prompt."""
     if isinstance(prompt, list) and not any(_is_int(p) for p in prompt):
         if not prompt:
             raise APIError(400, '"prompt" must not be empty', param="prompt")
@@ -57,11 +60,10 @@ def native_prompts(server: ServerState, engine: Engine, prompt: Any) -> list[npt
     return [_subprompt(server, engine, prompt)]
 
 
-def _subprompt(server: ServerState, engine: Engine, p: Any) -> npt.NDArray[np.int32]:
+def _subprompt(server: ServerState, engine: Engine, p: Any) -> Any:
     if isinstance(p, dict) and "prompt_string" in p:
         if "multimodal_data" in p:
-            raise APIError(400, "Multimodal data provided, but model does not support multimodal requests.",
-                           param="prompt", code="unsupported")
+            return _multimodal(engine, p["prompt_string"], p["multimodal_data"])
         p = p["prompt_string"]
     if isinstance(p, str):
         return mixed_tokens(server, engine, [p], add_special=True, parse_special=True)
@@ -69,6 +71,29 @@ def _subprompt(server: ServerState, engine: Engine, p: Any) -> npt.NDArray[np.in
         return mixed_tokens(server, engine, p, add_special=True, parse_special=True)
     raise APIError(400, '"prompt" elements must be a string, a list of tokens, a JSON object containing a prompt '
                    "string, or a list of mixed strings & tokens.", param="prompt")
+
+
+def _multimodal(engine: Engine, text: Any, data: Any) -> Any:
+    """``{"prompt_string": ..., "multimodal_data": [base64, ...]}``: each of /props' ``media_marker`` in the text
+    stands for the next file (an image, or audio: the bytes say which), as llama-server's process_mtmd_prompt
+    reads them."""
+    from ..media import Audio, Image, Media, MediaError, image_info, media_parts
+
+    if not engine.modalities:
+        raise APIError(400, "Multimodal data provided, but model does not support multimodal requests.",
+                       param="prompt", code="unsupported")
+    if not isinstance(text, str) or not isinstance(data, list) or not all(isinstance(d, str) for d in data):
+        raise APIError(400, '"multimodal_data" is a list of base64 strings beside a "prompt_string"', param="prompt")
+    media: list[Media] = []
+    try:
+        for i, b64 in enumerate(data):
+            raw = base64.b64decode(b64, validate=True)
+            if not raw:
+                raise MediaError(f"multimodal_data[{i}] is empty")
+            media.append(Image(raw) if image_info(raw) is not None else Audio(raw))
+        return engine.media_prompt(media_parts(text, media), add_special=True, parse_special=True)
+    except (binascii.Error, ValueError) as exc:
+        raise APIError(400, f"multimodal_data: {exc}", param="prompt", code="invalid_media") from None
 
 
 def mixed_tokens(server: ServerState, engine: Engine, items: Sequence[int | str], *, add_special: bool,

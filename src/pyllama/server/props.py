@@ -16,6 +16,7 @@ from starlette.responses import Response
 from .._version import __version__
 from ..engine.front import check_slot
 from ..errors import StateError
+from ..media import MARKER
 from . import params
 from .paths import confined
 from .protocol import APIError, SlotActionRequest, parse_request
@@ -62,6 +63,7 @@ async def get_props(server: ServerState, request: Request) -> Response:
         "model_alias": server.model_name,
         "model_path": str(engine.model.path),
         "modalities": {"vision": "image" in engine.modalities, "video": False, "audio": "audio" in engine.modalities},
+        "media_marker": MARKER,  # where /completion's prompt_string holds each of its multimodal_data
         "endpoint_slots": server.slots_enabled,
         "endpoint_props": server.props_enabled,
         "endpoint_metrics": server.metrics_enabled,
