@@ -223,6 +223,18 @@ def test_bad_media_are_clear_errors(files: dict[str, Path], case: str) -> None:
         assert mp.n_media_tokens == 16
 
 
+def test_media_size_bound(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import pyllama.media
+
+    monkeypatch.setattr(pyllama.media, "MAX_MEDIA_BYTES", 16)
+    with pytest.raises(pyllama.MediaError, match="bytes"):
+        pyllama.Image(bytes(17))
+    (tmp_path / "big.png").write_bytes(bytes(17))
+    with pytest.raises(pyllama.MediaError, match="bytes"):
+        pyllama.Image(tmp_path / "big.png").data()
+    assert pyllama.Image(bytes(16)).source == bytes(16)
+
+
 def test_audio_to_a_vision_projector_and_mismatched_projectors(files: dict[str, Path], tmp_path: Path) -> None:
     with pyllama.Model(files["text"], n_gpu_layers=0) as m:
         with pytest.raises(pyllama.MediaError, match="takes no audio"):

@@ -80,6 +80,8 @@ class Media:
                             f"not {type(source).__name__}")
         if isinstance(source, bytes) and not source:
             raise MediaError(f"empty {self.kind} data")
+        if isinstance(source, bytes) and len(source) > MAX_MEDIA_BYTES:
+            raise MediaError(f"{len(source)} bytes of {self.kind} data; media may have {MAX_MEDIA_BYTES}")
         self.source: Path | bytes | npt.NDArray[Any] = source
 
     def _check_array(self, a: npt.NDArray[Any]) -> npt.NDArray[Any]:
