@@ -139,12 +139,19 @@ def test_engine_matches_and_batches_text_beside_media(files: dict[str, Path], re
             eng.submit([PARTS_BEFORE, pyllama.Image(files["a"])])
 
 
-def test_media_prefill_does_not_stall_a_text_stream(tmp_path: Path, files: dict[str, Path]) -> None:
-    """A text stream's longest gap between tokens while another slot's image is encoded (a heavier tower:
-    224-pixel images, 256 patches) stays below the encode itself: the tower runs beside the steps."""
-    proj = synth.write_projector(tmp_path / "big.gguf", image_size=224, patch_size=14, n_embd=256, n_ff=1024,
-                                 n_layer=6)
-    img = synth.write_image(tmp_path / "big.png", width=224, height=224, seed=4)
+@pytest.fixture(scope="module")
+def heavy(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A projector whose tower takes long enough to see (224-pixel images, 256 patches, 6 blocks of width
+    256) and an image for it."""
+    d = tmp_path_factory.mktemp("heavy")
+    return (synth.write_projector(d / "big.gguf", image_size=224, patch_size=14, n_embd=256, n_ff=1024, n_layer=6),
+            synth.write_image(d / "big.png", width=224, height=224, seed=4))
+
+
+def test_media_prefill_does_not_stall_a_text_stream(heavy: tuple[Path, Path], files: dict[str, Path]) -> None:
+    """A text stream's longest gap between tokens while another slot's image is encoded stays below the
+    encode itself: the tower runs beside the steps."""
+    proj, img = heavy
     with pyllama.Model(files["text"], n_gpu_layers=0) as m:
         m.projector(proj, n_threads=1)
         with pyllama.Engine(m, n_slots=2, n_ctx=4096, n_threads=1) as eng:
@@ -361,13 +368,10 @@ def test_worker_matches_llama_mtmd_cli(files: dict[str, Path], reference: dict[s
         assert chat.ask([pyllama.Image(files["a"]), ASK]) == reference["a"]
 
 
-def test_engine_cancel_during_encode_and_shared_prompts(tmp_path: Path, files: dict[str, Path],
-                                                        reference: dict[str, str]) -> None:
+def test_engine_cancel_during_encode_and_shared_prompts(heavy: tuple[Path, Path], files: dict[str, Path]) -> None:
     """A request cancelled while its image is encoded frees its slot without waiting for the tower; one prepared
     media prompt serves several requests (n choices) and is freed when the last ends."""
-    proj = synth.write_projector(tmp_path / "big.gguf", image_size=224, patch_size=14, n_embd=256, n_ff=1024,
-                                 n_layer=6)
-    img = synth.write_image(tmp_path / "big.png", width=224, height=224, seed=4)
+    proj, img = heavy
     with pyllama.Model(files["text"], n_gpu_layers=0) as m:
         m.projector(proj, n_threads=1)
         with pyllama.Engine(m, n_slots=2, n_ctx=512, n_threads=1) as eng:

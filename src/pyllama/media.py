@@ -209,7 +209,6 @@ class Projector(Handle):
                 setattr(params, name, value)
         # Media enter by position (mtmd_tokenize_from_parts), never by a marker in the text: the marker
         # libmtmd would look for is one no text contains.
-        self.marker = MARKER
         marker = ffi.new("char[]", MARKER.encode())
         params.media_marker = marker
         ptr = lib.mtmd_init_from_file(os.fsencode(self.path), model._p(), params)
