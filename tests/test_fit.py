@@ -102,3 +102,38 @@ def test_bench_fits_again_for_every_test(synth_model_path: Path) -> None:
         assert cache.get(plain[1]) is m3  # without a fit, consecutive tests share the model
     finally:
         cache.close()
+
+
+def test_a_memory_budget_in_all_and_per_device(synth_model_path: Path) -> None:
+    """What the router and `pyllama pull` decide with: per device, a budget counts what is loaded
+    against it, free memory already has it taken out, a total bounds the sum."""
+    import argparse
+
+    from pyllama.fit import MemoryBudget, free_memory, model_need
+
+    need = model_need(synth_model_path, n_ctx=256)
+    assert set(need) == {"host"} and need["host"] >= synth_model_path.stat().st_size
+    n = need["host"]
+    per = MemoryBudget.parse(f"host={3 * n}")
+    assert per.shortfall(need, {"host": n}, margin=0) is None  # two fit
+    why = per.shortfall(need, {"host": 2 * n + 1}, margin=0)
+    assert why is not None and why.startswith("host: needs") and "loaded" in why and "budget" in why
+    assert MemoryBudget.parse(f"host={n - 1}").shortfall(need, margin=0, free=False) is not None  # never
+    total = MemoryBudget.parse(str(2 * n))
+    assert total.shortfall(need, {"host": n}, margin=0) is None
+    assert total.shortfall(need, {"host": n + 1}, margin=0) is not None
+    # no budget: the host's free memory now, the margin kept, what is loaded not counted twice
+    free = free_memory("host")
+    assert MemoryBudget().shortfall(need, {"host": 1 << 50}, margin=0) is None
+    assert MemoryBudget().shortfall({"host": free + (1 << 30)}, margin=0) is not None
+    assert MemoryBudget.of(5) == MemoryBudget(5) and MemoryBudget.of(None) == MemoryBudget()
+    mixed = MemoryBudget.parse("24G, CUDA1=6G")
+    assert mixed.total == 24 << 30 and mixed.devices == (("CUDA1", 6 << 30),)
+    for bad in ("", "8G,9G", "a=1G,a=2G", "=3G", "host=lots"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            MemoryBudget.parse(bad)
+    with pytest.raises(ValueError, match="no device named CUDA7.*host"):
+        MemoryBudget.parse("CUDA7=1G").check_devices()
+    with pytest.raises(ValueError, match="no device named CPU"):  # the CPU's memory is the host's
+        MemoryBudget.parse("CPU=1G").check_devices()
+    MemoryBudget.parse("host=1G").check_devices()

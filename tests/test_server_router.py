@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -151,11 +153,23 @@ def test_keep_alive_zero_a_malformed_model_and_explicit_loads(models_dir: Path, 
 
 def test_a_memory_budget(models_dir: Path) -> None:
     need = measure(models_dir / "a.gguf", 256)
-    with router("--models-dir", str(models_dir), "--memory-budget", str(int(need * 2.5)), "-np", "1", "-c",
-                "256") as s:
-        for name in NAMES:
-            assert complete(s, name).status_code == 200
-        assert sorted(statuses(s).values()) == ["loaded", "loaded", "unloaded"]  # two fit, the third made room
-    with router("--models-dir", str(models_dir), "--memory-budget", str(need // 2), "-np", "1", "-c", "256") as s:
-        r = complete(s, "a")
-        assert r.status_code == 507 and "can never be loaded" in r.json()["error"]["message"], r.text
+    assert set(need) == {"host"} and need["host"] > 0  # the CPU build: everything in RAM
+    total = sum(need.values())
+    # in all, then for the host alone: two fit, the third made room
+    for budget in (str(int(total * 2.5)), f"host={int(need['host'] * 2.5)}"):
+        with router("--models-dir", str(models_dir), "--memory-budget", budget, "-np", "1", "-c", "256") as s:
+            for name in NAMES:
+                assert complete(s, name).status_code == 200
+            cards = {m["id"]: m for m in httpx.get(s.url_for("models"), timeout=10).json()["data"]}
+            assert sorted(c["status"]["value"] for c in cards.values()) == ["loaded", "loaded", "unloaded"]
+            assert all(c["memory"] == need for c in cards.values())  # what each was measured to need
+    for budget in (str(total // 2), f"host={need['host'] // 2}"):
+        with router("--models-dir", str(models_dir), "--memory-budget", budget, "-np", "1", "-c", "256") as s:
+            r = complete(s, "a")
+            assert r.status_code == 507 and "can never be loaded" in r.json()["error"]["message"], r.text
+            assert "budget" in r.json()["error"]["message"]
+    # a device this machine does not have: refused at the start, naming the devices there are
+    bad = subprocess.run([sys.executable, "-m", "pyllama", "serve", "--models-dir", str(models_dir),
+                          "--memory-budget", "NoSuchGPU0=1G", "--port", "0"], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and "no device named NoSuchGPU0" in bad.stderr and "host" in bad.stderr, bad.stderr

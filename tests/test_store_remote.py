@@ -72,11 +72,15 @@ def test_the_largest_quantisation_that_fits(repo: HFServer, quants: dict[str, Pa
 
 def test_the_command_line(repo: HFServer, quants: dict[str, Path], store_env: Path) -> None:
     need = {c.quant: c.host + c.gpu for c in fit_candidates("hf:org/synth", n_ctx=512, budget=1 << 40, margin=0)}
-    budget = str((need["Q4_K_M"] + need["Q8_0"]) // 2 + (1 << 30))  # the CLI keeps 1 GiB of margin
+    budget = str((need["Q4_K_M"] + need["Q8_0"]) // 2)  # a budget is what may be used: no margin taken from it
     table = _cli("inspect", "fit", "hf:org/synth", "-c", "512", "--memory-budget", budget, "--json")
     assert table.returncode == 0, table.stderr
     data = json.loads(table.stdout)
     assert data["chosen"] == "Q4_K_M" and [c["quant"] for c in data["candidates"]] == ["F32", "Q8_0", "Q4_K_M"]
+    per_device = _cli("inspect", "fit", "hf:org/synth", "-c", "512", "--memory-budget", f"host={budget}", "--json")
+    assert json.loads(per_device.stdout)["chosen"] == "Q4_K_M", per_device.stderr
+    unknown = _cli("inspect", "fit", "hf:org/synth", "--memory-budget", "host=1G,host=2G")
+    assert unknown.returncode == 2 and "named twice" in unknown.stderr
     pulled = _cli("pull", "hf:org/synth", "-c", "512", "--memory-budget", budget)
     assert pulled.returncode == 0, pulled.stderr
     assert pulled.stdout.strip().endswith("synth-Q4_K_M.gguf") and "-> Q4_K_M" in pulled.stderr.replace("->Q", "-> Q")

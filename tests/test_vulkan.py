@@ -223,6 +223,41 @@ def test_auto_offload_uses_llama_cpp_fit(visible_devices: str, tmp_path: Path) -
     assert tight["tokens"] == roomy["tokens"], (tight["tokens"], roomy["tokens"])
 
 
+def test_the_router_budgets_the_device(visible_devices: str, tmp_path: Path) -> None:
+    """`pyllama serve` of three models with a budget on the Vulkan device that holds two: the third load
+    unloads the least recently used; a budget below one model's need on the device is a clear 507."""
+    import httpx
+    import synth
+    from server_fixture import router, statuses
+
+    for i, name in enumerate("abc"):
+        synth.write_llama_model(tmp_path / f"{name}.gguf", seed=100 + i)
+    need = _run_child("need", str(tmp_path / "a.gguf"), "256", visible=visible_devices or None)
+    vk = [d for d in need if d.startswith("Vulkan")]
+    assert len(vk) == 1 and need[vk[0]] > 0 and set(need) == {vk[0], "host"}, need
+    env = {"GGML_VK_VISIBLE_DEVICES": visible_devices} if visible_devices else {}
+
+    def complete(s: Any, model: str) -> httpx.Response:
+        return httpx.post(s.url_for("completion"), json={"model": model, "prompt": "hello", "n_predict": 2,
+                                                         "temperature": 0}, timeout=CHILD_TIMEOUT_S)
+
+    srv = router("--models-dir", str(tmp_path), "--memory-budget", f"{vk[0]}={int(need[vk[0]] * 2.5)}",
+                 "-np", "1", "-c", "256")
+    srv.env.update(env)
+    with srv as s:
+        for name in "abc":
+            assert complete(s, name).status_code == 200
+        assert statuses(s) == {"a": "unloaded", "b": "loaded", "c": "loaded"}  # a, least recent, made room
+        cards = {m["id"]: m for m in httpx.get(s.url_for("models"), timeout=10).json()["data"]}
+        assert cards["c"]["memory"] == need
+    srv = router("--models-dir", str(tmp_path), "--memory-budget", f"{vk[0]}={need[vk[0]] // 2}", "-np", "1",
+                 "-c", "256")
+    srv.env.update(env)
+    with srv as s:
+        r = complete(s, "a")
+        assert r.status_code == 507 and f"{vk[0]}: needs" in r.json()["error"]["message"], r.text
+
+
 # ---------------------------------------------------------------------------
 # The child: imports pyllama under the environment the parent chose, prints one
 # JSON line on stdout.
@@ -447,6 +482,12 @@ def _child_media(text: str, proj: str, image: str, where: str) -> dict[str, Any]
         return {"tokens": tokens, "projector_gpu": p.use_gpu, "n_media_tokens": mp.n_media_tokens}
 
 
+def _child_need(model_path: str, n_ctx: str) -> dict[str, Any]:
+    from pyllama.fit import model_need
+
+    return dict(model_need(model_path, n_ctx=int(n_ctx)))
+
+
 def _child_main(argv: list[str]) -> int:
     mode = argv[0]
     if mode == "devices":
@@ -459,6 +500,8 @@ def _child_main(argv: list[str]) -> int:
         result = _child_sampling(argv[1], argv[2])
     elif mode == "media":
         result = _child_media(argv[1], argv[2], argv[3], argv[4])
+    elif mode == "need":
+        result = _child_need(argv[1], argv[2])
     else:
         raise SystemExit(f"unknown child mode {mode!r}")
     print(json.dumps(result))

@@ -57,7 +57,8 @@ log "built $(basename "$wheel") ($(stat -c %s "$wheel") bytes) in $(( $(date +%s
 # --- 3. a fresh environment -------------------------------------------------------
 rm -rf "$venv"
 "$py" -m venv "$venv"
-"$venv/bin/pip" install --quiet "$wheel" pytest pytest-timeout gguf  # pytest-timeout: the suite's per-test limit and its marks
+# pytest-timeout: the suite's per-test limit and its marks; the server extra and httpx: the router's device budget
+"$venv/bin/pip" install --quiet "$wheel[server]" pytest pytest-timeout gguf httpx
 
 # --- 4. tests ---------------------------------------------------------------------
 # Run from the checkout's tests/ with the installed wheel: src/ is not on sys.path.

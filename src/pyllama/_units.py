@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .fit import MemoryBudget
 
 
 def byte_size(text: str) -> int:
@@ -19,4 +23,11 @@ def byte_size(text: str) -> int:
     return n
 
 
-__all__ = ["byte_size"]
+def memory_budget(text: str) -> MemoryBudget:
+    """``8G``, ``host=16G,CUDA0=20G`` or both as a :class:`~pyllama.fit.MemoryBudget`; an argparse type."""
+    from .fit import MemoryBudget  # the native library loads only when a budget is given
+
+    return MemoryBudget.parse(text)
+
+
+__all__ = ["byte_size", "memory_budget"]

@@ -13,7 +13,7 @@ from . import chat_cli, rpc
 from .server import cli as serve_cli
 from .store import cli as store_cli
 from .store import projector as store_projector
-from ._units import byte_size
+from ._units import memory_budget
 from .options import SamplingOptions
 
 if TYPE_CHECKING:
@@ -298,8 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("model", nargs="?", help="for `fit`: a GGUF file or reference (default: the starter model), or "
                                             "hf:org/repo to compare its quantisations from their headers; for "
                                             "`model`: a reference or URL whose header is read")
-    i.add_argument("--memory-budget", type=byte_size, default=None, metavar="BYTES",
-                   help="for `fit hf:org/repo`: the memory to fit in, in all (default: the devices and the RAM)")
+    i.add_argument("--memory-budget", type=memory_budget, default=None, metavar="SIZE|DEV=SIZE,...",
+                   help="for `fit hf:org/repo`: the memory to fit in, in all (8G) and/or per device "
+                        "(host=16G,CUDA0=20G) (default: each device's free memory and the RAM)")
     i.add_argument("--json", action="store_true")
     i.add_argument("--margin-mib", type=int, default=1024, help="for `fit`: memory to leave free per device")
     i.add_argument("--min-ctx", type=int, default=4096, help="for `fit`: smallest context the fit may choose")

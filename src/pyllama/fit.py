@@ -223,3 +223,117 @@ def _n_layers(path: Path) -> int:
         return int(lib.llama_model_n_layer(ptr))
     finally:
         lib.llama_model_free(ptr)
+
+
+HOST = "host"  # the name memory_projection gives system memory
+
+
+def model_need(path: str | os.PathLike[str], *, n_ctx: int, file_size: int | None = None,
+               **context: Any) -> dict[str, int]:
+    """Bytes a model needs loaded, per device (``"host"`` for RAM), by llama.cpp's projection: every layer
+    on the accelerators when there are some, else on the CPU, where the weights are the mapped file
+    (``file_size``: the file's size when ``path`` is a stand-in such as a header-only copy)."""
+    gpu = has_accelerator()
+    rows = memory_projection(path, n_gpu_layers=-1 if gpu else 0, n_ctx=max(1, n_ctx), **context)
+    need: dict[str, int] = {}
+    for r in rows:
+        weights = r.model if gpu or r.device != HOST else (file_size if file_size is not None else
+                                                            Path(path).stat().st_size)
+        need[r.device] = need.get(r.device, 0) + weights + r.context + r.compute
+    return need
+
+
+def free_memory(device: str) -> int:
+    """Bytes free now on ``device`` (a ggml device name such as ``CUDA0``, or ``"host"``: MemAvailable)."""
+    if device == HOST:
+        return available_host_memory()
+    return next((d.memory_free for d in devices() if d.name == device), 0)
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """The memory models may take: ``total`` bytes across the host and every device, and/or a budget per
+    device (``"host"``, ``"CUDA0"``, ...). A device without one is held to its free memory now, less a
+    margin — unless ``total`` is given, which then bounds it. Written ``8G``, ``host=16G,CUDA0=20G`` or
+    ``24G,CUDA1=6G`` on the command line (:meth:`parse`)."""
+
+    total: int | None = None
+    devices: tuple[tuple[str, int], ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> MemoryBudget:
+        """``SIZE`` and/or ``DEVICE=SIZE`` entries, comma-separated; an argparse type."""
+        import argparse
+
+        from ._units import byte_size
+
+        total: int | None = None
+        per: dict[str, int] = {}
+        for entry in text.split(","):
+            name, sep, size = entry.strip().rpartition("=")
+            if sep:
+                name = name.strip()
+                if not name or name in per:
+                    raise argparse.ArgumentTypeError(f"{'a device named twice' if name else 'no device name'} "
+                                                     f"in {text!r} (e.g. host=16G,CUDA0=20G)")
+                per[name] = byte_size(size)
+            elif total is not None:
+                raise argparse.ArgumentTypeError(f"two totals in {text!r}: one SIZE, then DEVICE=SIZE entries")
+            else:
+                total = byte_size(size)
+        return cls(total, tuple(per.items()))
+
+    @classmethod
+    def of(cls, budget: MemoryBudget | int | None) -> MemoryBudget:
+        """``budget`` as a MemoryBudget (a number: a total; None: each device's free memory)."""
+        return budget if isinstance(budget, MemoryBudget) else cls(budget)
+
+    def check_devices(self) -> None:
+        """Raise ValueError naming a device budgeted that this machine does not have."""
+        known = [HOST, *(d.name for d in devices() if d.type != "cpu")]  # the CPU's memory is the host's
+        unknown = [name for name, _ in self.devices if name not in known]
+        if unknown:
+            raise ValueError(f"no device named {', '.join(unknown)} here; the devices are {', '.join(known)}")
+
+    def shortfall(self, need: Mapping[str, int], held: Mapping[str, int] | None = None, *, margin: int,
+                  free: bool = True) -> str | None:
+        """Why ``need`` (bytes per device) does not fit beside ``held`` (what the models already loaded
+        take, per device), or None when it fits. A budget is what the caller allows, held counted against
+        it; free memory already excludes what is loaded, and ``margin`` stays free. ``free=False`` checks
+        the budgets alone (whether the model could ever fit)."""
+        held = held or {}
+        per = dict(self.devices)
+        for device, n in need.items():
+            if n <= 0:
+                continue
+            cap = per.get(device)
+            if cap is not None:
+                have = held.get(device, 0)
+                if have + n > cap:
+                    return f"{device}: needs {_gib(n)}{_beside(have)}; its budget is {_gib(cap)}"
+            elif free and self.total is None:
+                avail = free_memory(device)
+                if n + margin > avail:
+                    return f"{device}: needs {_gib(n)} and {_gib(margin)} to spare; {_gib(avail)} free"
+        if self.total is not None:
+            n, have = sum(need.values()), sum(held.values())
+            if have + n > self.total:
+                return f"needs {_gib(n)}{_beside(have)}; the budget is {_gib(self.total)}"
+        return None
+
+    def __str__(self) -> str:
+        parts = [] if self.total is None else [_gib(self.total)]
+        return ", ".join(parts + [f"{name} {_gib(n)}" for name, n in self.devices]) or "free memory"
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 1 << 27 else f"{n / 2**20:.1f} MiB"
+
+
+def _beside(held: int) -> str:
+    return f" beside {_gib(held)} loaded" if held else ""
+
+
+__all__ = ["Fit", "DeviceMemory", "MemoryBudget", "fit_params", "fit_model_params", "memory_projection",
+           "model_need", "free_memory", "available_host_memory", "has_accelerator", "estimate_gpu_layers",
+           "DEFAULT_MARGIN_MIB", "DEFAULT_MIN_CTX", "HOST"]

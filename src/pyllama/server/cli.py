@@ -19,7 +19,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Callable, cast
 
-from .._units import byte_size
+from .._units import byte_size, memory_budget
 
 log = logging.getLogger("pyllama.server")
 
@@ -350,9 +350,10 @@ def register(subparsers: Any) -> None:
                    help="most models loaded at once; the least recently used idle one makes room (default 4)")
     m.add_argument("--models-autoload", action=argparse.BooleanOptionalAction, default=True,
                    help="load a model on its first request (default); without: POST /models/load first")
-    m.add_argument("--memory-budget", type=byte_size, default=None, metavar="BYTES",
-                   help="the memory the loaded models may take together, each measured by llama.cpp's projection "
-                        "(e.g. 8G; default: no budget but --models-max)")
+    m.add_argument("--memory-budget", type=memory_budget, default=None, metavar="SIZE|DEV=SIZE,...",
+                   help="the memory the loaded models may take together, each measured per device by llama.cpp's "
+                        "projection: in all (8G) and/or per device (host=16G,CUDA0=20G; device names as `pyllama "
+                        "inspect devices` gives them); default: each device's free memory, 1 GiB kept")
     m.add_argument("--models-preset", default=None, metavar="FILE",
                    help="llama-server's INI file of per-model options: [*] for every model, a section per model "
                         "(a model served, or a new one with `model = FILE`); keys are these flags without dashes "

@@ -6,9 +6,10 @@ takes down that model's requests only and the next request starts it again. The 
 a request names (the JSON body's ``model``, or ``?model=`` on a GET) and hands the request to that app;
 the model loads on its first request (``--models-autoload``, the default) or by ``POST /models/load``,
 and is freed by ``POST /models/unload``, Ollama's ``keep_alive`` or to make room. Before a model loads
-the router makes room for it: at most ``--models-max`` loaded, and with a memory budget the models
-loaded plus this one (each measured by llama.cpp's projection from its file, weights unread) within it;
-room is made by freeing the least recently used model that is answering nothing, never one with a request
+the router makes room for it: at most ``--models-max`` loaded, and on each device (the host's RAM, each
+GPU) the models loaded plus this one, each measured per device by llama.cpp's projection from its file
+(weights unread), within ``--memory-budget`` (in all, or per device) or else within what the device has
+free, a margin kept; room is made by freeing the least recently used model that is answering nothing, never one with a request
 in flight. A model that could never fit is a clear error. ``GET /v1/models`` (and ``/models``) lists
 every model with its status (unloaded, loading, loaded, failed with the reason), ``/api/tags`` and
 ``/api/ps`` Ollama's views of the same.
@@ -35,7 +36,7 @@ from urllib.parse import parse_qs
 from starlette.applications import Starlette
 from starlette.types import Message, Receive, Scope, Send
 
-from ..fit import available_host_memory
+from ..fit import DEFAULT_MARGIN_MIB, MemoryBudget, model_need
 from . import sse
 from .errors import error_response_for
 from .front_door import authorized
@@ -49,8 +50,8 @@ log = logging.getLogger("pyllama.server")
 
 #: the largest request body the router reads to find the model (a model's own limit applies after)
 ROUTER_MAX_BODY = 64 << 20
-#: RAM left free beside the loaded models when no --memory-budget is given
-MEMORY_MARGIN = 1 << 30
+#: memory left free on a device without a budget (llama.cpp's --fit-target)
+MEMORY_MARGIN = DEFAULT_MARGIN_MIB << 20
 
 
 @dataclass
@@ -60,7 +61,8 @@ class RoutedModel:
     name: str
     path: Path
     app: Starlette
-    need: int | None = None
+    #: bytes it needs loaded, per device ("host" for RAM)
+    need: dict[str, int] | None = None
     #: more names requests may give it (its preset section's `alias`)
     aliases: tuple[str, ...] = ()
     #: load it when the server starts (its preset's `load-on-startup`)
@@ -92,20 +94,15 @@ class RoutedModel:
         return bool(s.http_in_flight or s._active)
 
 
-def measure(path: Path, n_ctx: int) -> int:
-    """Bytes a model needs loaded (llama.cpp's projection from its file; on the CPU the weights are the file)."""
-    from ..fit import has_accelerator, memory_projection
-
-    gpu = has_accelerator()
-    rows = memory_projection(path, n_gpu_layers=-1 if gpu else 0, n_ctx=max(1, n_ctx))
-    weights = sum(r.model for r in rows) if gpu else path.stat().st_size
-    return weights + sum(r.context + r.compute for r in rows)
+def measure(path: Path, n_ctx: int) -> dict[str, int]:
+    """Bytes a model needs loaded, per device (llama.cpp's projection from its file)."""
+    return model_need(path, n_ctx=n_ctx)
 
 
 class ModelRouter:
     """The ASGI app of a server of several models (see the module docstring)."""
 
-    def __init__(self, models: Sequence[RoutedModel], *, models_max: int, memory_budget: int | None,
+    def __init__(self, models: Sequence[RoutedModel], *, models_max: int, memory_budget: MemoryBudget | int | None,
                  autoload: bool, api_keys: Sequence[str], n_ctx: int) -> None:
         if not models:
             raise ValueError("the router needs at least one model")
@@ -123,7 +120,8 @@ class ModelRouter:
                 self.aliases[alias] = m
         self._tasks: set[asyncio.Task[None]] = set()
         self.models_max = models_max
-        self.memory_budget = memory_budget
+        self.memory_budget = MemoryBudget.of(memory_budget)
+        self.memory_budget.check_devices()
         self.autoload = autoload
         self.api_keys = tuple(api_keys)
         self.n_ctx = n_ctx
@@ -155,31 +153,32 @@ class ModelRouter:
                 model.state.load_error = exc
                 model.state.require_engine()  # raises: the load failure, as the model's status says it
                 raise
-        if self.memory_budget is not None and model.need > self.memory_budget:
-            raise APIError(507, f"model `{model.name}` needs {_gib(model.need)}; the memory budget is "
-                           f"{_gib(self.memory_budget)}: it can never be loaded here", type="server_error",
-                           code="model_too_large")
+        budget, need = self.memory_budget, model.need
+        never = budget.shortfall(need, margin=MEMORY_MARGIN, free=False)
+        if never is not None:
+            raise APIError(507, f"model `{model.name}` can never be loaded here: {never} "
+                           f"(--memory-budget {budget})", type="server_error", code="model_too_large")
 
         def loaded() -> list[RoutedModel]:
             return [m for m in self.models.values() if m is not model and m.status in ("loaded", "loading")]
 
-        def over() -> bool:
+        def shortfall() -> str | None:
             if len(loaded()) + 1 > self.models_max:
-                return True
-            need = model.need or 0
-            if self.memory_budget is None:  # the RAM the system could give now, a margin kept
-                return need + MEMORY_MARGIN > available_host_memory()
-            return sum(m.need or 0 for m in loaded()) + need > self.memory_budget
+                return f"{self.models_max} models loaded (--models-max)"
+            held: dict[str, int] = {}
+            for m in loaded():
+                for device, n in (m.need or {}).items():
+                    held[device] = held.get(device, 0) + n
+            return budget.shortfall(need, held, margin=MEMORY_MARGIN)
 
-        while over():
+        while (why := shortfall()) is not None:
             idle = [m for m in loaded() if m.status == "loaded" and not m.busy]
             if not idle:
                 if not loaded():  # nothing to free: this machine cannot hold it now
-                    raise APIError(507, f"model `{model.name}` needs {_gib(model.need or 0)} and "
-                                   f"{_gib(MEMORY_MARGIN)} to spare; {_gib(available_host_memory())} of RAM is "
-                                   "available", type="server_error", code="model_too_large")
-                raise APIError(503, f"no room to load `{model.name}`: the loaded models are answering requests",
-                               type="server_error", code="models_busy", headers={"Retry-After": "2"})
+                    raise APIError(507, f"model `{model.name}` does not fit now: {why}", type="server_error",
+                                   code="model_too_large")
+                raise APIError(503, f"no room to load `{model.name}` ({why}): the loaded models are answering "
+                               "requests", type="server_error", code="models_busy", headers={"Retry-After": "2"})
             victim = min(idle, key=lambda m: m.state.last_used)
             log.info("unloading %s to make room for %s", victim.name, model.name)
             await victim.state.unload_now()
@@ -190,8 +189,11 @@ class ModelRouter:
         if m.state.load_error is not None:
             status["failed_reason"] = without_dirs(str(m.state.load_error))
         aliases = sorted({*m.aliases, *(name for name, c in self.copies.items() if c is m)})
-        return {"id": m.name, "aliases": aliases, "object": "model", "created": self.created, "owned_by": "pyllama",
+        card = {"id": m.name, "aliases": aliases, "object": "model", "created": self.created, "owned_by": "pyllama",
                 "path": m.path.name, "status": status}
+        if m.need is not None:  # measured at its first load: bytes per device
+            card["memory"] = dict(m.need)
+        return card
 
     async def _list(self, scope: Scope, receive: Receive, send: Send) -> None:
         await _answer(send, 200, {"object": "list", "data": [self._card(m) for m in self.models.values()]})
@@ -511,10 +513,6 @@ async def _answer(send: Send, status: int, obj: Any) -> None:
 
 def _error_body(scope: Scope, err: APIError) -> dict[str, Any]:
     return {"error": err.message} if scope["path"].startswith("/api/") else err.body()
-
-
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB"
 
 
 __all__ = ["ModelRouter", "RoutedModel", "measure", "ROUTER_MAX_BODY"]

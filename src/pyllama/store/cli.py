@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from .._units import byte_size
+from .._units import memory_budget
 from .errors import StoreError
 
 
@@ -130,8 +130,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--quant", default=None, metavar="QUANT",
                    help="the quantisation to pull from a repository (default: the largest that fits this machine)")
     p.add_argument("-c", "--ctx", type=int, default=4096, help="the context the chosen quantisation must fit")
-    p.add_argument("--memory-budget", type=byte_size, default=None, metavar="BYTES",
-                   help="fit in this much memory in all (e.g. 8G) instead of the devices' free memory and the RAM")
+    p.add_argument("--memory-budget", type=memory_budget, default=None, metavar="SIZE|DEV=SIZE,...",
+                   help="fit in this much memory in all (8G) and/or per device (host=16G,CUDA0=20G) instead of "
+                        "the devices' free memory and the RAM")
     p.add_argument("--no-mmproj", action="store_true",
                    help="leave the repository's multimodal projector (mmproj*.gguf), pulled with the model by "
                         "default as llama.cpp's -hf does")

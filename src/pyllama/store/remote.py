@@ -24,9 +24,11 @@ from .refs import HfRef, available_quants, parse_reference, pick_gguf, split_par
 if TYPE_CHECKING:
     import httpx
 
+    from ..fit import MemoryBudget
+
 FIRST_RANGE = 256 << 10  # the first request; each next one asks for twice as much
 MAX_HEADER = 256 << 20  # no GGUF header is this large (a 256k vocabulary's is a few MiB)
-DEFAULT_MARGIN = 1 << 30  # memory left free beside a model that "fits"
+DEFAULT_MARGIN = 1 << 30  # memory left free on a device beside a model that "fits" (llama.cpp's --fit-target)
 
 _RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 
@@ -153,39 +155,25 @@ class Candidate:
     fetched: int
 
 
-def _measure(path: Path, size: int, n_ctx: int, budget: int | None, margin: int) -> tuple[int, int, bool, str]:
+def _measure(path: Path, size: int, n_ctx: int, budget: MemoryBudget, margin: int) -> tuple[int, int, bool, str]:
     """(host bytes, accelerator bytes, fits, reason) of the model at ``path`` with every layer on the
     accelerators when there are some, else on the CPU (weights there are the file, mapped)."""
-    from ..fit import available_host_memory, has_accelerator, memory_projection
+    from ..fit import HOST, model_need
 
-    gpu = has_accelerator()
-    rows = memory_projection(path, n_gpu_layers=-1 if gpu else 0, n_ctx=n_ctx)
-    host_row = [r for r in rows if r.device == "host"]
-    dev_rows = [r for r in rows if r.device != "host"]
-    on_devices = sum(r.model + r.context + r.compute for r in dev_rows)
-    host = sum(r.context + r.compute for r in host_row) + (sum(r.model for r in host_row) if gpu else size)
-    if budget is not None:
-        if host + on_devices + margin > budget:
-            return host, on_devices, False, f"needs {_gib(host + on_devices)} + {_gib(margin)} margin; budget {_gib(budget)}"
-        return host, on_devices, True, ""
-    for r in dev_rows:
-        need = r.model + r.context + r.compute
-        if need + margin > r.free:
-            return host, on_devices, False, f"{r.device}: needs {_gib(need)} + {_gib(margin)} margin, {_gib(r.free)} free"
-    free = available_host_memory()
-    if host + margin > free:
-        return host, on_devices, False, f"host: needs {_gib(host)} + {_gib(margin)} margin, {_gib(free)} available"
-    return host, on_devices, True, ""
+    need = model_need(path, n_ctx=n_ctx, file_size=size)
+    host = need.get(HOST, 0)
+    reason = budget.shortfall(need, margin=margin)
+    return host, sum(need.values()) - host, reason is None, reason or ""
 
 
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB"
-
-
-def fit_candidates(ref: str | HfRef, *, n_ctx: int = 4096, budget: int | None = None,
+def fit_candidates(ref: str | HfRef, *, n_ctx: int = 4096, budget: MemoryBudget | int | None = None,
                    margin: int = DEFAULT_MARGIN) -> list[Candidate]:
     """Every quantisation of a Hugging Face repository (``hf:org/repo``), measured from its header alone
-    against this machine (or ``budget`` bytes in all), largest file first."""
+    against this machine's free memory, ``margin`` kept on each device, or against ``budget`` (bytes in
+    all, or a :class:`~pyllama.fit.MemoryBudget` per device), largest file first."""
+    from ..fit import MemoryBudget
+
+    budget = MemoryBudget.of(budget)
     parsed = parse_reference(ref) if isinstance(ref, str) else ref
     if not isinstance(parsed, HfRef):
         raise ValueError("choosing a quantisation needs a Hugging Face repository (hf:org/repo)")
