@@ -21,6 +21,7 @@ import ollama
 import pytest
 
 from bounded import join_all
+from hfserver import HFServer, server, store_env  # noqa: F401 - fixtures for the store test
 from pyllama.server.router import measure
 from server_fixture import RemoteServer, router, statuses
 from synth import write_llama_model
@@ -173,3 +174,51 @@ def test_a_memory_budget(models_dir: Path) -> None:
                           "--memory-budget", "NoSuchGPU0=1G", "--port", "0"], capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 2 and "no device named NoSuchGPU0" in bad.stderr and "host" in bad.stderr, bad.stderr
+
+
+def test_models_of_the_store_pulled_served_and_deleted(server: HFServer, store_env: Path, models_dir: Path) -> None:
+    """--models-store serves the store's models by reference; a model pulled through the server (Ollama's
+    /api/pull, llama-server's POST /models) or by another process is served from then on; deleting one
+    (/api/delete, DELETE /models) stops serving it and removes it from the store; a file the server was
+    started with is never deleted."""
+    import pyllama.store
+
+    server.add_repo("org/synth", {"synth-Q4_K_M.gguf": (models_dir / "a.gguf").read_bytes(),
+                                  "synth-Q8_0.gguf": (models_dir / "b.gguf").read_bytes()})
+    pyllama.store.pull("hf:org/synth:Q8_0")
+    q8 = pyllama.store.list_models()[0].ref
+    with router("--models-store", "-np", "1", "-c", "256") as s:
+        assert statuses(s) == {q8: "unloaded"}
+        expected = complete(s, q8).json()["content"]
+        client = ollama.Client(host=s.url)
+        steps = list(client.pull("hf:org/synth:Q4_K_M", stream=True))
+        assert steps[0].status == "pulling manifest" and steps[-1].status == "success"
+        assert [p for p in steps if p.total] and statuses(s)["hf:org/synth:Q4_K_M"] == "unloaded"
+        answer = client.generate(model="hf:org/synth:Q4_K_M", prompt="hello", options={"num_predict": 8,
+                                                                                      "temperature": 0})
+        assert answer.done and answer.response
+        pulled = complete(s, "hf:org/synth:Q4_K_M").json()["content"]
+        assert pulled != expected  # the other model's answer
+        assert sorted(m.model for m in client.list().models) == sorted([q8, "hf:org/synth:Q4_K_M"])
+        assert client.delete("hf:org/synth:Q4_K_M").status == "success"
+        assert "hf:org/synth:Q4_K_M" not in statuses(s) and not list(store_env.rglob("synth-Q4_K_M.gguf"))
+        with pytest.raises(ollama.ResponseError) as err:
+            client.delete("hf:org/synth:Q4_K_M")
+        assert err.value.status_code == 404
+        r = httpx.delete(s.url_for("models"), params={"model": q8}, timeout=60)  # llama-server's
+        assert r.status_code == 200 and r.json() == {"success": True} and statuses(s) == {}
+        assert not list(store_env.rglob("synth-Q8_0.gguf"))
+        r = httpx.post(s.url_for("models"), json={"model": "hf:org/synth:Q8_0"}, timeout=120)  # llama-server's pull
+        assert r.status_code == 200 and r.json()["success"] and r.json()["id"] == "hf:org/synth:Q8_0", r.text
+        assert complete(s, "hf:org/synth:Q8_0").json()["content"] == expected  # the same file, pulled again
+        r = httpx.post(s.url_for("models"), json={"model": "hf:org/synth:Q8_0"}, timeout=60)
+        assert r.status_code == 400 and "already" in r.json()["error"]["message"]
+        r = httpx.post(s.url_for("models"), json={"model": "hf:org/missing:Q4_K_M"}, timeout=60)
+        assert r.status_code == 404, r.text
+        pyllama.store.pull("hf:org/synth:Q4_K_M")  # another process pulls while the server runs
+        assert complete(s, "hf:org/synth:Q4_K_M").json()["content"] == pulled
+    with router("--models-dir", str(models_dir), "-np", "1", "-c", "256") as s:
+        with pytest.raises(ollama.ResponseError) as err:
+            ollama.Client(host=s.url).delete("a")
+        assert err.value.status_code == 400 and "started with" in str(err.value)
+        assert (models_dir / "a.gguf").is_file() and statuses(s)["a"] == "unloaded"

@@ -346,6 +346,10 @@ def register(subparsers: Any) -> None:
     m.add_argument("--models", default=None, metavar="[NAME=]MODEL,...",
                    help="serve these models (files or store references such as hf:org/repo:Q4_K_M), each named "
                         "NAME or by its file stem")
+    m.add_argument("--models-store", action="store_true",
+                   help="serve every model of pyllama's store by its reference (`pyllama ls`), and any it holds "
+                        "later; without it too, a model pulled through the server (/api/pull, POST /models) is "
+                        "served once pulled")
     m.add_argument("--models-max", type=int, default=4, metavar="N",
                    help="most models loaded at once; the least recently used idle one makes room (default 4)")
     m.add_argument("--models-autoload", action=argparse.BooleanOptionalAction, default=True,
@@ -600,7 +604,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     raw = argparse.Namespace(**vars(args))  # as parsed: each routed model's options start from it
     problem = _llama_server_args(args)
-    several = args.models_dir is not None or args.models is not None or args.models_preset is not None
+    several = (args.models_dir is not None or args.models is not None or args.models_preset is not None
+               or args.models_store)
     if problem is None and args.memory_limit is not None and not (args.isolate or several):
         problem = "--memory-limit caps a worker process: use it with --isolate (or several models)"
     if problem is not None:
@@ -621,7 +626,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 raise ValueError("--mmproj names one model's projector: with several models, put each model "
                                  "with its mmproj-*.gguf in a subdirectory of --models-dir (or give it in the "
                                  "model's section of --models-preset)")
-            routed = router_specs(args, raw, router_models(args, need_some=args.models_preset is None))
+            need_some = args.models_preset is None and not args.models_store
+            routed, new_spec = router_specs(args, raw, router_models(args, need_some=need_some), need_some)
         except PresetError as exc:
             print(f"pyllama serve: {exc}", file=sys.stderr)
             return 2
@@ -690,21 +696,37 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     app: Any
     if routed is not None:
+        from ..store import list_models
+        from .protocol import APIError
         from .router import ModelRouter, RoutedModel
 
-        models = []
-        for spec in routed:
+        def routed_model(spec: Routed) -> RoutedModel:
             a = spec.args
             ngl: Any = a.ngl if a.ngl in ("auto", "all") else int(a.ngl)
-            assert spec.settings is not None
+            if spec.settings is None:
+                spec.settings = _app_settings(a, f"model `{spec.name}`: ")
             loader = functools.partial(_isolated_loader, a, spec.path, ngl, spec.mmproj)
-            models.append(RoutedModel(spec.name, Path(spec.path), make_app(loader, spec.name, False, a, spec.settings),
-                                      aliases=tuple(spec.aliases), load_on_startup=spec.load_on_startup,
-                                      stop_timeout=spec.stop_timeout,
-                                      n_ctx=a.slot_ctx * a.slots if isinstance(a.slot_ctx, int) else None))
+            return RoutedModel(spec.name, Path(spec.path), make_app(loader, spec.name, False, a, spec.settings),
+                               aliases=tuple(spec.aliases), load_on_startup=spec.load_on_startup,
+                               stop_timeout=spec.stop_timeout,
+                               n_ctx=a.slot_ctx * a.slots if isinstance(a.slot_ctx, int) else None)
+
+        def add_model(name: str, path: Path, projector: Path | None) -> RoutedModel:
+            try:
+                spec = new_spec(name, str(path), None if getattr(args, "no_mmproj", False) or projector is None else str(projector))
+                return routed_model(spec)
+            except (_Refused, PresetError, ValueError) as exc:
+                raise APIError(400, f"model `{name}` cannot be served: {getattr(exc, 'message', exc)}",
+                               param="model") from None
+
+        store_names = {m.ref for m in list_models()} if args.models_store else set()
+        models = [routed_model(spec) for spec in routed]
+        for m in models:
+            m.from_store = m.name in store_names
         try:
             router = ModelRouter(models, models_max=max(1, args.models_max), memory_budget=args.memory_budget,
-                                 autoload=args.models_autoload, api_keys=args.api_keys or (), n_ctx=4096)
+                                 autoload=args.models_autoload, api_keys=args.api_keys or (), n_ctx=4096,
+                                 add_model=add_model, store=args.models_store)
         except ValueError as exc:
             print(f"pyllama serve: {exc}", file=sys.stderr)
             return 2

@@ -14,7 +14,7 @@ import json
 import re
 import threading
 from pathlib import Path
-from typing import Any, AsyncGenerator, Union
+from typing import Any, AsyncGenerator, Awaitable, Callable, Union
 
 from pydantic import Field
 from starlette.requests import Request
@@ -354,8 +354,10 @@ async def version(server: ServerState, request: Request) -> Response:
     return json_response({"version": __version__})
 
 
-async def pull(server: ServerState, request: Request) -> Response:
-    """``/api/pull``: the store's pull, its progress as Ollama's status stream."""
+async def pull(server: ServerState | None, request: Request, *,
+               on_pulled: Callable[[str, Path], Awaitable[None]] | None = None) -> Response:
+    """``/api/pull``: the store's pull, its progress as Ollama's status stream; ``on_pulled(ref, path)``
+    runs before the success is told (the router serves the model from then on)."""
     from ..store import DownloadProgress, InvalidReferenceError
     from ..store import pull as store_pull
 
@@ -385,21 +387,31 @@ async def pull(server: ServerState, request: Request) -> Response:
         try:
             path = store_pull(ref, progress=report)
             loop.call_soon_threadsafe(queue.put_nowait, {"status": "verifying sha256 digest"})
-            loop.call_soon_threadsafe(queue.put_nowait, {"status": "success", "path_name": path.name})
+            loop.call_soon_threadsafe(queue.put_nowait, {"status": "success", "path": path})
             loop.call_soon_threadsafe(queue.put_nowait, None)
         except BaseException as exc:  # noqa: BLE001 - reported to the client
             loop.call_soon_threadsafe(queue.put_nowait, exc)
 
     def refused(exc: BaseException) -> APIError:
-        return _store_error(exc, ref, "pull model manifest")
+        return store_error(exc, ref, "pull model manifest")
 
     worker = threading.Thread(target=run, name="pyllama-ollama-pull", daemon=True)
     worker.start()
+    async def pulled(path: Path) -> BaseException | None:
+        try:
+            if on_pulled is not None:
+                await on_pulled(ref, path)
+        except BaseException as exc:  # noqa: BLE001 - reported to the client
+            return exc
+        return None
+
     if not req.stream:
         while True:
             item = await queue.get()
             if isinstance(item, BaseException):
                 return ollama_error_response(refused(item))
+            if item is not None and item.get("status") == "success" and (failed := await pulled(item["path"])):
+                return ollama_error_response(refused(failed))
             if item is None:
                 return json_response({"status": "success"})
 
@@ -414,7 +426,8 @@ async def pull(server: ServerState, request: Request) -> Response:
                     yield json_line({"error": refused(item).message})
                     return
                 if item.get("status") == "success":
-                    yield json_line({"status": "success"})
+                    failed = await pulled(item["path"])
+                    yield json_line({"error": refused(failed).message} if failed else {"status": "success"})
                 else:
                     yield json_line(item)
         finally:
@@ -423,7 +436,7 @@ async def pull(server: ServerState, request: Request) -> Response:
     return ndjson(frames(), "pull")
 
 
-def _store_error(exc: BaseException, ref: str, what: str) -> APIError:
+def store_error(exc: BaseException, ref: str, what: str) -> APIError:
     """A model-store failure as Ollama's answer: a name the store cannot find or resolve is a 404, a full disk
     a 507, a download that failed upstream a 502; the message never shows where the cache lies."""
     from ..store import (InsufficientSpaceError, InvalidReferenceError, ModelNotFoundError, NotCachedError,
@@ -450,7 +463,7 @@ async def delete(server: ServerState, request: Request) -> Response:
         try:
             removed = await asyncio.to_thread(remove, ref)
         except Exception as exc:  # noqa: BLE001 - the store's errors, each as its status
-            raise _store_error(exc, ref, "delete") from None
+            raise store_error(exc, ref, "delete") from None
         if not removed:
             raise APIError(404, f"model '{ref}' not found", param="model")
         return Response(status_code=200)
@@ -458,6 +471,6 @@ async def delete(server: ServerState, request: Request) -> Response:
         return error_answer(request, exc)
 
 
-__all__ = ["OllamaModelRequest", "OllamaCopyRequest", "OllamaCreateRequest", "tags", "ps", "show", "version", "pull",
+__all__ = ["store_error", "OllamaModelRequest", "OllamaCopyRequest", "OllamaCreateRequest", "tags", "ps", "show", "version", "pull",
            "delete", "copy", "create", "push", "details", "read_copy", "read_create", "new_variant", "created",
            "push_refused"]

@@ -9,6 +9,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from .cli import _llama_server_args, _log_notes, _Settings, serve_parser
 
@@ -17,8 +18,8 @@ log = logging.getLogger("pyllama.server")
 
 def router_models(args: argparse.Namespace, need_some: bool = True) -> list[tuple[str, str, str | None]]:
     """(name, path, projector) of each model the router serves: --models-dir's GGUF files (and, as llama-server
-    lays them out, its subdirectories holding one model with its mmproj-*.gguf), then --models' entries (none is
-    an error where ``need_some``)."""
+    lays them out, its subdirectories holding one model with its mmproj-*.gguf), then --models' entries, then
+    with --models-store every model of the store by its reference (none is an error where ``need_some``)."""
     from ..store import is_reference, resolve
     from ..store.refs import split_parts
 
@@ -53,6 +54,13 @@ def router_models(args: argparse.Namespace, need_some: bool = True) -> list[tupl
         if not os.path.isfile(path):
             raise ValueError(f"--models: no such model file: {ref}")
         out.append((name or Path(path).stem, path, None))
+    if getattr(args, "models_store", False):  # every model the store holds, by its reference
+        from ..store import list_models
+
+        taken = {name for name, _, _ in out}
+        for cached in list_models():
+            if cached.ref not in taken and not any(os.path.samefile(p, cached.path) for _, p, _ in out):
+                out.append((cached.ref, str(cached.path), str(cached.mmproj) if cached.mmproj else None))
     if not out and need_some:
         raise ValueError("no models to serve (--models-dir holds no GGUF files, --models names none)")
     return out
@@ -83,16 +91,17 @@ def _model_file(ref: str, offline: bool, where: str) -> str:
     return ref
 
 
-def router_specs(args: argparse.Namespace, raw: argparse.Namespace,
-                  found: list[tuple[str, str, str | None]]) -> list[Routed]:
+def router_specs(args: argparse.Namespace, raw: argparse.Namespace, found: list[tuple[str, str, str | None]],
+                 need_some: bool = True) -> tuple[list[Routed], Callable[[str, str, str | None], Routed]]:
     """Each routed model with its options: --models-dir's and --models' models, and --models-preset's
     sections over them (its new models added), merged as llama-server merges them: the command line over the
-    model's section over [*]."""
+    model's section over [*]; and the maker of a model added while the server runs (a pull: the command
+    line over [*])."""
     from ..speculative import NGRAM_TYPES
     from . import presets
 
     if args.models_preset is None:
-        return [Routed(name, p, proj, args) for name, p, proj in found]
+        return [Routed(name, p, proj, args) for name, p, proj in found], lambda name, p, proj: Routed(name, p, proj, args)
     preset = presets.load(Path(args.models_preset), presets.probe_parser(serve_parser()))
     for part in (preset.everywhere, *preset.models.values()):
         for flag, value, reason, later in part.notes:
@@ -111,8 +120,7 @@ def router_specs(args: argparse.Namespace, raw: argparse.Namespace,
                 "`model = FILE` (or hf-repo) to define one")
         if ref is not None:
             models[name] = (_model_file(ref, args.offline, where), None)
-    out = []
-    for name, (p, proj) in models.items():
+    def spec(name: str, p: str, proj: str | None) -> Routed:
         sec = preset.models.get(name)
         layers = [preset.everywhere] + ([sec] if sec is not None else [])
         a, applied = presets.merged(raw, given, layers, defaults.get_default)
@@ -132,12 +140,14 @@ def router_specs(args: argparse.Namespace, raw: argparse.Namespace,
         stop = [s.stop_timeout for s in layers if s.stop_timeout is not None]
         if applied:
             log.info("model %s: from %s: %s", name, preset.path.name, ", ".join(applied))
-        out.append(Routed(name, p, proj, a, sec.aliases if sec is not None else [],
-                           bool(load and load[-1]), float(stop[-1]) if stop else float(presets.DEFAULT_STOP_TIMEOUT)))
-    if not out:
+        return Routed(name, p, proj, a, sec.aliases if sec is not None else [],
+                      bool(load and load[-1]), float(stop[-1]) if stop else float(presets.DEFAULT_STOP_TIMEOUT))
+
+    out = [spec(name, p, proj) for name, (p, proj) in models.items()]
+    if not out and need_some:
         raise ValueError("no models to serve (--models-dir holds no GGUF files, --models and --models-preset "
                          "name none)")
-    return out
+    return out, spec
 
 
 __all__ = ["Routed", "router_models", "router_specs"]

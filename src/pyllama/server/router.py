@@ -71,6 +71,8 @@ class RoutedModel:
     stop_timeout: float = 10.0
     #: the context its cache holds, all slots (measured for the memory it needs; None: the router's)
     n_ctx: int | None = None
+    #: a model of the store (--models-store, or pulled through the server): DELETE removes it from both
+    from_store: bool = False
 
     @property
     def state(self) -> ServerState:
@@ -103,8 +105,10 @@ class ModelRouter:
     """The ASGI app of a server of several models (see the module docstring)."""
 
     def __init__(self, models: Sequence[RoutedModel], *, models_max: int, memory_budget: MemoryBudget | int | None,
-                 autoload: bool, api_keys: Sequence[str], n_ctx: int) -> None:
-        if not models:
+                 autoload: bool, api_keys: Sequence[str], n_ctx: int,
+                 add_model: Callable[[str, Path, Path | None], RoutedModel] | None = None,
+                 store: bool = False) -> None:
+        if not models and not store:
             raise ValueError("the router needs at least one model")
         names = [m.name for m in models]
         if len(set(names)) != len(names):
@@ -129,6 +133,12 @@ class ModelRouter:
         self.created = int(time.time())
         for m in models:
             m.state.before_load = self._before_load(m)
+        #: makes the routed model of a file pulled (or found in the store) while the server runs
+        self.add_model = add_model
+        #: --models-store: a reference the store holds is served on its first request
+        self.store = store
+        self._lifespans: dict[str, contextlib.AbstractAsyncContextManager[None]] = {}
+        self._started = False
         self._own: dict[tuple[str, str], Callable[[Scope, Receive, Send], Awaitable[None]]] = {
             ("GET", "/v1/models"): self._list, ("GET", "/models"): self._list,
             ("GET", "/health"): self._health, ("GET", "/v1/health"): self._health,
@@ -136,6 +146,8 @@ class ModelRouter:
             ("POST", "/models/load"): self._load, ("POST", "/models/unload"): self._unload,
             ("POST", "/api/copy"): self._ollama_copy, ("POST", "/api/create"): self._ollama_create,
             ("POST", "/api/push"): self._ollama_push,
+            ("POST", "/api/pull"): self._ollama_pull, ("POST", "/models"): self._pull_model,
+            ("DELETE", "/api/delete"): self._delete, ("DELETE", "/models"): self._delete,
         }
 
     # --- making room --------------------------------------------------------------------------
@@ -357,14 +369,141 @@ class ModelRouter:
 
         await self._ollama_call(scope, receive, send, handle)
 
-    async def _ollama_delete(self, scope: Scope, receive: Receive, send: Send, name: str) -> None:
+    # --- the store: models pulled while the server runs, and deleted ---------------------------------
+    async def _ollama_pull(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Ollama's pull: the store's, then the model is served under the name pulled."""
+        from starlette.requests import Request
+
+        from .ollama_models import pull
+
+        response = await pull(None, Request(scope, receive), on_pulled=self._pulled)
+        await response(scope, receive, send)
+
+    async def _pull_model(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """llama-server's ``POST /models {"model": REF}``: pulled into the store, then served. The answer
+        comes once the file is verified (llama-server answers first and shows ``downloading``)."""
+        from ..store import pull
+        from .ollama_models import store_error
+
+        body = await _read_body(receive, 1 << 20)
+        name = await _model_field(body) if body is not None else None
+        try:
+            if not isinstance(name, str) or not name:
+                raise APIError(400, "`model` must name the model to pull (hf:org/repo:QUANT, a URL)", param="model")
+            if self._named(name) is not None:
+                raise APIError(400, f"model `{name}` already exists", param="model")
+            try:
+                path = await asyncio.to_thread(pull, name)
+            except Exception as exc:  # noqa: BLE001 - the store's errors, each as its status
+                raise store_error(exc, name, "pull") from None
+            await self._pulled(name, path)
+        except APIError as err:
+            await _answer(send, err.status, err.body())
+            return
+        await _answer(send, 200, {"success": True, **self._card(self.models[name])})
+
+    async def _pulled(self, name: str, path: Path) -> None:
+        if self._named(name) is None:
+            await self._add(name, path, from_store=True)
+
+    async def _from_store(self, name: str) -> RoutedModel | None:
+        """The routed model of a reference the store holds (pulled by another process, or named otherwise than
+        it was pulled), added on its first request; None when the store does not hold it."""
+        from ..store import is_reference, resolve
+
+        if not is_reference(name):
+            return None
+        try:
+            path = await asyncio.to_thread(resolve, name, offline=True)
+        except Exception:  # noqa: BLE001 - not in the store (or not a valid reference): not a model here
+            return None
+        same = next((m for m in self.models.values() if m.path == Path(path)), None)
+        return same if same is not None else await self._add(name, Path(path), from_store=True)
+
+    async def _add(self, name: str, path: Path, *, from_store: bool) -> RoutedModel:
+        from ..store import projector_for
+
+        if self.add_model is None:
+            raise APIError(400, "this server serves the models it started with", param="model")
+        if name in self.models or name in self.aliases or name in self.copies:
+            raise APIError(400, f"`{name}` names a model this server serves already", param="model")
+        try:
+            projector = await asyncio.to_thread(projector_for, path)
+        except Exception:  # noqa: BLE001 - a file outside the cache has no projector
+            projector = None
+        model = self.add_model(name, path, projector)
+        model.from_store = from_store
+        model.state.before_load = self._before_load(model)
+        if self._started:
+            cm = model.state.lifespan(model.app)
+            await cm.__aenter__()
+            self._lifespans[name] = cm
+        self.models[name] = model
+        log.info("serving %s (%s)", name, path.name)
+        return model
+
+    async def _remove(self, model: RoutedModel) -> None:
+        if model.busy:
+            raise APIError(409, f"model `{model.name}` is answering requests: unload it first (POST /models/unload)",
+                           param="model", code="model_busy")
+        del self.models[model.name]
+        for table in (self.aliases, self.copies):
+            for alias in [a for a, m in table.items() if m is model]:
+                del table[alias]
+        await model.state.unload_now()
+        cm = self._lifespans.pop(model.name, None)
+        if cm is not None:
+            await cm.__aexit__(None, None, None)
+        log.info("no longer serving %s", model.name)
+
+    async def _delete(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Ollama's ``DELETE /api/delete {"model"}`` and llama-server's ``DELETE /models?model=``: a name made
+        by copy or create is forgotten; a model of the store stops being served and leaves the store; a
+        file this server was started with is refused (the server deletes no file it was given)."""
         from starlette.responses import Response
 
+        from ..store import remove
         from .ollama import variants
+        from .ollama_models import store_error
 
-        model = self.copies.pop(name)
-        variants(model.state).pop(name, None)
-        await Response(status_code=200)(scope, receive, send)
+        ollama = scope["path"] == "/api/delete"
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        name: object = (query.get("model") or [None])[0]
+        if name is None:
+            body = await _read_body(receive, 1 << 20)
+            name = await _model_field(body) if body is not None else None
+            if name is None and body:
+                with contextlib.suppress(ValueError, AttributeError):
+                    name = json.loads(body).get("name")  # Ollama's older field
+        try:
+            if not isinstance(name, str) or not name:
+                raise APIError(400, "`model` must name the model to delete", param="model")
+            if name in self.copies:
+                parent = self.copies.pop(name)
+                variants(parent.state).pop(name, None)
+            else:
+                model = self._named(name)
+                if model is not None and not model.from_store:
+                    raise APIError(400, f"model `{model.name}` is a file this server was started with: it is not "
+                                   "deleted (remove it from --models-dir, --models or the preset)", param="model")
+                if model is not None:
+                    await self._remove(model)
+                ref = model.name if model is not None else name
+                try:
+                    removed = await asyncio.to_thread(remove, ref)
+                except Exception as exc:  # noqa: BLE001 - the store's errors, each as its status
+                    if model is None:
+                        raise store_error(exc, ref, "delete") from None
+                    removed = []  # served from the store, then removed by someone else: gone all the same
+                if model is None and not removed:
+                    raise APIError(404, f"model '{ref}' not found", param="model")
+        except APIError as err:
+            await _answer(send, err.status, _error_body(scope, err))
+            return
+        if ollama:
+            await Response(status_code=200)(scope, receive, send)
+        else:
+            await _answer(send, 200, {"success": True})
 
     # --- dispatch ---------------------------------------------------------------------------------
     def _named(self, name: object) -> RoutedModel | None:
@@ -407,10 +546,9 @@ class ModelRouter:
                 await error_response_for(path)(APIError(413, "the request body is too large"))(scope, receive, send)
                 return
             name = await _model_field(body)
-        if (method, path) == ("DELETE", "/api/delete") and isinstance(name, str) and name in self.copies:
-            await self._ollama_delete(scope, receive, send, name)  # a copy: forgotten (the model stays)
-            return
         model = self._named(name)
+        if model is None and self.store and isinstance(name, str):
+            model = await self._from_store(name)
         if model is None and name is None and len(self.models) == 1:
             model = next(iter(self.models.values()))
         if model is None and name is None and method == "OPTIONS":
@@ -442,6 +580,7 @@ class ModelRouter:
                 await send({"type": "lifespan.startup.failed", "message": str(exc)})
                 return
             await send({"type": "lifespan.startup.complete"})
+            self._started = True
             for m in self.models.values():
                 if m.load_on_startup:
                     self._spawn(self._load_at_start(m))
@@ -449,6 +588,9 @@ class ModelRouter:
             assert message["type"] == "lifespan.shutdown"
             for m in self.models.values():
                 m.state.shutdown_soon(0.0)
+            for cm in reversed(list(self._lifespans.values())):  # the models added while it ran
+                await cm.__aexit__(None, None, None)
+            self._lifespans.clear()
         await send({"type": "lifespan.shutdown.complete"})
 
     async def _load_at_start(self, m: RoutedModel) -> None:
