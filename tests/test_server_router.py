@@ -190,6 +190,9 @@ def test_models_of_the_store_pulled_served_and_deleted(server: HFServer, store_e
     with router("--models-store", "-np", "1", "-c", "256") as s:
         assert statuses(s) == {q8: "unloaded"}
         expected = complete(s, q8).json()["content"]
+        assert complete(s, "hf:org/synth:Q8_0").json()["content"] == expected  # the same file, named otherwise
+        cards = {m["id"]: m for m in httpx.get(s.url_for("models"), timeout=10).json()["data"]}
+        assert list(cards) == [q8] and cards[q8]["aliases"] == ["hf:org/synth:Q8_0"]
         client = ollama.Client(host=s.url)
         steps = list(client.pull("hf:org/synth:Q4_K_M", stream=True))
         assert steps[0].status == "pulling manifest" and steps[-1].status == "success"

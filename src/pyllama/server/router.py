@@ -200,7 +200,8 @@ class ModelRouter:
         status: dict[str, Any] = {"value": m.status}
         if m.state.load_error is not None:
             status["failed_reason"] = without_dirs(str(m.state.load_error))
-        aliases = sorted({*m.aliases, *(name for name, c in self.copies.items() if c is m)})
+        aliases = sorted({*m.aliases, *(name for table in (self.aliases, self.copies)
+                                          for name, c in table.items() if c is m)})
         card = {"id": m.name, "aliases": aliases, "object": "model", "created": self.created, "owned_by": "pyllama",
                 "path": m.path.name, "status": status}
         if m.need is not None:  # measured at its first load: bytes per device
@@ -403,7 +404,12 @@ class ModelRouter:
         await _answer(send, 200, {"success": True, **self._card(self.models[name])})
 
     async def _pulled(self, name: str, path: Path) -> None:
-        if self._named(name) is None:
+        if self._named(name) is not None:
+            return
+        same = next((m for m in self.models.values() if m.path == path), None)
+        if same is not None:  # served already under another name (the store's reference): this one too
+            self.aliases[name] = same
+        else:
             await self._add(name, path, from_store=True)
 
     async def _from_store(self, name: str) -> RoutedModel | None:
@@ -417,8 +423,8 @@ class ModelRouter:
             path = await asyncio.to_thread(resolve, name, offline=True)
         except Exception:  # noqa: BLE001 - not in the store (or not a valid reference): not a model here
             return None
-        same = next((m for m in self.models.values() if m.path == Path(path)), None)
-        return same if same is not None else await self._add(name, Path(path), from_store=True)
+        await self._pulled(name, Path(path))
+        return self._named(name)
 
     async def _add(self, name: str, path: Path, *, from_store: bool) -> RoutedModel:
         from ..store import projector_for
