@@ -33,11 +33,28 @@
 PYLLAMA_COMMON_API int32_t pyllama_cpu_get_num_math(void);
 
 /* sampling.cpp: llama_sampler_sample / llama_sampler_accept returning -1 where a sampler threw
-   (a grammar with no allowed token left); pyllama_sampling_error() says what. */
+   (a grammar with no allowed token left); pyllama_sampling_error() says what. A chain with a grammar
+   is sampled as llama.cpp's common_sampler samples it: without the grammar first, the grammar asked
+   about the token drawn, the whole chain run again only when it refuses it. */
 PYLLAMA_COMMON_API int32_t pyllama_sampler_sample(struct llama_sampler * smpl, struct llama_context * ctx,
                                                   int32_t idx, llama_token * token);
 PYLLAMA_COMMON_API int32_t pyllama_sampler_accept(struct llama_sampler * smpl, llama_token token);
+/* 1 when pyllama_sampler_sample samples this chain without its grammar and asks the grammar about the
+   token drawn only (a chain with a grammar, its other samplers llama.cpp's stateless ones), 0 when it
+   runs the chain as llama_sampler_sample does; -1 on error. */
+PYLLAMA_COMMON_API int32_t pyllama_sampler_grammar_deferred(struct llama_sampler * smpl);
+/* How many tokens this process sampled with the grammar deferred, and how many of them the grammar
+   refused (the chain then ran again over every candidate, grammar first). */
+PYLLAMA_COMMON_API void pyllama_sampler_grammar_counts(int64_t * checked, int64_t * refused);
 PYLLAMA_COMMON_API const char * pyllama_sampling_error(void);
+
+/* grammar.cpp: llama.cpp's grammar sampler (named "grammar"; lazy when trigger patterns or tokens are
+   given) that throws from accept and apply, instead of hanging, once the grammar keeps more than
+   max_stacks parses open; NULL when the grammar does not parse. */
+PYLLAMA_COMMON_API struct llama_sampler * pyllama_sampler_init_grammar(
+    const struct llama_vocab * vocab, const char * grammar_str, const char * grammar_root, bool lazy,
+    const char ** trigger_patterns, size_t n_trigger_patterns, const llama_token * trigger_tokens,
+    size_t n_trigger_tokens, size_t max_stacks);
 
 /* media.cpp: an image's size and channel count from its file header, read by stb_image (the decoder
    libmtmd uses) without decoding the pixels, so a huge image is refused before anything is allocated;

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Generator, Mapping
 
 from ._ffi import ffi, lib
 from .errors import SamplerError, TemplateError
-from .samplers import Grammar, _vocab
+from .samplers import GRAMMAR_MAX_STACKS, Grammar, _vocab
 
 if TYPE_CHECKING:
     from .model import Model
@@ -68,8 +68,8 @@ def json_schema_to_grammar(schema: Mapping[str, Any] | str) -> str:
 # for the stacks at every token, times the vocabulary: on a 262k one, 1.2 ms a token without a grammar,
 # 90 ms with a tool's JSON schema (6 stacks), 0.2 s with an enum of 100 values, 1.7 s with 1023, 29 s
 # with the nested pattern at 513 (bench/grammar.py). 256 leaves room for a call to one of 128 tools.
-#: most parse stacks one step of a grammar may expand to (the bound :func:`gbnf_cost` computes)
-GRAMMAR_MAX_STACKS = 256
+# The bound (samplers.GRAMMAR_MAX_STACKS, defined beside the sampler that holds to it while it generates)
+# is checked here before the grammar is built, over what one step may expand to.
 # llama.cpp rewrites a repetition S{m,n} into m copies of S and n-m rules, and creating the grammar grows
 # faster than its rules: 50,000 took 30 ms, 100,000 74 ms, 200,000 0.23 s, 800,000 9.6 s (from 5 KB of text).
 #: most rules a grammar may have, repetitions rewritten

@@ -195,6 +195,11 @@ class AdaptiveP(Sampler):
         return _ptr(lib.llama_sampler_init_adaptive_p(self.target, self.decay, self.seed & 0xFFFFFFFF), "adaptive-p")
 
 
+#: most parse stacks a grammar may keep open at one step: checked before it is built
+#: (:func:`pyllama.grammar.check_gbnf`, which explains the cost) and at every token (:attr:`Grammar.max_stacks`)
+GRAMMAR_MAX_STACKS = 256
+
+
 @dataclass(frozen=True)
 class Grammar(Sampler):
     """Constrain output to a GBNF grammar. With ``trigger_patterns``/``trigger_tokens`` it is lazy:
@@ -204,6 +209,10 @@ class Grammar(Sampler):
     root: str = "root"
     trigger_patterns: Sequence[str] = ()
     trigger_tokens: Sequence[int] = ()
+    #: the most parses llama.cpp's grammar engine may follow at once: an ambiguous grammar multiplies them
+    #: with each character (some double them), making every token slower without end; past this bound
+    #: accepting or sampling a token raises SamplerError (the request ends) instead of hanging
+    max_stacks: int = GRAMMAR_MAX_STACKS
     needs_model: ClassVar[bool] = True
 
     def check(self, model: Model) -> None:
@@ -220,21 +229,21 @@ class Grammar(Sampler):
         _check_gbnf(self.grammar)
         for pat in self.trigger_patterns:
             _check_trigger_pattern(pat)
-        if not self.trigger_patterns and not self.trigger_tokens:
-            p = lib.llama_sampler_init_grammar(vp, self.grammar.encode(), self.root.encode())
-            if p != ffi.NULL and not _allows_any_token(p, vp, model, self.grammar, self.root):
-                lib.llama_sampler_free(p)
-                # Sampling would pick a token the grammar refuses, and accepting it throws through
-                # llama.cpp's C API (std::terminate).
-                raise SamplerError("the grammar allows no token to start with (an empty character class, "
-                                   "a token reference outside the vocabulary?)")
-        else:
-            pats = [ffi.new("char[]", s.encode()) for s in self.trigger_patterns]
-            parr = ffi.new("const char *[]", pats or [ffi.NULL])
-            toks = np.asarray(self.trigger_tokens, dtype=np.int32)
-            p = lib.llama_sampler_init_grammar_lazy_patterns(
-                vp, self.grammar.encode(), self.root.encode(), parr, len(pats),
-                ffi.from_buffer("llama_token[]", toks), toks.size)
+        if not 1 <= self.max_stacks <= 1 << 20:
+            raise ValueError(f"max_stacks must be in [1, {1 << 20}], not {self.max_stacks}")
+        lazy = bool(self.trigger_patterns or self.trigger_tokens)
+        pats = [ffi.new("char[]", s.encode()) for s in self.trigger_patterns]
+        parr = ffi.new("const char *[]", pats or [ffi.NULL])
+        toks = np.asarray(self.trigger_tokens, dtype=np.int32)
+        # llama.cpp's grammar engine behind pyllama's bound on its parse stacks (src/native/grammar.cpp)
+        p = lib.pyllama_sampler_init_grammar(vp, self.grammar.encode(), self.root.encode(), lazy, parr, len(pats),
+                                             ffi.from_buffer("llama_token[]", toks), toks.size, self.max_stacks)
+        if not lazy and p != ffi.NULL and not _allows_any_token(p, vp, model, self.grammar, self.root):
+            lib.llama_sampler_free(p)
+            # Sampling would pick a token the grammar refuses, and accepting it throws through
+            # llama.cpp's C API (std::terminate).
+            raise SamplerError("the grammar allows no token to start with (an empty character class, "
+                               "a token reference outside the vocabulary?)")
         return _ptr(p, "grammar (GBNF parse error? see the 'pyllama.llama' log)")
 
 
