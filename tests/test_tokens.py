@@ -116,3 +116,26 @@ def test_long_text_in_pieces_gives_the_ids_of_one_call(starter_model_path: Path)
                                            out.size, add_special, parse_special)
                     assert np.array_equal(out[:n], v.tokenize(data, add_special=add_special,
                                                               parse_special=parse_special))
+
+
+def test_min_tokens_is_a_lower_bound_known_without_tokenizing(model: pyllama.Model,
+                                                              chat_starter_path: Path) -> None:
+    """Vocab.min_tokens bounds the tokens of a text from its length (the longest piece of the vocabulary);
+    the engine refuses a prompt that cannot fit its slot by it, before tokenizing megabytes."""
+    from pyllama.engine import Engine
+    from pyllama.errors import ContextOverflowError
+
+    rng = np.random.default_rng(7)
+    pieces = [model.vocab.token_to_piece(int(t), special=True) for t in range(model.vocab.n_tokens)]
+    for n in (1, 10, 300, 5000):  # random text and text made of the longest pieces
+        ids = rng.integers(0, model.vocab.n_tokens, size=n)
+        text = b"".join(pieces[int(i)] for i in ids).decode("utf-8", errors="ignore")
+        longest = "".join(max(pieces, key=len).decode("utf-8", errors="ignore") for _ in range(n))
+        for t in (text, longest):
+            assert model.vocab.min_tokens(t) <= model.vocab.tokenize(t, add_special=False, parse_special=True).size
+    assert model.vocab.min_tokens("") == 0
+    with pyllama.Model(chat_starter_path) as chat, Engine(chat, n_slots=1, n_ctx=512) as engine:
+        with pytest.raises(ContextOverflowError, match="at least") as err:
+            engine.submit("word " * 2_000_000)
+        assert err.value.n_tokens is not None and err.value.n_tokens >= 512
+        assert isinstance(engine.submit("word " * 100, max_tokens=2).result(), str)  # a prompt that fits runs

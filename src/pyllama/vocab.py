@@ -64,6 +64,7 @@ class Vocab:
         self._cut_exact: dict[bool, bool] = {}
         self._byte_guard: ByteFallbackGuard | None = None  # set by Model for SPM vocabularies lacking bytes
         self._eog: npt.NDArray[np.intp] | None = None
+        self._max_piece: int | None = None
 
     def _v(self) -> Any:
         self._model._p()  # raises ClosedError once the model is closed
@@ -289,6 +290,18 @@ class Vocab:
         items = list(texts)
         return _map_in_threads(lambda text: self.tokenize(text, add_special=add_special, parse_special=parse_special),
                                items, n_threads)
+
+    def min_tokens(self, text: str | bytes) -> int:
+        """A lower bound on the tokens ``text`` makes, known without tokenizing it: each token covers at
+        most the longest piece of the vocabulary (0 where the tokenizer may drop text: WordPiece and
+        Unigram collapse whitespace). So a prompt that cannot fit a context is refused before the seconds
+        tokenizing megabytes takes."""
+        if self.type not in ("bpe", "spm") or not text:
+            return 0
+        if self._max_piece is None:  # once per model (tens of ms for 256k tokens)
+            buf = ffi.new("char[]", 256)
+            self._max_piece = max(1, max(len(self._piece(t, True, 0, buf)) for t in range(self.n_tokens)))
+        return -(-len(text) // self._max_piece)  # a character is at least a byte
 
     def token_to_piece(self, token: int, *, special: bool = False, lstrip: int = 0) -> bytes:
         """The bytes of one token (may be part of a UTF-8 character)."""

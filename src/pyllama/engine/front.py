@@ -37,6 +37,7 @@ def check_request(vocab: Vocab, prompt: EnginePrompt, *,
     if media_tokens is not None:
         tokens = media_tokens
     elif isinstance(prompt, (str, bytes)):
+        check_prompt_size(vocab, prompt, n_ctx_slot)
         tokens = vocab.tokenize(prompt, add_special=add_special, parse_special=parse_special)
     else:
         tokens = as_tokens(cast("Sequence[int]", prompt))
@@ -49,6 +50,18 @@ def check_request(vocab: Vocab, prompt: EnginePrompt, *,
     if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 0):
         raise ValueError("max_tokens must be an int >= 0 or None")
     return tokens
+
+
+def check_prompt_size(vocab: Vocab, text: str | bytes, n_ctx_slot: int) -> None:
+    """ContextOverflowError for a text too long for a slot by its length alone (:meth:`Vocab.min_tokens`),
+    before anything tokenizes it; a text that may fit passes (its tokens decide)."""
+    if len(text) < n_ctx_slot:  # fewer characters than the slot holds: the bound cannot refuse it
+        return
+    least = vocab.min_tokens(text)
+    if least >= n_ctx_slot:
+        raise ContextOverflowError(f"the prompt has at least {least} tokens ({len(text)} characters); a slot "
+                                   f"holds {n_ctx_slot} (prompt and reply together)", n_tokens=least,
+                                   n_ctx=n_ctx_slot)
 
 
 def check_slot(slot: object, n_slots: int) -> int:

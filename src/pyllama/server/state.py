@@ -26,6 +26,7 @@ import anyio.to_thread
 from starlette.applications import Starlette
 from starlette.requests import Request
 
+from ..engine.front import check_prompt_size
 from ..errors import ContextOverflowError
 from ..stream import TokenEvent
 from ..options import SubmitOptions, Unpack
@@ -559,6 +560,7 @@ class ServerState:
         """A text prompt's tokens (what submit would compute), for a worker thread; ids pass unchanged."""
         if isinstance(prompt, (str, bytes)):
             try:
+                check_prompt_size(engine.model.vocab, prompt, engine.n_ctx_slot)
                 return engine.tokenize(prompt, add_special=add_special, parse_special=parse_special)
             except Exception as exc:  # noqa: BLE001 - a 4xx in OpenAI's shape
                 raise api_error(exc) from None
