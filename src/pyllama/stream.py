@@ -11,7 +11,7 @@ asks it to :meth:`~SequenceStream.sample` a batch row and to
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence, Union
+from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -20,7 +20,7 @@ from ._ffi import ffi, lib
 from .detokenize import StreamDecoder
 from .errors import ClosedError
 from .options import SAMPLING_MODES, SamplerArg, Sampling
-from .samplers import DEFAULT_SEED, Grammar, Greedy, Sampler, default_chain
+from .samplers import DEFAULT_SEED, Grammar, Greedy, default_chain
 from .sampling import SamplerChain
 
 if TYPE_CHECKING:
