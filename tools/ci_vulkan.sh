@@ -58,7 +58,7 @@ log "built $(basename "$wheel") ($(stat -c %s "$wheel") bytes) in $(( $(date +%s
 rm -rf "$venv"
 "$py" -m venv "$venv"
 # pytest-timeout: the suite's per-test limit and its marks; the server extra and httpx: the router's device budget
-"$venv/bin/pip" install --quiet "$wheel[server]" pytest pytest-timeout gguf httpx
+"$venv/bin/pip" install --quiet "${wheel}[server]" pytest pytest-timeout gguf httpx
 
 # --- 4. tests ---------------------------------------------------------------------
 # Run from the checkout's tests/ with the installed wheel: src/ is not on sys.path.
