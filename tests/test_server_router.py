@@ -137,7 +137,21 @@ def test_keep_alive_zero_a_malformed_model_and_explicit_loads(models_dir: Path, 
     with router("--models", models, "--no-models-autoload", "-np", "1", "-c", "256") as s:
         r = complete(s, "a")
         assert r.status_code == 400 and "POST /models/load" in r.json()["error"]["message"]
-        assert httpx.post(s.url_for("models", "load"), json={"model": "a"}, timeout=120).status_code == 200
+        loaded: list[httpx.Response] = []
+        loader = threading.Thread(target=lambda: loaded.append(
+            httpx.post(s.url_for("models", "load"), json={"model": "a"}, timeout=120)))
+        loader.start()
+        progress = []  # the card of a loading model carries llama-server's router progress payload
+        while loader.is_alive():
+            status = {m["id"]: m for m in httpx.get(s.url_for("models"), timeout=10).json()["data"]}["a"]["status"]
+            if status["value"] == "loading":
+                progress.append(status["progress"])
+            time.sleep(0.01)
+        join_all([loader], 10)
+        assert loaded[0].status_code == 200 and loaded[0].json()["status"] == {"value": "loaded"}
+        assert progress and all(p["stages"] == ["text_model"] and p["current"] == "text_model" for p in progress)
+        values = [p["value"] for p in progress]
+        assert values == sorted(values) and 0.0 <= values[0] and values[-1] <= 1.0
         assert complete(s, "a").status_code == 200
         bad = httpx.post(s.url_for("models", "load"), json={"model": "broken"}, timeout=120)
         assert bad.status_code == 500

@@ -344,6 +344,23 @@ def test_restart_disabled(synth_model_path: Path) -> None:
 
 # --- lifetime -----------------------------------------------------------------------------------
 
+def test_the_childs_load_progress_reaches_the_caller(synth_model_path: Path) -> None:
+    """The weights' load in the child is reported to ``progress`` in the caller's thread, as a Model's is."""
+    in_process: list[float] = []
+    pyllama.Model(synth_model_path, n_gpu_layers=0, progress=in_process.append).close()
+    seen: list[tuple[float, str]] = []
+    with Worker() as w:
+        w.load(synth_model_path, n_gpu_layers=0, progress=lambda v: seen.append((v, threading.current_thread().name)),
+               **CTX)
+        values = [v for v, _ in seen]
+        assert values and values[0] == in_process[0] and values[-1] == 1.0 == in_process[-1]
+        assert values == sorted(values) and {name for _, name in seen} == {threading.current_thread().name}
+        w.unload()
+        seen.clear()
+        assert len(list(w.generate("Hello", max_tokens=2))) == 2  # a load on first use reports to nobody
+        assert seen == []
+
+
 def test_keep_alive_unloads_the_idle_model(synth_model_path: Path) -> None:
     with Worker(keep_alive=0.3) as w:
         w.load(synth_model_path, n_gpu_layers=0, **CTX)

@@ -1,10 +1,13 @@
-"""Load-progress reporting: a user callback or a progress bar, called from native code."""
+"""Load-progress reporting: a user callback or a progress bar (fed by llama.cpp's callback in
+:mod:`pyllama.model`, or by a worker's load). Pure Python: the worker's host side uses it without the
+native library."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Union
 
-from ._ffi import ffi
+#: a model load's ``progress``: True shows a bar, a callable gets 0.0..1.0
+ProgressArg = Union[bool, Callable[[float], Any], None]
 
 
 class _Reporter:
@@ -44,12 +47,3 @@ def reporter(progress: bool | Callable[[float], Any] | None, label: str) -> _Rep
         return _Reporter(update, bar)
     return _Reporter(progress)
 
-
-@ffi.def_extern()  # type: ignore[untyped-decorator]
-def _pyllama_progress(value: float, user_data: Any) -> bool:
-    rep: _Reporter = ffi.from_handle(user_data)
-    try:
-        return rep(value)
-    except BaseException as exc:  # noqa: BLE001 - never raise into C; re-raised after the load
-        rep.error = exc
-        return False

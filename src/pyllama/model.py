@@ -8,11 +8,12 @@ import threading
 import weakref
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence, Union
+from typing import TYPE_CHECKING, Any, Literal, Sequence, Union
 
 import numpy.typing as npt
 
 from . import _progress
+from ._progress import ProgressArg
 from ._ffi import ffi, lib
 from ._handle import Handle
 from .devices import Device
@@ -29,9 +30,18 @@ if TYPE_CHECKING:
     from .options import Unpack
 
 GpuLayers = Union[int, Literal["all", "auto"]]
-ProgressArg = Union[bool, Callable[[float], Any], None]
 
 logger = logging.getLogger("pyllama")
+
+
+@ffi.def_extern()  # type: ignore[untyped-decorator]
+def _pyllama_progress(value: float, user_data: Any) -> bool:
+    rep: _progress._Reporter = ffi.from_handle(user_data)
+    try:
+        return rep(value)
+    except BaseException as exc:  # noqa: BLE001 - never raise into C; re-raised after the load
+        rep.error = exc
+        return False
 
 _SPLIT_MODES = {"none": 0, "layer": 1, "row": 2, "tensor": 3}
 _KV_TAGS = {int: 0, float: 1, bool: 2, str: 3}

@@ -406,7 +406,8 @@ def register(subparsers: Any) -> None:
                    help="seconds between SSE keep-alive comments while a stream waits for a token (<= 0: none)")
     p.add_argument("--shutdown-timeout", type=float, default=5.0,
                    help="seconds open requests get to finish on SIGTERM/SIGINT before they are cancelled")
-    p.add_argument("--progress", action="store_true", help="show a load progress bar")
+    p.add_argument("--progress", action="store_true",
+                   help="show a load progress bar on the terminal (in its place, the router's /models shows none)")
     p.add_argument("--isolate", action="store_true",
                    help="run the engine in a worker process: a crash there fails the requests in flight, "
                         "the server stays up and the next request starts a fresh worker")
@@ -420,7 +421,9 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=cmd_serve, slots_endpoint=True)
 
 
-def _loader(args: argparse.Namespace, path: str) -> Engine:
+def _loader(args: argparse.Namespace, path: str, *, progress: Callable[[float], Any] | None = None) -> Engine:
+    """The engine ``pyllama serve`` runs. ``progress`` (the server's record of the load, for /models) gives way
+    to ``--progress``'s bar on the terminal."""
     from ..engine import Engine
     from ..model import Model
     from ..store.projector import cli_projector
@@ -429,8 +432,8 @@ def _loader(args: argparse.Namespace, path: str) -> Engine:
     # without --mmproj / --no-mmproj, an hf: model's projector pulled with it
     mmproj = cli_projector(args.model, args.mmproj, getattr(args, "no_mmproj", False), log)
     if getattr(args, "isolate", False):
-        return _isolated_loader(args, path, ngl, mmproj)
-    model = Model(path, n_gpu_layers=ngl, progress=args.progress)
+        return _isolated_loader(args, path, ngl, mmproj, progress=progress)
+    model = Model(path, n_gpu_layers=ngl, progress=args.progress or progress)
     try:
         if mmproj is not None:
             model.projector(mmproj, use_gpu=args.mmproj_offload, image_min_tokens=args.image_min_tokens,
@@ -445,16 +448,17 @@ def _loader(args: argparse.Namespace, path: str) -> Engine:
         raise
 
 
-def _isolated_loader(args: argparse.Namespace, path: str, ngl: Any, mmproj: str | None = None) -> Engine:
+def _isolated_loader(args: argparse.Namespace, path: str, ngl: Any, mmproj: str | None = None, *,
+                     progress: Callable[[float], Any] | None = None) -> Engine:
     from ..worker.engine import IsolatedEngine
 
     engine = IsolatedEngine(path, n_gpu_layers=ngl, n_slots=args.slots, n_ctx=args.slot_ctx, n_batch=args.batch_size,
                             n_ubatch=args.ubatch_size, n_threads=args.threads, n_threads_batch=args.threads_batch,
                             flash_attn=args.flash_attn, type_k=args.cache_type_k, type_v=args.cache_type_v,
                             max_queue=args.max_queue, slot_prompt_similarity=args.slot_prompt_similarity,
-                            draft=args.draft, n_draft=args.draft_max, sampling=args.sampling, progress=args.progress,
-                            pooling=args.pooling, lora=_lora_list(args), mmproj=mmproj or args.mmproj,
-                            mmproj_gpu=args.mmproj_offload, image_min_tokens=args.image_min_tokens,
+                            draft=args.draft, n_draft=args.draft_max, sampling=args.sampling,
+                            progress=args.progress or progress, pooling=args.pooling, lora=_lora_list(args),
+                            mmproj=mmproj or args.mmproj, mmproj_gpu=args.mmproj_offload, image_min_tokens=args.image_min_tokens,
                             image_max_tokens=args.image_max_tokens, memory_limit=args.memory_limit)
     return cast("Engine", engine)  # duck-typed: it offers the Engine API the server uses
 
@@ -680,7 +684,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cors = None if args.no_cors else CORSOptions(origins=args.cors_origins, methods=args.cors_methods,
                                                  headers=args.cors_headers, credentials=args.cors_credentials)
 
-    def make_app(loader: Callable[[], Engine], name: str | None, load_at_start: bool, a: argparse.Namespace,
+    def make_app(loader: Callable[..., Engine], name: str | None, load_at_start: bool, a: argparse.Namespace,
                  settings: _Settings) -> Starlette:
         template, kwargs, defaults = settings
         return create_app(loader, api_key=args.api_keys, model_name=name,
@@ -733,7 +737,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         app, state = router, router
         log.info("serving %d models: %s", len(routed), ", ".join(spec.name for spec in routed))
     else:
-        app = make_app(lambda: _loader(args, path), args.model_name, True, args, settings)
+        app = make_app(functools.partial(_loader, args, path), args.model_name, True, args, settings)
         state = app.state.server
 
     class Server(uvicorn.Server):

@@ -200,6 +200,9 @@ class ModelRouter:
         status: dict[str, Any] = {"value": m.status}
         if m.state.load_error is not None:
             status["failed_reason"] = without_dirs(str(m.state.load_error))
+        progress = m.state.load_progress
+        if progress is not None and status["value"] == "loading":  # llama-server's router payload
+            status["progress"] = progress
         aliases = sorted({*m.aliases, *(name for table in (self.aliases, self.copies)
                                           for name, c in table.items() if c is m)})
         card = {"id": m.name, "aliases": aliases, "object": "model", "created": self.created, "owned_by": "pyllama",

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import ctypes
 import functools
+import inspect
 import os
 import logging
 import sys
@@ -19,7 +20,7 @@ import threading
 import time
 import weakref
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence, TypeVar, Union, cast
+from typing import TYPE_CHECKING, Any, AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Protocol, Sequence, TypeVar, Union, cast
 
 import anyio
 import anyio.to_thread
@@ -45,7 +46,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pyllama.server")
 
-EngineSource = Union["Engine", Callable[[], "Engine"]]
+
+
+class ProgressLoader(Protocol):
+    """A loader told how its load goes: ``progress`` gets 0.0..1.0 (the weights read so far)."""
+
+    def __call__(self, *, progress: Callable[[float], Any]) -> Engine: ...
+
+
+#: an engine, or what builds one (taking ``progress=`` where it reports the load: /models shows it)
+EngineSource = Union["Engine", Callable[[], "Engine"], ProgressLoader]
 
 _FINISH = {"eog": "stop", "stop": "stop", "length": "length", "context": "length", "cancelled": "stop"}
 
@@ -122,6 +132,8 @@ class ServerState:
         self._prep_limiter: anyio.CapacityLimiter | None = None
         self._wait_limiter: anyio.CapacityLimiter | None = None
         self.loader: Callable[[], Engine] | None = None
+        #: the load under way: llama-server's router payload {"stages", "current", "value"} (None: no load)
+        self.load_progress: dict[str, Any] | None = None
         self.chat_template = chat_template
         self.reasoning_format: ReasoningFormat = reasoning_format
         self.thinking = thinking
@@ -132,8 +144,10 @@ class ServerState:
         self.tags = list(tags)
         if hasattr(source, "submit"):  # an Engine, or anything offering its API (e.g. an isolated one)
             self._adopt(cast("Engine", source))
+        elif "progress" in inspect.signature(source).parameters:
+            self.loader = functools.partial(cast(ProgressLoader, source), progress=self._loaded_part)
         else:
-            self.loader = source
+            self.loader = cast("Callable[[], Engine]", source)
         self.owns_engine = self.loader is not None
         # the keys a request may carry (llama-server's --api-key takes several); empty: no key needed
         self.api_keys: tuple[str, ...] = (api_key,) if isinstance(api_key, str) else tuple(api_key or ())
@@ -196,9 +210,13 @@ class ServerState:
                             "ftype_name": " ".join(engine.model.description.split()[2:])}
         self.engine = engine  # last: requests are served from here on
 
+    def _loaded_part(self, value: float) -> None:  # from the loading thread: one assignment, read whole
+        self.load_progress = {"stages": ["text_model"], "current": "text_model", "value": round(value, 4)}
+
     def _load(self) -> None:
         assert self.loader is not None
         again = self.unloaded  # loading again after an unload: a failure fails the requests, not the server
+        self.load_progress = {"stages": ["text_model"], "current": "text_model", "value": 0.0}
         try:
             engine = self.loader()
             try:
@@ -217,6 +235,8 @@ class ServerState:
             if not again:
                 for cb in self.on_load_error:
                     cb(exc)
+        finally:
+            self.load_progress = None
 
     # --- the model on demand (Ollama's keep_alive) ---------------------------------------------
     @property

@@ -93,6 +93,7 @@ class Server:
         self._cancelled: set[int] = set()
         self.engine: Engine | None = None  # the serving engine, when the spec has "engine_options"
         self._engine_requests: dict[int, EngineRequest] = {}
+        self._load_rid = 0  # the LOAD being answered: its model's load progress goes back to it
         self._handlers: dict[int, Callable[[int, tuple[Any, ...]], None]] = {
             p.LOAD: self._load, p.SPEC: self._spec, p.UNLOAD: self._unload, p.TOKENIZE: self._tokenize,
             p.DETOKENIZE: self._detokenize, p.GENERATE: self._generate, p.CHAT: self._chat,
@@ -174,6 +175,22 @@ class Server:
                     self._last_used = time.monotonic()
 
     # --- the model ---------------------------------------------------------------------------
+    def _progress(self) -> Callable[[float], None] | None:
+        """What reports the model's load to the host: only for LOAD (a load on first use has nobody to tell)."""
+        rid = self._load_rid
+        if not rid:
+            return None
+        last = [-1.0, 0.0]  # fraction, time of the last report
+
+        def report(value: float) -> None:
+            # llama.cpp calls this per tensor: at most every 0.1 s, and the first and the last always
+            now = time.monotonic()
+            if last[0] < 0 or value >= 1.0 or now - last[1] >= 0.1:
+                last[0], last[1] = value, now
+                self.send((p.PROGRESS, rid, float(value)))
+
+        return report
+
     def ensure_loaded(self) -> tuple[Model, Context]:
         if self.model is None or self.ctx is None:
             if self.spec is None:
@@ -182,7 +199,7 @@ class Server:
                 raise WorkerError("this worker serves an engine: only engine requests apply")
             from ..model import Model
 
-            model = Model(self.spec["model"], **self.spec["model_options"])
+            model = Model(self.spec["model"], **self.spec["model_options"], progress=self._progress())
             try:
                 ctx = model.context(**self.spec["context_options"])
             except BaseException:
@@ -199,7 +216,7 @@ class Server:
             from ..engine import Engine
             from ..model import Model
 
-            model = Model(self.spec["model"], **self.spec["model_options"])
+            model = Model(self.spec["model"], **self.spec["model_options"], progress=self._progress())
             try:
                 if self.spec.get("projector"):
                     model.projector(**self.spec["projector"])
@@ -242,11 +259,14 @@ class Server:
     def _load(self, rid: int, msg: tuple[Any, ...]) -> None:
         self.unload()
         self.spec = msg[2]
+        self._load_rid = rid
         try:
             info = self._info()
         except BaseException:
             self.spec = None
             raise
+        finally:
+            self._load_rid = 0
         self.send((p.OK, rid, info))
 
     def _spec(self, rid: int, msg: tuple[Any, ...]) -> None:

@@ -12,11 +12,14 @@ import sys
 import threading
 import weakref
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Union
 
 import numpy as np
 import numpy.typing as npt
 
+from .. import _progress
+from .._progress import ProgressArg
 from ..errors import ClosedError
 from . import protocol as p
 from .errors import WorkerCrashedError, WorkerError
@@ -140,10 +143,14 @@ class Worker:
                     raise
         raise AssertionError("unreachable")
 
-    def _call(self, kind: int, *args: Any) -> Any:
+    def _call(self, kind: int, *args: Any, on_progress: Callable[[float], Any] | None = None) -> Any:
         proc, rid, inbox = self._submit(kind, *args)
         try:
             msg = inbox.get()
+            while msg[0] == p.PROGRESS:  # a load's progress, then its answer
+                if on_progress is not None:
+                    on_progress(msg[2])
+                msg = inbox.get()
         finally:
             proc.done(rid)
         if msg[0] == p.OK:
@@ -238,6 +245,7 @@ class Worker:
         embeddings: bool = False,
         pooling: str | None = None,
         mmproj: str | os.PathLike[str] | None = None,
+        progress: ProgressArg = None,
     ) -> dict[str, Any]:
         """Load a model in the child (replacing the current one) with one context; returns facts about both.
 
@@ -247,7 +255,8 @@ class Worker:
         are :class:`pyllama.Model`'s, the context keywords
         :class:`pyllama.Context`'s (``mmproj``: the model's projector, for prompts with images or audio). The
         worker remembers them: a restarted child
-        or an idle-unloaded model is loaded again with the same settings.
+        or an idle-unloaded model is loaded again with the same settings. ``progress``: the child's load of
+        the weights, as :class:`pyllama.Model`'s (True: a bar; a callable gets 0.0..1.0 in this thread).
         """
         spec = {
             "model": os.fspath(model),
@@ -265,11 +274,18 @@ class Worker:
                                 "offload_kqv": offload_kqv, "swa_full": swa_full, "kv_unified": kv_unified,
                                 "embeddings": embeddings, "pooling": pooling},
         }
-        return self._load_spec(spec)
+        return self._load_spec(spec, progress)
 
-    def _load_spec(self, spec: dict[str, Any]) -> dict[str, Any]:
-        """Load ``spec`` in the child now and remember it for restarts."""
-        info: dict[str, Any] = self._call(p.LOAD, spec)
+    def _load_spec(self, spec: dict[str, Any], progress: ProgressArg = None) -> dict[str, Any]:
+        """Load ``spec`` in the child now and remember it for restarts; ``progress`` as :class:`pyllama.Model`'s
+        (a callable gets the child's load as 0.0..1.0, called in this thread; its result is ignored: a load in
+        the child is not cancelled)."""
+        reporter = _progress.reporter(progress, f"loading {Path(spec['model']).name}")
+        try:
+            info: dict[str, Any] = self._call(p.LOAD, spec, on_progress=reporter)
+        finally:
+            if reporter is not None:
+                reporter.close()
         self._spec = spec
         return info
 

@@ -23,6 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .._channel import wake
+from .._progress import ProgressArg
 from ..engine import EngineBusyError, EngineRequest, EngineStats
 from ..engine.request import PROGRESS_TOKEN, PromptProgress
 from ..engine.core import COUNTERS, lora_scales
@@ -214,6 +215,7 @@ class IsolatedEngine(EngineFront):
     iterator, not by :meth:`submit`. ``worker_pid`` is the child's process id. ``memory_limit`` (bytes, Linux)
     caps the child's address space (:class:`pyllama.Worker`'s): a request that needs more ends with
     :class:`pyllama.WorkerMemoryError` naming the limit. ``mmproj``: the model's projector (images, audio).
+    ``progress``: the child's load of the weights, as :class:`pyllama.Model`'s (a callable gets 0.0..1.0).
     """
 
     def __init__(self, model: str | os.PathLike[str], *, n_gpu_layers: int | Literal["all", "auto"] = "auto",
@@ -223,7 +225,7 @@ class IsolatedEngine(EngineFront):
                  type_v: str | int = "f16", max_queue: int = 64, slot_prompt_similarity: float = 0.1,
                  embeddings: bool = True, pooling: str | None = None, draft: str | None = None,
                  n_draft: int = 16, sampling: Sampling = "auto", log_level: str = "WARNING",
-                 progress: bool | None = None, lora: Sequence[tuple[str | os.PathLike[str], float]] = (),
+                 progress: ProgressArg = None, lora: Sequence[tuple[str | os.PathLike[str], float]] = (),
                  mmproj: str | os.PathLike[str] | None = None, mmproj_gpu: bool | None = None,
                  image_min_tokens: int | None = None, image_max_tokens: int | None = None,
                  memory_limit: int | None = None) -> None:
@@ -231,7 +233,8 @@ class IsolatedEngine(EngineFront):
             raise ValueError("n_slots must be an int >= 1")
         if max_queue < 0:
             raise ValueError("max_queue must be >= 0")
-        self.model = vocab = _VocabModel(model, vocab_only=True, progress=progress)
+        # a store reference's download shows its bar here; the weights' load is the child's
+        self.model = vocab = _VocabModel(model, vocab_only=True, progress=True if progress is True else None)
         self.max_queue = max_queue
         self._lock = threading.Condition()
         self._in_flight = 0
@@ -252,7 +255,7 @@ class IsolatedEngine(EngineFront):
             if mmproj is not None:  # loaded beside the model in the child (pyllama.Model.projector's options)
                 spec["projector"] = {"path": os.fspath(mmproj), "use_gpu": mmproj_gpu,
                                      "image_min_tokens": image_min_tokens, "image_max_tokens": image_max_tokens}
-            info = self._worker._load_spec(spec)
+            info = self._worker._load_spec(spec, progress)
         except BaseException:
             if hasattr(self, "_worker"):
                 self._worker.close()

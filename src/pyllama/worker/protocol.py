@@ -48,6 +48,7 @@ OK = 20  # (OK, rid, value)
 ERR = 21  # (ERR, rid, encoded exception)
 TOKEN = 22  # (TOKEN, rid, token, text, index, logprob)
 END = 23  # (END, rid, finish_reason, n_prompt_tokens, n_prompt_evaluated, SpeculativeStats or None)
+PROGRESS = 24  # (PROGRESS, rid, fraction): LOAD's model loading, 0.0..1.0, before its OK or ERR
 
 # --- host-internal (never on the wire) ----------------------------------------------
 CRASH = 30  # (CRASH, 0, WorkerCrashedError)
