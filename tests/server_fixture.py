@@ -146,9 +146,9 @@ def stream_in_background(url: str, body: dict[str, Any], *, wait_s: float = 30.0
         fut.result(timeout=30)
 
 
-def router(*args: str) -> RemoteServer:
+def router(*args: str, env: dict[str, str] | None = None) -> RemoteServer:
     """A ``pyllama serve`` of several models (router mode: no model argument), not started."""
-    srv = RemoteServer("unused", threads=None)
+    srv = RemoteServer("unused", threads=None, env=env)
     srv.cmd = [sys.executable, "-m", "pyllama", "serve", "--port", str(srv.port), "-t", "1", *args]
     return srv
 

@@ -1,6 +1,8 @@
 """``/openapi.json``: every route described, and schemathesis against a live server finds no answer >= 500
 and none that breaks the document.
 
+A server of several models (the router) describes its own routes and every model's, routed by ``model``.
+
 The schemathesis run is bounded (a fixed seed, ``PYLLAMA_FUZZ_EXAMPLES`` examples per operation, 25 by
 default); the longer run is the same test with a larger budget:
 
@@ -24,7 +26,8 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from pyllama.server import create_app
-from server_fixture import RemoteServer
+from pyllama.server.app import DESCRIBED
+from server_fixture import RemoteServer, router
 from synth import write_fim_model
 
 EXAMPLES = int(os.environ.get("PYLLAMA_FUZZ_EXAMPLES", "25"))
@@ -106,3 +109,57 @@ def test_schemathesis_finds_no_server_error_and_no_answer_outside_the_document(s
         rc, out = _schemathesis(srv.url_for("openapi.json"), tmp_path / "rerank.xml",
                                 "--include-path-regex", "^/(v1/)?rerank")
         assert rc == 0, out[-6000:]
+
+
+def test_the_router_describes_its_own_routes_and_every_models(tmp_path: Path) -> None:
+    """A server of several models answers /openapi.json itself (public, as a model's): the router's own routes
+    (the model list, load, unload, pulls and deletes, Ollama's lists) and every route of a model's app, each
+    taking ``?model=`` from the names served now and answering 400 without one, 404 for an unknown one."""
+    for name in ("a", "b"):
+        write_fim_model(tmp_path / f"{name}.gguf")
+    with router("--models-dir", str(tmp_path), "--api-key", "k", "-np", "1", "-c", "256") as s:
+        r = httpx.get(s.url_for("openapi.json"), timeout=30)  # no key: the description is public
+        assert r.status_code == 200, r.text
+        doc = r.json()
+    assert doc["openapi"] == "3.1.0"
+    described = {(path, method) for path, ops in doc["paths"].items() for method in ops}
+    own = {("/models", "get"), ("/v1/models", "get"), ("/models/load", "post"), ("/models/unload", "post"),
+           ("/models", "post"), ("/models", "delete"), ("/api/tags", "get"), ("/api/ps", "get"),
+           ("/api/pull", "post"), ("/api/delete", "delete"), ("/api/copy", "post"), ("/api/create", "post"),
+           ("/api/push", "post"), ("/health", "get"), ("/v1/health", "get"), ("/v1/models/{model}", "get"),
+           ("/api/version", "get")}
+    of_a_model = {(re.sub(r"\{(\w+)(?::\w+)?\}", r"{\1}", path), method.lower())
+                  for paths, method, _ in DESCRIBED for path in paths}
+    assert described == own | of_a_model
+    assert doc["paths"]["/models"]["get"]["responses"]["200"]["content"]["application/json"]["schema"] == \
+        {"$ref": "#/components/schemas/RoutedModelList"}
+    for path, method in of_a_model - own:
+        op = doc["paths"][path][method]
+        model = [p for p in op.get("parameters", ()) if p["name"] == "model"]
+        assert model and model[0]["in"] == "query" and model[0]["schema"]["enum"] == ["a", "b"], (path, method)
+        assert {"400", "401", "404", "500", "507"} <= set(op["responses"]), (path, method)
+    for path, method in own - {("/health", "get"), ("/v1/health", "get")}:
+        assert "query" not in {p["in"] for p in doc["paths"][path][method].get("parameters", ())}
+        assert "401" in doc["paths"][path][method]["responses"], (path, method)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_schemathesis_finds_no_server_error_in_a_router(tmp_path: Path) -> None:
+    """The same checks against a server of two models: every operation of the router's document, its own
+    (loads, unloads, Ollama's lists, copies, pulls and deletes in an empty offline store) and the models'
+    (routed by ``?model=``), while the models load, unload (keep_alive, /models/unload) and load again. As
+    above, the features whose 501 is by design are turned on or left out (rerank, /api/push)."""
+    models = tmp_path / "models"
+    models.mkdir()
+    for name in ("a", "b"):
+        write_fim_model(models / f"{name}.gguf")
+    (tmp_path / "slots").mkdir()
+    env = {"PYLLAMA_CACHE": str(tmp_path / "store"), "PYLLAMA_OFFLINE": "1"}
+    with router("--models-dir", str(models), "--models-max", "2", "-np", "1", "-c", "256", "--metrics", "--props",
+                "--slot-save-path", str(tmp_path / "slots"), env=env) as s:
+        rc, out = _schemathesis(s.url_for("openapi.json"), tmp_path / "router.xml",
+                                "--exclude-path-regex", "^/((v1/)?rerank|api/push)")
+        assert rc == 0, out[-6000:]
+        assert httpx.get(s.url_for("health"), timeout=10).status_code == 200
+        assert httpx.get(s.url_for("models"), timeout=10).status_code == 200

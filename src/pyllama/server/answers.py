@@ -73,6 +73,44 @@ class ModelList(_Answer):
     data: list[ModelCard]
 
 
+class LoadProgress(_Answer):
+    """A load under way (llama-server's router payload): the share of the weights read so far."""
+
+    stages: list[str]
+    current: str
+    value: float
+
+
+class RoutedStatus(_Answer):
+    value: Literal["unloaded", "loading", "loaded", "failed"]
+    failed_reason: str | None = None
+    progress: LoadProgress | None = None
+
+
+class RoutedModelCard(_Answer):
+    """One model of a server of several (``--models``, ``--models-dir``, a preset file, the store)."""
+
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    aliases: list[str]
+    path: str
+    status: RoutedStatus
+    memory: dict[str, int] | None = None  # bytes per device, once measured
+
+
+class RoutedModelList(_Answer):
+    object: Literal["list"]
+    data: list[RoutedModelCard]
+
+
+class RoutedModelDone(RoutedModelCard):
+    """``POST /models/load`` and ``POST /models``: the model's card after the action."""
+
+    success: bool
+
+
 class Props(_Answer):
     default_generation_settings: dict[str, Any]
     total_slots: int

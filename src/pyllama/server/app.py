@@ -46,6 +46,119 @@ from .state import EngineSource, ServerState
 
 Endpoint = Callable[[ServerState, Request], Awaitable[Response]]
 
+A = answers
+_ENGINE_DOWN = (503,)
+
+#: every route of a model's app: (paths, handler, method, how /openapi.json describes it); the router's
+#: document lists them too, routed by the request's model
+ROUTES: list[tuple[tuple[str, ...], Endpoint, str, Doc]] = [
+    (("/health", "/v1/health"), info.health, "GET",
+        Doc("Whether the model is loaded", answer=A.Health, errors=(500, 503))),
+    (("/metrics",), info.metrics_endpoint, "GET",
+        Doc("Prometheus metrics (llama-server's llamacpp: names, then pyllama_)",
+            text="text/plain", errors=(501,))),
+    (("/v1/models", "/models"), info.models, "GET",
+        Doc("The model", answer=A.ModelList, errors=_ENGINE_DOWN)),
+    (("/v1/models/{model:path}",), info.model, "GET",
+        Doc("One model by name", answer=A.ModelCard, errors=(404, 503))),
+    (("/v1/chat/completions", "/chat/completions"), chat_completions.chat_completions, "POST",
+        Doc("OpenAI chat completion", request=ChatCompletionRequest, answer=A.ChatCompletion, stream=True)),
+    # Anthropic's Messages and OpenAI's Responses, translated onto the chat path (as llama-server)
+    (("/v1/messages",), anthropic.messages, "POST",
+        Doc("Anthropic Messages", request=anthropic.MessagesRequest, answer=A.AnthropicMessageOut,
+            stream=True, errors_shape="anthropic")),
+    (("/v1/messages/count_tokens",), anthropic.count_tokens, "POST",
+        Doc("Anthropic token count", request=anthropic.MessagesRequest, answer=A.InputTokens,
+            errors_shape="anthropic")),
+    (("/v1/responses", "/responses"), openai_responses.responses, "POST",
+        Doc("OpenAI Responses", request=openai_responses.ResponsesRequest, answer=A.ResponseObject,
+            stream=True)),
+    (("/v1/responses/input_tokens", "/responses/input_tokens"), openai_responses.input_tokens, "POST",
+        Doc("OpenAI Responses token count", request=openai_responses.ResponsesRequest,
+            answer=A.InputTokens)),
+    # as llama-server: /completions and /embeddings without /v1 answer in its native shapes
+    (("/v1/completions",), completions.completions, "POST",
+        Doc("OpenAI text completion", request=CompletionRequest, answer=A.Completion, stream=True)),
+    (("/infill",), native.infill, "POST",
+        Doc("Fill in the middle (a model without FIM tokens: 501)", request=InfillRequest,
+            answer=A.NativeCompletion, also_lists=(A.NativeCompletion,), stream=True,
+            errors=(400, 501, 503))),
+    (("/completion", "/completions"), native.completion, "POST",
+        Doc("llama-server's completion", request=NativeCompletionRequest, answer=A.NativeCompletion,
+            also_lists=(A.NativeCompletion,), stream=True)),
+    (("/v1/embeddings",), embeddings.embeddings, "POST",
+        Doc("OpenAI embeddings (llama-server's shape when the input is given as content)",
+            request=EmbeddingRequest, answer=A.EmbeddingList, also_lists=(A.NativeEmbedding,))),
+    (("/embedding", "/embeddings"), embeddings.embedding_native, "POST",
+        Doc("llama-server's embeddings", request=EmbeddingRequest, also_lists=(A.NativeEmbedding,))),
+    (("/rerank", "/v1/rerank", "/reranking", "/v1/reranking"), rerank.rerank, "POST",
+        Doc("Rerank documents against a query (a reranker, --reranking)", request=RerankRequest,
+            answer=A.Rerank, also_lists=(A.RerankResult,), errors=(501,))),  # a list: TEI's shape
+    (("/tokenize",), tokens.tokenize, "POST", Doc("Tokenize", request=TokenizeRequest, answer=A.Tokens)),
+    (("/detokenize",), tokens.detokenize, "POST",
+        Doc("Detokenize", request=DetokenizeRequest, answer=A.Detokenized)),
+    (("/apply-template",), tokens.apply_template, "POST",
+        Doc("The prompt a chat renders to", request=ChatCompletionRequest, answer=A.RenderedPrompt)),
+    (("/v1/chat/completions/input_tokens", "/chat/completions/input_tokens"), tokens.chat_input_tokens,
+        "POST", Doc("A chat's prompt tokens", request=ChatCompletionRequest, answer=A.InputTokens)),
+    (("/lora-adapters",), lora_adapters.get_lora_adapters, "GET",
+        Doc("The LoRA adapters and the scales requests get", also_lists=(A.LoraAdapter,),
+            errors=_ENGINE_DOWN)),
+    (("/lora-adapters",), lora_adapters.post_lora_adapters, "POST",
+        Doc("Set the LoRA scales of requests from now on ([{id, scale}])", request=LoraScalesRequest,
+            answer=A.Success, errors=(400,))),
+    (("/api/chat",), ollama.chat, "POST",
+        Doc("Ollama's chat (NDJSON stream unless stream is false)", request=ollama.OllamaChatRequest,
+            answer=A.OllamaChat, text_stream=ollama.NDJSON, errors=(404, 500), errors_shape="ollama")),
+    (("/api/generate",), ollama.generate, "POST",
+        Doc("Ollama's generate (NDJSON stream unless stream is false)", request=ollama.OllamaGenerateRequest,
+            answer=A.OllamaGenerate, text_stream=ollama.NDJSON, errors=(404, 500), errors_shape="ollama")),
+    (("/api/embed",), ollama.embed, "POST",
+        Doc("Ollama's embeddings (L2-normalised)", request=ollama.OllamaEmbedRequest,
+            answer=A.OllamaEmbed, errors=(500,), errors_shape="ollama")),
+    (("/api/embeddings",), ollama.embeddings, "POST",
+        Doc("Ollama's older embedding route", request=ollama.OllamaEmbeddingsRequest,
+            answer=A.OllamaEmbedding, errors=(500,), errors_shape="ollama")),
+    (("/api/tags",), ollama_models.tags, "GET",
+        Doc("Ollama's model list", answer=A.OllamaModels, errors=(500, 503), errors_shape="ollama")),
+    (("/api/ps",), ollama_models.ps, "GET",
+        Doc("Ollama's loaded models", answer=A.OllamaModels, errors=(500,), errors_shape="ollama")),
+    (("/api/show",), ollama_models.show, "POST",
+        Doc("Ollama's model details", request=ollama_models.OllamaModelRequest, answer=A.OllamaShow,
+            errors=(404, 500), errors_shape="ollama")),
+    (("/api/version",), ollama_models.version, "GET",
+        Doc("Ollama's version route", answer=A.OllamaVersion, errors_shape="ollama")),
+    (("/api/pull",), ollama_models.pull, "POST",
+        Doc("Pull a model into the store (Ollama's status stream unless stream is false)",
+            request=ollama_models.OllamaModelRequest, answer=A.OllamaStatus, text_stream=ollama.NDJSON,
+            errors=(404, 500, 502, 507), errors_shape="ollama")),
+    (("/api/delete",), ollama_models.delete, "DELETE",
+        Doc("Remove a model from the store (or a name made by copy or create)",
+            request=ollama_models.OllamaModelRequest, errors=(400, 404, 500, 502), errors_shape="ollama")),
+    (("/api/copy",), ollama_models.copy, "POST",
+        Doc("Another name for the served model (kept while the server runs)",
+            request=ollama_models.OllamaCopyRequest, errors=(400, 404), errors_shape="ollama")),
+    (("/api/create",), ollama_models.create, "POST",
+        Doc("A name made from the served model with its own system prompt, default parameters and messages "
+            "(Ollama's status stream unless stream is false)", request=ollama_models.OllamaCreateRequest,
+            answer=A.OllamaStatus, text_stream=ollama.NDJSON, errors=(400, 404), errors_shape="ollama")),
+    (("/api/push",), ollama_models.push, "POST",
+        Doc("Push to a registry: not supported (501)", request=ollama_models.OllamaModelRequest,
+            errors=(501,), errors_shape="ollama")),
+    (("/props",), props_routes.get_props, "GET",
+        Doc("llama-server's server properties", answer=A.Props, errors=_ENGINE_DOWN)),
+    (("/props",), props_routes.post_props, "POST", Doc("Change properties (--props)", answer=A.Success,
+                                                         errors=(501,))),
+    (("/slots",), props_routes.get_slots, "GET", Doc("The slots (--no-slots: 501)", errors=(501, 503))),
+    (("/slots/{id_slot}",), props_routes.post_slot, "POST",
+        Doc("Save, restore or erase a slot's cache (?action=; --slot-save-path, else 501)",
+            request=SlotActionRequest, answer=A.SlotAction, errors=(400, 500, 501))),
+]
+
+
+#: what /openapi.json describes: (paths, method, doc) per route
+DESCRIBED: list[tuple[Sequence[str], str, Doc]] = [(paths, method, doc) for paths, _, method, doc in ROUTES]
+
 
 def create_app(engine: EngineSource, *, api_key: str | Sequence[str] | None = None, model_name: str | None = None,
                keepalive_s: float = 10.0, chat_template: str | None = None, aliases: Sequence[str] = (),
@@ -110,122 +223,16 @@ def create_app(engine: EngineSource, *, api_key: str | Sequence[str] | None = No
             return await handler(server, request)
         return endpoint
 
-    described: list[tuple[Sequence[str], str, Doc]] = []
-
-    def routes(paths: Sequence[str], handler: Endpoint, method: str, doc: Doc) -> list[Route]:
-        described.append((paths, method, doc))
+    def routes(paths: Sequence[str], handler: Endpoint, method: str) -> list[Route]:
         endpoint = bound(handler)
         return [Route(path, endpoint, methods=[method]) for path in paths]
 
-    A = answers
-    engine_down = (503,)
-    table = [
-        *routes(("/health", "/v1/health"), info.health, "GET",
-                Doc("Whether the model is loaded", answer=A.Health, errors=(500, 503))),
-        *routes(("/metrics",), info.metrics_endpoint, "GET",
-                Doc("Prometheus metrics (llama-server's llamacpp: names, then pyllama_)",
-                    text="text/plain", errors=(501,))),
-        *routes(("/v1/models", "/models"), info.models, "GET",
-                Doc("The model", answer=A.ModelList, errors=engine_down)),
-        *routes(("/v1/models/{model:path}",), info.model, "GET",
-                Doc("One model by name", answer=A.ModelCard, errors=(404, 503))),
-        *routes(("/v1/chat/completions", "/chat/completions"), chat_completions.chat_completions, "POST",
-                Doc("OpenAI chat completion", request=ChatCompletionRequest, answer=A.ChatCompletion, stream=True)),
-        # Anthropic's Messages and OpenAI's Responses, translated onto the chat path (as llama-server)
-        *routes(("/v1/messages",), anthropic.messages, "POST",
-                Doc("Anthropic Messages", request=anthropic.MessagesRequest, answer=A.AnthropicMessageOut,
-                    stream=True, errors_shape="anthropic")),
-        *routes(("/v1/messages/count_tokens",), anthropic.count_tokens, "POST",
-                Doc("Anthropic token count", request=anthropic.MessagesRequest, answer=A.InputTokens,
-                    errors_shape="anthropic")),
-        *routes(("/v1/responses", "/responses"), openai_responses.responses, "POST",
-                Doc("OpenAI Responses", request=openai_responses.ResponsesRequest, answer=A.ResponseObject,
-                    stream=True)),
-        *routes(("/v1/responses/input_tokens", "/responses/input_tokens"), openai_responses.input_tokens, "POST",
-                Doc("OpenAI Responses token count", request=openai_responses.ResponsesRequest,
-                    answer=A.InputTokens)),
-        # as llama-server: /completions and /embeddings without /v1 answer in its native shapes
-        *routes(("/v1/completions",), completions.completions, "POST",
-                Doc("OpenAI text completion", request=CompletionRequest, answer=A.Completion, stream=True)),
-        *routes(("/infill",), native.infill, "POST",
-                Doc("Fill in the middle (a model without FIM tokens: 501)", request=InfillRequest,
-                    answer=A.NativeCompletion, also_lists=(A.NativeCompletion,), stream=True,
-                    errors=(400, 501, 503))),
-        *routes(("/completion", "/completions"), native.completion, "POST",
-                Doc("llama-server's completion", request=NativeCompletionRequest, answer=A.NativeCompletion,
-                    also_lists=(A.NativeCompletion,), stream=True)),
-        *routes(("/v1/embeddings",), embeddings.embeddings, "POST",
-                Doc("OpenAI embeddings (llama-server's shape when the input is given as content)",
-                    request=EmbeddingRequest, answer=A.EmbeddingList, also_lists=(A.NativeEmbedding,))),
-        *routes(("/embedding", "/embeddings"), embeddings.embedding_native, "POST",
-                Doc("llama-server's embeddings", request=EmbeddingRequest, also_lists=(A.NativeEmbedding,))),
-        *routes(("/rerank", "/v1/rerank", "/reranking", "/v1/reranking"), rerank.rerank, "POST",
-                Doc("Rerank documents against a query (a reranker, --reranking)", request=RerankRequest,
-                    answer=A.Rerank, also_lists=(A.RerankResult,), errors=(501,))),  # a list: TEI's shape
-        *routes(("/tokenize",), tokens.tokenize, "POST", Doc("Tokenize", request=TokenizeRequest, answer=A.Tokens)),
-        *routes(("/detokenize",), tokens.detokenize, "POST",
-                Doc("Detokenize", request=DetokenizeRequest, answer=A.Detokenized)),
-        *routes(("/apply-template",), tokens.apply_template, "POST",
-                Doc("The prompt a chat renders to", request=ChatCompletionRequest, answer=A.RenderedPrompt)),
-        *routes(("/v1/chat/completions/input_tokens", "/chat/completions/input_tokens"), tokens.chat_input_tokens,
-                "POST", Doc("A chat's prompt tokens", request=ChatCompletionRequest, answer=A.InputTokens)),
-        *routes(("/lora-adapters",), lora_adapters.get_lora_adapters, "GET",
-                Doc("The LoRA adapters and the scales requests get", also_lists=(A.LoraAdapter,),
-                    errors=engine_down)),
-        *routes(("/lora-adapters",), lora_adapters.post_lora_adapters, "POST",
-                Doc("Set the LoRA scales of requests from now on ([{id, scale}])", request=LoraScalesRequest,
-                    answer=A.Success, errors=(400,))),
-        *routes(("/api/chat",), ollama.chat, "POST",
-                Doc("Ollama's chat (NDJSON stream unless stream is false)", request=ollama.OllamaChatRequest,
-                    answer=A.OllamaChat, text_stream=ollama.NDJSON, errors=(404, 500), errors_shape="ollama")),
-        *routes(("/api/generate",), ollama.generate, "POST",
-                Doc("Ollama's generate (NDJSON stream unless stream is false)", request=ollama.OllamaGenerateRequest,
-                    answer=A.OllamaGenerate, text_stream=ollama.NDJSON, errors=(404, 500), errors_shape="ollama")),
-        *routes(("/api/embed",), ollama.embed, "POST",
-                Doc("Ollama's embeddings (L2-normalised)", request=ollama.OllamaEmbedRequest,
-                    answer=A.OllamaEmbed, errors=(500,), errors_shape="ollama")),
-        *routes(("/api/embeddings",), ollama.embeddings, "POST",
-                Doc("Ollama's older embedding route", request=ollama.OllamaEmbeddingsRequest,
-                    answer=A.OllamaEmbedding, errors=(500,), errors_shape="ollama")),
-        *routes(("/api/tags",), ollama_models.tags, "GET",
-                Doc("Ollama's model list", answer=A.OllamaModels, errors=(500, 503), errors_shape="ollama")),
-        *routes(("/api/ps",), ollama_models.ps, "GET",
-                Doc("Ollama's loaded models", answer=A.OllamaModels, errors=(500,), errors_shape="ollama")),
-        *routes(("/api/show",), ollama_models.show, "POST",
-                Doc("Ollama's model details", request=ollama_models.OllamaModelRequest, answer=A.OllamaShow,
-                    errors=(404, 500), errors_shape="ollama")),
-        *routes(("/api/version",), ollama_models.version, "GET", Doc("Ollama's version route", answer=A.OllamaVersion)),
-        *routes(("/api/pull",), ollama_models.pull, "POST",
-                Doc("Pull a model into the store (Ollama's status stream unless stream is false)",
-                    request=ollama_models.OllamaModelRequest, answer=A.OllamaStatus, text_stream=ollama.NDJSON,
-                    errors=(404, 500, 502, 507), errors_shape="ollama")),
-        *routes(("/api/delete",), ollama_models.delete, "DELETE",
-                Doc("Remove a model from the store (or a name made by copy or create)",
-                    request=ollama_models.OllamaModelRequest, errors=(400, 404, 500, 502), errors_shape="ollama")),
-        *routes(("/api/copy",), ollama_models.copy, "POST",
-                Doc("Another name for the served model (kept while the server runs)",
-                    request=ollama_models.OllamaCopyRequest, errors=(400, 404), errors_shape="ollama")),
-        *routes(("/api/create",), ollama_models.create, "POST",
-                Doc("A name made from the served model with its own system prompt, default parameters and messages "
-                    "(Ollama's status stream unless stream is false)", request=ollama_models.OllamaCreateRequest,
-                    answer=A.OllamaStatus, text_stream=ollama.NDJSON, errors=(400, 404), errors_shape="ollama")),
-        *routes(("/api/push",), ollama_models.push, "POST",
-                Doc("Push to a registry: not supported (501)", request=ollama_models.OllamaModelRequest,
-                    errors=(501,), errors_shape="ollama")),
-        *routes(("/props",), props_routes.get_props, "GET",
-                Doc("llama-server's server properties", answer=A.Props, errors=engine_down)),
-        *routes(("/props",), props_routes.post_props, "POST", Doc("Change properties (--props)", answer=A.Success,
-                                                                 errors=(501,))),
-        *routes(("/slots",), props_routes.get_slots, "GET", Doc("The slots (--no-slots: 501)", errors=(501, 503))),
-        *routes(("/slots/{id_slot}",), props_routes.post_slot, "POST",
-                Doc("Save, restore or erase a slot's cache (?action=; --slot-save-path, else 501)",
-                    request=SlotActionRequest, answer=A.SlotAction, errors=(400, 500, 501))),
-    ]
+    table = [route for paths, handler, method, _ in ROUTES for route in routes(paths, handler, method)]
     openapi: list[Response] = []  # built on first request, once
 
     async def openapi_json(srv: ServerState, request: Request) -> Response:
         if not openapi:
-            openapi.append(json_response(document(described, secured=bool(srv.api_keys))))
+            openapi.append(json_response(document(DESCRIBED, secured=bool(srv.api_keys))))
         return openapi[0]
 
     table.append(Route("/openapi.json", bound(openapi_json), methods=["GET"]))

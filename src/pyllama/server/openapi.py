@@ -26,13 +26,14 @@ _STATUS = {
     400: "The request is malformed or asks for something this model or server cannot do",
     401: "No API key, or a wrong one (with --api-key)",
     404: "No such model",
+    409: "The model is answering requests (unload it first)",
     408: "The request's body stalled (--timeout)",
     413: "The request's body is larger than --max-body-size",
     500: "The model failed to load",
     501: "This endpoint is turned off (its flag was not given)",
     502: "A download from the model's host failed",
     503: "Loading, busy (Retry-After), shutting down, or the isolated worker crashed (Retry-After)",
-    507: "Not enough disk space for the model",
+    507: "Not enough room: disk space for a pull, or memory for the model under the router's budget",
 }
 # Statuses every POST route may answer before its handler runs or from the engine.
 POST_ERRORS = (400, 408, 413, 503)
@@ -52,6 +53,8 @@ class Doc:
     errors: tuple[int, ...] = ()
     errors_shape: Literal["openai", "anthropic", "ollama"] = "openai"
     tags: tuple[str, ...] = field(default=())
+    #: the router's models: the operation takes ``?model=`` naming one (the request is routed to it)
+    routed_to: tuple[str, ...] | None = None
 
 
 # One Server-Sent Event of a stream (``data`` is a JSON chunk, or ``[DONE]``; comments are keep-alives).
@@ -77,6 +80,9 @@ def _operation(method: str, path: str, doc: Doc, secured: bool) -> dict[str, Any
     params = [{"name": name, "in": "path", "required": True,
                "schema": {"type": "integer"} if name.startswith("id_") else {"type": "string"}}
               for name in _PARAM.findall(path)]
+    if doc.routed_to is not None:  # where the body has no `model`, the query names it
+        params.append({"name": "model", "in": "query", "required": False,
+                       "schema": {"type": "string", **({"enum": list(doc.routed_to)} if doc.routed_to else {})}})
     if params:
         op["parameters"] = params
     if doc.request is not None:

@@ -78,10 +78,11 @@ async def get_props(server: ServerState, request: Request) -> Response:
 
 
 async def post_props(server: ServerState, request: Request) -> Response:
-    server.require_engine()
     if not server.props_enabled:
         raise APIError(501, "This server does not support changing global properties. Start it with `--props`",
                        type="not_supported_error", code="not_supported")
+    if not server.unloaded:  # loading (503) or failed (500) as every request then; an unloaded model stays so
+        server.require_engine()
     return json_response({"success": True})  # as llama-server: nothing can be changed yet
 
 

@@ -47,6 +47,13 @@ class _Request(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True)
 
 
+class ModelRequest(_Request):
+    """A server of several models: the model an action is for (``POST /models/load`` and ``unload``; ``POST
+    /models`` pulls a reference of the store's: ``hf:org/repo:QUANT`` or a URL)."""
+
+    model: str
+
+
 # --- chat messages ----------------------------------------------------------------------------
 
 class TextPart(_Request):

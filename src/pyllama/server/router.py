@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -39,11 +40,12 @@ from starlette.types import Message, Receive, Scope, Send
 from ..fit import DEFAULT_MARGIN_MIB, MemoryBudget, model_need
 from . import sse
 from .errors import error_response_for
-from .front_door import authorized
+from .front_door import PUBLIC, authorized
 from .paths import without_dirs
 from .protocol import APIError
 
 if TYPE_CHECKING:
+    from .openapi import Doc
     from .state import ServerState
 
 log = logging.getLogger("pyllama.server")
@@ -148,7 +150,9 @@ class ModelRouter:
             ("POST", "/api/push"): self._ollama_push,
             ("POST", "/api/pull"): self._ollama_pull, ("POST", "/models"): self._pull_model,
             ("DELETE", "/api/delete"): self._delete, ("DELETE", "/models"): self._delete,
+            ("GET", "/openapi.json"): self._openapi, ("GET", "/api/version"): self._version,
         }
+        self._document: tuple[tuple[str, ...], bytes] | None = None  # the names it lists, the document
 
     # --- making room --------------------------------------------------------------------------
     def _before_load(self, model: RoutedModel) -> Callable[[], Awaitable[None]]:
@@ -213,6 +217,21 @@ class ModelRouter:
 
     async def _list(self, scope: Scope, receive: Receive, send: Send) -> None:
         await _answer(send, 200, {"object": "list", "data": [self._card(m) for m in self.models.values()]})
+
+    async def _one(self, scope: Scope, receive: Receive, send: Send) -> None:
+        name = scope["path"][len("/v1/models/"):]
+        model = self._named(name)
+        if model is None:
+            err = APIError(404, f"the model `{name}` does not exist here; models: {', '.join(self.models)}",
+                           param="model", code="model_not_found")
+            await _answer(send, 404, err.body())
+            return
+        await _answer(send, 200, self._card(model))
+
+    async def _version(self, scope: Scope, receive: Receive, send: Send) -> None:
+        from .._version import __version__  # (Ollama's clients ask it first, naming no model)
+
+        await _answer(send, 200, {"version": __version__})
 
     async def _health(self, scope: Scope, receive: Receive, send: Send) -> None:
         await _answer(send, 200, {"status": "ok"})
@@ -372,6 +391,59 @@ class ModelRouter:
             raise push_refused()
 
         await self._ollama_call(scope, receive, send, handle)
+
+    # --- the description ------------------------------------------------------------------------------
+    def described(self) -> list[tuple[Sequence[str], str, Doc]]:
+        """What ``/openapi.json`` describes: the router's own routes, then every route of a model's app,
+        routed by the body's ``model`` or ``?model=`` (an enum of the names served now)."""
+        from . import answers as A
+        from .app import DESCRIBED
+        from .openapi import Doc
+        from .protocol import ModelRequest
+
+        app_docs = {(path, method): doc for paths, method, doc in DESCRIBED for path in paths}
+        table: list[tuple[Sequence[str], str, Doc]] = [
+            (("/v1/models", "/models"), "GET", Doc("Every model and its status", answer=A.RoutedModelList)),
+            (("/v1/models/{model}",), "GET", Doc("One model and its status (by any of its names)",
+                                                  answer=A.RoutedModelCard, errors=(404,))),
+            (("/health", "/v1/health"), "GET", Doc("The server is up (each model's state: /models)",
+                                                    answer=A.Health)),
+            (("/models/load",), "POST", Doc("Load a model now (the least recently used idle model is unloaded "
+                                            "to make room)", request=ModelRequest, answer=A.RoutedModelDone,
+                                            errors=(404, 500, 507))),
+            (("/models/unload",), "POST", Doc("Unload a model once it answers nothing (its requests are "
+                                              "cancelled after its stop timeout)", request=ModelRequest,
+                                              answer=A.Success, errors=(404,))),
+            (("/models",), "POST", Doc("Pull a model into the store and serve it (answered once the file is "
+                                       "verified)", request=ModelRequest, answer=A.RoutedModelDone,
+                                       errors=(404, 500, 502, 507))),
+            (("/models",), "DELETE", Doc("Stop serving a model of the store and remove it from the store "
+                                         "(or ?model=)", request=ModelRequest, answer=A.Success,
+                                         errors=(400, 404, 409, 500, 502))),
+        ]
+        for method, path in (("GET", "/api/tags"), ("GET", "/api/ps"), ("GET", "/api/version"), ("POST", "/api/copy"),
+                             ("POST", "/api/create"), ("POST", "/api/push"), ("POST", "/api/pull"),
+                             ("DELETE", "/api/delete")):
+            doc = app_docs[(path, method)]
+            table.append(((path,), method, dataclasses.replace(doc, errors=(*doc.errors, 409)) if method == "DELETE"
+                          else doc))
+        names = tuple(sorted({*self.models, *self.aliases, *self.copies}))
+        for paths, method, doc in DESCRIBED:
+            routed = tuple(path for path in paths if (method, path) not in self._own
+                           and not path.startswith("/v1/models/"))
+            if routed:  # no model named: 400; an unknown one: 404; one that fails to load or cannot fit: 500, 507
+                errors = tuple(sorted({*doc.errors, 400, 404, 500, 507}))
+                table.append((routed, method, dataclasses.replace(doc, routed_to=names, errors=errors)))
+        return table
+
+    async def _openapi(self, scope: Scope, receive: Receive, send: Send) -> None:
+        from .openapi import document
+
+        names = tuple(sorted({*self.models, *self.aliases, *self.copies}))
+        if self._document is None or self._document[0] != names:  # models come and go (pulls, deletes)
+            doc = document(self.described(), secured=bool(self.api_keys), title="pyllama serve (several models)")
+            self._document = names, sse.dumps(doc)
+        await _send_json(send, 200, self._document[1])
 
     # --- the store: models pulled while the server runs, and deleted ---------------------------------
     async def _ollama_pull(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -536,13 +608,15 @@ class ModelRouter:
         if scope["type"] != "http":
             return
         path, method = scope["path"], scope["method"]
-        if self.api_keys and path not in ("/health", "/v1/health") and method != "OPTIONS" \
+        if self.api_keys and path not in PUBLIC and method != "OPTIONS" \
                 and not authorized(scope, self.api_keys):
             err = APIError(401, "invalid or missing API key", type="authentication_error", code="invalid_api_key",
                            headers={"WWW-Authenticate": "Bearer"})
             await error_response_for(path)(err)(scope, receive, send)
             return
         own = self._own.get((method, path))
+        if own is None and method == "GET" and path.startswith("/v1/models/"):  # OpenAI's retrieve
+            own = self._one
         if own is not None:
             await own(scope, receive, send)
             return
@@ -656,7 +730,10 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 
 
 async def _answer(send: Send, status: int, obj: Any) -> None:
-    data = sse.dumps(obj)
+    await _send_json(send, status, sse.dumps(obj))
+
+
+async def _send_json(send: Send, status: int, data: bytes) -> None:
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
     await send({"type": "http.response.body", "body": data})
