@@ -18,7 +18,10 @@ from pathlib import Path
 
 import httpx
 import ollama
+import openai
 import pytest
+
+import pyllama
 
 from bounded import join_all
 from hfserver import HFServer, server, store_env  # noqa: F401 - fixtures for the store test
@@ -77,6 +80,13 @@ def test_models_load_on_demand_and_the_least_recently_used_idle_one_makes_room(m
         tags = ollama.Client(host=s.url).list().models
         assert sorted(m.model for m in tags) == list(NAMES)
         assert sorted(m.model for m in ollama.Client(host=s.url).ps().models) == ["b", "c"]
+        # the routes that name no model answer for the server: OpenAI's retrieve, Ollama's version
+        one = openai.OpenAI(base_url=s.url_for("v1"), api_key="unused").models.retrieve("a")
+        assert one.id == "a" and one.model_extra is not None and one.model_extra["status"]["value"] == "unloaded"
+        with pytest.raises(openai.NotFoundError):
+            openai.OpenAI(base_url=s.url_for("v1"), api_key="unused").models.retrieve("zzz")
+        version = httpx.get(s.url_for("api", "version"), timeout=10)
+        assert version.status_code == 200 and version.json()["version"] == pyllama.__version__
 
 
 def test_a_model_with_a_request_in_flight_is_never_unloaded(models_dir: Path) -> None:
