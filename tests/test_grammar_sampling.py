@@ -16,17 +16,8 @@ import pytest
 import pyllama
 from pyllama._context_access import native
 from pyllama._ffi import ffi, lib
+from test_json_schema import PERSON  # the schema the JSON-schema tests use
 
-PERSON = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "minLength": 1, "maxLength": 16},
-        "age": {"type": "integer", "minimum": 0, "maximum": 120},
-        "pets": {"type": "array", "items": {"enum": ["cat", "dog", "fish"]}, "maxItems": 2},
-    },
-    "required": ["name", "age", "pets"],
-    "additionalProperties": False,
-}
 DIGITS = 'root ::= [0-9] [0-9] [0-9] "."'
 PROMPT = "Write JSON about the sky:"
 

@@ -147,6 +147,10 @@ def test_keep_alive_zero_a_malformed_model_and_explicit_loads(models_dir: Path, 
     with router("--models", models, "--no-models-autoload", "-np", "1", "-c", "256") as s:
         r = complete(s, "a")
         assert r.status_code == 400 and "POST /models/load" in r.json()["error"]["message"]
+        props = httpx.get(s.url_for("props"), timeout=10).json()  # no model named: the router's own
+        assert props["role"] == "router" and props["models_autoload"] is False
+        r = httpx.get(s.url_for("props"), params={"model": "a"}, timeout=10)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "model_not_loaded"
         loaded: list[httpx.Response] = []
         loader = threading.Thread(target=lambda: loaded.append(
             httpx.post(s.url_for("models", "load"), json={"model": "a"}, timeout=120)))
@@ -173,6 +177,9 @@ def test_keep_alive_zero_a_malformed_model_and_explicit_loads(models_dir: Path, 
         while statuses(s)["a"] != "unloaded":
             assert time.monotonic() < deadline
             time.sleep(0.05)
+        # llama-server's ?autoload=true loads it for this request, the flag notwithstanding
+        r = httpx.get(s.url_for("props"), params={"model": "a", "autoload": "true"}, timeout=120)
+        assert r.status_code == 200 and r.json()["total_slots"] == 1 and statuses(s)["a"] == "loaded"
         assert httpx.post(s.url_for("models", "unload"), json={"model": "zzz"}, timeout=10).status_code == 404
 
 

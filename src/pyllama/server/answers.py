@@ -120,6 +120,16 @@ class Props(_Answer):
     media_marker: str  # what stands for each of /completion's multimodal_data in its prompt_string
 
 
+class RouterProps(_Answer):
+    """``GET /props`` of a server of several models: the router's own (``role: router``) without ``?model=``,
+    the model's (:class:`Props`) with it; these fields are in both."""
+
+    model_alias: str
+    model_path: str
+    default_generation_settings: dict[str, Any]
+    build_info: str
+
+
 class Success(_Answer):
     success: bool
 

@@ -51,11 +51,13 @@ def _model_card(server: ServerState) -> dict[str, Any]:
 
 
 async def models(server: ServerState, request: Request) -> Response:
-    server.require_engine()
+    if not server.unloaded:  # an unloaded model is listed (its card without meta), not loaded again
+        server.require_engine()
     return json_response({"object": "list", "data": [_model_card(server)]})
 
 
 async def model(server: ServerState, request: Request) -> Response:
-    server.require_engine()
+    if not server.unloaded:
+        server.require_engine()
     server.find_model(request.path_params["model"])
     return json_response(_model_card(server))

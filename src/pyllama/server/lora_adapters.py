@@ -16,14 +16,14 @@ from .state import ServerState
 
 
 async def get_lora_adapters(server: ServerState, request: Request) -> Response:
-    engine = server.require_engine()
+    engine = await server.ensure_engine()
     return json_response([{"id": i, "path": path, "scale": scale, "task_name": "", "prompt_prefix": ""}
                           for i, (path, scale) in enumerate(engine.lora)])
 
 
 async def post_lora_adapters(server: ServerState, request: Request) -> Response:
     """Set the scales (``[{"id", "scale"}]``; an adapter not listed: 0) of requests from now on."""
-    engine = server.require_engine()
+    engine = await server.ensure_engine()
     try:
         body = json.loads(await request.body())
     except (ValueError, RecursionError):

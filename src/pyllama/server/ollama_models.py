@@ -305,7 +305,7 @@ def _variant_fields(v: Variant) -> dict[str, Any]:
 
 
 def _served_name(server: ServerState, name: str) -> bool:
-    return name == server.model_name or name in getattr(server, "model_aliases", ()) or name in server.aliases
+    return name == server.model_name or name in server.model_aliases or name in server.aliases
 
 
 async def copy(server: ServerState, request: Request) -> Response:

@@ -52,7 +52,7 @@ def _token_text(engine: Engine, token: int | None) -> str:
 
 
 async def get_props(server: ServerState, request: Request) -> Response:
-    engine = server.require_engine()
+    engine = await server.ensure_engine()  # an unloaded model (keep_alive) loads again
     fmt = server.prompter.format
     template = fmt.source if fmt is not None else (server.chat_template or engine.model.chat_template() or "")
     vocab = engine.model.vocab
@@ -115,7 +115,7 @@ def _slot(server: ServerState, engine: Engine, slot_id: int, running: EngineRequ
 
 
 async def get_slots(server: ServerState, request: Request) -> Response:
-    engine = server.require_engine()
+    engine = await server.ensure_engine()  # an unloaded model (keep_alive) loads again
     if not server.slots_enabled:
         raise APIError(501, "This server does not support slots endpoint. Start it with `--slots`",
                        type="not_supported_error", code="not_supported")
@@ -135,7 +135,7 @@ async def get_slots(server: ServerState, request: Request) -> Response:
 async def post_slot(server: ServerState, request: Request) -> Response:
     """``POST /slots/{id}?action=save|restore|erase``: a slot's cache to and from ``--slot-save-path``, as
     llama-server (the action waits until the slot serves no request)."""
-    engine = server.require_engine()
+    engine = await server.ensure_engine()  # an unloaded model (keep_alive) loads again
     if server.slot_save_path is None:
         raise APIError(501, "This server does not support slots action. Start it with `--slot-save-path`",
                        type="not_supported_error", code="not_supported")

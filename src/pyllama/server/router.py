@@ -228,6 +228,15 @@ class ModelRouter:
             return
         await _answer(send, 200, self._card(model))
 
+    async def _props(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """``GET /props`` naming no model: the router's own, in llama-server's router shape."""
+        from .props import build_info
+
+        await _answer(send, 200, {"role": "router", "max_instances": self.models_max,
+                                  "models_autoload": self.autoload, "model_alias": "pyllama", "model_path": "none",
+                                  "default_generation_settings": {"params": {}, "n_ctx": 0},
+                                  "build_info": build_info()})
+
     async def _version(self, scope: Scope, receive: Receive, send: Send) -> None:
         from .._version import __version__  # (Ollama's clients ask it first, naming no model)
 
@@ -433,6 +442,9 @@ class ModelRouter:
                            and not path.startswith("/v1/models/"))
             if routed:  # no model named: 400; an unknown one: 404; one that fails to load or cannot fit: 500, 507
                 errors = tuple(sorted({*doc.errors, 400, 404, 500, 507}))
+                if (method, routed) == ("GET", ("/props",)):  # without ?model=: the router's own
+                    doc = dataclasses.replace(doc, summary="The router's properties, or with ?model= the model's",
+                                              answer=A.RouterProps)
                 table.append((routed, method, dataclasses.replace(doc, routed_to=names, errors=errors)))
         return table
 
@@ -622,6 +634,9 @@ class ModelRouter:
             return
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         name: object = (query.get("model") or [None])[0]
+        if name is None and method == "GET" and path == "/props":  # llama-server's router answers for itself
+            await self._props(scope, receive, send)
+            return
         body: bytes | None = None
         if name is None and method in ("POST", "PUT", "DELETE", "PATCH"):
             body = await _read_body(receive, ROUTER_MAX_BODY)
@@ -645,7 +660,8 @@ class ModelRouter:
                                param="model", code="model_not_found")
             await error_response_for(path)(err)(scope, receive, send)
             return
-        if not self.autoload and model.state.engine is None and path not in ("/props", "/slots"):
+        autoload = self.autoload if "autoload" not in query else query["autoload"][0] in ("true", "1")
+        if not autoload and model.state.engine is None:  # (llama-server's ?autoload= overrides the flag)
             err = APIError(400, f"the model `{model.name}` is not loaded (POST /models/load; the server runs "
                            "without --models-autoload)", param="model", code="model_not_loaded")
             await error_response_for(path)(err)(scope, receive, send)

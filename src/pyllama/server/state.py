@@ -141,6 +141,8 @@ class ServerState:
         self.verbose = verbose  # llama-server -v: answers carry "__verbose" unless a request says otherwise
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.aliases = [a for a in aliases if a != model_name]  # more names /v1/models lists
+        #: every name the model answers to (its file's too), known once it has loaded
+        self.model_aliases: set[str] = set(self.aliases)
         self.tags = list(tags)
         if hasattr(source, "submit"):  # an Engine, or anything offering its API (e.g. an isolated one)
             self._adopt(cast("Engine", source))
