@@ -430,13 +430,13 @@ class ModelRouter:
                                          "(or ?model=)", request=ModelRequest, answer=A.Success,
                                          errors=(400, 404, 409, 500, 502))),
         ]
-        for method, path in (("GET", "/api/tags"), ("GET", "/api/ps"), ("GET", "/api/version"), ("POST", "/api/copy"),
-                             ("POST", "/api/create"), ("POST", "/api/push"), ("POST", "/api/pull"),
-                             ("DELETE", "/api/delete")):
+        for method, path in (("GET", "/api/tags"), ("GET", "/api/ps"), ("GET", "/api/version"),
+                             ("POST", "/api/copy"), ("POST", "/api/create"), ("POST", "/api/push"),
+                             ("POST", "/api/pull"), ("DELETE", "/api/delete")):
             doc = app_docs[(path, method)]
             table.append(((path,), method, dataclasses.replace(doc, errors=(*doc.errors, 409)) if method == "DELETE"
                           else doc))
-        names = tuple(sorted({*self.models, *self.aliases, *self.copies}))
+        names = self._names()
         for paths, method, doc in DESCRIBED:
             routed = tuple(path for path in paths if (method, path) not in self._own
                            and not path.startswith("/v1/models/"))
@@ -448,12 +448,18 @@ class ModelRouter:
                 table.append((routed, method, dataclasses.replace(doc, routed_to=names, errors=errors)))
         return table
 
+    def _names(self) -> tuple[str, ...]:
+        """Every name a request may give a model: its own, its aliases, Ollama's copies."""
+        return tuple(sorted({*self.models, *self.aliases, *self.copies}))
+
     async def _openapi(self, scope: Scope, receive: Receive, send: Send) -> None:
         from .openapi import document
 
-        names = tuple(sorted({*self.models, *self.aliases, *self.copies}))
+        names = self._names()
         if self._document is None or self._document[0] != names:  # models come and go (pulls, deletes)
-            doc = document(self.described(), secured=bool(self.api_keys), title="pyllama serve (several models)")
+            table = self.described()
+            doc = await asyncio.to_thread(document, table, secured=bool(self.api_keys),
+                                          title="pyllama serve (several models)")
             self._document = names, sse.dumps(doc)
         await _send_json(send, 200, self._document[1])
 

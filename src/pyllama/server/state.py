@@ -47,7 +47,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("pyllama.server")
 
 
-
 class ProgressLoader(Protocol):
     """A loader told how its load goes: ``progress`` gets 0.0..1.0 (the weights read so far)."""
 
