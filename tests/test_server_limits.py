@@ -7,6 +7,10 @@ A real `pyllama serve` subprocess on the synthetic model (tests/server_fixture.p
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -115,68 +119,99 @@ def test_max_body_size_spellings() -> None:
             _byte_size(bad)
 
 
+# The large request's client: builds a 20 MB chat body, says "ready", waits for SIGUSR1, then sends it while
+# polling /health every 20 ms; prints the times (CLOCK_MONOTONIC, shared with the test), the answer, the polls.
+_LARGE_SENDER = """
+import json, signal, sys, threading, time
+import httpx
+url = sys.argv[1]
+big = json.dumps({"messages": [{"role": "user", "content": "word " * 4_000_000}], "max_tokens": 4}).encode()
+assert len(big) > 20_000_000
+go = threading.Event()
+signal.signal(signal.SIGUSR1, lambda *_: go.set())
+print("ready", flush=True)
+assert go.wait(120)
+done, health = {}, []
+def poll():
+    with httpx.Client(timeout=60) as c:
+        while "t1" not in done:
+            t = time.monotonic()
+            assert c.get(url + "/health").status_code == 200
+            health.append(time.monotonic() - t)
+            time.sleep(0.02)
+poller = threading.Thread(target=poll)
+poller.start()
+t0 = time.monotonic()
+r = httpx.post(url + "/v1/chat/completions", content=big, timeout=300, headers={"content-type": "application/json"})
+done["t1"] = time.monotonic()
+poller.join(60)
+print(json.dumps({"t0": t0, "t1": done["t1"], "status": r.status_code, "message": r.json()["error"]["message"],
+                  "health": health}))
+"""
+
+
+def _stream_during_a_large_request(url: str) -> tuple[list[float], dict[str, Any]]:
+    """One stream's token arrival times, with the large request sent at its 60th token (from a process of its
+    own: in this one it would hold the GIL the stream's reader needs, and this clock would measure the
+    client, not the server); and the sender's report (times, answer, /health latencies)."""
+    sender = subprocess.Popen([sys.executable, "-c", _LARGE_SENDER, url], stdout=subprocess.PIPE, text=True)
+    arrivals: list[float] = []
+    body = {"prompt": "The quick brown fox", "max_tokens": 4000, "ignore_eos": True, "stream": True}
+    try:
+        assert sender.stdout is not None and sender.stdout.readline().strip() == "ready"
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=300) as r:
+            for line in r.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                arrivals.append(time.monotonic())
+                if len(arrivals) == 60:  # the stream's normal pace is measured: now the large request goes
+                    os.kill(sender.pid, signal.SIGUSR1)
+                if len(arrivals) > 60 and sender.poll() is not None:
+                    break
+        out, _ = sender.communicate(timeout=120)
+    finally:
+        if sender.poll() is None:
+            sender.kill()
+            sender.wait()
+    assert sender.returncode == 0, out
+    report: dict[str, Any] = json.loads(out)
+    return arrivals, report
+
+
 def test_a_large_request_stalls_no_other(chat_starter_path: Path) -> None:
     """A 20 MB body (a 400: it cannot fit a slot) is prepared off the event loop — parsed, validated,
     templated, then refused by its length before any tokenizing (which took 8 more seconds of a core):
     meanwhile another client's stream keeps its inter-token gap within twice its normal value and /health
     answers. On the event loop, both stalled for the whole preparation (5.9 s for 12 MB, measured). The
     chat starter with one decoding thread: on this 2-core machine any second busy thread, even a spin
-    loop in another process, doubles a 2-thread decode's gap, whatever the server does."""
-    import json
+    loop in another process, doubles a 2-thread decode's gap, whatever the server does. Measured here
+    the ratio is 1.2-1.4x; a second try is taken when the first passes 2x, since one second of another
+    process's work on the machine (once in a CI run: 2.01x) is enough for that, while a stall of the kind
+    this test is for (the preparation on the event loop, or one holding the GIL) fails both by far."""
     import statistics
-    import threading
-    import time
 
     with RemoteServer(chat_starter_path, "--slots", "2", "--ctx-slot", "4096", "--max-body-size", "32M",
                       threads=1) as s:
-        big = json.dumps({"messages": [{"role": "user", "content": "word " * 4_000_000}], "max_tokens": 4})
-        assert len(big) > 20_000_000
-        done: dict[str, Any] = {}
-        health: list[float] = []
-
-        def send_big() -> None:
-            done["t0"] = time.perf_counter()
-            r = httpx.post(s.url + "/v1/chat/completions", content=big.encode(), timeout=300,
-                           headers={"content-type": "application/json"})
-            done["status"], done["t1"] = r.status_code, time.perf_counter()
-            done["message"] = r.json()["error"]["message"]
-
-        def poll_health() -> None:
-            while "status" not in done:
-                t = time.perf_counter()
-                assert httpx.get(s.url + "/health", timeout=60).status_code == 200
-                health.append(time.perf_counter() - t)
-                time.sleep(0.02)
-
-        threads = [threading.Thread(target=send_big), threading.Thread(target=poll_health)]
-        arrivals: list[float] = []
-        body = {"prompt": "The quick brown fox", "max_tokens": 4000, "ignore_eos": True, "stream": True}
-        with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=300) as r:
-            for line in r.iter_lines():
-                if not line.startswith("data: "):
-                    continue
-                arrivals.append(time.perf_counter())
-                if len(arrivals) == 60:  # the stream's normal pace is measured: now the large request arrives
-                    for th in threads:
-                        th.start()
-                if "t1" in done:
-                    break
-        join_all(threads)
-        assert done["status"] == 400, done  # the prompt does not fit a slot: refused, after tokenizing it
-        t0, t1 = done["t0"], done["t1"]
-        assert t1 - t0 > 0.5, f"the big request took only {t1 - t0:.2f} s: nothing to overlap"
-        assert "at least" in done["message"], done  # refused by its length, not by counting its tokens
-        gaps = [(b, b - a) for a, b in zip(arrivals, arrivals[1:])]
-        normal = statistics.median(g for t, g in gaps[10:59])  # after the first tokens' warm-up
-        during = [g for t, g in gaps if t0 <= t <= t1]
-        assert len(during) >= 20, f"{len(during)} tokens while the big request ran {t1 - t0:.1f} s"
-        print(f"inter-token gap: {normal * 1e3:.1f} ms before, {statistics.median(during) * 1e3:.1f} ms (median) "
-              f"and {max(during) * 1e3:.0f} ms (max) during {t1 - t0:.1f} s of the large request")
+        for attempt in (1, 2):
+            arrivals, done = _stream_during_a_large_request(s.url)
+            health = done["health"]
+            assert done["status"] == 400, done  # the prompt does not fit a slot: refused by its length
+            t0, t1 = done["t0"], done["t1"]
+            assert t1 - t0 > 0.5, f"the big request took only {t1 - t0:.2f} s: nothing to overlap"
+            assert "at least" in done["message"], done  # refused by its length, not by counting its tokens
+            gaps = [(b, b - a) for a, b in zip(arrivals, arrivals[1:])]
+            normal = statistics.median(g for t, g in gaps[10:59])  # after the first tokens' warm-up
+            during = [g for t, g in gaps if t0 <= t <= t1]
+            assert len(during) >= 20, f"{len(during)} tokens while the big request ran {t1 - t0:.1f} s"
+            print(f"try {attempt}: inter-token gap {normal * 1e3:.1f} ms before, {statistics.median(during) * 1e3:.1f} "
+                  f"ms (median) and {max(during) * 1e3:.0f} ms (max) during {t1 - t0:.1f} s of the large request")
+            assert max(during) < 1.0, f"the stream stalled {max(during):.2f} s"
+            assert health and max(health) < 1.0, f"/health took {max(health):.2f} s"
+            if statistics.median(during) <= 2 * normal:
+                break
         assert statistics.median(during) <= 2 * normal, (
             f"inter-token gap {statistics.median(during) * 1e3:.1f} ms during the big request, "
-            f"{normal * 1e3:.1f} ms before")
-        assert max(during) < 1.0, f"the stream stalled {max(during):.2f} s"
-        assert health and max(health) < 1.0, f"/health took {max(health):.2f} s"
+            f"{normal * 1e3:.1f} ms before (twice)")
 
 
 OUT_OF_RANGE = [  # found by schemathesis (tests/test_server_openapi.py): each was an OverflowError, a 500
