@@ -40,7 +40,7 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +84,10 @@ _COPIED_CACHE_ENTRIES = ("CMAKE_C_COMPILER", "CMAKE_CXX_COMPILER", "CMAKE_CUDA_C
 
 class NativeBuildError(RuntimeError):
     """The native llama.cpp tools could not be configured or built."""
+
+
+class NativeRunError(RuntimeError):
+    """A native llama.cpp tool failed, or never printed its whole output."""
 
 
 def read_pin() -> dict[str, str]:
@@ -367,6 +371,21 @@ def native_tool(name: str, *, build_if_needed: bool = True) -> Path:
     if not path.is_file():
         raise NativeBuildError(f"{path} does not exist; run `python bench/native.py`")
     return path
+
+
+def run_logged(cmd: list[str], complete: Callable[[subprocess.CompletedProcess[str]], bool], *, tries: int = 5,
+               timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run a llama.cpp program whose output goes through common/log.cpp's asynchronous logger until
+    ``complete`` accepts what it printed. That logger is leaked on purpose and its thread never joined
+    (llama.cpp #22142: "logs may be lost if not flushed before the program exits"), so now and then a run
+    exits before its last lines reach stdout or stderr; such a run is run again (``tries`` times in all)."""
+    for _ in range(tries):
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        if out.returncode != 0:
+            raise NativeRunError(f"{Path(cmd[0]).name} exited {out.returncode}: {out.stderr[-2000:]}")
+        if complete(out):
+            return out
+    raise NativeRunError(f"{Path(cmd[0]).name} printed an incomplete output {tries} times: {out.stdout[-2000:]!r}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +65,14 @@ def test_embeddings(synth_embedding_model_path: Path) -> None:
             assert np.allclose(pyllama.embed(ctx, "Hello world"), vecs[0], atol=1e-5)
 
 
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
 @pytest.mark.timeout(1800)  # the first use of the native tools builds them (bench/native.py)
 @pytest.mark.parametrize("pooling", [None, "cls", "last"])
 def test_embeddings_equal_llama_embedding(synth_embedding_model_path: Path, pooling: str | None) -> None:
@@ -74,8 +81,7 @@ def test_embeddings_equal_llama_embedding(synth_embedding_model_path: Path, pool
     texts = ["Hello world", "The quick brown fox jumps", "a"]
     cmd = [str(native.native_tool("llama-embedding")), "-m", str(synth_embedding_model_path), "-p", "\n".join(texts),
            "--embd-output-format", "json", "-t", "1", *(["--pooling", pooling] if pooling else [])]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
+    out = native.run_logged(cmd, lambda o: _is_json(o.stdout))  # its JSON printed whole
     want = np.array([d["embedding"] for d in json.loads(out.stdout)["data"]], dtype=np.float32)
     with pyllama.Model(synth_embedding_model_path) as m:
         got = pyllama.embed(m, texts, pooling=pooling, n_threads=1)

@@ -58,14 +58,11 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def mtmd_cli(*args: str | Path) -> str:
     """llama-mtmd-cli's generated text. Its log thread is never joined (common/log.cpp), so a fast run may
     exit before its output is printed: the run is repeated until the log shows the whole run."""
-    tool = bench_scripts.load("native").native_tool("llama-mtmd-cli")
-    cmd = [str(tool), "-lv", "4", *map(str, args)]
-    for _ in range(15):
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        assert out.returncode == 0, out.stderr[-3000:]
-        if "llama_perf_context_print" in out.stderr and "total time" in out.stderr:
-            return out.stdout.strip("\n")
-    raise AssertionError("llama-mtmd-cli never printed a whole run")
+    native = bench_scripts.load("native")
+    cmd = [str(native.native_tool("llama-mtmd-cli")), "-lv", "4", *map(str, args)]
+    out = native.run_logged(cmd, lambda o: "llama_perf_context_print" in o.stderr and "total time" in o.stderr,
+                            tries=15, timeout=120)
+    return str(out.stdout.strip("\n"))
 
 
 def native_text(files: dict[str, Path], image: str, *, proj: str = "proj", n: int = N) -> str:

@@ -105,15 +105,8 @@ def _llama_embedding(tool: Path, model: Path, docs: list[str]) -> npt.NDArray[np
     the n_cls_out (1) it has, and its json format prints those too: -1 and the raw format print the score alone."""
     cmd = [str(tool), "-m", str(model), "--pooling", "rank", "-p", "\n".join(f"{QUERY}\t{d}" for d in docs),
            "--embd-output-format", "raw", "--embd-normalize", "-1", "-c", "512", "-t", "1"]
-    # It prints through llama.cpp's asynchronous log, whose thread it does not join before exiting: now and
-    # then a run's scores never reach stdout (seen once in ~20 CI runs). A run that printed fewer is run again.
-    for _ in range(5):
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0, out.stderr[-2000:]
-        scores = np.array([float(line) for line in out.stdout.split()], dtype=np.float32)
-        if scores.shape == (len(docs),):
-            return scores
-    raise AssertionError(f"llama-embedding printed {scores.shape[0]} scores of {len(docs)} in 5 runs: {out.stdout!r}")
+    out = bench_scripts.load("native").run_logged(cmd, lambda o: len(o.stdout.split()) == len(docs))
+    return np.array([float(line) for line in out.stdout.split()], dtype=np.float32)
 
 
 @pytest.mark.timeout(1800)  # the first use of the native tools builds them (bench/native.py)
