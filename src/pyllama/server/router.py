@@ -18,14 +18,13 @@ A model may have more names: its ``--models-preset`` section's ``alias``, and Ol
 ``/api/create`` (a new name for a routed model, its requests given a system prompt and default options),
 which the router answers itself, as ``/api/push`` (501: no registry here). A preset's ``load-on-startup``
 loads the model when the server starts; ``POST /models/unload`` waits the model's ``stop-timeout`` seconds for
-its requests, then cancels them.
+its requests, then cancels them. What the router says of itself in ``/openapi.json`` is :mod:`.router_doc`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import logging
 import time
@@ -218,13 +217,15 @@ class ModelRouter:
     async def _list(self, scope: Scope, receive: Receive, send: Send) -> None:
         await _answer(send, 200, {"object": "list", "data": [self._card(m) for m in self.models.values()]})
 
+    def _unknown(self, name: object) -> APIError:
+        return APIError(404, f"the model `{name}` does not exist here; models: {', '.join(self.models)}",
+                        param="model", code="model_not_found")
+
     async def _one(self, scope: Scope, receive: Receive, send: Send) -> None:
         name = scope["path"][len("/v1/models/"):]
         model = self._named(name)
         if model is None:
-            err = APIError(404, f"the model `{name}` does not exist here; models: {', '.join(self.models)}",
-                           param="model", code="model_not_found")
-            await _answer(send, 404, err.body())
+            await _answer(send, 404, self._unknown(name).body())
             return
         await _answer(send, 200, self._card(model))
 
@@ -403,50 +404,10 @@ class ModelRouter:
 
     # --- the description ------------------------------------------------------------------------------
     def described(self) -> list[tuple[Sequence[str], str, Doc]]:
-        """What ``/openapi.json`` describes: the router's own routes, then every route of a model's app,
-        routed by the body's ``model`` or ``?model=`` (an enum of the names served now)."""
-        from . import answers as A
-        from .app import DESCRIBED
-        from .openapi import Doc
-        from .protocol import ModelRequest
+        """What ``/openapi.json`` describes (:mod:`.router_doc`)."""
+        from .router_doc import router_routes
 
-        app_docs = {(path, method): doc for paths, method, doc in DESCRIBED for path in paths}
-        table: list[tuple[Sequence[str], str, Doc]] = [
-            (("/v1/models", "/models"), "GET", Doc("Every model and its status", answer=A.RoutedModelList)),
-            (("/v1/models/{model}",), "GET", Doc("One model and its status (by any of its names)",
-                                                  answer=A.RoutedModelCard, errors=(404,))),
-            (("/health", "/v1/health"), "GET", Doc("The server is up (each model's state: /models)",
-                                                    answer=A.Health)),
-            (("/models/load",), "POST", Doc("Load a model now (the least recently used idle model is unloaded "
-                                            "to make room)", request=ModelRequest, answer=A.RoutedModelDone,
-                                            errors=(404, 500, 507))),
-            (("/models/unload",), "POST", Doc("Unload a model once it answers nothing (its requests are "
-                                              "cancelled after its stop timeout)", request=ModelRequest,
-                                              answer=A.Success, errors=(404,))),
-            (("/models",), "POST", Doc("Pull a model into the store and serve it (answered once the file is "
-                                       "verified)", request=ModelRequest, answer=A.RoutedModelDone,
-                                       errors=(404, 500, 502, 507))),
-            (("/models",), "DELETE", Doc("Stop serving a model of the store and remove it from the store "
-                                         "(or ?model=)", request=ModelRequest, answer=A.Success,
-                                         errors=(400, 404, 409, 500, 502))),
-        ]
-        for method, path in (("GET", "/api/tags"), ("GET", "/api/ps"), ("GET", "/api/version"),
-                             ("POST", "/api/copy"), ("POST", "/api/create"), ("POST", "/api/push"),
-                             ("POST", "/api/pull"), ("DELETE", "/api/delete")):
-            doc = app_docs[(path, method)]
-            table.append(((path,), method, dataclasses.replace(doc, errors=(*doc.errors, 409)) if method == "DELETE"
-                          else doc))
-        names = self._names()
-        for paths, method, doc in DESCRIBED:
-            routed = tuple(path for path in paths if (method, path) not in self._own
-                           and not path.startswith("/v1/models/"))
-            if routed:  # no model named: 400; an unknown one: 404; one that fails to load or cannot fit: 500, 507
-                errors = tuple(sorted({*doc.errors, 400, 404, 500, 507}))
-                if (method, routed) == ("GET", ("/props",)):  # without ?model=: the router's own
-                    doc = dataclasses.replace(doc, summary="The router's properties, or with ?model= the model's",
-                                              answer=A.RouterProps)
-                table.append((routed, method, dataclasses.replace(doc, routed_to=names, errors=errors)))
-        return table
+        return router_routes(self._own, self._names())
 
     def _names(self) -> tuple[str, ...]:
         """Every name a request may give a model: its own, its aliases, Ollama's copies."""
@@ -662,8 +623,7 @@ class ModelRouter:
                 err = APIError(400, "this server serves several models: name one (`model` in the body, or "
                                f"?model=): {', '.join(self.models)}", param="model", code="model_required")
             else:
-                err = APIError(404, f"the model `{name}` does not exist here; models: {', '.join(self.models)}",
-                               param="model", code="model_not_found")
+                err = self._unknown(name)
             await error_response_for(path)(err)(scope, receive, send)
             return
         autoload = self.autoload if "autoload" not in query else query["autoload"][0] in ("true", "1")

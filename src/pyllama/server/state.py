@@ -217,7 +217,7 @@ class ServerState:
     def _load(self) -> None:
         assert self.loader is not None
         again = self.unloaded  # loading again after an unload: a failure fails the requests, not the server
-        self.load_progress = {"stages": ["text_model"], "current": "text_model", "value": 0.0}
+        self._loaded_part(0.0)
         try:
             engine = self.loader()
             try:
